@@ -1,0 +1,105 @@
+"""The two planes a backend implements: :class:`Transport` (control messages) and :class:`BlobStore` (tensors).
+
+Aggregator and Client code talks only to these interfaces, so the in-process LOCAL
+backend and the networked MQTT_S3 backend are interchangeable. Both are async context
+managers; closing twice is harmless.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+import time
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Self
+
+import msgspec
+
+from unitedllm.protocol.messages import BlobRef, Message
+from unitedllm.protocol.payload import CODEC
+
+__all__ = ["BlobStore", "Incoming", "Presence", "Transport"]
+
+
+class Presence(msgspec.Struct, frozen=True):
+    """A peer came online or went away (from MQTT last-will, or a local peer closing). Never on the wire."""
+
+    rank: int
+    online: bool
+
+
+Incoming = Message | Presence
+
+
+class _Resource(abc.ABC):
+    """Open/close lifecycle shared by transports and stores."""
+
+    _opened = False
+    _closed = False
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if not self._opened:
+            self._opened = True
+            await self._open()
+
+    async def close(self) -> None:
+        if self._opened and not self._closed:
+            self._closed = True
+            await self._close()
+
+    async def _open(self) -> None:  # noqa: B027 - optional hook
+        """Connect; backends override."""
+
+    async def _close(self) -> None:  # noqa: B027 - optional hook
+        """Disconnect; backends override."""
+
+
+class Transport(_Resource):
+    """Sends and receives signed control messages for one rank of one run."""
+
+    def __init__(self, *, rank: int, run_id: str):
+        self.rank = rank
+        self.run_id = run_id
+        # Start sequence numbers at the wall clock so a restarted process never reuses old ones.
+        self._seq = itertools.count(time.time_ns())
+
+    def next_seq(self) -> int:
+        """The sequence number for the next outgoing message."""
+        return next(self._seq)
+
+    async def send(self, to: int, message: Message) -> None:
+        """Stamp ``message`` with the next sequence number and deliver it to rank ``to``."""
+        await self._send(to, msgspec.structs.replace(message, seq=self.next_seq()))
+
+    @abc.abstractmethod
+    async def _send(self, to: int, message: Message) -> None:
+        """Deliver an already-stamped message."""
+
+    @abc.abstractmethod
+    def incoming(self) -> AsyncIterator[Incoming]:
+        """Messages for this rank that passed every check, and presence changes of peers."""
+
+
+class BlobStore(_Resource):
+    """Content-addressed storage of tensor payloads: put bytes, get them back by digest, verified."""
+
+    @abc.abstractmethod
+    async def put(self, data: bytes, *, codec: str = CODEC) -> BlobRef:
+        """Store ``data`` and return its reference (sha256 digest, size, codec)."""
+
+    @abc.abstractmethod
+    async def get(self, ref: BlobRef) -> bytes:
+        """The bytes ``ref`` names; raises IntegrityError when they do not match the digest."""
+
+    async def delete(self, ref: BlobRef) -> None:  # noqa: B027 - optional
+        """Forget a blob (best effort; stores may keep it)."""

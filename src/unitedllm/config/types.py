@@ -1,0 +1,268 @@
+"""The typed UnitedLLM config: every section and key of FedML's ``fedml_config.yaml``, plus ours.
+
+Keys present in FedML's UnitedLLM keep its meaning and default (for Hugging Face
+training keys, the Hugging Face default). Keys UnitedLLM adds always have a default,
+so a FedML config loads unchanged. Value limits live in the annotations (they become
+the JSON Schema); checks across fields live in :mod:`unitedllm.config.checks`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "CommArgs",
+    "CommonArgs",
+    "Config",
+    "DataArgs",
+    "DeviceArgs",
+    "EnvironmentArgs",
+    "ModelArgs",
+    "MqttArgs",
+    "S3Args",
+    "ServerOptimizerArgs",
+    "TrackingArgs",
+    "TrainArgs",
+    "ValidationArgs",
+]
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+NonNegativeFloat = Annotated[float, Meta(ge=0.0)]
+Probability = Annotated[float, Meta(ge=0.0, lt=1.0)]
+Rank = Annotated[int, Meta(ge=1)]
+
+
+class Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=False):
+    """Base of every config section: keyword-only, unknown keys rejected."""
+
+
+class CommonArgs(Section):
+    """``common_args``: what kind of federated run this is."""
+
+    training_type: Literal["cross_cloud", "cross_silo", "simulation"] = "cross_cloud"
+    scenario: Literal["horizontal", "hierarchical"] = "horizontal"
+    use_customized_hierarchical: bool = False
+    random_seed: Annotated[int, Meta(description="Seed for client sampling and initial weights")] = 0
+    config_version: str = "release"
+
+
+class EnvironmentArgs(Section):
+    """``environment_args``: how a node is prepared and which launcher starts the work."""
+
+    bootstrap: str | None = None
+    launcher: Literal["auto", "torch", "deepspeed"] = "auto"
+    nproc_per_node: PositiveInt | None = None
+
+
+class DataArgs(Section):
+    """``data_args``: where the instruction data comes from and how it is cut."""
+
+    dataset: str = "databricks-dolly"
+    dataset_name: str | None = "fedml/databricks-dolly-15k-niid"
+    dataset_path: list[str] = msgspec.field(default_factory=list)
+    client_dataset_path: list[str] = msgspec.field(default_factory=list)
+    test_dataset_size: NonNegativeInt = 200
+    remove_long_seq: bool = False
+    truncate_long_seq: bool = True
+    max_seq_length: PositiveInt = 1024
+    # UnitedLLM additions
+    partition: Annotated[
+        Literal["category", "iid"],
+        Meta(description="How one dataset file is split across clients: by category (non-IID) or IID"),
+    ] = "category"
+    synthetic_num_examples: Annotated[
+        PositiveInt, Meta(description="Examples generated when dataset is 'unitedllm-synthetic'")
+    ] = 2000
+    cache_dir: str | None = None
+
+
+class ModelArgs(Section):
+    """``model_args``: which causal LM to train and how (PEFT)."""
+
+    skip_log_model_net: bool = True
+    model_name_or_path: str = "EleutherAI/pythia-70m"
+    use_flash_attention: bool = False
+    load_pretrained: bool = True
+    peft_type: Literal["none", "lora"] = "none"
+    lora_r: PositiveInt = 8
+    lora_alpha: Annotated[float, Meta(gt=0)] = 32.0
+    lora_dropout: Probability = 0.1
+    lora_target_modules: list[str] | None = None
+    lora_on_all_modules: bool = False
+    # UnitedLLM additions
+    tokenizer_name_or_path: str | None = None
+    train_tokenizer_vocab_size: Annotated[
+        int | None,
+        Meta(description="Train a byte-level BPE tokenizer of this size on the training data (offline runs)"),
+    ] = None
+    model_config_overrides: dict[str, Any] = msgspec.field(default_factory=dict)
+    trust_remote_code: bool = False
+    model_revision: str | None = None
+
+
+class ServerOptimizerArgs(Section):
+    """``train_args.server_optimizer_args``: hyper-parameters of the server optimizer."""
+
+    server_learning_rate: Annotated[float, Meta(gt=0)] = 1.0
+    server_momentum: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.9
+    nesterov: bool = True
+    beta1: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.9
+    beta2: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.99
+    tau: Annotated[float, Meta(gt=0)] = 1e-3
+    trim_ratio: Annotated[float, Meta(ge=0.0, lt=0.5)] = 0.1
+    num_byzantine: NonNegativeInt = 1
+    multi_krum_m: PositiveInt | None = None
+    proximal_mu: NonNegativeFloat = 0.0
+
+
+class TrainArgs(Section):
+    """``train_args``: federation shape plus the Hugging Face training arguments."""
+
+    federated_optimizer: str = "FedAvg"
+    client_optimizer: str = "adamw_torch"
+    server_optimizer: str | None = None
+    server_optimizer_args: ServerOptimizerArgs = msgspec.field(default_factory=ServerOptimizerArgs)
+    client_num_in_total: PositiveInt = 2
+    client_num_per_round: PositiveInt = 2
+    comm_round: PositiveInt = 10
+    # Hugging Face settings
+    deepspeed: str | None = None
+    ddp_find_unused_parameters: bool | None = None
+    seed: int = 42
+    fp16: bool = False
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    per_device_train_batch_size: PositiveInt = 8
+    per_device_eval_batch_size: PositiveInt = 8
+    gradient_accumulation_steps: PositiveInt = 1
+    eval_accumulation_steps: PositiveInt | None = None
+    learning_rate: Annotated[float, Meta(gt=0)] = 5e-5
+    weight_decay: NonNegativeFloat = 0.0
+    adam_beta1: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.9
+    adam_beta2: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.999
+    adam_epsilon: Annotated[float, Meta(gt=0)] = 1e-8
+    max_grad_norm: NonNegativeFloat = 1.0
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "linear"
+    warmup_steps: NonNegativeInt = 0
+    warmup_ratio: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    output_dir: str = ".logs/UnitedLLM/{run_id}"
+    logging_steps: Annotated[float, Meta(gt=0)] = 500
+    eval_steps: Annotated[float, Meta(gt=0)] | None = None
+    save_steps: Annotated[float, Meta(gt=0)] = 500
+    save_total_limit: PositiveInt | None = None
+    logging_strategy: Literal["no", "steps", "epoch"] = "steps"
+    evaluation_strategy: Literal["no", "steps", "epoch"] = "no"
+    eval_strategy: Literal["no", "steps", "epoch"] | None = None
+    save_strategy: Literal["no", "steps", "epoch"] = "steps"
+    save_on_each_node: bool = False
+    dataloader_num_workers: NonNegativeInt = 0
+    use_cpu: bool = False
+    # extra options
+    model_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
+    local_num_train_epochs: Annotated[float, Meta(gt=0)] = 1.0
+    local_max_steps: int = -1
+
+
+class ValidationArgs(Section):
+    """``validation_args``: when and where models are evaluated and saved."""
+
+    frequency_of_the_test: PositiveInt = 1
+    test_on_clients: Literal["before_aggregation", "after_aggregation", "no", "both"] = "no"
+    is_aggregator_test: bool = False
+    test_on_client_ranks: list[int] = msgspec.field(default_factory=list)
+    save_frequency: int | None = None
+
+
+class DeviceArgs(Section):
+    """``device_args``: which device trains."""
+
+    using_gpu: bool = False
+    gpu_id: NonNegativeInt | None = None
+
+
+class MqttArgs(Section):
+    """``comm_args.mqtt``: the MQTT broker for control messages."""
+
+    host: str | None = None
+    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
+    username: str | None = None
+    password: str | None = None
+    keepalive: Annotated[int, Meta(ge=5)] = 60
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+
+class S3Args(Section):
+    """``comm_args.s3``: the S3 store for tensors."""
+
+    endpoint_url: str | None = None
+    bucket: str | None = None
+    region: str = "us-east-1"
+    prefix: str = "unitedllm"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    multipart_threshold_mb: PositiveInt = 64
+
+
+class CommArgs(Section):
+    """``comm_args``: how the aggregator and the clients talk."""
+
+    backend: Literal["LOCAL", "MQTT_S3"] = "LOCAL"
+    is_mobile: int = 0
+    # UnitedLLM additions
+    mqtt: MqttArgs = msgspec.field(default_factory=MqttArgs)
+    s3: S3Args = msgspec.field(default_factory=S3Args)
+    mqtt_config_path: str | None = None
+    s3_config_path: str | None = None
+    run_secret: str | None = None
+    round_timeout_s: Annotated[
+        float, Meta(gt=0, description="Seconds the aggregator waits for the selected clients' updates")
+    ] = 3600.0
+    join_timeout_s: Annotated[
+        float, Meta(gt=0, description="Seconds the aggregator waits for clients to come online")
+    ] = 600.0
+    min_updates_per_round: Annotated[
+        PositiveInt | None,
+        Meta(description="Quorum: updates needed to aggregate after the deadline (default: all selected)"),
+    ] = None
+
+
+class TrackingArgs(Section):
+    """``tracking_args``: where metrics go."""
+
+    enable_wandb: bool = False
+    wandb_only_server: bool = True
+    wandb_project: str = "unitedllm"
+    wandb_entity: str | None = None
+    wandb_name: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    enable_tensorboard: bool = False
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "unitedllm"
+    log_system_metrics: bool = True
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A whole UnitedLLM run config (the sections of ``fedml_config.yaml``)."""
+
+    common_args: CommonArgs = msgspec.field(default_factory=CommonArgs)
+    environment_args: EnvironmentArgs = msgspec.field(default_factory=EnvironmentArgs)
+    data_args: DataArgs = msgspec.field(default_factory=DataArgs)
+    model_args: ModelArgs = msgspec.field(default_factory=ModelArgs)
+    train_args: TrainArgs = msgspec.field(default_factory=TrainArgs)
+    validation_args: ValidationArgs = msgspec.field(default_factory=ValidationArgs)
+    device_args: DeviceArgs = msgspec.field(default_factory=DeviceArgs)
+    comm_args: CommArgs = msgspec.field(default_factory=CommArgs)
+    tracking_args: TrackingArgs = msgspec.field(default_factory=TrackingArgs)
+
+    @property
+    def server_optimizer_name(self) -> str:
+        """The server optimizer to use: ``server_optimizer``, else FedML's ``federated_optimizer``."""
+        return self.train_args.server_optimizer or self.train_args.federated_optimizer
