@@ -1,0 +1,89 @@
+"""What a silo's local training must provide: the :class:`LocalTrainer` interface.
+
+The Hugging Face implementation (:mod:`unitedllm.training.hf`) is the default; users can
+plug their own PyTorch code by implementing this class. All methods are blocking: the
+Client and Aggregator call them from a worker thread, never on the event loop.
+
+Weights exchanged here are the *trainable* tensors only (the LoRA adapter with
+``peft_type: lora``, the whole model with ``peft_type: none``), keyed by stable names.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["EvalResult", "FitResult", "LocalTrainer", "StepEvent"]
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Progress of local training, reported after each optimizer step."""
+
+    rank: int
+    round_idx: int
+    step: int
+    max_steps: int
+    loss: float
+
+
+@dataclass
+class FitResult:
+    """What one local round produced."""
+
+    weights: dict[str, "torch.Tensor"]
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    """Evaluation of some weights on a test split: ``metrics`` has ``eval_loss`` and ``perplexity``."""
+
+    metrics: dict[str, float]
+    num_samples: int
+    per_category: dict[str, float] = field(default_factory=dict)
+
+
+class LocalTrainer(abc.ABC):
+    """Trains and evaluates one rank's model on its own data."""
+
+    @abc.abstractmethod
+    def initial_weights(self) -> dict[str, "torch.Tensor"]:
+        """The trainable tensors of the freshly built model (the round-0 global weights)."""
+
+    @abc.abstractmethod
+    def base_fingerprint(self) -> str:
+        """A digest of the frozen base weights, so every rank can check it trains the same model."""
+
+    @abc.abstractmethod
+    def fit(
+        self,
+        weights: Mapping[str, "torch.Tensor"],
+        *,
+        round_idx: int,
+        max_steps: int,
+        on_step: Callable[[StepEvent], None] | None = None,
+    ) -> FitResult:
+        """Load ``weights``, train locally for this round and return the new trainable weights."""
+
+    @abc.abstractmethod
+    def evaluate(self, weights: Mapping[str, "torch.Tensor"]) -> EvalResult:
+        """Eval loss and perplexity of ``weights`` on this rank's test split."""
+
+    @abc.abstractmethod
+    def save_model(self, weights: Mapping[str, "torch.Tensor"], directory: Path) -> None:
+        """Write ``weights`` as a directory ``transformers``/``peft`` can load."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer/schedule state to carry across rounds or checkpoints (empty by default)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - optional
+        """Restore what :meth:`state_dict` returned."""
