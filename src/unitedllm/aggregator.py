@@ -1,0 +1,445 @@
+"""The aggregator (rank 0): runs the rounds of a federated run.
+
+Each round it samples clients, publishes the global weights, collects updates until all
+selected clients answered or the deadline passed (then aggregates if the quorum is met),
+checks every update, applies the server optimizer, evaluates and checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from unitedllm.comm.base import BlobStore, Presence, Transport, open_backend as _open_backend
+from unitedllm.errors import RoundError, UnitedLLMError, UpdateRejected
+from unitedllm.protocol.messages import BlobRef, Error, EvalReport, Finish, Hello, RoundStart, TrainSpec, Update
+from unitedllm.protocol.payload import decode_tensors, encode_tensors
+from unitedllm.rounds import RoundPlan, sample_clients
+from unitedllm.tracking.metrics import MetricsLog
+
+if TYPE_CHECKING:
+    import torch
+
+    from unitedllm.comm.local import LocalHub
+    from unitedllm.config.types import Config
+    from unitedllm.optimizers.base import ClientUpdate
+    from unitedllm.training.base import LocalTrainer
+
+__all__ = ["Aggregator", "RoundSummary", "RunResult"]
+
+log = logging.getLogger(__name__)
+
+SERVER_RANK = 0
+# How long the aggregator waits for clients' evaluations of the final model.
+FINAL_EVAL_GRACE_S = 600.0
+
+
+@dataclass
+class RoundSummary:
+    """What happened in one round, as shown in the per-round table."""
+
+    round_idx: int
+    selected: list[int]
+    aggregated: list[int]
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    seconds: float = 0.0
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """The outcome of a run: the final global weights and where everything was written."""
+
+    run_id: str
+    output_dir: Path
+    weights: dict[str, "torch.Tensor"]
+    rounds: list[RoundSummary]
+
+    @property
+    def final_dir(self) -> Path:
+        return self.output_dir / f"node_{SERVER_RANK}" / "final"
+
+
+class Aggregator:
+    """Rank 0 of a run. Use as ``async with Aggregator(cfg, run_id=...) as agg: await agg.run()``."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        run_id: str,
+        trainer: LocalTrainer | None = None,
+        transport: Transport | None = None,
+        store: BlobStore | None = None,
+        hub: LocalHub | None = None,
+        metrics: MetricsLog | None = None,
+        on_round: Callable[[RoundSummary], None] | None = None,
+    ):
+        self.cfg = cfg
+        self.run_id = run_id
+        self.output_dir = Path(cfg.train_args.output_dir.replace("{run_id}", run_id))
+        self.plan = RoundPlan.from_config(cfg)
+        self._trainer = trainer
+        self._transport = transport
+        self._store = store
+        self._hub = hub
+        self._metrics = metrics
+        self._on_round = on_round
+        self._stack = AsyncExitStack()
+        self._inbox: asyncio.Queue[Update] = asyncio.Queue()
+        self._eval_reports: list[EvalReport] = []
+        self._eval_arrived = asyncio.Event()
+        self._presence_changed = asyncio.Event()
+        self.online: set[int] = set()
+        self.fingerprint: str | None = None
+        self._blocked: set[int] = set()
+        self._greeted: set[int] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        try:
+            if self._transport is None or self._store is None:
+                transport, store = _open_backend(self.cfg, rank=SERVER_RANK, run_id=self.run_id, hub=self._hub)
+                self._transport = self._transport or transport
+                self._store = self._store or store
+            await self._stack.enter_async_context(self._store)
+            await self._stack.enter_async_context(self._transport)
+            if self._metrics is None:
+                self._metrics = self._stack.enter_context(MetricsLog(self.output_dir / "metrics.jsonl"))
+            if self._trainer is None:
+                from unitedllm.training.hf import HFLocalTrainer
+
+                self._trainer = await asyncio.to_thread(HFLocalTrainer, self.cfg, SERVER_RANK)
+            self.fingerprint = await asyncio.to_thread(self._trainer.base_fingerprint)
+            pump = asyncio.create_task(self._pump(), name="aggregator-inbox")
+            self._stack.push_async_callback(_cancel, pump)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    @property
+    def transport(self) -> Transport:
+        assert self._transport is not None, "use the Aggregator as an async context manager"
+        return self._transport
+
+    @property
+    def store(self) -> BlobStore:
+        assert self._store is not None, "use the Aggregator as an async context manager"
+        return self._store
+
+    @property
+    def trainer(self) -> LocalTrainer:
+        assert self._trainer is not None, "use the Aggregator as an async context manager"
+        return self._trainer
+
+    @property
+    def metrics(self) -> MetricsLog:
+        assert self._metrics is not None, "use the Aggregator as an async context manager"
+        return self._metrics
+
+    # -- the run -----------------------------------------------------------------------------------
+
+    async def run(self) -> RunResult:
+        """Run every round, save the final model, finish the clients; return the result."""
+        from unitedllm.optimizers import create
+
+        cfg = self.cfg
+        optimizer = create(cfg.server_optimizer_name, cfg.train_args.server_optimizer_args)
+        weights = await asyncio.to_thread(self.trainer.initial_weights)
+        state = optimizer.init_state(weights)
+        await asyncio.to_thread(self._save_init, weights)
+        summaries: list[RoundSummary] = []
+        try:
+            await self._wait_for_clients(cfg.train_args.client_num_per_round)
+            for round_idx in range(self.plan.comm_round):
+                weights, state, summary = await self._run_round(round_idx, weights, state, optimizer)
+                summaries.append(summary)
+                if self._on_round is not None:
+                    self._on_round(summary)
+        except BaseException as exc:
+            await self._finish_clients(None, reason=f"aborted: {exc}" if isinstance(exc, Exception) else "aborted")
+            raise
+        final_dir = self.output_dir / f"node_{SERVER_RANK}" / "final"
+        await asyncio.to_thread(self._save_checkpoint, weights, final_dir, state, self.plan.comm_round - 1)
+        final_ref = await self.store.put(encode_tensors(weights))
+        evaluate_final = self.plan.clients_evaluate_global(self.plan.comm_round)  # per rank in _finish_clients
+        await self._finish_clients(final_ref, reason="completed", evaluate_final=evaluate_final)
+        if evaluate_final:
+            await self._await_final_evals()
+        self.metrics.log("run_end", round_idx=self.plan.comm_round - 1, rank=SERVER_RANK, output_dir=str(self.output_dir))
+        return RunResult(self.run_id, self.output_dir, weights, summaries)
+
+    async def _run_round(
+        self, round_idx: int, weights: dict[str, "torch.Tensor"], state: dict[str, "torch.Tensor"], optimizer: Any
+    ) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"], RoundSummary]:
+        cfg = self.cfg
+        started = time.perf_counter()
+        selected = sample_clients(
+            round_idx,
+            total=cfg.train_args.client_num_in_total,
+            per_round=cfg.train_args.client_num_per_round,
+            seed=cfg.common_args.random_seed,
+        )
+        self.metrics.log("round_start", round_idx=round_idx, rank=SERVER_RANK, selected=selected)
+        global_ref = await self.store.put(encode_tensors(weights))
+        for rank in selected:
+            spec = TrainSpec(
+                local_max_steps=cfg.train_args.local_max_steps,
+                local_num_train_epochs=cfg.train_args.local_num_train_epochs,
+                evaluate_global=self.plan.clients_evaluate_global(round_idx, rank),
+                evaluate_local=self.plan.clients_evaluate_local(round_idx, rank),
+            )
+            await self.transport.send(
+                rank, RoundStart(run_id=self.run_id, round=round_idx, sender=SERVER_RANK, global_ref=global_ref, spec=spec)
+            )
+        arrived = await self._collect(round_idx, selected)
+        updates, rejected = await self._fetch_and_check(round_idx, weights, arrived)
+        quorum = self.plan.quorum(len(selected))
+        if len(updates) < quorum:
+            raise RoundError(
+                f"round {round_idx}: only {len(updates)} valid update(s) of the {quorum} needed "
+                f"(selected {selected}; rejected {rejected or 'none'}); "
+                f"raise comm_args.round_timeout_s or lower comm_args.min_updates_per_round"
+            )
+        agg_started = time.perf_counter()
+        new_weights, new_state = await asyncio.to_thread(optimizer.step, weights, updates, state)
+        agg_seconds = time.perf_counter() - agg_started
+        summary = RoundSummary(round_idx, selected, [u.rank for u in updates], rejected=rejected)
+        losses = [(m.metrics.get("train_loss"), m.num_samples) for m in arrived if m.sender in summary.aggregated]
+        summary.train_loss = _weighted([(loss, n) for loss, n in losses if loss is not None])
+        if cfg.validation_args.is_aggregator_test and self.plan.is_test_round(round_idx):
+            result = await asyncio.to_thread(self.trainer.evaluate, new_weights)
+            summary.eval_loss = result.metrics.get("eval_loss")
+            self.metrics.log(
+                "eval", round_idx=round_idx, rank=SERVER_RANK, split="test", model="global",
+                loss=summary.eval_loss, samples=result.num_samples, metrics=result.metrics,
+                per_category=result.per_category,
+            )
+        if self.plan.should_save(round_idx):
+            target = self.output_dir / f"node_{SERVER_RANK}" / f"round_{round_idx}_after_agg"
+            await asyncio.to_thread(self._save_checkpoint, new_weights, target, new_state, round_idx)
+        summary.seconds = time.perf_counter() - started
+        self.metrics.log(
+            "round", round_idx=round_idx, rank=SERVER_RANK, selected=selected, aggregated=summary.aggregated,
+            rejected=rejected, train_loss=summary.train_loss, eval_loss=summary.eval_loss,
+            seconds=summary.seconds, aggregation_seconds=agg_seconds,
+        )
+        await self.store.delete(global_ref)
+        return new_weights, new_state, summary
+
+    # -- collecting updates ------------------------------------------------------------------------
+
+    async def _collect(self, round_idx: int, selected: list[int]) -> list[Update]:
+        """Updates of this round from selected clients, until all answered or the deadline passed."""
+        deadline = time.monotonic() + self.cfg.comm_args.round_timeout_s
+        quorum = self.plan.quorum(len(selected))
+        received: dict[int, Update] = {}
+        while len(received) < len(selected):
+            missing = [r for r in selected if r not in received]
+            if len(received) >= quorum and not any(r in self.online for r in missing):
+                log.warning("round %d: clients %s went offline; aggregating the %d updates that arrived",
+                            round_idx, missing, len(received))
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("round %d: deadline passed; missing updates from %s", round_idx, missing)
+                break
+            get = asyncio.ensure_future(self._inbox.get())
+            changed = asyncio.ensure_future(self._presence_changed.wait())
+            done, _ = await asyncio.wait({get, changed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            self._presence_changed.clear()
+            if get not in done:
+                get.cancel()
+                continue
+            update = get.result()
+            if update.round != round_idx:
+                self._reject(update.sender, round_idx, f"update for round {update.round} arrived in round {round_idx}")
+            elif update.sender not in selected:
+                self._reject(update.sender, round_idx, "client was not selected for this round")
+            elif update.sender in received:
+                self._reject(update.sender, round_idx, "second update in the same round")
+            else:
+                received[update.sender] = update
+        return [received[r] for r in sorted(received)]
+
+    async def _fetch_and_check(
+        self, round_idx: int, weights: Mapping[str, "torch.Tensor"], arrived: list[Update]
+    ) -> tuple[list[ClientUpdate], dict[int, str]]:
+        from unitedllm.optimizers.base import ClientUpdate
+        from unitedllm.updates import check_update
+
+        updates: list[ClientUpdate] = []
+        rejected: dict[int, str] = {}
+        for message in arrived:
+            try:
+                data = await self.store.get(message.delta_ref)
+                delta = decode_tensors(data)
+                check_update(weights, delta, num_samples=message.num_samples, rank=message.sender, round_idx=round_idx)
+            except UnitedLLMError as exc:
+                rejected[message.sender] = str(exc)
+                self._reject(message.sender, round_idx, str(exc))
+                continue
+            updates.append(ClientUpdate(rank=message.sender, delta=delta, num_samples=message.num_samples))
+            self.metrics.log(
+                "train", round_idx=round_idx, rank=message.sender, split="train",
+                loss=message.metrics.get("train_loss"), samples=message.num_samples,
+                seconds=message.metrics.get("train_seconds"), bytes_received=message.delta_ref.size,
+                metrics=message.metrics,
+            )
+            await self.store.delete(message.delta_ref)
+        return updates, rejected
+
+    def _reject(self, rank: int, round_idx: int, reason: str) -> None:
+        log.warning("round %d: update from client %d refused: %s", round_idx, rank, reason)
+        self.metrics.log("rejected", round_idx=round_idx, rank=rank, reason=reason)
+
+    # -- inbox ------------------------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        """Sort incoming traffic: updates to the round loop, presence and evals to their records."""
+        async for item in self.transport.incoming():
+            match item:
+                case Presence(rank=rank, online=online):
+                    if online and rank not in self._blocked:
+                        self.online.add(rank)
+                    else:
+                        self.online.discard(rank)
+                    self._presence_changed.set()
+                case Hello(sender=rank, base_fingerprint=fp):
+                    await self._greet(rank, fp)
+                case Update():
+                    await self._inbox.put(item)
+                case EvalReport():
+                    self._record_eval(item)
+                case Error(sender=rank, message=text):
+                    log.error("client %d reported an error: %s", rank, text)
+                    self.metrics.log("client_error", round_idx=item.round, rank=rank, message=text)
+                case _:
+                    log.warning("ignored unexpected %s from rank %d", type(item).__name__, item.sender)
+
+    async def _greet(self, rank: int, fingerprint: str | None) -> None:
+        if fingerprint is not None and self.fingerprint is not None and fingerprint != self.fingerprint:
+            reason = (
+                f"client {rank} trains a different base model (fingerprint {fingerprint[:12]}, aggregator "
+                f"{self.fingerprint[:12]}): check model_args and common_args.random_seed on both sides"
+            )
+            log.error(reason)
+            self._blocked.add(rank)
+            self.online.discard(rank)
+            await self.transport.send(rank, Error(run_id=self.run_id, round=-1, sender=SERVER_RANK, message=reason))
+            return
+        self._blocked.discard(rank)
+        self.online.add(rank)
+        self._presence_changed.set()
+        if rank not in self._greeted:
+            self._greeted.add(rank)
+            self.metrics.log("client_joined", round_idx=None, rank=rank)
+
+    def _record_eval(self, report: EvalReport) -> None:
+        self._eval_reports.append(report)
+        self._eval_arrived.set()
+        self.metrics.log(
+            "eval", round_idx=report.round, rank=report.sender, split="test", model=report.model,
+            loss=report.metrics.get("eval_loss"), samples=report.num_samples, metrics=report.metrics,
+        )
+
+    async def _wait_for_clients(self, count: int) -> None:
+        deadline = time.monotonic() + self.cfg.comm_args.join_timeout_s
+        while len(self.online) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RoundError(
+                    f"only {len(self.online)} of the {count} clients needed are online after "
+                    f"{self.cfg.comm_args.join_timeout_s:g}s (online: {sorted(self.online) or 'none'}); "
+                    "start the clients or raise comm_args.join_timeout_s"
+                )
+            self._presence_changed.clear()
+            try:
+                await asyncio.wait_for(self._presence_changed.wait(), timeout=remaining)
+            except TimeoutError:
+                continue
+
+    async def _finish_clients(self, final_ref: BlobRef | None, *, reason: str, evaluate_final: bool = False) -> None:
+        if self._transport is None:
+            return
+        self._eval_arrived.clear()
+        for rank in range(1, self.cfg.train_args.client_num_in_total + 1):
+            try:
+                await self.transport.send(
+                    rank,
+                    Finish(
+                        run_id=self.run_id, round=self.plan.comm_round, sender=SERVER_RANK, final_ref=final_ref,
+                        reason=reason, evaluate_final=evaluate_final and rank in self.plan.test_ranks,
+                    ),
+                )
+            except UnitedLLMError as exc:  # a dead link must not stop the others from being told
+                log.warning("could not tell client %d the run is over: %s", rank, exc)
+
+    async def _await_final_evals(self) -> None:
+        """Wait (bounded) for the final-model evaluations of the online test clients."""
+        expected = {r for r in self.plan.test_ranks if r in self.online}
+        deadline = time.monotonic() + min(FINAL_EVAL_GRACE_S, self.cfg.comm_args.round_timeout_s)
+        while True:
+            last = self.plan.comm_round - 1
+            got = {r.sender for r in self._eval_reports if r.round == last and r.model == "global"}
+            missing = expected - got - (expected - self.online)
+            if not missing:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("final evaluations missing from clients %s", sorted(missing))
+                return
+            self._eval_arrived.clear()
+            try:
+                await asyncio.wait_for(self._eval_arrived.wait(), timeout=min(remaining, 1.0))
+            except TimeoutError:
+                pass
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _save_init(self, weights: Mapping[str, "torch.Tensor"]) -> None:
+        from unitedllm.checkpoints import atomic_dir
+
+        target = self.output_dir / f"node_{SERVER_RANK}" / "init"
+        with atomic_dir(target) as tmp:
+            self.trainer.save_model(weights, tmp)
+
+    def _save_checkpoint(
+        self, weights: Mapping[str, "torch.Tensor"], target: Path, state: Mapping[str, "torch.Tensor"], round_idx: int
+    ) -> None:
+        from unitedllm.checkpoints import atomic_dir, write_server_state
+
+        with atomic_dir(target) as tmp:
+            self.trainer.save_model(weights, tmp)
+            write_server_state(tmp, round_idx=round_idx, optimizer_state=state, extra={"run_id": self.run_id})
+
+
+def _weighted(pairs: list[tuple[float, int]]) -> float | None:
+    total = sum(n for _, n in pairs)
+    if not pairs or total <= 0:
+        return None
+    return sum(v * n for v, n in pairs) / total
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):  # the pump's own error was already logged
+        pass

@@ -1,0 +1,82 @@
+"""Checkpoint layout and atomic writes: ``<output_dir>/node_<rank>/{init, round_<r>_before_agg, round_<r>_after_agg, final}``.
+
+A checkpoint directory is written under a temporary name and renamed into place, so a
+crash never leaves a half-written checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "SERVER_STATE_FILE",
+    "atomic_dir",
+    "node_dir",
+    "read_server_state",
+    "round_dir",
+    "write_server_state",
+]
+
+SERVER_STATE_FILE = "server_state.json"
+OPTIMIZER_STATE_FILE = "server_optimizer.safetensors"
+
+
+def node_dir(output_dir: Path, rank: int) -> Path:
+    """The folder of one rank's checkpoints (``node_0`` is the aggregator)."""
+    return output_dir / f"node_{rank}"
+
+
+def round_dir(output_dir: Path, rank: int, round_idx: int, stage: str) -> Path:
+    """``node_<rank>/round_<r>_<stage>`` where stage is ``before_agg`` or ``after_agg``."""
+    return node_dir(output_dir, rank) / f"round_{round_idx}_{stage}"
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_server_state(
+    directory: Path, *, round_idx: int, optimizer_state: Mapping[str, "torch.Tensor"], extra: dict[str, Any]
+) -> None:
+    """Save the aggregator's state beside a checkpoint: optimizer tensors + JSON (round, RNG, ...)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in optimizer_state.items()}, str(directory / OPTIMIZER_STATE_FILE))
+    (directory / SERVER_STATE_FILE).write_text(
+        json.dumps({"round": round_idx, **extra}, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
+
+
+def read_server_state(directory: Path) -> tuple[dict[str, Any], dict[str, "torch.Tensor"]]:
+    """What :func:`write_server_state` wrote."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((directory / SERVER_STATE_FILE).read_text(encoding="utf-8"))
+    state = load_file(str(directory / OPTIMIZER_STATE_FILE))
+    return meta, state

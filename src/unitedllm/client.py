@@ -1,0 +1,212 @@
+"""A client (silo, rank 1..N): waits for rounds, trains locally, sends its update.
+
+Training and evaluation run in a worker thread, so the event loop keeps the connection
+alive (MQTT keepalives, presence) during long local rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from unitedllm.comm.base import BlobStore, Presence, Transport, open_backend as _open_backend
+from unitedllm.errors import CommError, RoundError, UnitedLLMError
+from unitedllm.protocol.messages import Error, EvalReport, Finish, Hello, RoundStart, Update
+from unitedllm.protocol.payload import decode_tensors, encode_tensors
+
+if TYPE_CHECKING:
+    import torch
+
+    from unitedllm.comm.local import LocalHub
+    from unitedllm.config.types import Config
+    from unitedllm.training.base import LocalTrainer, StepEvent
+
+__all__ = ["Client"]
+
+log = logging.getLogger(__name__)
+
+SERVER_RANK = 0
+
+
+class Client:
+    """One silo of a run. Use as ``async with Client(cfg, rank=1, run_id=...) as c: await c.run()``."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        rank: int,
+        run_id: str,
+        trainer: LocalTrainer | None = None,
+        transport: Transport | None = None,
+        store: BlobStore | None = None,
+        hub: LocalHub | None = None,
+        on_step: Callable[[StepEvent], None] | None = None,
+    ):
+        total = cfg.train_args.client_num_in_total
+        if not 1 <= rank <= total:
+            from unitedllm.errors import ConfigError, ConfigProblem
+
+            raise ConfigError(ConfigProblem("--rank", f"{rank} is not a client rank of this run (1..{total})"))
+        self.cfg = cfg
+        self.rank = rank
+        self.run_id = run_id
+        self._trainer = trainer
+        self._transport = transport
+        self._store = store
+        self._hub = hub
+        self._on_step = on_step
+        self._stack = AsyncExitStack()
+        self.rounds_trained: list[int] = []
+        self.evaluations: list[tuple[int, str, dict[str, float]]] = []
+
+    async def __aenter__(self) -> Self:
+        try:
+            if self._transport is None or self._store is None:
+                transport, store = _open_backend(self.cfg, rank=self.rank, run_id=self.run_id, hub=self._hub)
+                self._transport = self._transport or transport
+                self._store = self._store or store
+            await self._stack.enter_async_context(self._store)
+            await self._stack.enter_async_context(self._transport)
+            if self._trainer is None:
+                from unitedllm.training.hf import HFLocalTrainer
+
+                self._trainer = await asyncio.to_thread(HFLocalTrainer, self.cfg, self.rank)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    @property
+    def transport(self) -> Transport:
+        assert self._transport is not None, "use the Client as an async context manager"
+        return self._transport
+
+    @property
+    def store(self) -> BlobStore:
+        assert self._store is not None, "use the Client as an async context manager"
+        return self._store
+
+    @property
+    def trainer(self) -> LocalTrainer:
+        assert self._trainer is not None, "use the Client as an async context manager"
+        return self._trainer
+
+    async def run(self) -> str:
+        """Serve rounds until the aggregator finishes the run; returns the aggregator's reason."""
+        fingerprint = await asyncio.to_thread(self.trainer.base_fingerprint)
+        await self._hello(fingerprint)
+        server_gone_since: float | None = None
+        patience = self.cfg.comm_args.join_timeout_s
+        messages = self.transport.incoming()
+        while True:
+            timeout = None if server_gone_since is None else max(0.0, server_gone_since + patience - time.monotonic())
+            try:
+                item = await asyncio.wait_for(anext(messages), timeout=timeout)
+            except TimeoutError:
+                raise CommError(
+                    f"client {self.rank}: the aggregator has been offline for {patience:g}s; giving up "
+                    "(comm_args.join_timeout_s)"
+                ) from None
+            except StopAsyncIteration:
+                raise CommError(f"client {self.rank}: the connection closed before the run finished") from None
+            match item:
+                case Presence(rank=0, online=False):
+                    log.warning("client %d: the aggregator went offline; waiting for it to return", self.rank)
+                    server_gone_since = time.monotonic()
+                case Presence(rank=0, online=True):
+                    server_gone_since = None
+                    await self._hello(fingerprint)
+                case Presence():
+                    pass
+                case RoundStart():
+                    await self._train_round(item)
+                case Finish():
+                    await self._finish(item)
+                    return item.reason
+                case Error(message=text):
+                    raise RoundError(f"client {self.rank}: the aggregator refused this client: {text}")
+                case _:
+                    log.warning("client %d ignored unexpected %s", self.rank, type(item).__name__)
+
+    async def _hello(self, fingerprint: str) -> None:
+        await self.transport.send(
+            SERVER_RANK,
+            Hello(run_id=self.run_id, round=-1, sender=self.rank, capabilities=["safetensors"],
+                  base_fingerprint=fingerprint),
+        )
+
+    async def _fetch_weights(self, ref: Any) -> dict[str, "torch.Tensor"]:
+        return decode_tensors(await self.store.get(ref))
+
+    async def _train_round(self, start: RoundStart) -> None:
+        round_idx = start.round
+        comm_started = time.perf_counter()
+        weights = await self._fetch_weights(start.global_ref)
+        download_seconds = time.perf_counter() - comm_started
+        if start.spec.evaluate_global and round_idx >= 1:
+            await self._evaluate(weights, round_idx - 1, "global")
+        try:
+            result = await asyncio.to_thread(
+                self.trainer.fit, weights, round_idx=round_idx, max_steps=start.spec.local_max_steps,
+                on_step=self._on_step,
+            )
+        except UnitedLLMError as exc:
+            await self.transport.send(
+                SERVER_RANK, Error(run_id=self.run_id, round=round_idx, sender=self.rank, message=str(exc))
+            )
+            raise
+        if start.spec.evaluate_local:
+            await self._evaluate(result.weights, round_idx, "local")
+        delta = await asyncio.to_thread(_delta, result.weights, weights)
+        upload_started = time.perf_counter()
+        data = await asyncio.to_thread(encode_tensors, delta)
+        ref = await self.store.put(data)
+        metrics = dict(result.metrics)
+        metrics["download_seconds"] = download_seconds
+        metrics["upload_seconds"] = time.perf_counter() - upload_started
+        metrics["bytes_sent"] = float(ref.size)
+        metrics["bytes_received"] = float(start.global_ref.size)
+        await self.transport.send(
+            SERVER_RANK,
+            Update(run_id=self.run_id, round=round_idx, sender=self.rank, delta_ref=ref,
+                   num_samples=result.num_samples, metrics=metrics),
+        )
+        self.rounds_trained.append(round_idx)
+
+    async def _evaluate(self, weights: Mapping[str, "torch.Tensor"], round_idx: int, model: str) -> None:
+        result = await asyncio.to_thread(self.trainer.evaluate, weights)
+        self.evaluations.append((round_idx, model, result.metrics))
+        await self.transport.send(
+            SERVER_RANK,
+            EvalReport(run_id=self.run_id, round=round_idx, sender=self.rank, model=model,
+                       metrics=result.metrics, num_samples=result.num_samples),
+        )
+
+    async def _finish(self, finish: Finish) -> None:
+        if finish.evaluate_final and finish.final_ref is not None:
+            weights = await self._fetch_weights(finish.final_ref)
+            # The final model is the aggregate of the last round, so its evaluation is filed there.
+            await self._evaluate(weights, finish.round - 1, "global")
+        log.info("client %d: run finished (%s)", self.rank, finish.reason)
+
+
+def _delta(new: Mapping[str, "torch.Tensor"], old: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    """new − old per tensor, in float32 or wider."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for name, w in old.items():
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        out[name] = new[name].to(dtype) - w.to(dtype)
+    return out
