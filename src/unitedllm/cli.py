@@ -1,0 +1,173 @@
+"""The ``unitedllm`` command: run a federation in one process, or one role of it per process.
+
+Only light modules are imported at start-up; torch and transformers load when a run starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from unitedllm.errors import ConfigError, UnitedLLMError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="unitedllm",
+    help="Federated fine-tuning of LLMs: run a federation in one process, or the aggregator and clients apart.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Run config (FedML-style YAML).", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key, e.g. --set train_args.comm_round=3 (repeatable)."),
+]
+RunIdOpt = Annotated[str, typer.Option("--run-id", help="Run id shared by the aggregator and all clients.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs.")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    logging.getLogger("unitedllm").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("transformers", "datasets", "peft", "httpx", "botocore", "aiobotocore"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Print UnitedLLM errors without a traceback: exit 2 for config mistakes, 1 for failed runs."""
+    try:
+        yield
+    except ConfigError as exc:
+        console.print(f"[bold red]error:[/bold red] {_escape(exc.render())}")
+        raise typer.Exit(2) from None
+    except UnitedLLMError as exc:
+        console.print(f"[bold red]error:[/bold red] {_escape(str(exc))}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _load(config: Path, overrides: list[str] | None, run_id: str | None) -> Any:
+    from unitedllm.config import load_config
+
+    return load_config(config, overrides=list(overrides or []), run_id=run_id)
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Run id (default: a new UUID).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress display.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the aggregator and every client in this process (offline-capable)."""
+    _setup_logging(verbose)
+    with _user_errors():
+        from unitedllm.runner import new_run_id
+
+        run_id = run_id or new_run_id()
+        cfg = _load(config, set_, run_id)
+        result = _run_embedded(cfg, run_id=run_id, quiet=quiet)
+        console.print(f"run [bold]{run_id}[/bold] finished: {len(result.rounds)} rounds")
+        console.print(f"final model: {result.final_dir}")
+        console.print(f"metrics:     {result.output_dir / 'metrics.jsonl'}")
+
+
+def _run_embedded(cfg: Any, *, run_id: str, quiet: bool) -> Any:
+    from unitedllm.progress import RunProgress
+    from unitedllm.runner import run_async
+    from unitedllm.tracking.metrics import MetricsLog
+
+    output_dir = Path(cfg.train_args.output_dir.replace("{run_id}", run_id))
+    progress = RunProgress(comm_round=cfg.train_args.comm_round, console=console)
+    listeners: list[Callable[[dict[str, Any]], None]] = [progress.on_metric]
+    with MetricsLog(output_dir / "metrics.jsonl", listeners=listeners) as metrics:
+        if quiet:
+            result = asyncio.run(run_async(cfg, run_id=run_id, metrics=metrics, on_round=progress.on_round))
+        else:
+            with progress:
+                result = asyncio.run(
+                    run_async(cfg, run_id=run_id, metrics=metrics, on_step=progress.on_step, on_round=progress.on_round)
+                )
+    console.print(progress.summary_table())
+    return result
+
+
+@app.command()
+def server(
+    config: ConfigArg,
+    run_id: RunIdOpt,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the aggregator (rank 0) of a run whose clients are separate processes."""
+    _setup_logging(verbose)
+    with _user_errors():
+        from unitedllm.launch import serve_server
+
+        cfg = _load(config, set_, run_id)
+        result = asyncio.run(serve_server(cfg, run_id=run_id))
+        console.print(f"run {run_id} finished: {len(result.rounds)} rounds; final model: {result.final_dir}")
+
+
+@app.command()
+def client(
+    config: ConfigArg,
+    rank: Annotated[int, typer.Option("--rank", help="This client's rank, 1..client_num_in_total.")],
+    run_id: RunIdOpt,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run one client (silo) of a run; it serves rounds until the aggregator finishes."""
+    _setup_logging(verbose)
+    with _user_errors():
+        from unitedllm.launch import serve_client
+
+        cfg = _load(config, set_, run_id)
+        reason = asyncio.run(serve_client(cfg, rank=rank, run_id=run_id))
+        console.print(f"client {rank}: run {run_id} finished ({reason})")
+
+
+@app.command()
+def version() -> None:
+    """Print the UnitedLLM version."""
+    from unitedllm import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    """Entry point of the ``unitedllm`` script."""
+    try:
+        app()
+    except ConfigError as exc:  # raised while parsing options
+        console.print(f"error: {exc.render()}")
+        sys.exit(2)
