@@ -1,0 +1,192 @@
+"""Checks across config keys: the mistakes no single key's type can catch.
+
+Each check names the sections it reads. When a section already failed its type checks
+its checks are skipped, so a bad section yields its own problems and not a cascade of
+follow-on ones computed from defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final
+
+from unitedllm.config.types import Config
+from unitedllm.errors import ConfigProblem
+
+__all__ = ["OUTPUT_DIR_PLACEHOLDERS", "cross_field_problems", "placeholders"]
+
+Check = Callable[[Config], Iterable[ConfigProblem]]
+_CHECKS: list[tuple[frozenset[str], Check]] = []
+
+#: Placeholders that :func:`unitedllm.config.load_config` expands in ``train_args.output_dir``.
+OUTPUT_DIR_PLACEHOLDERS: Final = frozenset({"run_id"})
+#: Placeholders the data loader expands in each ``data_args.client_dataset_path`` entry.
+CLIENT_PATH_PLACEHOLDERS: Final = frozenset({"rank"})
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def placeholders(text: str) -> list[str]:
+    """The ``{name}`` placeholders in a path template, in order."""
+    return _PLACEHOLDER.findall(text)
+
+
+def _check(*sections: str) -> Callable[[Check], Check]:
+    """Register a cross-field check that reads ``sections``."""
+
+    def add(fn: Check) -> Check:
+        _CHECKS.append((frozenset(sections), fn))
+        return fn
+
+    return add
+
+
+def cross_field_problems(cfg: Config, *, skip_sections: Iterable[str] = ()) -> list[ConfigProblem]:
+    """Every cross-field problem in ``cfg``, leaving out checks that read a section in ``skip_sections``."""
+    skip = frozenset(skip_sections)
+    problems: list[ConfigProblem] = []
+    for sections, fn in _CHECKS:
+        if not sections & skip:
+            problems.extend(fn(cfg))
+    return problems
+
+
+@_check("train_args")
+def _clients_per_round(cfg: Config) -> Iterator[ConfigProblem]:
+    t = cfg.train_args
+    if t.client_num_per_round > t.client_num_in_total:
+        yield ConfigProblem(
+            "train_args.client_num_per_round",
+            f"{t.client_num_per_round} is more than client_num_in_total ({t.client_num_in_total})",
+        )
+
+
+@_check("train_args", "validation_args")
+def _test_ranks(cfg: Config) -> Iterator[ConfigProblem]:
+    total = cfg.train_args.client_num_in_total
+    seen: set[int] = set()
+    for i, rank in enumerate(cfg.validation_args.test_on_client_ranks):
+        path = f"validation_args.test_on_client_ranks[{i}]"
+        if not 1 <= rank <= total:
+            yield ConfigProblem(
+                path, f"rank {rank} is not a client rank; clients are ranks 1..{total} (0 is the aggregator)"
+            )
+        elif rank in seen:
+            yield ConfigProblem(path, f"rank {rank} is listed twice")
+        seen.add(rank)
+
+
+@_check("train_args")
+def _mixed_precision(cfg: Config) -> Iterator[ConfigProblem]:
+    if cfg.train_args.fp16 and cfg.train_args.bf16:
+        yield ConfigProblem("train_args.bf16", "fp16 and bf16 are both true; choose at most one")
+
+
+@_check("train_args")
+def _strategy_alias(cfg: Config) -> Iterator[ConfigProblem]:
+    # Hugging Face renamed evaluation_strategy to eval_strategy; FedML configs use the old name.
+    t = cfg.train_args
+    if t.eval_strategy is not None and t.eval_strategy != t.evaluation_strategy and t.evaluation_strategy != "no":
+        yield ConfigProblem(
+            "train_args.eval_strategy",
+            f"{t.eval_strategy!r} contradicts evaluation_strategy {t.evaluation_strategy!r} "
+            "(two names for one setting); set only one",
+        )
+
+
+@_check("train_args", "data_args")
+def _client_dataset_paths(cfg: Config) -> Iterator[ConfigProblem]:
+    paths = cfg.data_args.client_dataset_path
+    total = cfg.train_args.client_num_in_total
+    for i, path in enumerate(paths):
+        unknown = [p for p in placeholders(path) if p not in CLIENT_PATH_PLACEHOLDERS]
+        if unknown:
+            yield ConfigProblem(
+                f"data_args.client_dataset_path[{i}]",
+                f"unknown placeholder {{{unknown[0]}}} in {path!r}; only {{rank}} is filled in",
+            )
+    if not paths or len(paths) == total:
+        return
+    if len(paths) == 1:
+        if total > 1 and "rank" not in placeholders(paths[0]):
+            yield ConfigProblem(
+                "data_args.client_dataset_path",
+                f"one path {paths[0]!r} without {{rank}} would give all {total} clients the same data; "
+                f"put {{rank}} in it (e.g. 'data/client_{{rank}}.jsonl') or list {total} paths",
+            )
+        return
+    yield ConfigProblem(
+        "data_args.client_dataset_path",
+        f"{len(paths)} paths for client_num_in_total {total}; list one path per client, "
+        "or one path with {rank} in it",
+    )
+
+
+@_check("data_args")
+def _long_sequences(cfg: Config) -> Iterator[ConfigProblem]:
+    d = cfg.data_args
+    if not d.remove_long_seq and not d.truncate_long_seq:
+        yield ConfigProblem(
+            "data_args.truncate_long_seq",
+            f"remove_long_seq and truncate_long_seq are both false, so examples longer than "
+            f"max_seq_length ({d.max_seq_length}) would reach the model uncut; set one of them to true",
+        )
+
+
+@_check("model_args")
+def _lora_targets(cfg: Config) -> Iterator[ConfigProblem]:
+    targets = cfg.model_args.lora_target_modules
+    if cfg.model_args.peft_type == "lora" and targets is not None and not targets:
+        yield ConfigProblem(
+            "model_args.lora_target_modules",
+            "an empty list would put LoRA on no module; leave it out (or null) for the per-model default",
+        )
+
+
+@_check("train_args", "comm_args")
+def _quorum(cfg: Config) -> Iterator[ConfigProblem]:
+    quorum = cfg.comm_args.min_updates_per_round
+    per_round = cfg.train_args.client_num_per_round
+    if quorum is not None and quorum > per_round:
+        yield ConfigProblem(
+            "comm_args.min_updates_per_round",
+            f"{quorum} is more than client_num_per_round ({per_round}), so no round could ever complete",
+        )
+
+
+@_check("comm_args")
+def _credential_pairs(cfg: Config) -> Iterator[ConfigProblem]:
+    m, s = cfg.comm_args.mqtt, cfg.comm_args.s3
+    if (m.tls_cert_file is None) != (m.tls_key_file is None):
+        given, missing = ("tls_cert_file", "tls_key_file") if m.tls_key_file is None else ("tls_key_file", "tls_cert_file")
+        yield ConfigProblem(f"comm_args.mqtt.{missing}", f"missing: a client certificate needs both, and {given} is set")
+    if (s.access_key_id is None) != (s.secret_access_key is None):
+        given, missing = (
+            ("access_key_id", "secret_access_key") if s.secret_access_key is None else ("secret_access_key", "access_key_id")
+        )
+        yield ConfigProblem(f"comm_args.s3.{missing}", f"missing: S3 credentials need both, and {given} is set")
+
+
+@_check("train_args")
+def _output_dir(cfg: Config) -> Iterator[ConfigProblem]:
+    unknown = [p for p in placeholders(cfg.train_args.output_dir) if p not in OUTPUT_DIR_PLACEHOLDERS]
+    if unknown:
+        yield ConfigProblem(
+            "train_args.output_dir",
+            f"unknown placeholder {{{unknown[0]}}} in {cfg.train_args.output_dir!r}; only {{run_id}} is filled in",
+        )
+
+
+@_check("train_args")
+def _server_optimizer(cfg: Config) -> Iterator[ConfigProblem]:
+    # Imported here: the registry pulls in torch, which `import unitedllm.config` must not.
+    from unitedllm.optimizers import available
+
+    name = cfg.server_optimizer_name
+    names = available()
+    if name.lower() not in {n.lower() for n in names}:
+        key = "server_optimizer" if cfg.train_args.server_optimizer else "federated_optimizer"
+        yield ConfigProblem(
+            f"train_args.{key}", f"unknown server optimizer {name!r}; choose one of {', '.join(names)}"
+        )
