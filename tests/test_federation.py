@@ -1,0 +1,202 @@
+"""The round loop over the in-process backend, with a plain-PyTorch trainer (fast)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+
+from linear_trainer import LinearTrainer
+from unitedllm.comm.local import LocalHub
+from unitedllm.config.types import Config
+from unitedllm.errors import RoundError
+from unitedllm.protocol.messages import BlobRef, Update
+from unitedllm.protocol.signing import seal
+from unitedllm.rounds import RoundPlan, sample_clients
+from unitedllm.runner import run_async
+
+
+def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
+    raw: dict[str, Any] = {
+        "train_args": {
+            "comm_round": 3,
+            "client_num_in_total": 3,
+            "client_num_per_round": 3,
+            "local_max_steps": 4,
+            "output_dir": str(tmp_path / "{run_id}"),
+        },
+        "comm_args": {"round_timeout_s": 30, "join_timeout_s": 30},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return msgspec.convert(raw, Config)
+
+
+def run_linear(
+    cfg: Config, run_id: str = "r1", trainer_kwargs: dict[int, dict[str, Any]] | None = None
+) -> tuple[Any, dict[int, LinearTrainer]]:
+    trainer_kwargs = trainer_kwargs or {}
+    trainers: dict[int, LinearTrainer] = {}
+
+    def make(_cfg: Config, rank: int) -> LinearTrainer:
+        trainers[rank] = LinearTrainer(rank, **trainer_kwargs.get(rank, {}))
+        return trainers[rank]
+
+    result = asyncio.run(run_async(cfg, run_id=run_id, trainer_factory=make))
+    return result, trainers
+
+
+def events(output_dir: Path, kind: str) -> list[dict[str, Any]]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def test_global_model_is_sample_weighted_mean_of_last_round(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    result, trainers = run_linear(cfg)
+    last = cfg.train_args.comm_round - 1
+    client_models = {r: dict(t.fits)[last] for r, t in trainers.items() if r > 0}
+    counts = {r: trainers[r].n for r in client_models}
+    total = sum(counts.values())
+    for name, value in result.weights.items():
+        expected = sum(client_models[r][name].double().numpy() * counts[r] / total for r in client_models)
+        np.testing.assert_allclose(value.numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_loss_falls_and_rounds_are_recorded(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, validation_args={"is_aggregator_test": True})
+    result, _ = run_linear(cfg)
+    losses = [r.train_loss for r in result.rounds]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    rounds = events(result.output_dir, "round")
+    assert [e["round"] for e in rounds] == [0, 1, 2]
+    assert all(e["aggregated"] == [1, 2, 3] for e in rounds)
+
+
+def test_same_seed_gives_identical_final_bytes(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    a, _ = run_linear(cfg, run_id="a")
+    b, _ = run_linear(cfg, run_id="b")
+    assert (a.final_dir / "model.safetensors").read_bytes() == (b.final_dir / "model.safetensors").read_bytes()
+
+
+def test_client_sampling_is_seeded_and_reproducible() -> None:
+    rounds = [sample_clients(r, total=10, per_round=3, seed=7) for r in range(5)]
+    assert rounds == [sample_clients(r, total=10, per_round=3, seed=7) for r in range(5)]
+    assert all(len(set(s)) == 3 and all(1 <= x <= 10 for x in s) for s in rounds)
+    assert len({tuple(s) for s in rounds}) > 1, "different rounds should sample different clients"
+    assert rounds != [sample_clients(r, total=10, per_round=3, seed=8) for r in range(5)]
+
+
+def test_only_sampled_clients_train(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, train_args={"client_num_in_total": 4, "client_num_per_round": 2})
+    result, trainers = run_linear(cfg)
+    for summary in result.rounds:
+        expected = sample_clients(summary.round_idx, total=4, per_round=2, seed=0)
+        assert summary.aggregated == expected
+        trained = sorted(r for r, t in trainers.items() if r > 0 and summary.round_idx in dict(t.fits))
+        assert trained == expected
+
+
+def test_poisoned_update_is_refused_and_round_continues(tmp_path: Path) -> None:
+    def nan_weights(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: torch.full_like(v, float("nan")) for k, v in w.items()}
+
+    cfg = make_config(tmp_path, comm_args={"min_updates_per_round": 2})
+    result, _ = run_linear(cfg, trainer_kwargs={2: {"poison": nan_weights}})
+    assert all(r.aggregated == [1, 3] for r in result.rounds)
+    assert all("non-finite" in r.rejected[2] for r in result.rounds)
+    assert all(torch.isfinite(v).all() for v in result.weights.values())
+    assert len(events(result.output_dir, "rejected")) == 3
+
+
+def test_round_without_quorum_fails_clearly_instead_of_hanging(tmp_path: Path) -> None:
+    def nan_weights(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: torch.full_like(v, float("nan")) for k, v in w.items()}
+
+    cfg = make_config(tmp_path)
+    with pytest.raises(RoundError, match=r"round 0: only 2 valid update\(s\) of the 3 needed"):
+        run_linear(cfg, trainer_kwargs={3: {"poison": nan_weights}})
+
+
+def test_forged_foreign_and_replayed_messages_are_dropped(tmp_path: Path) -> None:
+    """Frames injected into the aggregator's mailbox never count; the run still finishes correctly."""
+    cfg = make_config(tmp_path)
+    clean, _ = run_linear(cfg, run_id="clean")
+
+    hubs: list[LocalHub] = []
+    original_init = LocalHub.__init__
+
+    def capture(self: LocalHub, **kwargs: Any) -> None:
+        original_init(self, **kwargs)
+        hubs.append(self)
+
+    bogus = Update(run_id="attacked", round=0, sender=1, seq=2**62, num_samples=10**6,
+                   delta_ref=BlobRef(digest="0" * 64, size=1))
+    LocalHub.__init__ = capture  # type: ignore[method-assign]
+    try:
+        trainers: dict[int, LinearTrainer] = {}
+
+        def make(_cfg: Config, rank: int) -> LinearTrainer:
+            trainers[rank] = LinearTrainer(rank)
+            if rank == 0:  # hub exists by now: inject before any round starts
+                hub = hubs[-1]
+                hub.deliver(0, seal(bogus, b"not the run secret"))  # forged HMAC
+                hub.deliver(0, seal(msgspec.structs.replace(bogus, run_id="other-run"), hub.secret))
+                hub.deliver(0, seal(msgspec.structs.replace(bogus, sender=9), hub.secret))  # not in run
+            return trainers[rank]
+
+        attacked = asyncio.run(run_async(cfg, run_id="attacked", trainer_factory=make))
+    finally:
+        LocalHub.__init__ = original_init  # type: ignore[method-assign]
+    for name in clean.weights:
+        assert torch.equal(clean.weights[name], attacked.weights[name])
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("no", set()),
+        ("after_aggregation", {(0, "global"), (1, "global"), (2, "global")}),
+        ("before_aggregation", {(0, "local"), (1, "local"), (2, "local")}),
+        (
+            "both",
+            {(0, "global"), (1, "global"), (2, "global"), (0, "local"), (1, "local"), (2, "local")},
+        ),
+    ],
+)
+def test_client_evaluations_follow_test_on_clients(tmp_path: Path, mode: str, expected: set[Any]) -> None:
+    cfg = make_config(tmp_path, validation_args={"test_on_clients": mode, "test_on_client_ranks": [1, 3]})
+    result, trainers = run_linear(cfg)
+    evals = events(result.output_dir, "eval")
+    for rank in (1, 3):
+        got = [(e["round"], e["model"]) for e in evals if e["rank"] == rank]
+        assert len(got) == len(set(got)) and set(got) == expected
+    assert not [e for e in evals if e["rank"] == 2]
+    assert trainers[2].evals == 0
+
+
+def test_frequency_of_the_test_and_save_frequency(tmp_path: Path) -> None:
+    cfg = make_config(
+        tmp_path,
+        train_args={"comm_round": 5},
+        validation_args={"frequency_of_the_test": 2, "is_aggregator_test": True, "save_frequency": None},
+    )
+    result, _ = run_linear(cfg)
+    assert [e["round"] for e in events(result.output_dir, "eval")] == [0, 2, 4]
+    saved = sorted(p.name for p in (result.output_dir / "node_0").iterdir())
+    assert saved == ["final", "init", "round_0_after_agg", "round_2_after_agg", "round_4_after_agg"]
+
+
+@pytest.mark.parametrize(("save_frequency", "rounds"), [(0, [3]), (2, [0, 2, 3]), (-1, [0, 1, 2, 3])])
+def test_save_frequency(tmp_path: Path, save_frequency: int, rounds: list[int]) -> None:
+    plan = RoundPlan.from_config(
+        make_config(tmp_path, train_args={"comm_round": 4}, validation_args={"save_frequency": save_frequency})
+    )
+    assert [r for r in range(4) if plan.should_save(r)] == rounds

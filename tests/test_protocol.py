@@ -1,0 +1,102 @@
+"""Wire protocol: sealing, the message guard, tensor payloads and blob digests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from unitedllm.comm.local import LocalHub, MemoryBlobStore
+from unitedllm.errors import IntegrityError, ProtocolError
+from unitedllm.protocol.messages import BlobRef, Hello, Update
+from unitedllm.protocol.payload import decode_tensors, encode_tensors, ref_for, verify
+from unitedllm.protocol.signing import MessageGuard, open_frame, seal
+
+SECRET = b"s" * 32
+
+
+def update(**kw: object) -> Update:
+    fields: dict[str, object] = dict(run_id="run", round=0, sender=1, seq=5, num_samples=3,
+                                     delta_ref=BlobRef(digest="a" * 64, size=4))
+    fields.update(kw)
+    return Update(**fields)  # type: ignore[arg-type]
+
+
+def test_sealed_message_round_trips() -> None:
+    msg = update(metrics={"train_loss": 1.5})
+    assert open_frame(seal(msg, SECRET), SECRET) == msg
+
+
+def test_tampered_frame_fails_the_mac() -> None:
+    frame = bytearray(seal(update(), SECRET))
+    frame[len(frame) // 2] ^= 0xFF
+    with pytest.raises(ProtocolError):
+        open_frame(bytes(frame), SECRET)
+    with pytest.raises(ProtocolError, match="HMAC"):
+        open_frame(seal(update(), b"wrong"), SECRET)
+
+
+def test_guard_drops_forged_foreign_unknown_and_replayed() -> None:
+    guard = MessageGuard(run_id="run", secret=SECRET, valid_senders={1, 2})
+    good = seal(update(), SECRET)
+    assert guard.admit(good) is not None
+    assert guard.admit(good) is None, "a replayed frame must be dropped"
+    assert guard.admit(seal(update(seq=6), b"forged")) is None
+    assert guard.admit(seal(update(seq=7, run_id="other"), SECRET)) is None
+    assert guard.admit(seal(update(seq=8, sender=7), SECRET)) is None
+    assert guard.admit(seal(update(seq=9), SECRET)) is not None
+    reasons = " | ".join(guard.dropped)
+    for word in ("replayed", "HMAC", "other", "rank 7"):
+        assert word in reasons
+
+
+def test_guard_drops_garbage_without_raising() -> None:
+    guard = MessageGuard(run_id="run", secret=SECRET, valid_senders={1})
+    assert guard.admit(b"\x00\x01not msgpack") is None
+
+
+def test_tensor_payload_round_trips_bytes_exactly() -> None:
+    tensors = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(2, dtype=torch.bfloat16)}
+    data = encode_tensors(tensors)
+    assert data == encode_tensors(dict(reversed(list(tensors.items())))), "bytes must not depend on dict order"
+    back = decode_tensors(data)
+    assert set(back) == {"a", "b"}
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_malformed_payload_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="safetensors"):
+        decode_tensors(b"definitely not safetensors")
+
+
+def test_blob_digest_is_verified() -> None:
+    data = b"payload bytes"
+    ref = ref_for(data)
+    verify(ref, data)
+    with pytest.raises(IntegrityError, match=ref.digest):
+        verify(ref, b"payload bytez")
+
+
+def test_memory_store_refuses_corrupted_blob() -> None:
+    async def scenario() -> None:
+        hub = LocalHub(run_id="run", secret=SECRET, ranks={0, 1})
+        async with MemoryBlobStore(hub) as store:
+            ref = await store.put(b"x" * 100)
+            assert await store.get(ref) == b"x" * 100
+            hub.blobs[ref.digest] = b"y" * 100
+            with pytest.raises(IntegrityError):
+                await store.get(ref)
+
+    asyncio.run(scenario())
+
+
+def test_new_fields_have_defaults_for_older_peers() -> None:
+    """Wire evolution: a Hello without optional fields still decodes."""
+    import msgspec
+
+    raw = msgspec.msgpack.encode({"kind": "hello", "run_id": "r", "round": -1, "sender": 1})
+    from unitedllm.protocol.messages import Message
+
+    msg = msgspec.msgpack.decode(raw, type=Message)
+    assert isinstance(msg, Hello) and msg.capabilities == [] and msg.base_fingerprint is None
