@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates .venv with UnitedLLM and its test tools. Idempotent: re-running only tops up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# The CPU build of torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
+pip install -q -e ".[mqtt_s3,test]"

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs everything the tests need (venv, mosquitto, SeaweedFS) and runs the default test session.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k config`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
+fi
+# The tests start their own broker; the Debian service must not hold port 1883 open meanwhile.
+if command -v systemctl >/dev/null 2>&1; then systemctl stop mosquitto >/dev/null 2>&1 || true; fi
+exec .venv/bin/nox -s tests -- "$@"
