@@ -4,8 +4,9 @@ Importing this package does not import torch; only the server-optimizer name che
 when a config is loaded.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from unitedllm.config.loader import config_digest, dump_config, load_config
-from unitedllm.config.schema import config_schema, validate_file
 from unitedllm.config.types import (
     CommArgs,
     CommonArgs,
@@ -21,6 +22,9 @@ from unitedllm.config.types import (
     TrainArgs,
     ValidationArgs,
 )
+
+if TYPE_CHECKING:
+    from unitedllm.config.schema import config_schema, validate_file
 
 __all__ = [
     "CommArgs",
@@ -42,3 +46,12 @@ __all__ = [
     "load_config",
     "validate_file",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that `python -m unitedllm.config.schema` runs the module once, not twice.
+    if name in ("config_schema", "validate_file"):
+        from unitedllm.config import schema
+
+        return getattr(schema, name)
+    raise AttributeError(f"module 'unitedllm.config' has no attribute {name!r}")
