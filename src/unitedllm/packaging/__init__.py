@@ -1,0 +1,13 @@
+"""Running UnitedLLM packages: verify the manifest, unpack safely, bootstrap, launch the role."""
+
+from unitedllm.packaging.errors import BootstrapFailed, PackageError, TamperedPackage, UnsafePackage
+from unitedllm.packaging.manifest import FileEntry, Manifest
+
+__all__ = [
+    "BootstrapFailed",
+    "FileEntry",
+    "Manifest",
+    "PackageError",
+    "TamperedPackage",
+    "UnsafePackage",
+]

@@ -1,0 +1,125 @@
+"""Which files of a project go into a package: ignore globs, .gitignore defaults, and secrets never packaged."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+__all__ = ["DEFAULT_IGNORES", "IgnoreRules", "inline_credentials", "looks_secret", "parse_ignore_option"]
+
+# FedML's pre-ignore list plus what a Python project and a UnitedLLM run leave behind
+# (.logs holds checkpoints, .unitedllm holds unpacked packages).
+DEFAULT_IGNORES: tuple[str, ...] = (
+    ".git", ".hg", ".svn", "__pycache__", "*.pyc", "*.pyo", ".DS_Store",
+    "dist-packages", "client-package.zip", "server-package.zip",
+    ".venv", "venv", ".nox", ".tox", ".pytest_cache", ".mypy_cache", ".ruff_cache", "*.egg-info",
+    ".logs", ".unitedllm", ".idea", ".vscode",
+)
+
+_SECRET_NAMES: tuple[str, ...] = (
+    ".env", ".env.*", "*.env", "mqtt_config.yaml", "mqtt_config.yml", "s3_config.yaml", "s3_config.yml",
+    "*credentials*", ".netrc", ".pypirc", ".git-credentials", ".htpasswd",
+    "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.ppk", "*.secret", "secrets.*",
+    "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "id_rsa.*", "id_ecdsa.*", "id_ed25519.*",
+)
+_SECRET_DIRS: frozenset[str] = frozenset({".ssh", ".aws", ".gnupg", ".docker"})
+_SAFE_SUFFIXES: tuple[str, ...] = (".example", ".sample", ".template", ".pub", ".dist")
+_PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
+_SCAN_LIMIT = 256 * 1024  # credential files are small; do not read big files twice
+
+
+def parse_ignore_option(value: str | None) -> list[str]:
+    """FedML's ``-ig`` format: comma-separated globs (``"build,*.ckpt, data/*.bin"``)."""
+    if not value:
+        return []
+    return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+
+
+def _matches(rel: PurePosixPath, pattern: str) -> bool:
+    if "/" in pattern:
+        # anchored at the folder root, like .gitignore patterns with a slash
+        anchored = pattern.lstrip("/")
+        return fnmatch.fnmatchcase(rel.as_posix(), anchored) or any(
+            fnmatch.fnmatchcase(PurePosixPath(*rel.parts[: i + 1]).as_posix(), anchored)
+            for i in range(len(rel.parts) - 1)
+        )
+    return any(fnmatch.fnmatchcase(part, pattern) for part in rel.parts)
+
+
+def _gitignore_patterns(folder: Path) -> list[str]:
+    path = folder / ".gitignore"
+    if not path.is_file():
+        return []
+    patterns: list[str] = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip()
+        # negation cannot re-include in this simple matcher; skipping it only packages less
+        if not line or line.startswith(("#", "!")):
+            continue
+        patterns.append(line.rstrip("/"))
+    return patterns
+
+
+@dataclass
+class IgnoreRules:
+    """Ignore globs for one folder: defaults, the folder's .gitignore, and the user's ``-ig`` globs."""
+
+    user: list[str] = field(default_factory=list)
+    gitignore: list[str] = field(default_factory=list)
+    excluded_dirs: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def for_folder(cls, folder: Path, user: Iterable[str], excluded_dirs: Iterable[Path] = ()) -> IgnoreRules:
+        return cls(list(user), _gitignore_patterns(folder), [p.resolve() for p in excluded_dirs])
+
+    def ignored_by_user(self, rel: PurePosixPath) -> bool:
+        """Whether the user's ``-ig`` globs exclude ``rel`` (an explicit choice, so secrets there are fine)."""
+        return any(_matches(rel, p) for p in self.user)
+
+    def ignored(self, rel: PurePosixPath, absolute: Path) -> bool:
+        """Whether ``rel`` (relative to the folder) stays out of the package."""
+        if any(absolute == d or absolute.is_relative_to(d) for d in self.excluded_dirs):
+            return True
+        patterns = (*DEFAULT_IGNORES, *self.gitignore)
+        return self.ignored_by_user(rel) or any(_matches(rel, p) for p in patterns)
+
+
+def looks_secret(rel: PurePosixPath, absolute: Path) -> str | None:
+    """Why the file at ``rel`` looks like a credential, or None."""
+    name = rel.name.lower()
+    if any(part in _SECRET_DIRS for part in rel.parts[:-1]):
+        return "inside a credentials folder"
+    if not name.endswith(_SAFE_SUFFIXES):
+        for pattern in _SECRET_NAMES:
+            if fnmatch.fnmatchcase(name, pattern):
+                return f"credential file name ({pattern})"
+    try:
+        if absolute.stat().st_size <= _SCAN_LIMIT and _PRIVATE_KEY.search(absolute.read_bytes()):
+            return "holds a private key"
+    except OSError:
+        return None
+    return None
+
+
+# YAML paths in a UnitedLLM config whose values are credentials: they belong in files on each node
+_CREDENTIAL_KEYS: tuple[tuple[str, ...], ...] = (
+    ("comm_args", "mqtt", "password"),
+    ("comm_args", "s3", "access_key_id"),
+    ("comm_args", "s3", "secret_access_key"),
+    ("comm_args", "run_secret"),
+)
+
+
+def inline_credentials(config: object) -> list[str]:
+    """YAML paths of credentials written straight into a parsed config (``comm_args.mqtt.password``, ...)."""
+    found: list[str] = []
+    for path in _CREDENTIAL_KEYS:
+        node: object = config
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node not in (None, ""):
+            found.append(".".join(path))
+    return found
