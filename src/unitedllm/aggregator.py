@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from unitedllm.comm.base import BlobStore, Presence, Transport, open_backend as _open_backend
+from unitedllm.comm.base import BlobStore, Presence, Transport
 from unitedllm.errors import RoundError, UnitedLLMError, UpdateRejected
 from unitedllm.protocol.messages import BlobRef, Error, EvalReport, Finish, Hello, RoundStart, TrainSpec, Update
 from unitedllm.protocol.payload import decode_tensors, encode_tensors
@@ -108,7 +108,9 @@ class Aggregator:
     async def __aenter__(self) -> Self:
         try:
             if self._transport is None or self._store is None:
-                transport, store = _open_backend(self.cfg, rank=SERVER_RANK, run_id=self.run_id, hub=self._hub)
+                from unitedllm.comm.factory import open_backend
+
+                transport, store = open_backend(self.cfg, rank=SERVER_RANK, run_id=self.run_id, hub=self._hub)
                 self._transport = self._transport or transport
                 self._store = self._store or store
             await self._stack.enter_async_context(self._store)

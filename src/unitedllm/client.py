@@ -14,7 +14,7 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from unitedllm.comm.base import BlobStore, Presence, Transport, open_backend as _open_backend
+from unitedllm.comm.base import BlobStore, Presence, Transport
 from unitedllm.errors import CommError, RoundError, UnitedLLMError
 from unitedllm.protocol.messages import Error, EvalReport, Finish, Hello, RoundStart, Update
 from unitedllm.protocol.payload import decode_tensors, encode_tensors
@@ -68,7 +68,9 @@ class Client:
     async def __aenter__(self) -> Self:
         try:
             if self._transport is None or self._store is None:
-                transport, store = _open_backend(self.cfg, rank=self.rank, run_id=self.run_id, hub=self._hub)
+                from unitedllm.comm.factory import open_backend
+
+                transport, store = open_backend(self.cfg, rank=self.rank, run_id=self.run_id, hub=self._hub)
                 self._transport = self._transport or transport
                 self._store = self._store or store
             await self._stack.enter_async_context(self._store)

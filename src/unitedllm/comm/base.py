@@ -12,18 +12,14 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 import msgspec
 
 from unitedllm.protocol.messages import BlobRef, Message
 from unitedllm.protocol.payload import CODEC
 
-if TYPE_CHECKING:
-    from unitedllm.comm.local import LocalHub
-    from unitedllm.config.types import Config
-
-__all__ = ["BlobStore", "Incoming", "Presence", "Transport", "open_backend"]
+__all__ = ["BlobStore", "Incoming", "Presence", "Transport"]
 
 
 class Presence(msgspec.Struct, frozen=True):
@@ -108,25 +104,3 @@ class BlobStore(_Resource):
     async def delete(self, ref: BlobRef) -> None:  # noqa: B027 - optional
         """Forget a blob (best effort; stores may keep it)."""
 
-
-def open_backend(
-    cfg: Config, *, rank: int, run_id: str, hub: LocalHub | None = None
-) -> tuple[Transport, BlobStore]:
-    """The transport and blob store for ``rank``: the in-process hub's when given, else the configured backend."""
-    if hub is not None:
-        from unitedllm.comm.local import LocalTransport, MemoryBlobStore
-
-        return LocalTransport(hub, rank=rank), MemoryBlobStore(hub)
-    if cfg.comm_args.backend == "LOCAL":
-        from unitedllm.errors import ConfigError, ConfigProblem
-
-        raise ConfigError(
-            ConfigProblem(
-                "comm_args.backend",
-                "LOCAL connects roles inside one process only; use `unitedllm run` for that, "
-                "or MQTT_S3 to run the aggregator and clients as separate processes",
-            )
-        )
-    from unitedllm.comm.factory import open_network_backend
-
-    return open_network_backend(cfg, rank=rank, run_id=run_id)
