@@ -1,0 +1,299 @@
+"""Control messages over an MQTT broker (the transport half of ``comm_args.backend: MQTT_S3``).
+
+Topics are namespaced by run: rank ``r`` subscribes to ``unitedllm/<run_id>/to/<r>``, and announces
+itself on ``unitedllm/<run_id>/presence/<r>`` with a retained ``online`` message and an MQTT
+last-will that turns it ``offline`` when the broker loses the connection. Everything is QoS 1.
+
+The connection is kept by a background task: a lost connection is re-established with
+exponential backoff and the subscriptions restored. Messages sent meanwhile wait in a per-peer
+outbox, and a message for a peer is published only while that peer is known online (its retained
+presence was seen on the current connection), so a broker restart that forgot everyone's session
+cannot swallow it. QoS 1 may deliver a frame twice; the :class:`MessageGuard` drops the repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from unitedllm.comm.base import Incoming, Presence, Transport
+from unitedllm.comm.settings import MqttSettings
+from unitedllm.errors import CommError, MissingDependency
+from unitedllm.protocol.messages import Message
+from unitedllm.protocol.signing import MessageGuard, seal
+
+__all__ = ["Backoff", "MqttTransport", "presence_topic", "to_topic"]
+
+log = logging.getLogger(__name__)
+
+ONLINE = b"online"
+OFFLINE = b"offline"
+# Session kept by the broker across our reconnects, so QoS 1 messages for us wait there.
+_SESSION_EXPIRY_S = 3600
+# MQTT reason codes that retrying cannot fix (v3 CONNACK 4/5, v5 134/135).
+_AUTH_FAILURES = {4, 5, 134, 135}
+
+
+def to_topic(run_id: str, rank: int) -> str:
+    """The topic rank ``rank`` receives its control messages on."""
+    return f"unitedllm/{run_id}/to/{rank}"
+
+
+def presence_topic(run_id: str, rank: int | str) -> str:
+    """The retained presence topic of ``rank`` (``"+"`` for every rank)."""
+    return f"unitedllm/{run_id}/presence/{rank}"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delays between reconnect attempts: ``initial`` doubling up to ``maximum`` seconds."""
+
+    initial: float = 0.5
+    maximum: float = 10.0
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real exception inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+class _Closing(Exception):
+    """Raised inside the connection's task group to end it after a clean close."""
+
+
+class MqttTransport(Transport):
+    """One rank's connection to the run's MQTT broker; sealed frames out, admitted messages in."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        rank: int,
+        run_id: str,
+        secret: bytes,
+        peers: set[int],
+        connect_timeout_s: float = 30.0,
+        flush_timeout_s: float = 10.0,
+        backoff: Backoff = Backoff(),
+    ):
+        super().__init__(rank=rank, run_id=run_id)
+        self.settings = settings
+        self.peers = set(peers) - {rank}
+        self.guard = MessageGuard(run_id=run_id, secret=secret, valid_senders=self.peers)
+        self.connect_timeout_s = connect_timeout_s
+        self.flush_timeout_s = flush_timeout_s
+        self.backoff = backoff
+        self.connections = 0  # successful connects so far; > 1 means it reconnected
+        self._secret = secret
+        self._identifier = f"unitedllm-{run_id}-{rank}"
+        self._outbox: dict[int, deque[bytes]] = {peer: deque() for peer in self.peers}
+        self._reachable: set[int] = set()  # peers seen online on the current connection
+        self._announced: dict[int, bool] = {}  # last presence handed to incoming()
+        self._inbox: asyncio.Queue[Incoming | BaseException | None] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._last_error: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        try:
+            import aiomqtt  # noqa: F401 - fail early with the extra to install
+        except ImportError:
+            raise MissingDependency("aiomqtt", "mqtt_s3", "the MQTT_S3 backend") from None
+        self._runner = asyncio.create_task(self._maintain(), name=f"unitedllm-mqtt-rank{self.rank}")
+        connected = asyncio.create_task(self._connected.wait(), name="unitedllm-mqtt-first-connect")
+        done, _ = await asyncio.wait(
+            {self._runner, connected}, timeout=self.connect_timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if connected in done:
+            return
+        connected.cancel()
+        if self._runner in done:
+            self._runner.result()  # raises the fatal CommError
+        self._runner.cancel()
+        await asyncio.gather(self._runner, return_exceptions=True)
+        raise CommError(
+            f"could not connect to the MQTT broker at {self.settings.address} within "
+            f"{self.connect_timeout_s:g}s: {self._last_error or 'no answer'}"
+        )
+
+    async def _close(self) -> None:
+        self._closing.set()
+        if self._runner is not None and not self._runner.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._runner), self.flush_timeout_s + 5)
+            except TimeoutError:
+                self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        left = sum(len(q) for q in self._outbox.values())
+        if left:
+            log.warning("rank %d closed with %d unsent message(s) (their peers never came online)", self.rank, left)
+        self._inbox.put_nowait(None)
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued message was published (``False`` if ``timeout`` passed first)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while any(self._outbox.values()):
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    def is_online(self, rank: int) -> bool:
+        """Whether ``rank`` was announced online on the current connection."""
+        return rank in self._reachable
+
+    # -- Transport ---------------------------------------------------------------------------
+
+    async def _send(self, to: int, message: Message) -> None:
+        if self._closed:
+            raise CommError(f"rank {self.rank}: cannot send to rank {to}, the MQTT transport is closed")
+        if to not in self._outbox:
+            raise CommError(f"no rank {to} in this run (peers of rank {self.rank}: {sorted(self.peers)})")
+        self._outbox[to].append(seal(message, self._secret))
+        self._wake.set()
+
+    async def incoming(self) -> AsyncIterator[Incoming]:  # type: ignore[override]
+        while True:
+            item = await self._inbox.get()
+            if item is None:
+                self._inbox.put_nowait(None)  # let any other reader end too
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    # -- the connection ----------------------------------------------------------------------
+
+    def _client(self) -> "aiomqtt.Client":  # type: ignore[name-defined]  # noqa: F821
+        import aiomqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        s = self.settings
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = _SESSION_EXPIRY_S
+        tls_context = None
+        if s.tls_ca_file is not None:
+            tls_context = ssl.create_default_context(cafile=s.tls_ca_file)
+            if s.tls_cert_file is not None:
+                tls_context.load_cert_chain(s.tls_cert_file, s.tls_key_file)
+        return aiomqtt.Client(
+            s.host,
+            s.port,
+            username=s.username,
+            password=s.password,
+            identifier=self._identifier,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            # A fresh session on the first connect (forget a crashed predecessor's backlog), then resume it.
+            clean_start=self.connections == 0,
+            properties=properties,
+            keepalive=s.keepalive,
+            timeout=max(10.0, float(s.keepalive)),
+            tls_context=tls_context,
+            will=aiomqtt.Will(presence_topic(self.run_id, self.rank), OFFLINE, qos=1, retain=True),
+        )
+
+    async def _maintain(self) -> None:
+        """Keep one connection up until closed: connect, serve, and on loss reconnect with backoff."""
+        import aiomqtt
+
+        delay = self.backoff.initial
+        while not self._closing.is_set():
+            try:
+                async with self._client() as client:
+                    await self._serve(client)
+            except Exception as raised:  # noqa: BLE001 - sorted below; anything unexpected re-raised
+                exc = _leaf(raised)
+                if isinstance(exc, _Closing):
+                    return
+                if not isinstance(exc, aiomqtt.MqttError | OSError):
+                    raise
+                self._last_error = exc
+                if getattr(exc, "rc", None) in _AUTH_FAILURES:
+                    error = CommError(
+                        f"the MQTT broker at {self.settings.address} refused the login of user "
+                        f"{self.settings.username!r}: {exc} (check comm_args.mqtt.username/password or "
+                        "UNITEDLLM_MQTT_USERNAME/UNITEDLLM_MQTT_PASSWORD)"
+                    )
+                    self._inbox.put_nowait(error)
+                    raise error from exc
+                if self._connected.is_set():
+                    log.warning("rank %d lost the MQTT connection (%s); reconnecting", self.rank, exc)
+            self._reachable.clear()
+            try:
+                await asyncio.wait_for(self._closing.wait(), delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, self.backoff.maximum)
+
+    async def _serve(self, client: "aiomqtt.Client") -> None:  # type: ignore[name-defined]  # noqa: F821
+        """Subscribe, announce, then pump messages both ways until the connection drops or we close."""
+        await client.subscribe(to_topic(self.run_id, self.rank), qos=1)
+        await client.subscribe(presence_topic(self.run_id, "+"), qos=1)
+        await client.publish(presence_topic(self.run_id, self.rank), ONLINE, qos=1, retain=True)
+        self.connections += 1
+        self._connected.set()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._pump_out(client), name="unitedllm-mqtt-send")
+            tg.create_task(self._pump_in(client), name="unitedllm-mqtt-receive")
+            tg.create_task(self._watch_close(client), name="unitedllm-mqtt-close")
+
+    async def _pump_out(self, client: "aiomqtt.Client") -> None:  # type: ignore[name-defined]  # noqa: F821
+        """Publish queued frames in order, each peer's only while that peer is online."""
+        timeout = max(10.0, float(self.settings.keepalive))
+        while True:
+            self._wake.clear()
+            for peer, queue in self._outbox.items():
+                while queue and peer in self._reachable:
+                    await client.publish(to_topic(self.run_id, peer), queue[0], qos=1, timeout=timeout)
+                    queue.popleft()  # only once the broker acknowledged it: a lost one is re-sent
+            await self._wake.wait()
+
+    async def _pump_in(self, client: "aiomqtt.Client") -> None:  # type: ignore[name-defined]  # noqa: F821
+        """Hand admitted messages and presence changes to :meth:`incoming`."""
+        mine = to_topic(self.run_id, self.rank)
+        async for received in client.messages:
+            topic = received.topic.value
+            payload = received.payload
+            if not isinstance(payload, bytes | bytearray):
+                log.warning("ignored a non-binary MQTT payload on %s", topic)
+                continue
+            if topic == mine:
+                message = self.guard.admit(bytes(payload))
+                if message is not None:
+                    self._inbox.put_nowait(message)
+            elif received.topic.matches(presence_topic(self.run_id, "+")):
+                self._on_presence(topic.rsplit("/", 1)[-1], bytes(payload))
+
+    def _on_presence(self, rank_text: str, payload: bytes) -> None:
+        try:
+            rank = int(rank_text)
+        except ValueError:
+            return
+        if rank == self.rank or rank not in self.peers or payload not in (ONLINE, OFFLINE):
+            return
+        online = payload == ONLINE
+        (self._reachable.add if online else self._reachable.discard)(rank)
+        if online:
+            self._wake.set()
+        if self._announced.get(rank) != online:
+            self._announced[rank] = online
+            self._inbox.put_nowait(Presence(rank, online))
+
+    async def _watch_close(self, client: "aiomqtt.Client") -> None:  # type: ignore[name-defined]  # noqa: F821
+        """On close: give queued messages a bounded time to go out, say offline, end the connection."""
+        await self._closing.wait()
+        await self.flush(self.flush_timeout_s)
+        await client.publish(presence_topic(self.run_id, self.rank), OFFLINE, qos=1, retain=True, timeout=5)
+        raise _Closing

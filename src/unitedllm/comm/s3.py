@@ -1,0 +1,291 @@
+"""Tensor payloads in an S3 bucket (the blob half of ``comm_args.backend: MQTT_S3``).
+
+Objects are content-addressed: key ``<prefix>/<run_id>/<sha256>``. A put of a digest that is
+already there is skipped; large payloads go up as parallel multipart uploads and come down as
+parallel ranged reads; every download is checked against its digest before anyone decodes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+from unitedllm.comm.base import BlobStore
+from unitedllm.comm.settings import S3Settings
+from unitedllm.errors import CommError, IntegrityError, MissingDependency
+from unitedllm.protocol.messages import BlobRef
+from unitedllm.protocol.payload import CODEC
+
+__all__ = ["S3BlobStore", "boto_config"]
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+_MIN_PART = 5 * MiB  # S3's smallest allowed multipart part
+_MAX_PARTS = 10_000
+# Hashing a few MB blocks the loop for milliseconds; above this, hash in a worker thread.
+_THREAD_HASH_BYTES = 4 * MiB
+_DENIED = {"403", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken"}
+_NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+
+
+def boto_config(max_pool_connections: int = 16) -> Any:
+    """The botocore client config UnitedLLM uses (path-style addressing, no extra checksums).
+
+    Request checksums are only computed where S3 requires them: every blob is verified by its
+    sha256 anyway, and the CRC would cost a second pass over multi-GB payloads.
+    """
+    from botocore.config import Config as BotoConfig
+
+    return BotoConfig(
+        s3={"addressing_style": "path"},
+        signature_version="s3v4",
+        retries={"max_attempts": 3, "mode": "standard"},
+        max_pool_connections=max_pool_connections,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        connect_timeout=10,
+        read_timeout=120,
+    )
+
+
+def _digest(chunks: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+class S3BlobStore(BlobStore):
+    """Blobs of one run in an S3 bucket (created when missing), verified by sha256 on the way out."""
+
+    def __init__(self, settings: S3Settings, *, run_id: str, part_size_mb: int = 16, max_concurrency: int = 8):
+        self.settings = settings
+        self.run_id = run_id
+        self.part_size = max(_MIN_PART, part_size_mb * MiB)
+        self.threshold = settings.multipart_threshold_mb * MiB
+        self.max_concurrency = max_concurrency
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+
+    def key_for(self, digest: str) -> str:
+        """The object key of a blob: ``<prefix>/<run_id>/<digest>``."""
+        prefix = self.settings.prefix.strip("/")
+        return f"{prefix}/{self.run_id}/{digest}" if prefix else f"{self.run_id}/{digest}"
+
+    def url_for(self, digest: str) -> str:
+        return f"s3://{self.settings.bucket}/{self.key_for(digest)}"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        try:
+            import aioboto3
+        except ImportError:
+            raise MissingDependency("aioboto3", "mqtt_s3", "the MQTT_S3 backend") from None
+        s = self.settings
+        session = aioboto3.Session(
+            aws_access_key_id=s.access_key_id, aws_secret_access_key=s.secret_access_key, region_name=s.region
+        )
+        try:
+            self._client = await self._stack.enter_async_context(
+                session.client("s3", endpoint_url=s.endpoint_url, config=boto_config(2 * self.max_concurrency))
+            )
+            await self._ensure_bucket()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _close(self) -> None:
+        await self._stack.aclose()
+        self._client = None
+
+    async def _ensure_bucket(self) -> None:
+        from botocore.exceptions import ClientError
+
+        bucket = self.settings.bucket
+        try:
+            with self._mapped("check bucket", f"s3://{bucket}"):
+                await self._client.head_bucket(Bucket=bucket)
+            return
+        except CommError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, ClientError) and _code(cause) in _NOT_FOUND):
+                raise
+        log.info("creating missing bucket s3://%s at %s", bucket, self.settings.endpoint_url)
+        kwargs: dict[str, Any] = {"Bucket": bucket}
+        if self.settings.region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.settings.region}
+        try:
+            with self._mapped("create bucket", f"s3://{bucket}"):
+                await self._client.create_bucket(**kwargs)
+        except CommError as exc:
+            cause = exc.__cause__
+            # Another rank may have created it in the meantime.
+            if not (isinstance(cause, ClientError) and _code(cause) in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}):
+                raise
+
+    # -- BlobStore ---------------------------------------------------------------------------
+
+    async def put(self, data: bytes, *, codec: str = CODEC) -> BlobRef:
+        self._require_open()
+        digest = await self._hash([data]) if len(data) > _THREAD_HASH_BYTES else _digest([data])
+        ref = BlobRef(digest=digest, size=len(data), codec=codec)
+        key = self.key_for(digest)
+        if await self._size_of(key) == ref.size:
+            return ref  # content-addressed: same digest, same bytes already there
+        if ref.size > self.threshold:
+            await self._put_multipart(key, data)
+        else:
+            with self._mapped("upload", self.url_for(digest)):
+                await self._client.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
+        return ref
+
+    async def get(self, ref: BlobRef) -> bytes:
+        self._require_open()
+        url = self.url_for(ref.digest)
+        size = await self._size_of(self.key_for(ref.digest))
+        if size is None:
+            raise CommError(f"blob {ref.digest} not found at {url} (endpoint {self.settings.endpoint_url})")
+        if size != ref.size:
+            raise IntegrityError(ref.digest, f"<{size} bytes, expected {ref.size}>", where=url)
+        chunks = await self._get_ranges(self.key_for(ref.digest), size)
+        actual = await self._hash(chunks) if size > _THREAD_HASH_BYTES else _digest(chunks)
+        if actual != ref.digest:
+            raise IntegrityError(ref.digest, actual, where=url)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if len(data) != ref.size:  # the object changed between HEAD and GET
+            raise IntegrityError(ref.digest, f"<{len(data)} bytes, expected {ref.size}>", where=url)
+        return data
+
+    async def delete(self, ref: BlobRef) -> None:
+        self._require_open()
+        with self._mapped("delete", self.url_for(ref.digest)):
+            await self._client.delete_object(Bucket=self.settings.bucket, Key=self.key_for(ref.digest))
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _require_open(self) -> None:
+        if self._client is None:
+            raise CommError("the S3 blob store is not open (use it as `async with S3BlobStore(...)`)")
+
+    async def _hash(self, chunks: list[bytes]) -> str:
+        # hashlib releases the GIL on large buffers, so this runs beside the event loop.
+        return await asyncio.to_thread(_digest, chunks)
+
+    async def _size_of(self, key: str) -> int | None:
+        """The stored size of ``key``, or ``None`` when there is no such object."""
+        from botocore.exceptions import ClientError
+
+        try:
+            with self._mapped("look up", f"s3://{self.settings.bucket}/{key}"):
+                head = await self._client.head_object(Bucket=self.settings.bucket, Key=key)
+        except CommError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and _code(cause) in _NOT_FOUND:
+                return None
+            raise
+        return int(head["ContentLength"])
+
+    def _part_bounds(self, size: int) -> list[tuple[int, int]]:
+        part = max(self.part_size, -(-size // _MAX_PARTS))
+        return [(start, min(start + part, size)) for start in range(0, size, part)] or [(0, 0)]
+
+    async def _put_multipart(self, key: str, data: bytes) -> None:
+        bucket = self.settings.bucket
+        url = f"s3://{bucket}/{key}"
+        view = memoryview(data)
+        with self._mapped("start multipart upload", url):
+            upload = await self._client.create_multipart_upload(Bucket=bucket, Key=key)
+        upload_id = upload["UploadId"]
+        limit = asyncio.Semaphore(self.max_concurrency)
+
+        async def upload_part(number: int, start: int, end: int) -> dict[str, Any]:
+            async with limit:
+                # One part's copy at a time per slot keeps memory at ~concurrency x part size.
+                body = bytes(view[start:end])
+                with self._mapped(f"upload part {number}", url):
+                    answer = await self._client.upload_part(
+                        Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                    )
+                return {"PartNumber": number, "ETag": answer["ETag"]}
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(upload_part(n, a, b), name=f"unitedllm-s3-part-{n}")
+                    for n, (a, b) in enumerate(self._part_bounds(len(data)), start=1)
+                ]
+            parts = [t.result() for t in tasks]
+            with self._mapped("complete multipart upload", url):
+                await self._client.complete_multipart_upload(
+                    Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                )
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await self._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            if isinstance(exc, BaseExceptionGroup) and all(isinstance(e, CommError) for e in exc.exceptions):
+                raise exc.exceptions[0] from exc
+            raise
+
+    async def _get_ranges(self, key: str, size: int) -> list[bytes]:
+        """The object's bytes as consecutive chunks, read in parallel ranges when it is large."""
+        bucket = self.settings.bucket
+        url = f"s3://{bucket}/{key}"
+        if size <= self.threshold:
+            with self._mapped("download", url):
+                answer = await self._client.get_object(Bucket=bucket, Key=key)
+                async with answer["Body"] as body:
+                    return [await body.read()]
+        limit = asyncio.Semaphore(self.max_concurrency)
+
+        async def read_range(start: int, end: int) -> bytes:
+            async with limit:
+                with self._mapped(f"download bytes {start}-{end - 1}", url):
+                    answer = await self._client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+                    async with answer["Body"] as body:
+                        chunk: bytes = await body.read()
+                if len(chunk) != end - start:
+                    raise IntegrityError(key.rsplit("/", 1)[-1], f"<short range {start}-{end - 1}>", where=url)
+                return chunk
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(read_range(a, b), name=f"unitedllm-s3-range-{a}")
+                    for a, b in self._part_bounds(size)
+                ]
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from group
+        return [t.result() for t in tasks]
+
+    @contextlib.contextmanager
+    def _mapped(self, what: str, url: str) -> Iterator[None]:
+        """Translate botocore errors into CommError with the operation, object and a hint."""
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+        s = self.settings
+        try:
+            yield
+        except ClientError as exc:
+            code = _code(exc)
+            if code in _DENIED:
+                raise CommError(
+                    f"S3 at {s.endpoint_url} refused to {what} {url} ({code}): check the access key "
+                    f"{s.access_key_id!r} and its secret (comm_args.s3.access_key_id/secret_access_key or "
+                    "UNITEDLLM_S3_ACCESS_KEY_ID/UNITEDLLM_S3_SECRET_ACCESS_KEY)"
+                ) from exc
+            raise CommError(f"S3 could not {what} {url} ({code}): {exc}") from exc
+        except EndpointConnectionError as exc:
+            raise CommError(f"cannot reach the S3 endpoint {s.endpoint_url} to {what} {url}: {exc}") from exc
+        except (BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+            raise CommError(f"S3 could not {what} {url}: {exc}") from exc
+
+
+def _code(exc: Any) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
