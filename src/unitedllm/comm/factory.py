@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from unitedllm.comm.base import BlobStore, Transport
-from unitedllm.comm.local import LocalHub, LocalTransport, MemoryBlobStore
 from unitedllm.config.types import Config
-from unitedllm.errors import CommError
+from unitedllm.errors import CommError, ConfigError, ConfigProblem
 
-__all__ = ["open_backend", "run_ranks"]
+if TYPE_CHECKING:
+    from unitedllm.comm.local import LocalHub
+
+__all__ = ["open_backend", "open_network_backend", "run_ranks"]
 
 
 def run_ranks(cfg: Config) -> set[int]:
@@ -20,32 +23,56 @@ def run_ranks(cfg: Config) -> set[int]:
 def open_backend(
     cfg: Config, *, rank: int, run_id: str, hub: LocalHub | None = None, base_dir: Path | None = None
 ) -> tuple[Transport, BlobStore]:
-    """The transport and blob store for ``rank`` of run ``run_id``, per ``comm_args.backend``.
+    """The transport and blob store for ``rank``: the in-process hub's when given, else the configured backend.
 
-    Nothing is connected yet: enter both (``async with transport, store:``). LOCAL needs the
-    run's in-process ``hub``; MQTT_S3 resolves broker, bucket and run secret from env, the
-    FedML-style files and the config (``base_dir`` anchors relative file paths), and raises
-    :class:`ConfigError` naming whatever is missing.
+    Nothing is connected yet: enter both (``async with store, transport:``).
     """
+    if hub is not None:
+        from unitedllm.comm.local import LocalTransport, MemoryBlobStore
+
+        return LocalTransport(hub, rank=rank), MemoryBlobStore(hub)
+    if cfg.comm_args.backend == "LOCAL":
+        raise ConfigError(
+            ConfigProblem(
+                "comm_args.backend",
+                "LOCAL connects roles inside one process only; use `unitedllm run` for that, "
+                "or MQTT_S3 to run the aggregator and clients as separate processes",
+            )
+        )
+    return open_network_backend(cfg, rank=rank, run_id=run_id, base_dir=base_dir)
+
+
+def open_network_backend(
+    cfg: Config, *, rank: int, run_id: str, base_dir: Path | None = None
+) -> tuple[Transport, BlobStore]:
+    """MQTT transport + S3 store for ``rank`` of ``run_id``, settings resolved from env > files > config.
+
+    Raises :class:`ConfigError` naming any missing broker host, endpoint, bucket, key or run
+    secret; ``base_dir`` anchors relative ``mqtt_config_path``/``s3_config_path``.
+    """
+    from unitedllm.comm.mqtt import MqttTransport
+    from unitedllm.comm.s3 import S3BlobStore
+    from unitedllm.comm.settings import resolve_mqtt, resolve_run_secret, resolve_s3
+
     ranks = run_ranks(cfg)
     if rank not in ranks:
         raise CommError(f"rank {rank} is not in this run (ranks 0..{max(ranks)}; 0 is the aggregator)")
-    backend = cfg.comm_args.backend
-    if backend == "LOCAL":
-        if hub is None:
-            raise CommError("the LOCAL backend runs in one process: pass the run's LocalHub as hub=")
-        return LocalTransport(hub, rank=rank), MemoryBlobStore(hub)
-    if backend == "MQTT_S3":
-        from unitedllm.comm.mqtt import MqttTransport
-        from unitedllm.comm.s3 import S3BlobStore
-        from unitedllm.comm.settings import resolve_mqtt, resolve_run_secret, resolve_s3
-
-        mqtt = resolve_mqtt(cfg, base_dir=base_dir)
-        s3 = resolve_s3(cfg, base_dir=base_dir)
-        secret = resolve_run_secret(cfg, required=True)
-        assert secret is not None
-        # The aggregator hears every client; a client hears only the aggregator.
-        peers = ranks - {0} if rank == 0 else {0}
-        transport = MqttTransport(mqtt, rank=rank, run_id=run_id, secret=secret, peers=peers)
-        return transport, S3BlobStore(s3, run_id=run_id)
-    raise CommError(f"unknown comm_args.backend {backend!r} (expected LOCAL or MQTT_S3)")
+    problems: list[ConfigProblem] = []
+    resolved: dict[str, object] = {}
+    for name, resolve in (
+        ("mqtt", lambda: resolve_mqtt(cfg, base_dir=base_dir)),
+        ("s3", lambda: resolve_s3(cfg, base_dir=base_dir)),
+        ("secret", lambda: resolve_run_secret(cfg, required=True)),
+    ):
+        try:
+            resolved[name] = resolve()
+        except ConfigError as exc:  # report every missing setting at once, not one per attempt
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    secret = resolved["secret"]
+    assert isinstance(secret, bytes)
+    # The aggregator hears every client; a client hears only the aggregator.
+    peers = ranks - {0} if rank == 0 else {0}
+    transport = MqttTransport(resolved["mqtt"], rank=rank, run_id=run_id, secret=secret, peers=peers)  # type: ignore[arg-type]
+    return transport, S3BlobStore(resolved["s3"], run_id=run_id)  # type: ignore[arg-type]
