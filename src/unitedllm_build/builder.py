@@ -109,12 +109,13 @@ def _folder(path: Path, flag: str) -> Path:
     return path.resolve()
 
 
-def _walk(folder: Path, rules: IgnoreRules, prefix: str, drop_secrets: bool, secrets: list[str],
-          dropped: list[str]) -> dict[str, _Member]:
+def _walk(folder: Path, rules: IgnoreRules, rules_base: Path, prefix: str, drop_secrets: bool,
+          secrets: list[str], dropped: list[str]) -> dict[str, _Member]:
+    """Files of ``folder`` to package as ``prefix + path``; ignore globs match paths relative to ``rules_base``."""
     members: dict[str, _Member] = {}
     for dirpath, dirnames, filenames in os.walk(folder):
         base = Path(dirpath)
-        rel_base = PurePosixPath(base.relative_to(folder).as_posix())
+        rel_base = PurePosixPath(base.relative_to(rules_base).as_posix())
         kept_dirs = []
         for name in sorted(dirnames):
             rel = rel_base / name
@@ -141,7 +142,7 @@ def _walk(folder: Path, rules: IgnoreRules, prefix: str, drop_secrets: bool, sec
                     secrets.append(f"{path} ({reason})")
                 continue
             mode = path.stat().st_mode
-            arcname = f"{prefix}{rel.as_posix()}"
+            arcname = f"{prefix}{path.relative_to(folder).as_posix()}"
             members[arcname] = _Member(arcname, path, bool(mode & stat.S_IXUSR))
     return members
 
@@ -216,12 +217,17 @@ def build_package(request: BuildRequest) -> BuildResult:
     root = f"{request.package_type}-package"
     secrets = [f"{config_path}: {key}" for key in inline_credentials(config)]
     dropped: list[str] = []
-    members = _walk(source, IgnoreRules.for_folder(source, request.ignore, [dest]), "fedml/",
-                    request.drop_secrets, secrets, dropped)
-    # the config folder lands in fedml/config/, replacing whatever the source tree had there
+    source_rules = IgnoreRules.for_folder(source, request.ignore, [dest])
+    members = _walk(source, source_rules, source, "fedml/", request.drop_secrets, secrets, dropped)
+    # the config folder lands in fedml/config/, replacing whatever the source tree had there;
+    # inside the source folder it follows the source's ignore rules (.gitignore included)
     members = {k: v for k, v in members.items() if not k.startswith("fedml/config/")}
-    members.update(_walk(config_folder, IgnoreRules.for_folder(config_folder, request.ignore, [dest]),
-                         "fedml/config/", request.drop_secrets, secrets, dropped))
+    if config_folder.is_relative_to(source):
+        config_rules, config_base = source_rules, source
+    else:
+        config_rules, config_base = IgnoreRules.for_folder(config_folder, request.ignore, [dest]), config_folder
+    members.update(_walk(config_folder, config_rules, config_base, "fedml/config/", request.drop_secrets,
+                         secrets, dropped))
     if secrets:
         raise SecretsInPackage(sorted(set(secrets)))
     entry_point = _check_entry_point(source, request.entry_point, members)

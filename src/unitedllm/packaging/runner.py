@@ -158,7 +158,11 @@ def _bootstrap_script(prepared: PreparedPackage) -> Path | None:
 
 def _role_env(prepared: PreparedPackage, rank: int, run_id: str) -> dict[str, str]:
     env = dict(os.environ)
+    # bootstrap and entry point use the Python (and its packages) that runs unitedllm
+    python_dir = str(Path(sys.executable).parent)
+    env["PATH"] = python_dir + os.pathsep + env.get("PATH", "")
     env.update(
+        UNITEDLLM_PYTHON=sys.executable,
         UNITEDLLM_RANK=str(rank),
         UNITEDLLM_RUN_ID=run_id,
         UNITEDLLM_CONFIG=str(prepared.conf_path),
