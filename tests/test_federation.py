@@ -191,7 +191,7 @@ def test_frequency_of_the_test_and_save_frequency(tmp_path: Path) -> None:
     result, _ = run_linear(cfg)
     assert [e["round"] for e in events(result.output_dir, "eval")] == [0, 2, 4]
     saved = sorted(p.name for p in (result.output_dir / "node_0").iterdir())
-    assert saved == ["final", "init", "round_0_after_agg", "round_2_after_agg", "round_4_after_agg"]
+    assert saved == ["final", "init", "last", "round_0_after_agg", "round_2_after_agg", "round_4_after_agg"]
 
 
 @pytest.mark.parametrize(("save_frequency", "rounds"), [(0, [3]), (2, [0, 2, 3]), (-1, [0, 1, 2, 3])])
@@ -200,3 +200,28 @@ def test_save_frequency(tmp_path: Path, save_frequency: int, rounds: list[int]) 
         make_config(tmp_path, train_args={"comm_round": 4}, validation_args={"save_frequency": save_frequency})
     )
     assert [r for r in range(4) if plan.should_save(r)] == rounds
+
+
+class Crash(Exception):
+    """Stands in for the aggregator dying between rounds."""
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, train_args={"comm_round": 4})
+    uninterrupted, _ = run_linear(cfg, run_id="whole")
+
+    def crash_after_round_1(summary: Any) -> None:
+        if summary.round_idx == 1:
+            raise Crash
+
+    def make(_cfg: Config, rank: int) -> LinearTrainer:
+        return LinearTrainer(rank)
+
+    with pytest.raises(Crash):
+        asyncio.run(run_async(cfg, run_id="crashed", trainer_factory=make, on_round=crash_after_round_1))
+    resumed = asyncio.run(run_async(cfg, run_id="crashed", trainer_factory=make, resume=True))
+    assert [r.round_idx for r in resumed.rounds] == [2, 3]
+    assert (resumed.final_dir / "model.safetensors").read_bytes() == (
+        uninterrupted.final_dir / "model.safetensors"
+    ).read_bytes()
+    assert [e["round"] for e in events(resumed.output_dir, "round")] == [0, 1, 2, 3]

@@ -82,8 +82,10 @@ class Aggregator:
         hub: LocalHub | None = None,
         metrics: MetricsLog | None = None,
         on_round: Callable[[RoundSummary], None] | None = None,
+        resume: bool = False,
     ):
         self.cfg = cfg
+        self.resume = resume
         self.run_id = run_id
         self.output_dir = Path(cfg.train_args.output_dir.replace("{run_id}", run_id))
         self.plan = RoundPlan.from_config(cfg)
@@ -162,14 +164,13 @@ class Aggregator:
 
         cfg = self.cfg
         optimizer = create(cfg.server_optimizer_name, cfg.train_args.server_optimizer_args)
-        weights = await asyncio.to_thread(self.trainer.initial_weights)
-        state = optimizer.init_state(weights)
-        await asyncio.to_thread(self._save_init, weights)
+        first_round, weights, state = await self._starting_point(optimizer)
         summaries: list[RoundSummary] = []
         try:
             await self._wait_for_clients(cfg.train_args.client_num_per_round)
-            for round_idx in range(self.plan.comm_round):
+            for round_idx in range(first_round, self.plan.comm_round):
                 weights, state, summary = await self._run_round(round_idx, weights, state, optimizer)
+                await asyncio.to_thread(self._save_resume_point, weights, state, round_idx)
                 summaries.append(summary)
                 if self._on_round is not None:
                     self._on_round(summary)
@@ -185,6 +186,31 @@ class Aggregator:
             await self._await_final_evals()
         self.metrics.log("run_end", round_idx=self.plan.comm_round - 1, rank=SERVER_RANK, output_dir=str(self.output_dir))
         return RunResult(self.run_id, self.output_dir, weights, summaries)
+
+    async def _starting_point(self, optimizer: Any) -> tuple[int, dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:
+        """Round 0 from the initial weights, or (``resume``) the round after the last complete one."""
+        from unitedllm.checkpoints import load_resume_point
+
+        if self.resume:
+            saved = await asyncio.to_thread(load_resume_point, self.output_dir)
+            if saved is not None:
+                last_round, weights, state, _ = saved
+                log.info("resuming run %s after round %d of %d", self.run_id, last_round, self.plan.comm_round)
+                self.metrics.log("resume", round_idx=last_round, rank=SERVER_RANK)
+                return last_round + 1, weights, state
+            log.warning("nothing to resume in %s; starting run %s from round 0", self.output_dir, self.run_id)
+        weights = await asyncio.to_thread(self.trainer.initial_weights)
+        state = optimizer.init_state(weights)
+        await asyncio.to_thread(self._save_init, weights)
+        return 0, weights, state
+
+    def _save_resume_point(
+        self, weights: Mapping[str, "torch.Tensor"], state: Mapping[str, "torch.Tensor"], round_idx: int
+    ) -> None:
+        from unitedllm.checkpoints import save_resume_point
+
+        save_resume_point(self.output_dir, round_idx=round_idx, weights=weights, optimizer_state=state,
+                          extra={"run_id": self.run_id})
 
     async def _run_round(
         self, round_idx: int, weights: dict[str, "torch.Tensor"], state: dict[str, "torch.Tensor"], optimizer: Any

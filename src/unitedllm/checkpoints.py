@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 __all__ = [
     "SERVER_STATE_FILE",
     "atomic_dir",
+    "load_resume_point",
+    "save_resume_point",
     "node_dir",
     "read_server_state",
     "round_dir",
@@ -80,3 +82,37 @@ def read_server_state(directory: Path) -> tuple[dict[str, Any], dict[str, "torch
     meta = json.loads((directory / SERVER_STATE_FILE).read_text(encoding="utf-8"))
     state = load_file(str(directory / OPTIMIZER_STATE_FILE))
     return meta, state
+
+
+RESUME_DIR = "last"
+GLOBAL_WEIGHTS_FILE = "global.safetensors"
+
+
+def save_resume_point(
+    output_dir: Path,
+    *,
+    round_idx: int,
+    weights: Mapping[str, "torch.Tensor"],
+    optimizer_state: Mapping[str, "torch.Tensor"],
+    extra: dict[str, Any],
+) -> None:
+    """Replace ``node_0/last`` with the exact state after ``round_idx``: global weights, optimizer state, round."""
+    from unitedllm.protocol.payload import encode_tensors
+
+    with atomic_dir(node_dir(output_dir, 0) / RESUME_DIR) as tmp:
+        (tmp / GLOBAL_WEIGHTS_FILE).write_bytes(encode_tensors(weights))
+        write_server_state(tmp, round_idx=round_idx, optimizer_state=optimizer_state, extra=extra)
+
+
+def load_resume_point(
+    output_dir: Path,
+) -> tuple[int, dict[str, "torch.Tensor"], dict[str, "torch.Tensor"], dict[str, Any]] | None:
+    """The last complete round, global weights, optimizer state and metadata; ``None`` when nothing was saved."""
+    from unitedllm.protocol.payload import decode_tensors
+
+    directory = node_dir(output_dir, 0) / RESUME_DIR
+    if not (directory / SERVER_STATE_FILE).is_file():
+        return None
+    meta, state = read_server_state(directory)
+    weights = decode_tensors((directory / GLOBAL_WEIGHTS_FILE).read_bytes())
+    return int(meta["round"]), weights, state, meta

@@ -36,6 +36,9 @@ SetOpt = Annotated[
 ]
 RunIdOpt = Annotated[str, typer.Option("--run-id", help="Run id shared by the aggregator and all clients.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs.")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue the run from its last complete round (same --run-id).")
+]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -86,6 +89,7 @@ def run(
     set_: SetOpt = None,
     run_id: Annotated[str | None, typer.Option("--run-id", help="Run id (default: a new UUID).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress display.")] = False,
+    resume: ResumeOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the aggregator and every client in this process (offline-capable)."""
@@ -93,15 +97,17 @@ def run(
     with _user_errors():
         from unitedllm.runner import new_run_id
 
+        if resume and not run_id:
+            raise ConfigError("--resume needs the --run-id of the run to continue")
         run_id = run_id or new_run_id()
         cfg = _load(config, set_, run_id)
-        result = _run_embedded(cfg, run_id=run_id, quiet=quiet)
+        result = _run_embedded(cfg, run_id=run_id, quiet=quiet, resume=resume)
         console.print(f"run [bold]{run_id}[/bold] finished: {len(result.rounds)} rounds")
         console.print(f"final model: {result.final_dir}")
         console.print(f"metrics:     {result.output_dir / 'metrics.jsonl'}")
 
 
-def _run_embedded(cfg: Any, *, run_id: str, quiet: bool) -> Any:
+def _run_embedded(cfg: Any, *, run_id: str, quiet: bool, resume: bool) -> Any:
     from unitedllm.progress import RunProgress
     from unitedllm.runner import run_async
     from unitedllm.tracking.metrics import MetricsLog
@@ -111,11 +117,14 @@ def _run_embedded(cfg: Any, *, run_id: str, quiet: bool) -> Any:
     listeners: list[Callable[[dict[str, Any]], None]] = [progress.on_metric]
     with MetricsLog(output_dir / "metrics.jsonl", listeners=listeners) as metrics:
         if quiet:
-            result = asyncio.run(run_async(cfg, run_id=run_id, metrics=metrics, on_round=progress.on_round))
+            result = asyncio.run(
+                run_async(cfg, run_id=run_id, metrics=metrics, on_round=progress.on_round, resume=resume)
+            )
         else:
             with progress:
                 result = asyncio.run(
-                    run_async(cfg, run_id=run_id, metrics=metrics, on_step=progress.on_step, on_round=progress.on_round)
+                    run_async(cfg, run_id=run_id, metrics=metrics, on_step=progress.on_step,
+                              on_round=progress.on_round, resume=resume)
                 )
     console.print(progress.summary_table())
     return result
@@ -126,6 +135,7 @@ def server(
     config: ConfigArg,
     run_id: RunIdOpt,
     set_: SetOpt = None,
+    resume: ResumeOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the aggregator (rank 0) of a run whose clients are separate processes."""
@@ -134,7 +144,7 @@ def server(
         from unitedllm.launch import serve_server
 
         cfg = _load(config, set_, run_id)
-        result = asyncio.run(serve_server(cfg, run_id=run_id))
+        result = asyncio.run(serve_server(cfg, run_id=run_id, resume=resume))
         console.print(f"run {run_id} finished: {len(result.rounds)} rounds; final model: {result.final_dir}")
 
 

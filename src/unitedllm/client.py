@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -56,6 +57,7 @@ class Client:
         self.cfg = cfg
         self.rank = rank
         self.run_id = run_id
+        self.output_dir = Path(cfg.train_args.output_dir.replace("{run_id}", run_id))
         self._trainer = trainer
         self._transport = transport
         self._store = store
@@ -158,6 +160,7 @@ class Client:
         download_seconds = time.perf_counter() - comm_started
         if start.spec.evaluate_global and round_idx >= 1:
             await self._evaluate(weights, round_idx - 1, "global")
+        await asyncio.to_thread(self._align_trainer_state, round_idx)
         try:
             result = await asyncio.to_thread(
                 self.trainer.fit, weights, round_idx=round_idx, max_steps=start.spec.local_max_steps,
@@ -185,6 +188,34 @@ class Client:
                    num_samples=result.num_samples, metrics=metrics),
         )
         self.rounds_trained.append(round_idx)
+
+    def _align_trainer_state(self, round_idx: int) -> None:
+        """Train round r from the optimizer/schedule state this client had before round r, always.
+
+        A resumed aggregator may ask again for a round this client already trained; restoring the
+        snapshot makes the retrained update identical to the first one (and so the run to an
+        uninterrupted one). Snapshots live in ``node_<rank>/trainer_state/`` so a restarted
+        client process resumes too.
+        """
+        import torch
+
+        from unitedllm.checkpoints import node_dir
+
+        folder = node_dir(self.output_dir, self.rank) / "trainer_state"
+        snapshot = folder / f"before_round_{round_idx}.pt"
+        if snapshot.is_file():
+            self.trainer.load_state_dict(torch.load(snapshot, weights_only=True))
+            return
+        state = self.trainer.state_dict()
+        if not state:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = snapshot.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(snapshot)
+        for old in folder.glob("before_round_*.pt"):
+            if int(old.stem.rsplit("_", 1)[1]) < round_idx - 1:
+                old.unlink(missing_ok=True)
 
     async def _evaluate(self, weights: Mapping[str, "torch.Tensor"], round_idx: int, model: str) -> None:
         result = await asyncio.to_thread(self.trainer.evaluate, weights)

@@ -51,6 +51,7 @@ async def run_async(
     on_step: Callable[[StepEvent], None] | None = None,
     on_round: Callable[[RoundSummary], None] | None = None,
     metrics: MetricsLog | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Run the aggregator and all ``client_num_in_total`` clients in this event loop."""
     run_id = run_id or new_run_id()
@@ -62,7 +63,10 @@ async def run_async(
     trainers = {rank: await asyncio.to_thread(make, cfg, rank) for rank in range(total + 1)}
     async with AsyncExitStack() as stack:
         aggregator = await stack.enter_async_context(
-            Aggregator(cfg, run_id=run_id, trainer=trainers[SERVER_RANK], hub=hub, metrics=metrics, on_round=on_round)
+            Aggregator(
+                cfg, run_id=run_id, trainer=trainers[SERVER_RANK], hub=hub, metrics=metrics, on_round=on_round,
+                resume=resume,
+            )
         )
         clients = [
             await stack.enter_async_context(
@@ -87,6 +91,8 @@ def _first_error(error: BaseException) -> BaseException:
     return error
 
 
-def run(cfg: Config, *, run_id: str | None = None, trainer_factory: TrainerFactory | None = None) -> RunResult:
+def run(
+    cfg: Config, *, run_id: str | None = None, trainer_factory: TrainerFactory | None = None, resume: bool = False
+) -> RunResult:
     """Blocking :func:`run_async` for scripts and notebooks without an event loop."""
-    return asyncio.run(run_async(cfg, run_id=run_id, trainer_factory=trainer_factory))
+    return asyncio.run(run_async(cfg, run_id=run_id, trainer_factory=trainer_factory, resume=resume))
