@@ -110,7 +110,10 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
             {"model_args": {"lora_dropout": 1.5}},
             "model_args.lora_dropout: expected float >= 0.0 and < 1.0, got 1.5",
         ),
-        ({"model_args": {"peft_type": "lorra"}}, "model_args.peft_type: 'lorra' is not one of 'none', 'lora'"),
+        (
+            {"model_args": {"peft_type": "lorra"}},
+            "model_args.peft_type: 'lorra' is not one of 'none', 'lora'",
+        ),
         (
             {"model_args": {"lora_target_modules": ["q_proj", 7]}},
             "model_args.lora_target_modules[1]: expected str, got 7",
@@ -121,8 +124,10 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ),
         (
             {"train_args": {"server_optimizer_args": {"server_lr": 1.0}}},
-            "train_args.server_optimizer_args.server_lr: unknown key 'server_lr' in "
-            "train_args.server_optimizer_args; did you mean 'server_learning_rate'?",
+            (
+                "train_args.server_optimizer_args.server_lr: unknown key 'server_lr' in "
+                "train_args.server_optimizer_args; did you mean 'server_learning_rate'?"
+            ),
         ),
         ({"trian_args": {}}, "trian_args: unknown section 'trian_args'; did you mean 'train_args'?"),
         (
@@ -140,13 +145,17 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ),
         (
             {"validation_args": {"test_on_client_ranks": [0]}},
-            "validation_args.test_on_client_ranks[0]: rank 0 is not a client rank; "
-            "clients are ranks 1..2 (0 is the aggregator)",
+            (
+                "validation_args.test_on_client_ranks[0]: rank 0 is not a client rank; "
+                "clients are ranks 1..2 (0 is the aggregator)"
+            ),
         ),
         (
             {"validation_args": {"test_on_client_ranks": [1, 3]}},
-            "validation_args.test_on_client_ranks[1]: rank 3 is not a client rank; "
-            "clients are ranks 1..2 (0 is the aggregator)",
+            (
+                "validation_args.test_on_client_ranks[1]: rank 3 is not a client rank; "
+                "clients are ranks 1..2 (0 is the aggregator)"
+            ),
         ),
         (
             {"validation_args": {"test_on_client_ranks": [1, 1]}},
@@ -306,9 +315,15 @@ def test_override_reaches_keys_and_sections_the_file_leaves_out(tmp_path: Path) 
 
 def test_bad_override_path_gets_a_hint_and_bad_override_value_is_attributed() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config({}, overrides=["train_args.comm_rounds=3", "train_args.seed=abc", "train_args.comm_round.x=1"])
+        load_config(
+            {}, overrides=["train_args.comm_rounds=3", "train_args.seed=abc", "train_args.comm_round.x=1"]
+        )
     problems = info.value.problems
-    assert [p.path for p in problems] == ["train_args.comm_rounds", "train_args.comm_round", "train_args.seed"]
+    assert [p.path for p in problems] == [
+        "train_args.comm_rounds",
+        "train_args.comm_round",
+        "train_args.seed",
+    ]
     assert "did you mean 'comm_round'?" in problems[0].message
     assert "is a single value (int >= 1), not a section" in problems[1].message
     assert problems[2].message == 'expected int, got "abc"'
@@ -317,20 +332,29 @@ def test_bad_override_path_gets_a_hint_and_bad_override_value_is_attributed() ->
 
 def test_malformed_override_is_named() -> None:
     lines = problems_of({}, overrides=["train_args.comm_round 3", "=3", "train_args.fp16=[true"])
-    assert lines[0].endswith("override 'train_args.comm_round 3' is not KEY=VALUE (e.g. train_args.comm_round=3)")
+    assert lines[0].endswith(
+        "override 'train_args.comm_round 3' is not KEY=VALUE (e.g. train_args.comm_round=3)"
+    )
     assert "override '=3' is not KEY=VALUE" in lines[1]
-    assert lines[2].startswith("train_args.fp16: cannot read the value of 'train_args.fp16=[true': YAML syntax error")
+    assert lines[2].startswith(
+        "train_args.fp16: cannot read the value of 'train_args.fp16=[true': YAML syntax error"
+    )
 
 
 def test_parse_set_options_for_the_cli() -> None:
-    assert parse_set_options(["train_args.comm_round=3", "data_args.dataset_path=[a.jsonl, b.jsonl]", "a.b=x=y"]) == {
+    assert parse_set_options(
+        ["train_args.comm_round=3", "data_args.dataset_path=[a.jsonl, b.jsonl]", "a.b=x=y"]
+    ) == {
         "train_args.comm_round": 3,
         "data_args.dataset_path": ["a.jsonl", "b.jsonl"],
         "a.b": "x=y",
     }
     with pytest.raises(ConfigError) as info:
         parse_set_options(["comm_round"])
-    assert format_problems(info.value) == "--set: --set: override 'comm_round' is not KEY=VALUE (e.g. train_args.comm_round=3)"
+    assert (
+        format_problems(info.value)
+        == "--set: --set: override 'comm_round' is not KEY=VALUE (e.g. train_args.comm_round=3)"
+    )
 
 
 # --- run id -------------------------------------------------------------------------
@@ -338,7 +362,10 @@ def test_parse_set_options_for_the_cli() -> None:
 
 def test_run_id_fills_output_dir(seed: Path) -> None:
     assert load_config(seed, run_id="run-42").train_args.output_dir == ".logs/UnitedLLM/run-42"
-    assert load_config({"train_args": {"output_dir": "/out/fixed"}}, run_id="7").train_args.output_dir == "/out/fixed"
+    assert (
+        load_config({"train_args": {"output_dir": "/out/fixed"}}, run_id="7").train_args.output_dir
+        == "/out/fixed"
+    )
 
 
 @pytest.mark.parametrize("run_id", ["", "../escape", "a/b", "has space", "x" * 200])
@@ -382,10 +409,10 @@ def test_schema_check_command_fails_on_a_stale_file(tmp_path: Path) -> None:
     stale = tmp_path / "schema.json"
     stale.write_text("{}\n")
     cmd = [sys.executable, "-m", "unitedllm.config.schema", "--check", "--output", str(stale)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "out of date" in run.stderr
     subprocess.run(cmd[:3] + ["--output", str(stale)], check=True, capture_output=True, timeout=120)
-    assert subprocess.run(cmd, capture_output=True, text=True, timeout=120).returncode == 0
+    assert subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120).returncode == 0
 
 
 def test_schema_describes_limits_and_choices() -> None:
@@ -416,7 +443,9 @@ def test_validate_file_reports_schema_and_cross_field_problems(tmp_path: Path) -
         "train_args.comm_round": "expected int >= 1, got 0",
         "model_args.peft_typ": "unknown key 'peft_typ' in model_args; did you mean 'peft_type'?",
     }
-    crossed = write(tmp_path, "train_args:\n  client_num_in_total: 2\n  client_num_per_round: 3\n", "crossed.yaml")
+    crossed = write(
+        tmp_path, "train_args:\n  client_num_in_total: 2\n  client_num_per_round: 3\n", "crossed.yaml"
+    )
     assert [(p.path, p.message) for p in validate_file(crossed)] == [
         ("train_args.client_num_per_round", "3 is more than client_num_in_total (2)")
     ]
@@ -433,5 +462,7 @@ def test_validate_file_applies_overrides(tmp_path: Path) -> None:
 
 def test_importing_config_does_not_import_torch() -> None:
     code = "import sys, unitedllm.config; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     assert out.stdout.strip() == "False"

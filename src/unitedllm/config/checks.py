@@ -87,7 +87,11 @@ def _mixed_precision(cfg: Config) -> Iterator[ConfigProblem]:
 def _strategy_alias(cfg: Config) -> Iterator[ConfigProblem]:
     # Hugging Face renamed evaluation_strategy to eval_strategy; FedML configs use the old name.
     t = cfg.train_args
-    if t.eval_strategy is not None and t.eval_strategy != t.evaluation_strategy and t.evaluation_strategy != "no":
+    if (
+        t.eval_strategy is not None
+        and t.eval_strategy != t.evaluation_strategy
+        and t.evaluation_strategy != "no"
+    ):
         yield ConfigProblem(
             "train_args.eval_strategy",
             f"{t.eval_strategy!r} contradicts evaluation_strategy {t.evaluation_strategy!r} "
@@ -159,13 +163,21 @@ def _quorum(cfg: Config) -> Iterator[ConfigProblem]:
 def _credential_pairs(cfg: Config) -> Iterator[ConfigProblem]:
     m, s = cfg.comm_args.mqtt, cfg.comm_args.s3
     if (m.tls_cert_file is None) != (m.tls_key_file is None):
-        given, missing = ("tls_cert_file", "tls_key_file") if m.tls_key_file is None else ("tls_key_file", "tls_cert_file")
-        yield ConfigProblem(f"comm_args.mqtt.{missing}", f"missing: a client certificate needs both, and {given} is set")
+        given, missing = (
+            ("tls_cert_file", "tls_key_file") if m.tls_key_file is None else ("tls_key_file", "tls_cert_file")
+        )
+        yield ConfigProblem(
+            f"comm_args.mqtt.{missing}", f"missing: a client certificate needs both, and {given} is set"
+        )
     if (s.access_key_id is None) != (s.secret_access_key is None):
         given, missing = (
-            ("access_key_id", "secret_access_key") if s.secret_access_key is None else ("secret_access_key", "access_key_id")
+            ("access_key_id", "secret_access_key")
+            if s.secret_access_key is None
+            else ("secret_access_key", "access_key_id")
         )
-        yield ConfigProblem(f"comm_args.s3.{missing}", f"missing: S3 credentials need both, and {given} is set")
+        yield ConfigProblem(
+            f"comm_args.s3.{missing}", f"missing: S3 credentials need both, and {given} is set"
+        )
 
 
 @_check("train_args")

@@ -49,9 +49,9 @@ def build_config(
     if raw is None:  # an empty file, or one with only comments: every section at its defaults
         raw = {}
     if not isinstance(raw, Mapping):
-        sections = ", ".join(field_hints(Config))
+        names = ", ".join(field_hints(Config))
         return None, [
-            ConfigProblem("", f"a config is a mapping of sections ({sections}), got {render_value(raw)}", source)
+            ConfigProblem("", f"a config is a mapping of sections ({names}), got {render_value(raw)}", source)
         ]
     data: dict[str, Any] = copy.deepcopy(dict(raw))
     overridden, problems = apply_overrides(data, overrides)
@@ -87,7 +87,9 @@ def expand_run_id(cfg: Config, run_id: str) -> Config:
                 "run_id",
             )
         )
-    train = msgspec.structs.replace(cfg.train_args, output_dir=cfg.train_args.output_dir.replace("{run_id}", run_id))
+    train = msgspec.structs.replace(
+        cfg.train_args, output_dir=cfg.train_args.output_dir.replace("{run_id}", run_id)
+    )
     return msgspec.structs.replace(cfg, train_args=train)
 
 

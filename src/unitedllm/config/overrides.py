@@ -29,22 +29,25 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key or any(c.isspace() for c in key):
         raise ConfigError(
-            ConfigProblem(
-                "", f"override {text!r} is not KEY=VALUE (e.g. train_args.comm_round=3)", source
-            ),
+            ConfigProblem("", f"override {text!r} is not KEY=VALUE (e.g. train_args.comm_round=3)", source),
             source=source,
         )
     try:
         value = parse_yaml_value(raw, source=source)
     except ConfigError as exc:
         raise ConfigError(
-            [ConfigProblem(key, f"cannot read the value of {text!r}: {p.message}", source) for p in exc.problems],
+            [
+                ConfigProblem(key, f"cannot read the value of {text!r}: {p.message}", source)
+                for p in exc.problems
+            ],
             source=source,
         ) from None
     return key, value
 
 
-def _normalise(overrides: Mapping[str, Any] | Sequence[str], problems: list[ConfigProblem]) -> list[tuple[str, Any]]:
+def _normalise(
+    overrides: Mapping[str, Any] | Sequence[str], problems: list[ConfigProblem]
+) -> list[tuple[str, Any]]:
     if isinstance(overrides, Mapping):
         return [(str(k), v) for k, v in overrides.items()]
     if isinstance(overrides, str):  # a lone "k=v" would otherwise be read letter by letter
@@ -81,7 +84,9 @@ def _set(raw: dict[str, Any], key: str, value: Any) -> ConfigProblem | None:
             hint = field_hints(cls).get(step)
             if hint is None:
                 problem = unknown_key_problem(path, step, cls, OVERRIDE_SOURCE)
-                return ConfigProblem(problem.path, f"{problem.message} (in override {key!r})", OVERRIDE_SOURCE)
+                return ConfigProblem(
+                    problem.path, f"{problem.message} (in override {key!r})", OVERRIDE_SOURCE
+                )
         if last:
             if is_section(hint) and isinstance(value, Mapping) and isinstance(node.get(step), dict):
                 _merge(node[step], value)

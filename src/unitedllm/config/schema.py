@@ -22,7 +22,14 @@ from unitedllm.config.validation import normalise_sections
 from unitedllm.config.yamlio import read_yaml_file
 from unitedllm.errors import ConfigError, ConfigProblem
 
-__all__ = ["SCHEMA_ID", "committed_schema_path", "config_schema", "schema_text", "validate_file", "write_schema"]
+__all__ = [
+    "SCHEMA_ID",
+    "committed_schema_path",
+    "config_schema",
+    "schema_text",
+    "validate_file",
+    "write_schema",
+]
 
 SCHEMA_ID = "urn:unitedllm:schema:config"
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -95,7 +102,9 @@ def validate_file(
     flagged = {p.path for p in problems}
     for problem in _schema_problems(normalise_sections(raw or {}), source):
         covered = any(
-            problem.path == f or problem.path.startswith((f + ".", f + "[")) or f.startswith(problem.path + ".")
+            problem.path == f
+            or problem.path.startswith((f + ".", f + "["))
+            or f.startswith(problem.path + ".")
             for f in flagged
         )
         if not covered:
@@ -109,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m unitedllm.config.schema", description="Write (or --check) the config JSON Schema."
     )
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed schema is out of date")
-    parser.add_argument("--output", type=Path, default=committed_schema_path(), help="schema file (default: %(default)s)")
+    parser.add_argument(
+        "--output", type=Path, default=committed_schema_path(), help="schema file (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     if args.check:
         current = args.output.read_text(encoding="utf-8") if args.output.exists() else None

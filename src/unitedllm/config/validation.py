@@ -156,7 +156,9 @@ def _step_into(hint: Any, value: Any, step: str | int) -> tuple[Any, Any] | None
     return None
 
 
-def value_problem(path: str, value: Any, hint: Any, error: msgspec.ValidationError, source: str | None) -> ConfigProblem:
+def value_problem(
+    path: str, value: Any, hint: Any, error: msgspec.ValidationError, source: str | None
+) -> ConfigProblem:
     """A msgspec validation error for one key, rewritten to name the YAML path and the bad value."""
     message = str(error)
     match = _MSGSPEC_PATH.search(message)
@@ -203,7 +205,9 @@ def unknown_key_problem(path: str, key: Any, cls: type[msgspec.Struct], source: 
     known = list(field_hints(cls))
     where = f"{path}.{key}" if path else str(key)
     if not isinstance(key, str):
-        return ConfigProblem(where, f"key {render_value(key)} is not a name; keys are words like {known[0]!r}", source)
+        return ConfigProblem(
+            where, f"key {render_value(key)} is not a name; keys are words like {known[0]!r}", source
+        )
     hint = unknown_key_hint(key, known)
     homes = _sections_with_key().get(key, [])
     if cls is Config:
@@ -226,9 +230,7 @@ def check_struct(
     if data is None:
         return
     if not isinstance(data, Mapping):
-        yield ConfigProblem(
-            path, f"expected {describe_type(cls)}, got {render_value(data)}", source
-        )
+        yield ConfigProblem(path, f"expected {describe_type(cls)}, got {render_value(data)}", source)
         return
     hints = field_hints(cls)
     for key, value in data.items():

@@ -85,7 +85,9 @@ def read_yaml_file(path: str | Path) -> Any:
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(ConfigProblem("", f"config file not found: {source}", source), source=source) from None
+        raise ConfigError(
+            ConfigProblem("", f"config file not found: {source}", source), source=source
+        ) from None
     except IsADirectoryError:
         raise ConfigError(
             ConfigProblem("", f"{source} is a directory, not a config file", source), source=source
