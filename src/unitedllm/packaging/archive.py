@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -137,8 +138,8 @@ def unpack(
                         out.write(chunk)
             except FileExistsError as exc:
                 raise UnsafePackage(package, info.filename, "would overwrite another entry") from exc
-            except (zipfile.BadZipFile, EOFError, ValueError) as exc:
-                # zipfile raises BadZipFile on a CRC mismatch: the bytes were changed after zipping
+            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, RuntimeError, NotImplementedError) as exc:
+                # a CRC mismatch (BadZipFile) or a broken deflate stream: bytes changed after zipping
                 raise PackageError(f"package {package} is corrupt at entry {info.filename!r}: {exc}") from exc
             if info.external_attr >> 16 & 0o111:
                 dest.chmod(0o755)

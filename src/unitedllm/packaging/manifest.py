@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION: Literal[1] = 1
 
 Sha256 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$", description="Lower-case hex sha256")]
 RelPath = Annotated[

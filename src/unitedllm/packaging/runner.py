@@ -93,7 +93,7 @@ def _verify(package: str, unpacked: list[UnpackedFile], staging: Path) -> Manife
         if got.sha256 != entry.sha256:
             raise TamperedPackage(package, entry.path, f"sha256 {got.sha256}, manifest says {entry.sha256}")
     if actual:
-        extra = sorted(actual)[0]
+        extra = min(actual)
         raise TamperedPackage(package, extra, "in the zip but not in the manifest")
     return manifest
 
