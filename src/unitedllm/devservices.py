@@ -42,6 +42,8 @@ HOST = "127.0.0.1"
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Like the services themselves: a restart must not be refused over old TIME_WAIT connections.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:
@@ -114,6 +116,10 @@ class _Service:
         command = self._command()
         if shutil.which(command[0]) is None:
             raise CommError(f"{self.name}: {command[0]!r} not found on PATH ({self._install_hint()})")
+        busy = [port for port in self._ports() if not _port_free(port)]
+        if busy:
+            # Checked first: otherwise whatever holds the port would answer our readiness probe.
+            raise CommError(f"{self.name}: port {busy[0]} on {HOST} is already in use")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir
@@ -350,6 +356,7 @@ class SeaweedS3(_Service):
         *,
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
+        s3_port: int | None = None,
         binary: str = "weed",
     ):
         super().__init__(workdir)
@@ -357,7 +364,8 @@ class SeaweedS3(_Service):
         self.secret_access_key = secret_access_key or secrets.token_urlsafe(24)
         venv_weed = Path(sys.executable).parent / binary
         self.binary = shutil.which(binary) or (str(venv_weed) if venv_weed.exists() else binary)
-        self.ports = {name: free_port(with_grpc=True) for name in ("master", "volume", "filer", "s3", "webdav", "admin")}
+        self.ports = {name: free_port(with_grpc=True) for name in ("master", "volume", "filer", "webdav", "admin")}
+        self.ports["s3"] = s3_port or free_port(with_grpc=True)
 
     @property
     def endpoint_url(self) -> str:
@@ -468,17 +476,36 @@ class DevServices:
 
 
 @contextlib.asynccontextmanager
-async def dev_services(workdir: Path | None = None, *, tls: bool = True) -> AsyncIterator[DevServices]:
-    """Start mosquitto and SeaweedFS under ``workdir`` (a temporary directory by default) and stop them after."""
+async def dev_services(
+    workdir: Path | None = None, *, tls: bool = True, mqtt_port: int | None = None, s3_port: int | None = None
+) -> AsyncIterator[DevServices]:
+    """Start mosquitto and SeaweedFS under ``workdir`` (a temporary directory by default) and stop them after.
+
+    Ports are free ones picked at random unless given (``examples/mqtt_s3.yaml`` expects 1883 and 8333).
+    """
     with contextlib.ExitStack() as cleanup:
         if workdir is None:
             workdir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="unitedllm-services-")))
-        async with Mosquitto(workdir / "mosquitto", tls=tls) as mqtt, SeaweedS3(workdir / "seaweedfs") as s3:
+        async with (
+            Mosquitto(workdir / "mosquitto", tls=tls, port=mqtt_port) as mqtt,
+            SeaweedS3(workdir / "seaweedfs", s3_port=s3_port) as s3,
+        ):
             yield DevServices(mqtt=mqtt, s3=s3)
 
 
-def serve(workdir: Path | None = None, *, tls: bool = True, out: IO[str] | None = None) -> None:
-    """Run mosquitto and SeaweedFS on 127.0.0.1 until Ctrl-C, printing the config snippet to use."""
+def serve(
+    workdir: Path | None = None,
+    *,
+    tls: bool = True,
+    mqtt_port: int | None = None,
+    s3_port: int | None = None,
+    out: IO[str] | None = None,
+) -> None:
+    """Run mosquitto and SeaweedFS on 127.0.0.1 until Ctrl-C, printing the config snippet to use.
+
+    Blocking; meant for a CLI command such as ``unitedllm dev-services [--mqtt-port 1883 --s3-port 8333]``.
+    A port already taken, or a missing binary, raises :class:`CommError` with the service's log tail.
+    """
     stream = out or sys.stdout
 
     async def main() -> None:
@@ -487,7 +514,7 @@ def serve(workdir: Path | None = None, *, tls: bool = True, out: IO[str] | None 
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(signum, stop.set)
-        async with dev_services(workdir, tls=tls) as services:
+        async with dev_services(workdir, tls=tls, mqtt_port=mqtt_port, s3_port=s3_port) as services:
             run_secret = secrets.token_urlsafe(24)
             print("# mosquitto and SeaweedFS are running on 127.0.0.1; paste this into your config:", file=stream)
             print(services.config_snippet(run_secret=run_secret), file=stream)
@@ -506,5 +533,10 @@ def serve(workdir: Path | None = None, *, tls: bool = True, out: IO[str] | None 
     asyncio.run(main())
 
 
-if __name__ == "__main__":  # python -m unitedllm.devservices
-    serve(Path(os.environ["UNITEDLLM_SERVICES_DIR"]) if os.environ.get("UNITEDLLM_SERVICES_DIR") else None)
+if __name__ == "__main__":  # python -m unitedllm.devservices [MQTT_PORT S3_PORT]
+    ports = [int(arg) for arg in sys.argv[1:3]] + [0, 0]
+    serve(
+        Path(os.environ["UNITEDLLM_SERVICES_DIR"]) if os.environ.get("UNITEDLLM_SERVICES_DIR") else None,
+        mqtt_port=ports[0] or None,
+        s3_port=ports[1] or None,
+    )
