@@ -1,0 +1,123 @@
+"""System metrics: a background thread that logs CPU, RAM and GPU use as ``system`` events."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from unitedllm.tracking.metrics import MetricsLog
+
+__all__ = ["SystemSampler", "system_metrics", "sample_system"]
+
+log = logging.getLogger(__name__)
+
+_GB = 1024**3
+
+
+def _gpu_stats() -> dict[str, float]:
+    # Only look at CUDA if torch is already loaded: the sampler must not pull torch in on its own.
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return {}
+    out: dict[str, float] = {}
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        out[f"gpu{index}_mem_used_gb"] = (total - free) / _GB
+        out[f"gpu{index}_mem_allocated_gb"] = torch.cuda.memory_allocated(index) / _GB
+        try:
+            out[f"gpu{index}_util_percent"] = float(torch.cuda.utilization(index))
+        except Exception:  # noqa: BLE001 - utilization needs pynvml/amdsmi; memory alone is still worth logging
+            pass
+    return out
+
+
+def sample_system(psutil: Any, process: Any) -> dict[str, float]:
+    """One reading of this host (CPU, RAM), this process (RSS) and the visible GPUs."""
+    memory = psutil.virtual_memory()
+    return {
+        "cpu_percent": float(psutil.cpu_percent(interval=None)),
+        "ram_used_gb": (memory.total - memory.available) / _GB,
+        "ram_percent": float(memory.percent),
+        "process_rss_gb": process.memory_info().rss / _GB,
+        "process_cpu_percent": float(process.cpu_percent(interval=None)),
+        **_gpu_stats(),
+    }
+
+
+class SystemSampler:
+    """Logs a ``system`` event every ``interval_s`` seconds to a :class:`MetricsLog` until closed."""
+
+    def __init__(self, metrics: MetricsLog, *, rank: int, interval_s: float = 10.0):
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        self.metrics = metrics
+        self.rank = rank
+        self.interval_s = interval_s
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = 0.0
+
+    def start(self) -> bool:
+        """Start sampling; False (with a warning) when psutil is not installed."""
+        try:
+            psutil = importlib.import_module("psutil")
+        except ImportError:
+            log.warning("system metrics need the 'psutil' package: pip install 'unitedllm[tracking]'")
+            return False
+        process = psutil.Process(os.getpid())
+        # The first cpu_percent() call only sets the baseline; prime it so sample 0 is meaningful.
+        psutil.cpu_percent(interval=None)
+        process.cpu_percent(interval=None)
+        self._started = time.monotonic()
+        self._thread = threading.Thread(
+            target=self._loop, args=(psutil, process), name=f"system-metrics-{self.rank}", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def _loop(self, psutil: Any, process: Any) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample(psutil, process)
+
+    def _sample(self, psutil: Any, process: Any) -> None:
+        try:
+            reading = sample_system(psutil, process)
+        except Exception as exc:  # noqa: BLE001 - a failed reading must not kill the sampler or the run
+            log.debug("system metrics reading failed: %s", exc)
+            return
+        self.metrics.log(
+            "system", round_idx=None, rank=self.rank, sample=self.samples,
+            elapsed_s=round(time.monotonic() - self._started, 3), **reading,
+        )
+        self.samples += 1
+
+    def close(self) -> None:
+        """Stop the thread; closing twice is harmless."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+@contextmanager
+def system_metrics(metrics: MetricsLog, *, rank: int, enabled: bool = True, interval_s: float = 10.0) -> Iterator[
+    SystemSampler | None
+]:
+    """Sample system metrics into ``metrics`` while the block runs (pass ``tracking_args.log_system_metrics``)."""
+    if not enabled:
+        yield None
+        return
+    sampler = SystemSampler(metrics, rank=rank, interval_s=interval_s)
+    started = sampler.start()
+    try:
+        yield sampler if started else None
+    finally:
+        sampler.close()
