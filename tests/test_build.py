@@ -111,7 +111,7 @@ def test_every_manifest_digest_is_right(project: Path) -> None:
 
 def test_committed_manifest_schema_is_generated_from_the_types() -> None:
     committed = (ROOT / "schemas" / "package-manifest.schema.json").read_text()
-    assert committed == render_schema(), "regenerate: python -m unitedllm.packaging.manifest > schemas/..."
+    assert committed == render_schema(), "regenerate it: see unitedllm.packaging.manifest.render_schema"
 
 
 def test_signed_manifest_verifies_with_the_secret(project: Path, tmp_path: Path) -> None:
@@ -262,6 +262,17 @@ def test_init_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     code, out = cli("init", tmp_path / "taken")
     assert code == 2 and "not empty" in out
     assert (tmp_path / "taken" / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_init_project_trains_in_one_process(project: Path, tmp_path: Path) -> None:
+    """The template config really trains: a 2-round offline run of the project as `init` wrote it."""
+    env = {**os.environ, "UNITEDLLM_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(["bash", "scripts/run_local.sh", "-q", "--run-id", "tpl"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "finished: 2 rounds" in done.stdout
+    assert (project / ".logs" / "UnitedLLM" / "tpl" / "metrics.jsonl").is_file()
 
 
 def test_help_does_not_import_torch() -> None:

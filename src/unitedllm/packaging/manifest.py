@@ -108,13 +108,12 @@ def manifest_schema() -> dict[str, object]:
 
 
 def render_schema() -> str:
-    """The committed text of ``schemas/package-manifest.schema.json``."""
+    """The committed text of ``schemas/package-manifest.schema.json``.
+
+    Regenerate with ``python -c "from unitedllm.packaging.manifest import render_schema as r;
+    print(r(), end='')" > schemas/package-manifest.schema.json``.
+    """
     import json
 
     return json.dumps(manifest_schema(), indent=2, sort_keys=True) + "\n"
 
-
-if __name__ == "__main__":  # python -m unitedllm.packaging.manifest > schemas/package-manifest.schema.json
-    import sys
-
-    sys.stdout.write(render_schema())
