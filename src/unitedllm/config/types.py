@@ -105,18 +105,32 @@ class ModelArgs(Section):
 
 
 class ServerOptimizerArgs(Section):
-    """``train_args.server_optimizer_args``: hyper-parameters of the server optimizer."""
+    """``train_args.server_optimizer_args``: hyper-parameters of the server optimizer.
 
-    server_learning_rate: Annotated[float, Meta(gt=0)] = 1.0
+    A key left unset (null) takes the chosen optimizer's default from its paper.
+    """
+
+    # FedAvg, FedAvgM, SCAFFOLD, robust rules: 1.0; FedAdam/FedYogi/FedAdagrad: 1e-2
+    # (Reddi et al. tune it per task); DiLoCo: 0.7 (Douillard et al.).
+    server_learning_rate: Annotated[float, Meta(gt=0)] | None = None
+    # FedAvgM (Hsu et al. 2019) and DiLoCo's outer Nesterov momentum both use 0.9.
     server_momentum: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.9
-    nesterov: bool = True
+    # Unset: heavy-ball for FedAvgM, Nesterov for DiLoCo.
+    nesterov: bool | None = None
+    # FedAdam / FedYogi / FedAdagrad (Reddi et al., "Adaptive Federated Optimization").
     beta1: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.9
     beta2: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.99
     tau: Annotated[float, Meta(gt=0)] = 1e-3
+    # Mean-based rules weight each client by its sample count (FedAvg); false: plain mean.
+    sample_weighted: bool = True
+    # Trimmed mean (Yin et al. 2018): fraction of clients cut at each end, per coordinate.
     trim_ratio: Annotated[float, Meta(ge=0.0, lt=0.5)] = 0.1
+    # Krum / Multi-Krum (Blanchard et al. 2017): clients assumed Byzantine, and how many
+    # best-scored updates to average (unset: 1, i.e. Krum).
     num_byzantine: NonNegativeInt = 1
     multi_krum_m: PositiveInt | None = None
-    proximal_mu: NonNegativeFloat = 0.0
+    # FedProx (Li et al. 2020): weight of the proximal term in each client's local loss.
+    proximal_mu: NonNegativeFloat = 0.01
 
 
 class TrainArgs(Section):

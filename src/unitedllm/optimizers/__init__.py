@@ -1,5 +1,9 @@
-"""Server optimizers: the interface, the registry and the built-in rules."""
+"""Server optimizers: the interface, the registry and the built-in rules.
 
-from unitedllm.optimizers.base import ClientUpdate, ServerOptimizer, available, create, register
+Built in: FedAvg (and FedProx, which aggregates like it), FedAvgM, FedAdam, FedYogi,
+FedAdagrad, DiLoCo, SCAFFOLD, and the robust FedMedian, TrimmedMean, Krum, MultiKrum.
+"""
 
-__all__ = ["ClientUpdate", "ServerOptimizer", "available", "create", "register"]
+from unitedllm.optimizers.base import ClientUpdate, RoundAccumulator, ServerOptimizer, available, create, register
+
+__all__ = ["ClientUpdate", "RoundAccumulator", "ServerOptimizer", "available", "create", "register"]

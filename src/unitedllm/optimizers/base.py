@@ -3,54 +3,193 @@
 A server optimizer does no I/O and no client sampling. It receives the global weights,
 the round's client updates (deltas: local weights minus the global weights they started
 from) and its own state, and returns the new global weights and the new state. State is
-a flat dict of tensors so it can be checkpointed with safetensors next to the model.
+a flat dict of tensors keyed ``"<slot>/<parameter name>"`` so it can be checkpointed with
+safetensors next to the model, and a resumed run continues exactly.
+
+Two ways to drive one:
+
+* ``step(weights, updates, state)``: every update of the round at once (convenience).
+* streaming: ``acc = opt.begin_round(weights, state)``, then ``acc.add(update)`` as each
+  update arrives, in any order, then ``acc.finish()``. Rules that need only the weighted
+  mean (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, DiLoCo, SCAFFOLD) fold each update
+  into an exact accumulator and keep ~16 bytes per parameter whatever the number of
+  clients; robust rules (median, trimmed mean, Krum) must see all updates and buffer them.
+  Either way the result is byte-identical whatever the arrival order.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from unitedllm.errors import ConfigError, ConfigProblem
+from unitedllm.errors import ConfigError, ConfigProblem, RoundError, UpdateRejected
 
 if TYPE_CHECKING:
     import torch
 
     from unitedllm.config.types import ServerOptimizerArgs
 
-__all__ = ["ClientUpdate", "ServerOptimizer", "Tensors", "available", "create", "register"]
+__all__ = [
+    "ClientUpdate",
+    "RoundAccumulator",
+    "ServerOptimizer",
+    "Tensors",
+    "available",
+    "create",
+    "register",
+]
+
+log = logging.getLogger("unitedllm.optimizers")
 
 Tensors = dict[str, "torch.Tensor"]
 
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """One client's contribution to a round."""
+    """One client's contribution to a round.
+
+    ``extras`` carries algorithm-specific tensors sent with the update, e.g. SCAFFOLD's
+    control-variate deltas under ``"control/<parameter name>"``.
+    """
 
     rank: int
     delta: Mapping[str, "torch.Tensor"]
     num_samples: int
+    extras: Mapping[str, "torch.Tensor"] = field(default_factory=dict)
+
+
+class RoundAccumulator(abc.ABC):
+    """One round of aggregation: ``add`` updates in any order, then ``finish`` once."""
+
+    def __init__(
+        self,
+        optimizer: ServerOptimizer,
+        weights: Mapping[str, "torch.Tensor"],
+        state: Tensors,
+        *,
+        round_idx: int | None = None,
+    ):
+        self.optimizer = optimizer
+        self.weights = weights
+        self.state = state
+        self.round_idx = round_idx
+        self.accepted: list[int] = []
+        self._finished = False
+
+    def add(self, update: ClientUpdate) -> None:
+        """Check ``update`` and count it; raises UpdateRejected (and logs why) leaving the round untouched."""
+        self.add_many([update], raise_on_reject=True)
+
+    def add_many(self, updates: Iterable[ClientUpdate], *, raise_on_reject: bool = False) -> list[UpdateRejected]:
+        """Add several updates in one pass (faster); rejected ones are logged and returned, not counted."""
+        if self._finished:
+            raise RoundError("this round was already finished; begin a new one")
+        good: list[ClientUpdate] = []
+        rejected: list[UpdateRejected] = []
+        seen = set(self.accepted)
+        for u in updates:
+            try:
+                if u.rank in seen:
+                    raise UpdateRejected("a second update from the same rank", rank=u.rank, round_idx=self.round_idx)
+                self.optimizer.check_update(self.weights, u, round_idx=self.round_idx)
+            except UpdateRejected as exc:
+                log.warning("%s", exc)
+                if raise_on_reject:
+                    raise
+                rejected.append(exc)
+                continue
+            seen.add(u.rank)
+            good.append(u)
+        if good:
+            self._accept(good)
+            self.accepted.extend(u.rank for u in good)
+        return rejected
+
+    def finish(self) -> tuple[Tensors, Tensors]:
+        """New global weights and new state; RoundError when no update was accepted."""
+        if self._finished:
+            raise RoundError("this round was already finished")
+        if not self.accepted:
+            raise RoundError(f"no valid client update to aggregate in round {self.round_idx}")
+        self._finished = True
+        return self._finish()
+
+    @abc.abstractmethod
+    def _accept(self, updates: Sequence[ClientUpdate]) -> None:
+        """Fold already-checked updates in."""
+
+    @abc.abstractmethod
+    def _finish(self) -> tuple[Tensors, Tensors]:
+        """Compute the round's result from what was accepted."""
 
 
 class ServerOptimizer(abc.ABC):
     """Turns a round's client updates into the next global weights."""
 
     name: ClassVar[str]
+    #: Paper defaults for hyper-parameters left unset (None) in ``server_optimizer_args``.
+    defaults: ClassVar[Mapping[str, Any]] = {}
 
-    def __init__(self, args: ServerOptimizerArgs):
+    def __init__(self, args: ServerOptimizerArgs, *, num_clients: int | None = None):
         self.args = args
+        self.num_clients = num_clients
+
+    def hparam(self, key: str) -> Any:
+        """``server_optimizer_args.<key>``, or this rule's paper default when unset."""
+        value = getattr(self.args, key, None)
+        if value is None:
+            value = self.defaults.get(key)
+        if value is None:
+            raise ConfigError(
+                ConfigProblem(f"train_args.server_optimizer_args.{key}", f"{self.name} needs a value")
+            )
+        return value
 
     def init_state(self, weights: Mapping[str, "torch.Tensor"]) -> Tensors:
         """The optimizer state before the first round (empty for stateless rules)."""
         return {}
 
+    def required_extras(self, weights: Mapping[str, "torch.Tensor"]) -> Mapping[str, "torch.Tensor"]:
+        """Tensors each update must carry in ``extras`` (name -> a tensor of the right shape/dtype)."""
+        return {}
+
+    def check_update(
+        self, weights: Mapping[str, "torch.Tensor"], update: ClientUpdate, *, round_idx: int | None = None
+    ) -> None:
+        """Raise UpdateRejected unless ``update`` can be counted (names, shapes, dtypes, finite values)."""
+        from unitedllm.optimizers.validation import validate_num_samples, validate_update
+
+        validate_num_samples(update.num_samples, rank=update.rank, round_idx=round_idx)
+        validate_update(weights, update.delta, rank=update.rank, round_idx=round_idx)
+        required = self.required_extras(weights)
+        if required:
+            validate_update(required, update.extras, rank=update.rank, round_idx=round_idx, what="extras")
+
     @abc.abstractmethod
+    def begin_round(
+        self, weights: Mapping[str, "torch.Tensor"], state: Tensors, *, round_idx: int | None = None
+    ) -> RoundAccumulator:
+        """An accumulator for one round starting from ``weights`` and ``state``."""
+
     def step(
-        self, weights: Mapping[str, "torch.Tensor"], updates: Sequence[ClientUpdate], state: Tensors
+        self,
+        weights: Mapping[str, "torch.Tensor"],
+        updates: Sequence[ClientUpdate],
+        state: Tensors,
+        *,
+        round_idx: int | None = None,
     ) -> tuple[Tensors, Tensors]:
-        """New global weights and new state. ``updates`` arrive sorted by rank."""
+        """New global weights and new state from all of a round's updates.
+
+        Invalid updates are logged and left out (they do not poison the round); RoundError
+        when none is valid.
+        """
+        acc = self.begin_round(weights, state, round_idx=round_idx)
+        acc.add_many(sorted(updates, key=lambda u: u.rank))
+        return acc.finish()
 
 
 _REGISTRY: dict[str, type[ServerOptimizer]] = {}
@@ -65,8 +204,25 @@ def register(cls: type[ServerOptimizer]) -> type[ServerOptimizer]:
     return cls
 
 
+_BUILTINS = (
+    "fedavg",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "diloco",
+    "fedmedian",
+    "trimmed_mean",
+    "krum",
+    "scaffold",
+)
+
+
 def _load_builtins() -> None:
-    from unitedllm.optimizers import fedavg  # noqa: F401
+    import importlib
+
+    for module in _BUILTINS:
+        importlib.import_module(f"unitedllm.optimizers.{module}")
 
 
 def available() -> list[str]:
@@ -75,12 +231,23 @@ def available() -> list[str]:
     return sorted(cls.name for cls in _REGISTRY.values())
 
 
-def create(name: str, args: ServerOptimizerArgs, *, path: str = "train_args.server_optimizer") -> ServerOptimizer:
-    """The server optimizer called ``name``; an unknown name is a ConfigError listing the choices."""
+def create(
+    name: str,
+    args: ServerOptimizerArgs,
+    *,
+    num_clients: int | None = None,
+    path: str = "train_args.server_optimizer",
+) -> ServerOptimizer:
+    """The server optimizer called ``name``; an unknown name is a ConfigError listing the choices.
+
+    ``num_clients`` is ``train_args.client_num_in_total`` (SCAFFOLD scales its control
+    variate by the participating fraction).
+    """
     _load_builtins()
     try:
-        return _REGISTRY[name.lower()](args)
+        cls = _REGISTRY[name.lower()]
     except KeyError:
         raise ConfigError(
             ConfigProblem(path, f"unknown server optimizer {name!r}; choose one of {', '.join(available())}")
         ) from None
+    return cls(args, num_clients=num_clients)

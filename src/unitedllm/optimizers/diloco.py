@@ -1,0 +1,52 @@
+"""DiLoCo's outer optimizer: SGD with Nesterov momentum on the pseudo-gradient.
+
+Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language Models",
+2023. Each round the outer gradient is g = −Δ̄ (the previous global minus the mean of
+the client models), and the outer optimizer is PyTorch-style Nesterov SGD with
+lr 0.7 and momentum 0.9 (the paper's values):
+
+    v ← μ v + g,    w ← w − η (g + μ v)
+
+i.e. with Δ̄ = −g: v' = μ v' + Δ̄ and w ← w + η (Δ̄ + μ v') where v' = −v. The paper
+averages workers uniformly; here the mean is sample-weighted unless
+``sample_weighted: false``. State: ``momentum/<name>`` (v' in float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from unitedllm.optimizers.base import Tensors, register
+from unitedllm.optimizers.fedavgm import momentum_step
+from unitedllm.optimizers.mean import MeanRuleOptimizer, RoundSummary, state_dtype
+
+__all__ = ["DiLoCo"]
+
+
+@register
+class DiLoCo(MeanRuleOptimizer):
+    """Outer Nesterov-momentum SGD on the round's pseudo-gradient."""
+
+    name = "DiLoCo"
+    defaults = {"server_learning_rate": 0.7, "nesterov": True}
+
+    def init_state(self, weights: Mapping[str, torch.Tensor]) -> Tensors:
+        return {f"momentum/{n}": torch.zeros(w.shape, dtype=state_dtype(w)) for n, w in weights.items()}
+
+    def apply(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        mean_delta: Mapping[str, torch.Tensor],
+        state: Tensors,
+        summary: RoundSummary,
+    ) -> tuple[Tensors, Tensors]:
+        return momentum_step(
+            weights,
+            mean_delta,
+            state,
+            lr=float(self.hparam("server_learning_rate")),
+            momentum=float(self.hparam("server_momentum")),
+            nesterov=bool(self.hparam("nesterov")),
+        )

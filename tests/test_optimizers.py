@@ -1,0 +1,501 @@
+"""Server optimizers against float64 numpy references of their papers' update rules.
+
+One parametrised suite over every optimizer: several rounds with unequal sample counts
+match the reference; state survives a safetensors checkpoint and the resumed run is
+byte-identical; results do not depend on update arrival order. Then robustness, update
+validation, the exact streaming sum, and the client-side FedProx/SCAFFOLD maths.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+from fractions import Fraction
+from itertools import permutations
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from unitedllm.config.types import ServerOptimizerArgs
+from unitedllm.errors import ConfigError, RoundError, UpdateRejected
+from unitedllm.optimizers import ClientUpdate, available, create
+from unitedllm.optimizers.client_side import (
+    control_extras,
+    proximal_term,
+    scaffold_control_update,
+    scaffold_term,
+)
+from unitedllm.optimizers.exact_sum import ExactSum
+from unitedllm.optimizers.validation import validate_update
+
+SHAPES = {"layer.weight": (16, 32), "layer.bias": (64,)}
+SAMPLES = [3, 10, 1, 7, 4]  # unequal on purpose
+RANKS = [1, 2, 3, 4, 5]
+NUM_CLIENTS_TOTAL = 8  # for SCAFFOLD's |S|/N
+ROUNDS = 3
+
+Arrays = dict[str, np.ndarray]
+
+
+def initial_weights() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+
+
+def round_updates(round_idx: int, *, with_control: bool = False) -> list[ClientUpdate]:
+    """Deltas whose magnitudes vary over many orders, so naive float sums depend on order."""
+    rng = np.random.default_rng(100 + round_idx)
+    updates = []
+    for rank, n in zip(RANKS, SAMPLES, strict=True):
+        delta = {
+            name: torch.from_numpy(
+                (rng.normal(size=s) * 10.0 ** rng.integers(-14, 0, size=s)).astype(np.float32)
+            )
+            for name, s in SHAPES.items()
+        }
+        extras = {}
+        if with_control:
+            extras = control_extras(
+                {name: torch.from_numpy(rng.normal(size=s).astype(np.float32) * 0.1) for name, s in SHAPES.items()}
+            )
+        updates.append(ClientUpdate(rank=rank, delta=delta, num_samples=n, extras=extras))
+    return updates
+
+
+def typed_updates(round_idx: int, opt_name: str, dtype: torch.dtype) -> list[ClientUpdate]:
+    """The round's updates (with SCAFFOLD's control deltas where needed) in ``dtype``."""
+    return [
+        ClientUpdate(
+            rank=u.rank,
+            delta={n: t.to(dtype) for n, t in u.delta.items()},
+            num_samples=u.num_samples,
+            extras={n: t.to(dtype) for n, t in u.extras.items()},
+        )
+        for u in round_updates(round_idx, with_control=opt_name == "SCAFFOLD")
+    ]
+
+
+# -- float64 numpy references, one per paper -------------------------------------------------------
+
+
+def _mean(updates: list[ClientUpdate], name: str, key: str = "delta") -> np.ndarray:
+    total = sum(u.num_samples for u in updates)
+    src = (lambda u: u.delta[name]) if key == "delta" else (lambda u: u.extras[name])
+    return sum(u.num_samples * src(u).double().numpy() for u in updates) / total
+
+
+def _stack(updates: list[ClientUpdate], name: str) -> np.ndarray:
+    return np.stack([u.delta[name].double().numpy() for u in updates])
+
+
+class Reference:
+    """Paper update rules in float64 numpy; the model itself is float32, as in the runs."""
+
+    def __init__(self, kind: str, args: ServerOptimizerArgs):
+        self.kind = kind
+        self.args = args
+        self.state: Arrays = {}
+
+    def step(self, w: Arrays, updates: list[ClientUpdate]) -> Arrays:
+        a = self.args
+        out: Arrays = {}
+        for name in w:
+            step = getattr(self, self.kind)(name, updates, a)
+            out[name] = (w[name] + step).astype(np.float32).astype(np.float64)
+        return out
+
+    def fedavg(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs) -> np.ndarray:
+        return _mean(updates, name)  # McMahan et al.: η = 1
+
+    fedprox = fedavg
+
+    def fedavgm(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs) -> np.ndarray:
+        # Hsu et al. 2019: v = βv + Δ, w += ηv
+        v = self.state.get("v" + name, 0.0) * a.server_momentum + _mean(updates, name)
+        self.state["v" + name] = v
+        return 1.0 * v
+
+    def diloco(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs) -> np.ndarray:
+        # Douillard et al.: Nesterov SGD, lr 0.7, on g = -Δ: v = μv + g, θ -= lr (g + μv)
+        g = -_mean(updates, name)
+        v = self.state.get("v" + name, 0.0) * a.server_momentum + g
+        self.state["v" + name] = v
+        return -0.7 * (g + a.server_momentum * v)
+
+    def _adaptive(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs, rule: str) -> np.ndarray:
+        # Reddi et al. 2021, Algorithm 2, m_{-1} = 0, v_{-1} = τ², η = 1e-2
+        d = _mean(updates, name)
+        m = self.state.get("m" + name, 0.0) * a.beta1 + (1 - a.beta1) * d
+        v = self.state.get("v" + name, a.tau**2)
+        if rule == "adam":
+            v = a.beta2 * v + (1 - a.beta2) * d * d
+        elif rule == "yogi":
+            v = v - (1 - a.beta2) * d * d * np.sign(v - d * d)
+        else:
+            v = v + d * d
+        self.state["m" + name], self.state["v" + name] = m, v
+        return 1e-2 * m / (np.sqrt(v) + a.tau)
+
+    def fedadam(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs) -> np.ndarray:
+        return self._adaptive(name, updates, a, "adam")
+
+    def fedyogi(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs) -> np.ndarray:
+        return self._adaptive(name, updates, a, "yogi")
+
+    def fedadagrad(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs) -> np.ndarray:
+        return self._adaptive(name, updates, a, "adagrad")
+
+    def fedmedian(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs) -> np.ndarray:
+        return np.median(_stack(updates, name), axis=0)  # Yin et al. 2018
+
+    def trimmedmean(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs) -> np.ndarray:
+        k = int(a.trim_ratio * len(updates))
+        s = np.sort(_stack(updates, name), axis=0)
+        return s[k : len(updates) - k].mean(axis=0)
+
+    def _krum_choice(self, updates: list[ClientUpdate], m: int, f: int) -> list[int]:
+        # Blanchard et al. 2017: score = sum of squared distances to n - f - 2 nearest
+        flat = [np.concatenate([u.delta[n].double().numpy().ravel() for n in SHAPES]) for u in updates]
+        n = len(flat)
+        scores = []
+        for i in range(n):
+            d = sorted(float(((flat[i] - flat[j]) ** 2).sum()) for j in range(n) if j != i)
+            scores.append(sum(d[: max(1, n - f - 2)]))
+        return sorted(range(n), key=lambda i: (scores[i], i))[:m]
+
+    def krum(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs) -> np.ndarray:
+        chosen = self._krum_choice(updates, a.multi_krum_m or 1, a.num_byzantine)
+        return np.mean([updates[i].delta[name].double().numpy() for i in chosen], axis=0)
+
+    def multikrum(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs) -> np.ndarray:
+        m = a.multi_krum_m or len(updates) - a.num_byzantine
+        chosen = self._krum_choice(updates, m, a.num_byzantine)
+        return np.mean([updates[i].delta[name].double().numpy() for i in chosen], axis=0)
+
+    def scaffold(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs) -> np.ndarray:
+        # Karimireddy et al. 2020: x += η_g Δx̄, c += |S|/N Δc̄
+        key = "control/" + name
+        c = self.state.get(key, 0.0) + len(updates) / NUM_CLIENTS_TOTAL * _mean(updates, key, "extras")
+        self.state[key] = c
+        return _mean(updates, name)
+
+
+ALL = sorted(available())
+ARGS = ServerOptimizerArgs(trim_ratio=0.2)
+
+
+def run_rounds(opt_name: str, rounds: range, weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor]):
+    opt = create(opt_name, ARGS, num_clients=NUM_CLIENTS_TOTAL)
+    for r in rounds:
+        weights, state = opt.step(weights, round_updates(r, with_control=opt_name == "SCAFFOLD"), state, round_idx=r)
+    return weights, state
+
+
+def test_every_issue_optimizer_is_registered() -> None:
+    wanted = {"FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "DiLoCo", "FedMedian", "TrimmedMean",
+              "Krum", "MultiKrum", "SCAFFOLD", "FedProx"}
+    assert wanted <= set(ALL)
+
+
+@pytest.mark.parametrize("opt_name", ALL)
+def test_matches_float64_reference_over_rounds(opt_name: str) -> None:
+    w0 = initial_weights()
+    opt = create(opt_name, ARGS, num_clients=NUM_CLIENTS_TOTAL)
+    weights, _ = run_rounds(opt_name, range(ROUNDS), w0, opt.init_state(w0))
+    ref = Reference(opt_name.lower(), ARGS)
+    expect = {n: t.double().numpy() for n, t in w0.items()}
+    for r in range(ROUNDS):
+        expect = ref.step(expect, round_updates(r, with_control=opt_name == "SCAFFOLD"))
+    for name in SHAPES:
+        assert weights[name].dtype == torch.float32
+        np.testing.assert_allclose(weights[name].double().numpy(), expect[name], rtol=2e-6, atol=1e-7)
+        assert not np.allclose(expect[name], w0[name].double().numpy()), "the reference must move the model"
+
+
+@pytest.mark.parametrize("opt_name", ALL)
+def test_state_survives_checkpoint_and_resume_is_exact(opt_name: str, tmp_path: Path) -> None:
+    w0 = initial_weights()
+    opt = create(opt_name, ARGS, num_clients=NUM_CLIENTS_TOTAL)
+    straight_w, straight_s = run_rounds(opt_name, range(ROUNDS), w0, opt.init_state(w0))
+
+    w, s = run_rounds(opt_name, range(ROUNDS - 1), w0, opt.init_state(w0))
+    save_file(w, str(tmp_path / "model.safetensors"))
+    if s:
+        save_file(s, str(tmp_path / "optimizer.safetensors"))
+    w = load_file(str(tmp_path / "model.safetensors"))
+    s = load_file(str(tmp_path / "optimizer.safetensors")) if s else {}
+    resumed_w, resumed_s = run_rounds(opt_name, range(ROUNDS - 1, ROUNDS), w, s)
+
+    assert resumed_w.keys() == straight_w.keys() and resumed_s.keys() == straight_s.keys()
+    for n in straight_w:
+        assert torch.equal(resumed_w[n], straight_w[n]), n
+    for n in straight_s:
+        assert torch.equal(resumed_s[n], straight_s[n]), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("opt_name", ALL)
+def test_result_bytes_do_not_depend_on_arrival_order(opt_name: str, dtype: torch.dtype) -> None:
+    """float64 models expose any order dependence that float32 rounding would hide."""
+    w0 = {n: t.to(dtype) for n, t in initial_weights().items()}
+    opt = create(opt_name, ARGS, num_clients=NUM_CLIENTS_TOTAL)
+    state = opt.init_state(w0)
+    updates = typed_updates(0, opt_name, dtype)
+    results = []
+    for order in list(permutations(range(len(updates))))[::17]:  # 8 different arrival orders
+        acc = opt.begin_round(w0, state, round_idx=0)
+        for i in order:
+            acc.add(updates[i])
+        results.append(acc.finish())
+    for w, s in results[1:]:
+        assert all(torch.equal(w[n], results[0][0][n]) for n in w)
+        assert all(torch.equal(s[n], results[0][1][n]) for n in s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("opt_name", ALL)
+def test_step_leaves_its_inputs_untouched(opt_name: str, dtype: torch.dtype) -> None:
+    w0 = {n: t.to(dtype) for n, t in initial_weights().items()}
+    opt = create(opt_name, ARGS, num_clients=NUM_CLIENTS_TOTAL)
+    state = opt.step(w0, typed_updates(0, opt_name, dtype), opt.init_state(w0))[1]
+    w_copy = {n: t.clone() for n, t in w0.items()}
+    s_copy = {n: t.clone() for n, t in state.items()}
+    opt.step(w0, typed_updates(1, opt_name, dtype), state)
+    assert all(torch.equal(w0[n], w_copy[n]) for n in w0)
+    assert all(torch.equal(state[n], s_copy[n]) for n in state)
+
+
+def test_test_data_makes_naive_summation_order_dependent() -> None:
+    """Guards the arrival-order test: with this data a plain float64 running sum changes with order."""
+    updates = round_updates(0)
+    sums = set()
+    for order in list(permutations(range(len(updates))))[::17]:
+        total = torch.zeros(SHAPES["layer.weight"], dtype=torch.float64)
+        for i in order:
+            total += updates[i].num_samples * updates[i].delta["layer.weight"].double()
+        sums.add(total.numpy().tobytes())
+    assert len(sums) > 1
+
+
+# -- robustness --------------------------------------------------------------------------------------
+
+
+def _attacked_round() -> tuple[dict[str, torch.Tensor], list[ClientUpdate]]:
+    g = torch.Generator().manual_seed(7)
+    w0 = {n: torch.zeros(s) for n, s in SHAPES.items()}
+    updates = [
+        ClientUpdate(rank=r, delta={n: torch.randn(s, generator=g) * 0.01 for n, s in SHAPES.items()}, num_samples=10)
+        for r in range(1, 5)
+    ]
+    attacker = {n: torch.randn(s, generator=g) * 1e6 for n, s in SHAPES.items()}
+    updates.append(ClientUpdate(rank=5, delta=attacker, num_samples=10))
+    return w0, updates
+
+
+@pytest.mark.parametrize("opt_name", ["FedMedian", "TrimmedMean", "Krum", "MultiKrum"])
+def test_robust_rules_stay_within_the_honest_clients_range(opt_name: str) -> None:
+    """1 of 5 clients sends 1e6-scaled values: each coordinate stays within the honest min..max."""
+    w0, updates = _attacked_round()
+    new, _ = create(opt_name, ARGS).step(w0, updates, {})
+    for n in SHAPES:
+        honest = torch.stack([u.delta[n] for u in updates[:4]])
+        assert (new[n] >= honest.min(0).values - 1e-7).all() and (new[n] <= honest.max(0).values + 1e-7).all()
+        assert new[n].abs().max() < 0.1  # the stated bound: 10x the honest scale, vs 1e6 for the attacker
+
+
+def test_fedavg_is_not_robust_to_the_same_attack() -> None:
+    w0, updates = _attacked_round()
+    new, _ = create("FedAvg", ARGS).step(w0, updates, {})
+    assert max(new[n].abs().max().item() for n in SHAPES) > 1e4
+
+
+def test_trimmed_mean_default_ratio_trims_nobody_with_five_clients() -> None:
+    """trim_ratio 0.1 x 5 clients trims ⌊0.5⌋ = 0 per side: the plain mean, not robust (documented)."""
+    w0, updates = _attacked_round()
+    new, _ = create("TrimmedMean", ServerOptimizerArgs()).step(w0, updates, {})
+    assert max(new[n].abs().max().item() for n in SHAPES) > 1e4
+
+
+# -- validation ----------------------------------------------------------------------------------------
+
+
+def _good(rank: int = 1, **over: torch.Tensor) -> dict[str, torch.Tensor]:
+    d = {n: torch.full(s, 0.5) for n, s in SHAPES.items()}
+    d.update(over)
+    return d
+
+
+@pytest.mark.parametrize(
+    ("delta", "reason"),
+    [
+        ({"layer.weight": torch.zeros(3, 4)}, "missing tensors 'layer.bias'"),
+        (_good(**{"other": torch.zeros(1)}), "unexpected tensors 'other'"),
+        (_good(**{"layer.bias": torch.zeros(6)}), "'layer.bias' has shape (6,), the global model has (64,)"),
+        (_good(**{"layer.bias": torch.zeros(64, dtype=torch.int64)}), "updates must be floating point"),
+        (_good(**{"layer.bias": torch.zeros(64, dtype=torch.float64)}), "dtype torch.float64, the global model"),
+        (_good(**{"layer.bias": torch.zeros(64).index_fill(0, torch.tensor([3, 9]), float("nan"))}), "2 non-finite values"),
+    ],
+)
+def test_bad_updates_are_refused_with_the_reason(delta: dict[str, torch.Tensor], reason: str) -> None:
+    with pytest.raises(UpdateRejected, match="client 3 in round 2 rejected") as info:
+        validate_update(initial_weights(), delta, rank=3, round_idx=2)
+    assert reason in str(info.value)
+
+
+def test_nonfinite_bfloat16_update_is_refused() -> None:
+    w = {"x": torch.zeros(1000, dtype=torch.bfloat16)}
+    bad = torch.zeros(1000, dtype=torch.bfloat16)
+    bad[777] = float("inf")
+    with pytest.raises(UpdateRejected, match="1 non-finite"):
+        validate_update(w, {"x": bad})
+
+
+@pytest.mark.parametrize("opt_name", ["FedAvg", "FedAdam", "FedMedian"])
+def test_a_bad_update_does_not_poison_the_round(opt_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    w0 = initial_weights()
+    good = round_updates(0)
+    bad = ClientUpdate(rank=9, delta=_good(**{"layer.bias": torch.full((64,), float("nan"))}), num_samples=1000)
+    opt = create(opt_name, ARGS)
+    with_bad, _ = opt.step(w0, [*good, bad], opt.init_state(w0))
+    without, _ = opt.step(w0, good, opt.init_state(w0))
+    assert all(torch.equal(with_bad[n], without[n]) for n in SHAPES)
+    assert "update from client 9 rejected" in caplog.text and "non-finite" in caplog.text
+
+    acc = opt.begin_round(w0, opt.init_state(w0))
+    acc.add(good[0])
+    with pytest.raises(UpdateRejected, match="same rank"):
+        acc.add(good[0])
+    with pytest.raises(UpdateRejected, match="num_samples"):
+        acc.add(ClientUpdate(rank=4, delta=good[1].delta, num_samples=0))
+
+
+def test_a_round_without_valid_updates_is_an_error() -> None:
+    opt = create("FedAvg", ARGS)
+    with pytest.raises(RoundError, match="no valid client update"):
+        opt.step(initial_weights(), [ClientUpdate(rank=1, delta={}, num_samples=1)], {})
+
+
+def test_unknown_optimizer_names_the_choices() -> None:
+    with pytest.raises(ConfigError, match="unknown server optimizer 'FedFoo'.*FedAdam"):
+        create("FedFoo", ARGS)
+
+
+def test_unset_hyperparameters_take_the_papers_defaults() -> None:
+    args = ServerOptimizerArgs()
+    assert create("fedadam", args).hparam("server_learning_rate") == 1e-2
+    assert create("DiLoCo", args).hparam("server_learning_rate") == 0.7
+    assert create("DiLoCo", args).hparam("nesterov") is True
+    assert create("FedAvgM", args).hparam("nesterov") is False
+    assert create("FedAvgM", ServerOptimizerArgs(server_learning_rate=0.5)).hparam("server_learning_rate") == 0.5
+
+
+# -- low-precision updates and the exact sum ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_updates_are_aggregated_in_wide_precision(dtype: torch.dtype) -> None:
+    w0 = {"x": torch.zeros(4096, dtype=dtype)}
+    g = torch.Generator().manual_seed(3)
+    updates = [ClientUpdate(rank=r, delta={"x": torch.randn(4096, generator=g).to(dtype)}, num_samples=r * 3)
+               for r in range(1, 9)]
+    new, _ = create("FedAvg", ARGS).step(w0, updates, {})
+    exact = sum(u.num_samples * u.delta["x"].double() for u in updates) / sum(u.num_samples for u in updates)
+    assert new["x"].dtype == dtype
+    assert torch.equal(new["x"], exact.to(dtype))
+    # Summing in the update dtype instead loses visibly more.
+    low = sum((u.delta["x"] * u.num_samples for u in updates), torch.zeros(4096, dtype=dtype)) / 84
+    assert (low.double() - exact).abs().max() > (new["x"].double() - exact).abs().max()
+
+
+def _extreme_values(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        mant = torch.randn(5000, generator=g)
+        exps = torch.randint(-120, 120, (5000,), generator=g).float()
+        out.append((mant * torch.pow(2.0, exps)).float())
+    return out
+
+
+def test_exact_sum_is_exact_even_for_extreme_magnitudes() -> None:
+    xs = _extreme_values(6, 1) + [torch.randn(5000).bfloat16(), torch.randn(5000, dtype=torch.float64)]
+    ws = [3, 1, 2**29, 7, 1000, 1, 5, 11]
+    acc = ExactSum((5000,))
+    acc.add(xs, ws)
+    got = acc.result()
+    assert len(acc.levels) > 2  # this data needs the deep levels
+    for i in range(0, 5000, 97):
+        exact = sum(Fraction(float(x[i].double())) * w for x, w in zip(xs, ws, strict=True))
+        assert got[i].item() == float(exact), i  # correctly rounded exact sum
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_exact_sum_compiled_and_torch_paths_give_identical_bytes(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    xs = _extreme_values(5, 2)
+    reference = ExactSum((5000,))
+    monkeypatch.setenv("UNITEDLLM_NO_NATIVE", "1")
+    for x, w in zip(xs, [1, 2, 3, 4, 5], strict=True):
+        reference.add([x], [w])
+    if native:
+        monkeypatch.delenv("UNITEDLLM_NO_NATIVE")
+    other = ExactSum((5000,))
+    other.add(list(reversed(xs)), [5, 4, 3, 2, 1])
+    assert torch.equal(reference.result(), other.result())
+
+
+def test_streaming_round_does_not_keep_updates() -> None:
+    """Mean-based rounds hold an accumulator, not the updates: memory does not grow with clients."""
+    w0 = {"x": torch.zeros(10_000)}
+    opt = create("FedAdam", ARGS)
+    acc = opt.begin_round(w0, opt.init_state(w0))
+    refs = []
+    for r in range(1, 33):
+        delta = torch.randn(10_000)
+        refs.append(weakref.ref(delta))
+        acc.add(ClientUpdate(rank=r, delta={"x": delta}, num_samples=r))
+        del delta
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert sum(lv.numel() for s in acc._sums.values() for lv in s.levels) <= 2 * 10_000
+    acc.finish()
+
+
+# -- client side ---------------------------------------------------------------------------------------
+
+
+def test_proximal_term_value_and_gradient() -> None:
+    g = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.5]])}
+    p = {"a": torch.tensor([2.0, 0.0], requires_grad=True), "b": torch.tensor([[0.5]], requires_grad=True)}
+    loss = proximal_term(p, g, mu=0.1)
+    assert loss.item() == pytest.approx(0.05 * (1 + 4))
+    loss.backward()
+    assert torch.allclose(p["a"].grad, 0.1 * (p["a"].detach() - g["a"]))
+
+
+def test_scaffold_term_corrects_the_gradient_and_control_update_follows_option_ii() -> None:
+    c = {"a": torch.tensor([0.3, -0.1])}
+    ci = {"a": torch.tensor([0.1, 0.1])}
+    p = {"a": torch.tensor([1.0, 1.0], requires_grad=True)}
+    (p["a"].square().sum() + scaffold_term(p, c, ci)).backward()
+    assert torch.allclose(p["a"].grad, 2 * p["a"].detach() + c["a"] - ci["a"])
+
+    x = {"a": torch.tensor([1.0, 1.0])}
+    y = {"a": torch.tensor([0.8, 1.1])}
+    new_ci, delta_c = scaffold_control_update(ci, c, x, y, num_steps=4, learning_rate=0.05)
+    expect = ci["a"] - c["a"] + (x["a"] - y["a"]) / (4 * 0.05)
+    assert torch.allclose(new_ci["a"], expect) and torch.allclose(delta_c["a"], expect - ci["a"])
+
+
+def test_scaffold_refuses_updates_without_control_deltas() -> None:
+    w0 = initial_weights()
+    opt = create("SCAFFOLD", ARGS, num_clients=NUM_CLIENTS_TOTAL)
+    acc = opt.begin_round(w0, opt.init_state(w0))
+    with pytest.raises(UpdateRejected, match="extras: missing tensors 'control/layer.bias'"):
+        acc.add(round_updates(0)[0])
+    assert math.isclose(len(opt.server_control(opt.init_state(w0))), len(SHAPES))
+
+
