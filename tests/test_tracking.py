@@ -12,8 +12,8 @@ from typing import Any
 
 import msgspec
 import pytest
-
 from linear_trainer import LinearTrainer
+
 from unitedllm.config.types import Config
 from unitedllm.errors import MissingDependency
 from unitedllm.runner import run_async
@@ -38,10 +38,12 @@ def make_config(tmp_path: Path, **tracking: Any) -> Config:
 def run_tracked(cfg: Config, run_id: str = "track") -> Path:
     """Run a federation with the trackers the config asks for, wired the way the CLI does it."""
     output_dir = Path(cfg.train_args.output_dir.replace("{run_id}", run_id))
-    with open_trackers(cfg, rank=0, run_id=run_id, output_dir=output_dir) as listeners:
-        with MetricsLog(output_dir / "metrics.jsonl", listeners=listeners) as metrics:
-            asyncio.run(run_async(cfg, run_id=run_id, metrics=metrics,
-                                  trainer_factory=lambda _cfg, rank: LinearTrainer(rank)))
+    with (
+        open_trackers(cfg, rank=0, run_id=run_id, output_dir=output_dir) as listeners,
+        MetricsLog(output_dir / "metrics.jsonl", listeners=listeners) as metrics,
+    ):
+        asyncio.run(run_async(cfg, run_id=run_id, metrics=metrics,
+                              trainer_factory=lambda _cfg, rank: LinearTrainer(rank)))
     return output_dir
 
 
@@ -75,9 +77,11 @@ def test_tensorboard_has_round_and_client_scalars(tmp_path: Path) -> None:
 def test_tensorboard_missing_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # fault injection: the package is not installed
     cfg = make_config(tmp_path, enable_tensorboard=True)
-    with pytest.raises(MissingDependency, match=r"unitedllm\[tracking\]") as caught:
-        with open_trackers(cfg, rank=0, run_id="r", output_dir=tmp_path):
-            pass
+    with (
+        pytest.raises(MissingDependency, match=r"unitedllm\[tracking\]") as caught,
+        open_trackers(cfg, rank=0, run_id="r", output_dir=tmp_path),
+    ):
+        pass
     assert "tracking_args.enable_tensorboard" in str(caught.value)
 
 
@@ -132,10 +136,13 @@ class _BrokenSink(TrackerSink):
 def test_failing_tracker_does_not_stop_the_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = make_config(tmp_path)
     out = tmp_path / "broken"
-    with caplog.at_level(logging.WARNING), _BrokenSink() as sink:
-        with MetricsLog(out / "metrics.jsonl", listeners=[sink]) as metrics:
-            asyncio.run(run_async(cfg, run_id="b", metrics=metrics,
-                                  trainer_factory=lambda _cfg, rank: LinearTrainer(rank)))
+    with (
+        caplog.at_level(logging.WARNING),
+        _BrokenSink() as sink,
+        MetricsLog(out / "metrics.jsonl", listeners=[sink]) as metrics,
+    ):
+        asyncio.run(run_async(cfg, run_id="b", metrics=metrics,
+                              trainer_factory=lambda _cfg, rank: LinearTrainer(rank)))
     assert len(logged(out, "round")) == 3
     warnings = [r for r in caplog.records if "No space left" in r.getMessage()]
     assert len(warnings) == 1  # warned once, not once per event

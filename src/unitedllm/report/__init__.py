@@ -21,7 +21,7 @@ def write_report(run_dir: Path, *, out_dir: Path | None = None) -> Path:
     return write(run_dir, out_dir=out_dir)
 
 
-def summary_table(run_dir: Path) -> "Table":
+def summary_table(run_dir: Path) -> Table:
     """A rich Table of every round of the run in ``run_dir``."""
     from unitedllm.report.table import summary_table as table
 

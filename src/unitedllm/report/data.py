@@ -171,6 +171,10 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _add(data: RunData, record: dict[str, Any]) -> None:
     event, round_idx, rank = record.get("event"), _int(record.get("round")), _int(record.get("rank"))
     when = _num(record.get("time"))
@@ -204,7 +208,7 @@ def _add(data: RunData, record: dict[str, Any]) -> None:
         row.aggregation_seconds = _num(record.get("aggregation_seconds"))
         row.finished = True
     elif event == "train":
-        m = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+        m = _dict(record.get("metrics"))
         comm = [_num(m.get("download_seconds")), _num(m.get("upload_seconds"))]
         known = [c for c in comm if c is not None]
         data.clients[(round_idx, rank)] = ClientRound(
@@ -218,7 +222,7 @@ def _add(data: RunData, record: dict[str, Any]) -> None:
             tokens_per_second=_num(m.get("tokens_per_second")),
         )
     elif event == "eval":
-        m = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+        m = _dict(record.get("metrics"))
         point = EvalPoint(
             round=round_idx, rank=rank, model=str(record.get("model") or "global"),
             loss=_num(record.get("loss", m.get("eval_loss"))), perplexity=_num(m.get("perplexity")),

@@ -36,7 +36,7 @@ def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]], left: tuple[in
 
 
 def _client_rows(run: RunData) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for rank in run.ranks:
         mine = sorted((c for (_, r), c in run.clients.items() if r == rank), key=lambda c: c.round)
         last = mine[-1] if mine else None
@@ -72,8 +72,8 @@ def render_html(run: RunData, plots: list[Plot]) -> str:
     for round_idx, rank, message in run.client_errors:
         notes.append(f"client {rank} reported an error in round {round_idx}: {message}")
     for row in run.finished_rounds():
-        for rank, reason in row.rejected.items():
-            notes.append(f"round {row.round}: update from client {rank} refused: {reason}")
+        for who, reason in row.rejected.items():
+            notes.append(f"round {row.round}: update from client {who} refused: {reason}")
     note_html = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
     rounds = round_rows(run)
     round_table = _table(COLUMNS, rounds, left=(1, 2)) if rounds else '<p class="note">no round has started yet</p>'

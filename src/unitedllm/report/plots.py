@@ -34,7 +34,7 @@ class Plot:
     note: str = ""
 
 
-def _figure(draw: Callable[["Axes"], None], *, width: float = 8.0, height: float = 4.2) -> bytes:
+def _figure(draw: Callable[[Axes], None], *, width: float = 8.0, height: float = 4.2) -> bytes:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -50,7 +50,7 @@ def _figure(draw: Callable[["Axes"], None], *, width: float = 8.0, height: float
     return buffer.getvalue()
 
 
-def _rounds_axis(axes: "Axes", rounds: list[int]) -> None:
+def _rounds_axis(axes: Axes, rounds: list[int]) -> None:
     axes.set_xlabel("round")
     if rounds and len(rounds) <= 30:
         axes.set_xticks(sorted(set(rounds)))
@@ -63,19 +63,19 @@ def _eval_loss(run: RunData) -> Plot:
         return Plot("eval_loss", title, None,
                     "no evaluations yet (enable validation_args.is_aggregator_test or test_on_clients)")
 
-    def draw(axes: "Axes") -> None:
+    def draw(axes: Axes) -> None:
         series: dict[tuple[int, str], list[tuple[int, float]]] = {}
         for e in points:
             series.setdefault((e.rank, e.model), []).append((e.round, e.loss or 0.0))
         for (rank, model), values in sorted(series.items()):
             values.sort()
+            xs, ys = [r for r, _ in values], [v for _, v in values]
             if rank == 0:
-                label, style = "aggregator (global model)", dict(color="black", linewidth=2.4, marker="o")
+                axes.plot(xs, ys, color="black", linewidth=2.4, marker="o", label="aggregator (global model)")
             elif model == "global":
-                label, style = f"client {rank} (global model)", dict(marker="o")
+                axes.plot(xs, ys, marker="o", label=f"client {rank} (global model)")
             else:
-                label, style = f"client {rank} (own model, before aggregation)", dict(marker="x", linestyle="--")
-            axes.plot([r for r, _ in values], [v for _, v in values], label=label, **style)
+                axes.plot(xs, ys, marker="x", linestyle="--", label=f"client {rank} (own model, before aggregation)")
         axes.set_ylabel("eval loss")
         axes.set_title(title)
         _rounds_axis(axes, [e.round for e in points])
@@ -91,7 +91,7 @@ def _train_loss(run: RunData) -> Plot:
     if not clients and not weighted:
         return Plot("train_loss", title, None, "no client updates received yet")
 
-    def draw(axes: "Axes") -> None:
+    def draw(axes: Axes) -> None:
         for rank in sorted({c.rank for c in clients}):
             values = sorted((c.round, c.train_loss or 0.0) for c in clients if c.rank == rank)
             axes.plot([r for r, _ in values], [v for _, v in values], marker="o", alpha=0.8, label=f"client {rank}")
@@ -112,7 +112,7 @@ def _round_time(run: RunData) -> Plot:
     if not rows:
         return Plot("round_time", title, None, "no round has finished yet")
 
-    def draw(axes: "Axes") -> None:
+    def draw(axes: Axes) -> None:
         breakdowns = [run.time_breakdown(row) for row in rows]
         xs = [row.round for row in rows]
         bottom = [0.0] * len(rows)
@@ -134,7 +134,7 @@ def _bytes(run: RunData) -> Plot:
     if not rounds:
         return Plot("bytes", title, None, "no client updates received yet")
 
-    def draw(axes: "Axes") -> None:
+    def draw(axes: Axes) -> None:
         sizes = [run.round_bytes(r) for r in rounds]
         width = 0.4
         axes.bar([r - width / 2 for r in rounds], [s[0] / _MB for s in sizes], width, label="uploaded by clients",
@@ -155,7 +155,7 @@ def _system(run: RunData) -> Plot | None:
     if not samples:
         return None  # sampling was off: no chart and no note
 
-    def draw(axes: "Axes") -> None:
+    def draw(axes: Axes) -> None:
         for rank in sorted({int(s.get("rank", 0)) for s in samples}):
             mine = [s for s in samples if s.get("rank") == rank]
             who = "aggregator" if rank == 0 else f"client {rank}"

@@ -56,13 +56,12 @@ def status_line(run: RunData) -> str:
     return " · ".join(parts)
 
 
-def summary_table(run: RunData | Path) -> "Table":
+def summary_table(run: RunData | Path) -> Table:
     """A rich Table of every round of a run (pass a run directory or loaded :class:`RunData`)."""
+    from rich import box
     from rich.table import Table
 
     from unitedllm.report.data import load_run
-
-    from rich import box
 
     run = run if isinstance(run, RunData) else load_run(Path(run))
     rows = round_rows(run)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Scalar", "scalars_of", "rank_prefix"]
+__all__ = ["Scalar", "rank_prefix", "scalars_of"]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 from unitedllm.tracking.metrics import MetricsLog
 
-__all__ = ["SystemSampler", "system_metrics", "sample_system"]
+__all__ = ["SystemSampler", "sample_system", "system_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ def _gpu_stats() -> dict[str, float]:
         out[f"gpu{index}_mem_allocated_gb"] = torch.cuda.memory_allocated(index) / _GB
         try:
             out[f"gpu{index}_util_percent"] = float(torch.cuda.utilization(index))
-        except Exception:  # noqa: BLE001 - utilization needs pynvml/amdsmi; memory alone is still worth logging
-            pass
+        except Exception as exc:  # noqa: BLE001 - utilization needs pynvml/amdsmi; memory alone is still worth logging
+            log.debug("GPU %d utilisation unavailable: %s", index, exc)
     return out
 
 

@@ -15,7 +15,7 @@ __all__ = ["open_trackers"]
 Listener = Callable[[dict[str, Any]], None]
 
 
-def _flat_params(cfg: "Config") -> dict[str, Any]:
+def _flat_params(cfg: Config) -> dict[str, Any]:
     import msgspec
 
     out: dict[str, Any] = {}
@@ -27,7 +27,7 @@ def _flat_params(cfg: "Config") -> dict[str, Any]:
 
 
 @contextmanager
-def open_trackers(cfg: "Config", *, rank: int, run_id: str, output_dir: Path) -> Iterator[list[Listener]]:
+def open_trackers(cfg: Config, *, rank: int, run_id: str, output_dir: Path) -> Iterator[list[Listener]]:
     """The listeners for ``cfg.tracking_args``; each tracker is finished (marked failed on error) on exit.
 
     ``metrics.jsonl`` is not among them: :class:`~unitedllm.tracking.metrics.MetricsLog` always writes it.
