@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -175,3 +176,17 @@ def test_system_metrics_disabled_logs_nothing(tmp_path: Path) -> None:
         time.sleep(0.1)
     assert sampler is None
     assert list(read_metrics(path)) == []
+
+
+def test_system_sample_reports_gpu_memory_when_cuda_is_there() -> None:
+    torch = pytest.importorskip("torch")
+    psutil = pytest.importorskip("psutil", reason="psutil (unitedllm[tracking]) is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine: GPU system metrics cannot be observed")
+    from unitedllm.tracking.system import sample_system
+
+    block = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")  # 256 MiB held during the reading
+    reading = sample_system(psutil, psutil.Process(os.getpid()))
+    del block
+    assert reading["gpu0_mem_allocated_gb"] >= 0.25
+    assert reading["gpu0_mem_used_gb"] >= reading["gpu0_mem_allocated_gb"]
