@@ -110,12 +110,10 @@ def run(
 def _run_embedded(cfg: Any, *, run_id: str, quiet: bool, resume: bool) -> Any:
     from unitedllm.progress import RunProgress
     from unitedllm.runner import run_async
-    from unitedllm.tracking.metrics import MetricsLog
 
     output_dir = Path(cfg.train_args.output_dir.replace("{run_id}", run_id))
     progress = RunProgress(comm_round=cfg.train_args.comm_round, console=console)
-    listeners: list[Callable[[dict[str, Any]], None]] = [progress.on_metric]
-    with MetricsLog(output_dir / "metrics.jsonl", listeners=listeners) as metrics:
+    with _tracked(cfg, run_id=run_id, output_dir=output_dir, listeners=[progress.on_metric]) as metrics:
         if quiet:
             result = asyncio.run(
                 run_async(cfg, run_id=run_id, metrics=metrics, on_round=progress.on_round, resume=resume)
@@ -128,6 +126,21 @@ def _run_embedded(cfg: Any, *, run_id: str, quiet: bool, resume: bool) -> Any:
                 )
     console.print(progress.summary_table())
     return result
+
+
+@contextmanager
+def _tracked(
+    cfg: Any, *, run_id: str, output_dir: Path, listeners: list[Callable[[dict[str, Any]], None]]
+) -> Iterator[Any]:
+    """The aggregator's metrics log with the configured trackers and the system sampler attached."""
+    from unitedllm.tracking import MetricsLog, open_trackers, system_metrics
+
+    with (
+        open_trackers(cfg, rank=0, run_id=run_id, output_dir=output_dir) as trackers,
+        MetricsLog(output_dir / "metrics.jsonl", listeners=[*listeners, *trackers]) as metrics,
+        system_metrics(metrics, rank=0, enabled=cfg.tracking_args.log_system_metrics),
+    ):
+        yield metrics
 
 
 @app.command()
@@ -144,7 +157,9 @@ def server(
         from unitedllm.launch import serve_server
 
         cfg = _load(config, set_, run_id)
-        result = asyncio.run(serve_server(cfg, run_id=run_id, resume=resume))
+        output_dir = Path(cfg.train_args.output_dir.replace("{run_id}", run_id))
+        with _tracked(cfg, run_id=run_id, output_dir=output_dir, listeners=[]) as metrics:
+            result = asyncio.run(serve_server(cfg, run_id=run_id, resume=resume, metrics=metrics))
         console.print(f"run {run_id} finished: {len(result.rounds)} rounds; final model: {result.final_dir}")
 
 
@@ -164,6 +179,11 @@ def client(
         cfg = _load(config, set_, run_id)
         reason = asyncio.run(serve_client(cfg, rank=rank, run_id=run_id))
         console.print(f"client {rank}: run {run_id} finished ({reason})")
+
+
+from unitedllm.report.cli import report_command  # noqa: E402 - light: imports matplotlib only when run
+
+app.command("report")(report_command)
 
 
 @app.command()

@@ -161,6 +161,7 @@ class Client:
         if start.spec.evaluate_global and round_idx >= 1:
             await self._evaluate(weights, round_idx - 1, "global")
         await asyncio.to_thread(self._align_trainer_state, round_idx)
+        fit_started = time.perf_counter()
         try:
             result = await asyncio.to_thread(
                 self.trainer.fit, weights, round_idx=round_idx, max_steps=start.spec.local_max_steps,
@@ -178,6 +179,7 @@ class Client:
         data = await asyncio.to_thread(encode_tensors, delta)
         ref = await self.store.put(data)
         metrics = dict(result.metrics)
+        metrics.setdefault("train_seconds", time.perf_counter() - fit_started)
         metrics["download_seconds"] = download_seconds
         metrics["upload_seconds"] = time.perf_counter() - upload_started
         metrics["bytes_sent"] = float(ref.size)

@@ -10,11 +10,11 @@ from typing import Any
 __all__ = ["launch", "serve_client", "serve_server"]
 
 
-async def serve_server(cfg: Any, *, run_id: str, resume: bool = False) -> Any:
+async def serve_server(cfg: Any, *, run_id: str, resume: bool = False, metrics: Any = None) -> Any:
     """Run the aggregator of ``run_id`` until the run ends; returns the RunResult."""
     from unitedllm.aggregator import Aggregator
 
-    async with Aggregator(cfg, run_id=run_id, resume=resume) as aggregator:
+    async with Aggregator(cfg, run_id=run_id, resume=resume, metrics=metrics) as aggregator:
         return await aggregator.run()
 
 
