@@ -186,6 +186,26 @@ from unitedllm.report.cli import report_command  # noqa: E402 - light: imports m
 app.command("report")(report_command)
 
 
+@app.command("dev-services")
+def dev_services(
+    mqtt_port: Annotated[int | None, typer.Option("--mqtt-port", help="MQTT port (default: a free one).")] = None,
+    s3_port: Annotated[int | None, typer.Option("--s3-port", help="S3 port (default: a free one).")] = None,
+    workdir: Annotated[Path | None, typer.Option("--workdir", help="Keep data and logs here.")] = None,
+    no_tls: Annotated[bool, typer.Option("--no-tls", help="No TLS listener for MQTT.")] = False,
+) -> None:
+    """Start mosquitto and SeaweedFS on 127.0.0.1 for trying MQTT_S3 by hand (Ctrl-C stops them)."""
+    _setup_logging(False)
+    with _user_errors():
+        from unitedllm.devservices import serve
+
+        serve(workdir, tls=not no_tls, mqtt_port=mqtt_port, s3_port=s3_port)
+
+
+from unitedllm.packaging.cli import package_app  # noqa: E402 - light: no torch at import
+
+app.add_typer(package_app, name="package")
+
+
 @app.command()
 def version() -> None:
     """Print the UnitedLLM version."""
