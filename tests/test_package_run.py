@@ -21,6 +21,7 @@ from unitedllm.packaging.runner import prepare_package
 from unitedllm_build.cli import app as build_app
 
 runner = CliRunner()
+pytest_plugins = ["conftest_services"]  # mqtt_settings / s3_settings for the end-to-end run
 
 # Stands in for launch.py: records how it was started, so tests see what a node would get.
 RECORDER = '''
@@ -258,31 +259,31 @@ def test_rerun_replaces_the_previous_unpack(packages: dict[str, Path], tmp_path:
 
 # ---- end to end: real roles over MQTT_S3, one process per package -------------------------------------
 
-def _service_env(broker: Any, s3: Any) -> dict[str, str]:
-    """UNITEDLLM_* settings for the child processes, from the service fixtures."""
-    env: dict[str, str] = {}
-    for fixture in (broker, s3):
-        if hasattr(fixture, "env"):
-            value = fixture.env() if callable(fixture.env) else fixture.env
-            env.update({str(k): str(v) for k, v in dict(value).items()})
-    if not env:
-        pytest.skip("the services fixtures expose no .env mapping of UNITEDLLM_* settings")
-    return env
+def _service_env(mqtt: Any, s3: Any) -> dict[str, str]:
+    """UNITEDLLM_* settings for the child processes, as an edge device would export them."""
+    values = {
+        "UNITEDLLM_MQTT_HOST": mqtt.host, "UNITEDLLM_MQTT_PORT": mqtt.port,
+        "UNITEDLLM_MQTT_USERNAME": mqtt.username, "UNITEDLLM_MQTT_PASSWORD": mqtt.password,
+        "UNITEDLLM_S3_ENDPOINT_URL": s3.endpoint_url, "UNITEDLLM_S3_BUCKET": s3.bucket,
+        "UNITEDLLM_S3_ACCESS_KEY_ID": s3.access_key_id, "UNITEDLLM_S3_SECRET_ACCESS_KEY": s3.secret_access_key,
+        "UNITEDLLM_S3_REGION": s3.region,
+    }
+    return {k: str(v) for k, v in values.items() if v is not None}
 
 
 @pytest.mark.slow
 @pytest.mark.services
 def test_server_and_two_client_packages_finish_a_two_round_run(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     try:
-        broker = request.getfixturevalue("mqtt_broker")
-        s3 = request.getfixturevalue("s3_server")
+        mqtt = request.getfixturevalue("mqtt_settings")
+        s3 = request.getfixturevalue("s3_settings")
     except pytest.FixtureLookupError:
-        pytest.skip("needs the mqtt_broker and s3_server fixtures (tests/conftest_services.py)")
+        pytest.skip("needs the mqtt_settings and s3_settings fixtures (tests/conftest_services.py)")
     project = tmp_path / "proj"
     assert invoke(build_app, "init", project)[0] == 0
     assert subprocess.run(["bash", "scripts/build.sh"], cwd=project, check=False).returncode == 0
     dist = project / "build" / "dist-packages"
-    env = {**os.environ, **_service_env(broker, s3), "UNITEDLLM_RUN_SECRET": "e2e-run-secret",
+    env = {**os.environ, **_service_env(mqtt, s3), "UNITEDLLM_RUN_SECRET": "e2e-run-secret",
            "UNITEDLLM_CACHE": str(tmp_path / "cache")}
     overrides = ["--", "--set", "train_args.comm_round=2", "--set", f"train_args.output_dir={tmp_path}/out/{{run_id}}"]
 
@@ -299,5 +300,9 @@ def test_server_and_two_client_packages_finish_a_two_round_run(request: pytest.F
             if node.poll() is None:
                 node.kill()
     assert codes == [0, 0, 0]
+    final = tmp_path / "out" / "e2e-run" / "node_0" / "final"
+    assert final.is_dir() and any(final.iterdir()), "the aggregator saves the final global model"
     metrics = tmp_path / "out" / "e2e-run" / "metrics.jsonl"
-    assert metrics.is_file() or any((tmp_path / "out").rglob("metrics.jsonl"))
+    if metrics.is_file():
+        rounds = [e for e in map(json.loads, metrics.read_text().splitlines()) if e.get("event") == "round"]
+        assert [e["round"] for e in rounds] == [0, 1]
