@@ -64,7 +64,7 @@ def _digest(chunks: list[bytes]) -> str:
 class S3BlobStore(BlobStore):
     """Blobs of one run in an S3 bucket (created when missing), verified by sha256 on the way out."""
 
-    def __init__(self, settings: S3Settings, *, run_id: str, part_size_mb: int = 16, max_concurrency: int = 8):
+    def __init__(self, settings: S3Settings, *, run_id: str, part_size_mb: int = 64, max_concurrency: int = 4):
         self.settings = settings
         self.run_id = run_id
         self.part_size = max(_MIN_PART, part_size_mb * MiB)
