@@ -31,6 +31,7 @@ class StepEvent:
     step: int
     max_steps: int
     loss: float
+    learning_rate: float | None = None
 
 
 @dataclass

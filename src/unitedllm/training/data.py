@@ -108,6 +108,20 @@ def tokenize_records(records: Sequence[Record], tokenizer: "PreTrainedTokenizerB
     cache_dir.mkdir(parents=True, exist_ok=True)
     columns = {k: [r.get(k, "") for r in records] for k in ("instruction", "context", "response", "category")}
     raw = Dataset.from_dict(columns)
+    from datasets.utils import logging as ds_logging
+
+    # Small per-round splits: progress bars would only clutter the run's console.
+    bars = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        return _map(raw, tokenizer, cfg, cache_dir / f"{digest}.arrow", digest)
+    finally:
+        if bars:
+            ds_logging.enable_progress_bar()
+
+
+def _map(raw: "Dataset", tokenizer: "PreTrainedTokenizerBase", cfg: "Config", cache_file: Any, digest: str) -> "Dataset":
+    dargs = cfg.data_args
     return raw.map(
         _encode_batch,
         batched=True,
@@ -119,7 +133,7 @@ def tokenize_records(records: Sequence[Record], tokenizer: "PreTrainedTokenizerB
             remove_long=dargs.remove_long_seq,
             truncate_long=dargs.truncate_long_seq,
         ),
-        cache_file_name=str(cache_dir / f"{digest}.arrow"),
+        cache_file_name=str(cache_file),
         load_from_cache_file=True,
         new_fingerprint=digest,
         desc=None,
