@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from services import (
     skip_without_services,
     start_broker,
@@ -20,6 +19,7 @@ from services import (
     stop_services,
     unique_name,
 )
+
 from unitedllm.comm.settings import MqttSettings, S3Settings
 from unitedllm.devservices import DevServices, Mosquitto
 

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -53,7 +54,7 @@ def hello(run_id: str, sender: int) -> Hello:
     return Hello(run_id=run_id, round=0, sender=sender, capabilities=["lora"])
 
 
-def raw_s3(settings: S3Settings) -> "boto3.client":  # type: ignore[valid-type]
+def raw_s3(settings: S3Settings) -> Any:
     return boto3.client(
         "s3",
         endpoint_url=settings.endpoint_url,
@@ -128,7 +129,7 @@ async def test_presence_goes_offline_by_last_will_when_a_client_process_dies(
     env = {**os.environ, **services.env()}
     async with transport(services.mqtt.settings(), 0, run_id) as agg:
         stream = agg.incoming()
-        process = subprocess.Popen([sys.executable, "-c", child], env=env, stdout=subprocess.PIPE)
+        process = subprocess.Popen([sys.executable, "-c", child], env=env, stdout=subprocess.PIPE)  # noqa: ASYNC220
         try:
             assert process.stdout is not None
             assert (await asyncio.to_thread(process.stdout.readline)).strip() == b"connected"

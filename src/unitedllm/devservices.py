@@ -120,8 +120,8 @@ class _Service:
         if busy:
             # Checked first: otherwise whatever holds the port would answer our readiness probe.
             raise CommError(f"{self.name}: port {busy[0]} on {HOST} is already in use")
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._process = subprocess.Popen(
+        self._log = open(self.log_path, "ab")  # noqa: SIM115, ASYNC230 - closed in stop(); opening is instant
+        self._process = subprocess.Popen(  # noqa: ASYNC220 - spawning returns at once; we poll it below
             command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir
         )
         loop = asyncio.get_running_loop()
@@ -196,7 +196,7 @@ def make_tls_files(directory: Path) -> TlsFiles:
     from cryptography.x509.oid import NameOID
 
     directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "UnitedLLM dev CA")])
     ca_cert = (
@@ -417,7 +417,7 @@ class SeaweedS3(_Service):
             writer.close()
         except (OSError, TimeoutError):
             return False
-        return status.startswith(b"HTTP/1.1 403") or status.startswith(b"HTTP/1.1 200")
+        return status.startswith((b"HTTP/1.1 403", b"HTTP/1.1 200"))
 
     def settings(self, *, bucket: str = "unitedllm", prefix: str = "unitedllm", multipart_threshold_mb: int = 64) -> S3Settings:
         """Settings that use this store with its enforced keys."""

@@ -19,12 +19,16 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from unitedllm.comm.base import Incoming, Presence, Transport
 from unitedllm.comm.settings import MqttSettings
 from unitedllm.errors import CommError, MissingDependency
 from unitedllm.protocol.messages import Message
 from unitedllm.protocol.signing import MessageGuard, seal
+
+if TYPE_CHECKING:
+    import aiomqtt
 
 __all__ = ["Backoff", "MqttTransport", "presence_topic", "to_topic"]
 
@@ -170,7 +174,7 @@ class MqttTransport(Transport):
         self._outbox[to].append(seal(message, self._secret))
         self._wake.set()
 
-    async def incoming(self) -> AsyncIterator[Incoming]:  # type: ignore[override]
+    async def incoming(self) -> AsyncIterator[Incoming]:
         while True:
             item = await self._inbox.get()
             if item is None:
@@ -182,13 +186,13 @@ class MqttTransport(Transport):
 
     # -- the connection ----------------------------------------------------------------------
 
-    def _client(self) -> "aiomqtt.Client":  # type: ignore[name-defined]  # noqa: F821
+    def _client(self) -> aiomqtt.Client:
         import aiomqtt
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
         s = self.settings
-        properties = Properties(PacketTypes.CONNECT)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = _SESSION_EXPIRY_S
         tls_context = None
         if s.tls_ca_file is not None:
@@ -220,7 +224,7 @@ class MqttTransport(Transport):
             try:
                 async with self._client() as client:
                     await self._serve(client)
-            except Exception as raised:  # noqa: BLE001 - sorted below; anything unexpected re-raised
+            except Exception as raised:
                 exc = _leaf(raised)
                 if isinstance(exc, _Closing):
                     return
@@ -244,7 +248,7 @@ class MqttTransport(Transport):
                 pass
             delay = min(delay * 2, self.backoff.maximum)
 
-    async def _serve(self, client: "aiomqtt.Client") -> None:  # type: ignore[name-defined]  # noqa: F821
+    async def _serve(self, client: aiomqtt.Client) -> None:
         """Subscribe, announce, then pump messages both ways until the connection drops or we close."""
         await client.subscribe(to_topic(self.run_id, self.rank), qos=1)
         await client.subscribe(presence_topic(self.run_id, "+"), qos=1)
@@ -256,7 +260,7 @@ class MqttTransport(Transport):
             tg.create_task(self._pump_in(client), name="unitedllm-mqtt-receive")
             tg.create_task(self._watch_close(client), name="unitedllm-mqtt-close")
 
-    async def _pump_out(self, client: "aiomqtt.Client") -> None:  # type: ignore[name-defined]  # noqa: F821
+    async def _pump_out(self, client: aiomqtt.Client) -> None:
         """Publish queued frames in order, each peer's only while that peer is online."""
         timeout = max(10.0, float(self.settings.keepalive))
         while True:
@@ -267,7 +271,7 @@ class MqttTransport(Transport):
                     queue.popleft()  # only once the broker acknowledged it: a lost one is re-sent
             await self._wake.wait()
 
-    async def _pump_in(self, client: "aiomqtt.Client") -> None:  # type: ignore[name-defined]  # noqa: F821
+    async def _pump_in(self, client: aiomqtt.Client) -> None:
         """Hand admitted messages and presence changes to :meth:`incoming`."""
         mine = to_topic(self.run_id, self.rank)
         async for received in client.messages:
@@ -298,7 +302,7 @@ class MqttTransport(Transport):
             self._announced[rank] = online
             self._inbox.put_nowait(Presence(rank, online))
 
-    async def _watch_close(self, client: "aiomqtt.Client") -> None:  # type: ignore[name-defined]  # noqa: F821
+    async def _watch_close(self, client: aiomqtt.Client) -> None:
         """On close: give queued messages a bounded time to go out, say offline, end the connection."""
         await self._closing.wait()
         await self.flush(self.flush_timeout_s)

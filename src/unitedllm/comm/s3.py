@@ -283,7 +283,7 @@ class S3BlobStore(BlobStore):
             raise CommError(f"S3 could not {what} {url} ({code}): {exc}") from exc
         except EndpointConnectionError as exc:
             raise CommError(f"cannot reach the S3 endpoint {s.endpoint_url} to {what} {url}: {exc}") from exc
-        except (BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, BotoCoreError, OSError) as exc:
             raise CommError(f"S3 could not {what} {url}: {exc}") from exc
 
 
