@@ -45,9 +45,9 @@ static inline double bf16_to_double(uint16_t v) {
     uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return (double)f;
 }
 
-/* Add residual e into levels 1..nlev-1 at element i with TwoSum; 1 if a deeper level is needed. */
+/* Add residual e into levels 2..nlev-1 at element i with TwoSum; 1 if a deeper level is needed. */
 static inline int cascade(double **lev, int nlev, int64_t i, double e) {
-    for (int l = 1; l < nlev; l++) {
+    for (int l = 2; l < nlev; l++) {
         double a = lev[l][i];
         double t = a + e;
         double z = t - a;
@@ -59,6 +59,7 @@ static inline int cascade(double **lev, int nlev, int64_t i, double e) {
     return 1;
 }
 
+/* Branch-free (vectorisable) TwoSum into levels 0 and 1; what level 1 cannot hold goes to ebuf. */
 #define TWOSUM_LOOP(LOAD)                                              \
     for (int64_t j = 0; j < n; j++) {                                  \
         double p = w * (LOAD);                                         \
@@ -67,8 +68,13 @@ static inline int cascade(double **lev, int nlev, int64_t i, double e) {
         double z = t - a;                                              \
         double e = (a - (t - z)) + (p - z);                            \
         h[j] = t;                                                      \
-        ebuf[j] = e;                                                   \
-        any |= (e != 0.0);                                             \
+        double b = lo[j];                                              \
+        double t2 = b + e;                                             \
+        double z2 = t2 - b;                                            \
+        double e2 = (b - (t2 - z2)) + (e - z2);                        \
+        lo[j] = t2;                                                    \
+        ebuf[j] = e2;                                                  \
+        any |= (e2 != 0.0);                                            \
     }
 
 /* Add w[k] * x[k][i] for every input k and i in [start, end) exactly into the levels.
@@ -77,6 +83,7 @@ static inline int cascade(double **lev, int nlev, int64_t i, double e) {
 int64_t ul_exact_add(double **lev, int nlev, int64_t start, int64_t end,
                      const void **xs, const int32_t *dtypes, const double *ws, int nx) {
     double ebuf[BLOCK];
+    if (nlev < 2) return -2;  /* the caller always provides levels 0 and 1 */
     double *snap = (double *)malloc(sizeof(double) * BLOCK * (size_t)nlev);
     if (!snap) return -1;
     for (int64_t b = start; b < end; b += BLOCK) {
@@ -85,6 +92,7 @@ int64_t ul_exact_add(double **lev, int nlev, int64_t start, int64_t end,
         int fail = 0;
         for (int k = 0; k < nx && !fail; k++) {
             double *h = lev[0] + b;
+            double *lo = lev[1] + b;
             double w = ws[k];
             int any = 0;
             if (dtypes[k] == 0) {

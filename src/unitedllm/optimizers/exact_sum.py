@@ -136,6 +136,8 @@ class ExactSum:
     def _add_native(self, inputs: list[tuple[torch.Tensor, int, float]]) -> None:
         k = _native.kernels()
         assert k is not None
+        while len(self.levels) < 2:  # the kernel always works on (hi, lo)
+            self.levels.append(torch.zeros(self.numel, dtype=torch.float64))
         nx = len(inputs)
         xs = (ctypes.c_void_p * nx)(*[x.data_ptr() for x, _, _ in inputs])
         codes = (ctypes.c_int32 * nx)(*[c for _, c, _ in inputs])
@@ -155,6 +157,8 @@ class ExactSum:
                 stops = [run(pending[0])]
             else:
                 stops = list(_threads().map(run, pending))
+            if any(s == -2 for s in stops):
+                raise RuntimeError("exact-sum kernel called with fewer than two levels")
             if any(s < 0 for s in stops):
                 raise MemoryError("exact-sum kernel could not allocate its block buffer")
             pending = [(s, end) for s, (_, end) in zip(stops, pending, strict=True) if s < end]
