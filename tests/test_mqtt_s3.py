@@ -200,6 +200,21 @@ async def test_messages_wait_for_a_peer_that_is_not_online_yet(mqtt_settings: Mq
             assert isinstance(got, Hello) and got.sender == 1
 
 
+async def test_close_sends_what_it_can_and_does_not_wait_for_absent_peers(
+    mqtt_settings: MqttSettings, run_id: str
+) -> None:
+    async with transport(mqtt_settings, 1, run_id) as client:
+        agg = transport(mqtt_settings, 0, run_id)
+        await agg.open()
+        await next_presence(agg.incoming(), 1)
+        await agg.send(1, hello(run_id, 0))  # client 1 is online: must go out before close returns
+        await agg.send(2, hello(run_id, 0))  # client 2 never came: must not hold the close up
+        started = time.monotonic()
+        await agg.close()
+        assert time.monotonic() - started < 3
+        assert isinstance(await next_message(client.incoming()), Hello)
+
+
 async def test_connection_stays_up_while_a_worker_thread_trains(services: DevServices, run_id: str) -> None:
     settings = services.mqtt.settings(keepalive=5)
     async with transport(settings, 0, run_id) as agg, transport(settings, 1, run_id) as client:

@@ -150,11 +150,14 @@ class MqttTransport(Transport):
             log.warning("rank %d closed with %d unsent message(s) (their peers never came online)", self.rank, left)
         self._inbox.put_nowait(None)
 
-    async def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued message was published (``False`` if ``timeout`` passed first)."""
+    async def flush(self, timeout: float | None = None, *, reachable_only: bool = False) -> bool:
+        """Wait until queued messages were published (``False`` if ``timeout`` passed first).
+
+        With ``reachable_only``, messages for peers that are not online are not waited for.
+        """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        while any(self._outbox.values()):
+        while any(q and (not reachable_only or peer in self._reachable) for peer, q in self._outbox.items()):
             if deadline is not None and loop.time() >= deadline:
                 return False
             await asyncio.sleep(0.02)
@@ -305,6 +308,7 @@ class MqttTransport(Transport):
     async def _watch_close(self, client: aiomqtt.Client) -> None:
         """On close: give queued messages a bounded time to go out, say offline, end the connection."""
         await self._closing.wait()
-        await self.flush(self.flush_timeout_s)
+        # A peer that is gone would only make closing wait the whole timeout.
+        await self.flush(self.flush_timeout_s, reachable_only=True)
         await client.publish(presence_topic(self.run_id, self.rank), OFFLINE, qos=1, retain=True, timeout=5)
         raise _Closing
