@@ -11,7 +11,13 @@ import pytest
 
 from unitedllm.config.types import Config
 from unitedllm.errors import ConfigError
-from unitedllm.training.data import IGNORE_INDEX, client_data, format_prompt, tokenize_records, tokenizer_corpus
+from unitedllm.training.data import (
+    IGNORE_INDEX,
+    client_data,
+    format_prompt,
+    tokenize_records,
+    tokenizer_corpus,
+)
 from unitedllm.training.sources import client_records, read_records, server_test_records, training_records
 from unitedllm.training.synthetic import CATEGORIES, generate_records
 from unitedllm.training.tokenizer import load_tokenizer, train_tokenizer
@@ -193,7 +199,7 @@ def test_test_set_larger_than_data_is_a_config_error(tmp_path: Path) -> None:
 def test_client_data_is_cached_on_disk(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path)
     tok = load_tokenizer(cfg)
-    train, test = client_data(cfg, 1, tok)
+    train, _test = client_data(cfg, 1, tok)
     files = sorted((tmp_path / "cache" / "datasets").glob("*.arrow"))
     assert len(files) == 2
     again, _ = client_data(cfg, 1, tok)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from collections.abc import Iterator
@@ -143,7 +144,7 @@ def test_learning_rate_schedule_continues_across_rounds(tmp_path: Path) -> None:
     step = 5e-3 / 18
     assert seq[0] == pytest.approx(5e-3)  # the rate the first step used
     assert lrs[2][0] == pytest.approx(lrs[1][-1] - step)
-    assert all(b == pytest.approx(a - step) for a, b in zip(seq, seq[1:], strict=False))
+    assert all(b == pytest.approx(a - step) for a, b in itertools.pairwise(seq))
     state = trainer.state_dict()
     assert state["scheduler"]["last_epoch"] == 12
     assert state["optimizer"]["state"]  # Adam moments are kept for round 3

@@ -12,7 +12,7 @@ from unitedllm.training.base import StepEvent
 __all__ = ["StepReporter"]
 
 
-class StepReporter(TrainerCallback):  # type: ignore[misc]
+class StepReporter(TrainerCallback):
     """Turns the Trainer's per-step log (``logging_steps=1``) into ``on_step(StepEvent)`` calls."""
 
     def __init__(self, rank: int, round_idx: int, max_steps: int, on_step: Callable[[StepEvent], None]):

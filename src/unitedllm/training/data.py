@@ -50,26 +50,26 @@ def format_prompt(record: Record) -> str:
     return f"{_HEAD.format(extra='')}### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def tokenizer_corpus(cfg: "Config") -> list[str]:
+def tokenizer_corpus(cfg: Config) -> list[str]:
     """The texts a trained tokenizer learns from: every client's training examples, in a fixed order."""
     return [format_prompt(r) + r["response"] for r in training_records(cfg)]
 
 
-def _tokenizer_digest(tokenizer: "PreTrainedTokenizerBase") -> str:
+def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     cached = getattr(tokenizer, "_unitedllm_digest", None)
     if isinstance(cached, str):
         return cached
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     digest = hashlib.sha256(f"{body}\0{tokenizer.eos_token}".encode()).hexdigest()
-    tokenizer._unitedllm_digest = digest  # type: ignore[attr-defined]
+    tokenizer._unitedllm_digest = digest
     return digest
 
 
 def _encode_batch(
     batch: dict[str, list[str]],
     *,
-    tokenizer: "PreTrainedTokenizerBase",
+    tokenizer: PreTrainedTokenizerBase,
     max_len: int,
     remove_long: bool,
     truncate_long: bool,
@@ -95,7 +95,7 @@ def _encode_batch(
     return out
 
 
-def tokenize_records(records: Sequence[Record], tokenizer: "PreTrainedTokenizerBase", cfg: "Config") -> "Dataset":
+def tokenize_records(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, cfg: Config) -> Dataset:
     """A ``datasets.Dataset`` of ``input_ids``/``labels``/``category`` for ``records`` (cached on disk)."""
     from datasets import Dataset
 
@@ -120,19 +120,19 @@ def tokenize_records(records: Sequence[Record], tokenizer: "PreTrainedTokenizerB
             ds_logging.enable_progress_bar()
 
 
-def _map(raw: "Dataset", tokenizer: "PreTrainedTokenizerBase", cfg: "Config", cache_file: Any, digest: str) -> "Dataset":
+def _map(raw: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Config, cache_file: Any, digest: str) -> Dataset:
     dargs = cfg.data_args
     return raw.map(
         _encode_batch,
         batched=True,
         batch_size=1000,
         remove_columns=raw.column_names,
-        fn_kwargs=dict(
-            tokenizer=tokenizer,
-            max_len=dargs.max_seq_length,
-            remove_long=dargs.remove_long_seq,
-            truncate_long=dargs.truncate_long_seq,
-        ),
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "max_len": dargs.max_seq_length,
+            "remove_long": dargs.remove_long_seq,
+            "truncate_long": dargs.truncate_long_seq,
+        },
         cache_file_name=str(cache_file),
         load_from_cache_file=True,
         new_fingerprint=digest,
@@ -140,13 +140,13 @@ def _map(raw: "Dataset", tokenizer: "PreTrainedTokenizerBase", cfg: "Config", ca
     )
 
 
-def client_data(cfg: "Config", rank: int, tokenizer: "PreTrainedTokenizerBase") -> tuple["Dataset", "Dataset"]:
+def client_data(cfg: Config, rank: int, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset]:
     """Tokenized (train, test) splits of client ``rank`` (1..N)."""
     train, test = client_records(cfg, rank)
     return tokenize_records(train, tokenizer, cfg), tokenize_records(test, tokenizer, cfg)
 
 
-def server_test_data(cfg: "Config", tokenizer: "PreTrainedTokenizerBase") -> "Dataset":
+def server_test_data(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> Dataset:
     """The tokenized global held-out test set the aggregator (rank 0) evaluates on."""
     return tokenize_records(server_test_records(cfg), tokenizer, cfg)
 
@@ -157,7 +157,7 @@ class CausalCollator:
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, "torch.Tensor"]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         import torch
 
         width = max(len(f["input_ids"]) for f in features)

@@ -53,7 +53,7 @@ def _key(*parts: Any) -> str:
 class HFLocalTrainer(LocalTrainer):
     """Local training and evaluation of rank ``rank`` (0 = aggregator: evaluation only) with Hugging Face."""
 
-    def __init__(self, cfg: "Config", rank: int, *, model_cache: ModelCache | None = None):
+    def __init__(self, cfg: Config, rank: int, *, model_cache: ModelCache | None = None):
         if rank < 0 or rank > cfg.train_args.client_num_in_total:
             raise ConfigError(
                 ConfigProblem(
@@ -114,7 +114,7 @@ class HFLocalTrainer(LocalTrainer):
         self._shared = shared
 
     @property
-    def tokenizer(self) -> "PreTrainedTokenizerBase":
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         """The run's tokenizer (built on first use)."""
         self._ready()
         assert self._tokenizer is not None
@@ -131,13 +131,13 @@ class HFLocalTrainer(LocalTrainer):
         return self._ready().lock
 
     @property
-    def train_dataset(self) -> "Dataset | None":
+    def train_dataset(self) -> Dataset | None:
         """This client's tokenized training split (None on the aggregator)."""
         self._ready()
         return self._train
 
     @property
-    def test_dataset(self) -> "Dataset":
+    def test_dataset(self) -> Dataset:
         """This rank's tokenized test split (the global held-out set on the aggregator)."""
         self._ready()
         assert self._test is not None
@@ -145,7 +145,7 @@ class HFLocalTrainer(LocalTrainer):
 
     # -- LocalTrainer ----------------------------------------------------------------------
 
-    def initial_weights(self) -> dict[str, "torch.Tensor"]:
+    def initial_weights(self) -> dict[str, torch.Tensor]:
         """The trainable tensors as built (identical on every rank)."""
         return {k: v.clone() for k, v in self._ready().initial_weights.items()}
 
@@ -167,7 +167,7 @@ class HFLocalTrainer(LocalTrainer):
         per_step = targs.per_device_train_batch_size * targs.gradient_accumulation_steps
         return max(1, math.ceil(math.ceil(len(train) / per_step) * targs.local_num_train_epochs))
 
-    def _require_train(self) -> "Dataset":
+    def _require_train(self) -> Dataset:
         self._ready()
         if self._train is None:
             raise TrainingError("the aggregator (rank 0) has no training data; only clients train")
@@ -177,7 +177,7 @@ class HFLocalTrainer(LocalTrainer):
 
     def fit(
         self,
-        weights: Mapping[str, "torch.Tensor"],
+        weights: Mapping[str, torch.Tensor],
         *,
         round_idx: int,
         max_steps: int,
@@ -220,7 +220,7 @@ class HFLocalTrainer(LocalTrainer):
             },
         )
 
-    def evaluate(self, weights: Mapping[str, "torch.Tensor"]) -> EvalResult:
+    def evaluate(self, weights: Mapping[str, torch.Tensor]) -> EvalResult:
         """Token-averaged response loss and perplexity on this rank's test split, also per category."""
         from unitedllm.training.evaluation import response_losses
         from unitedllm.training.weights import load_trainable
@@ -246,7 +246,7 @@ class HFLocalTrainer(LocalTrainer):
             per_category=per_category,
         )
 
-    def save_model(self, weights: Mapping[str, "torch.Tensor"], directory: Path) -> None:
+    def save_model(self, weights: Mapping[str, torch.Tensor], directory: Path) -> None:
         """A self-contained model dir: PEFT adapter + base config + tokenizer (LoRA), or a full model."""
         from unitedllm.training.weights import load_trainable
 
@@ -312,7 +312,7 @@ class HFLocalTrainer(LocalTrainer):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _training_args(self, steps: int, seed: int) -> "TrainingArguments":
+    def _training_args(self, steps: int, seed: int) -> TrainingArguments:
         from transformers import TrainingArguments
 
         targs = self.cfg.train_args
@@ -352,14 +352,15 @@ class HFLocalTrainer(LocalTrainer):
         except ValueError as exc:
             raise ConfigError(ConfigProblem("train_args", f"not valid Hugging Face training arguments: {exc}")) from exc
 
-    def _ensure_optimizer(self, model: Any, args: "TrainingArguments", steps: int) -> None:
+    def _ensure_optimizer(self, model: Any, args: TrainingArguments, steps: int) -> None:
         if self._optimizer is not None:
             return
         from transformers import Trainer, get_scheduler
 
         targs = self.cfg.train_args
         optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
@@ -383,20 +384,19 @@ class HFLocalTrainer(LocalTrainer):
     def _hf_trainer(
         self,
         model: Any,
-        args: "TrainingArguments",
-        train: "Dataset",
+        args: TrainingArguments,
+        train: Dataset,
         round_idx: int,
         steps: int,
         on_step: Callable[[StepEvent], None] | None,
     ) -> Any:
         from transformers import Trainer
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         from unitedllm.training.callbacks import StepReporter
         from unitedllm.training.data import CausalCollator
 
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-        callbacks = [StepReporter(self.rank, round_idx, steps, on_step)] if on_step else []
+        callbacks: list[Any] = [StepReporter(self.rank, round_idx, steps, on_step)] if on_step else []
         trainer = Trainer(
             model=model,
             args=args,

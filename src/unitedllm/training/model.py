@@ -34,24 +34,25 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
 }
 
 
-def torch_dtype(cfg: "Config") -> "torch.dtype":
+def torch_dtype(cfg: Config) -> torch.dtype:
     """The torch dtype named by ``train_args.model_dtype``."""
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train_args.model_dtype]
 
 
-def _model_source(cfg: "Config") -> str:
+def _model_source(cfg: Config) -> str:
     source = cfg.model_args.model_name_or_path
     local = Path(source).expanduser()
     return str(local) if local.is_dir() else source
 
 
-def load_model_config(cfg: "Config") -> "PretrainedConfig":
+def load_model_config(cfg: Config) -> PretrainedConfig:
     """The model's ``transformers`` config with ``model_args.model_config_overrides`` applied."""
     from transformers import AutoConfig
 
     margs = cfg.model_args
+    config: Any
     try:
         config = AutoConfig.from_pretrained(
             _model_source(cfg), trust_remote_code=margs.trust_remote_code, revision=margs.model_revision
@@ -69,10 +70,10 @@ def load_model_config(cfg: "Config") -> "PretrainedConfig":
                 )
             )
         setattr(config, key, value)
-    return config
+    return config  # type: ignore[no-any-return]
 
 
-def _attn_implementation(cfg: "Config") -> str:
+def _attn_implementation(cfg: Config) -> str:
     if not cfg.model_args.use_flash_attention:
         return "sdpa"
     if importlib.util.find_spec("flash_attn") is None:
@@ -81,7 +82,7 @@ def _attn_implementation(cfg: "Config") -> str:
     return "flash_attention_2"
 
 
-def lora_target_modules(cfg: "Config", model: "PreTrainedModel") -> list[str]:
+def lora_target_modules(cfg: Config, model: PreTrainedModel) -> list[str]:
     """Which modules get LoRA adapters: the config's list, all linear layers, or the architecture's default."""
     import torch
 
@@ -91,7 +92,7 @@ def lora_target_modules(cfg: "Config", model: "PreTrainedModel") -> list[str]:
     model_type = getattr(model.config, "model_type", "")
     if not margs.lora_on_all_modules and model_type in DEFAULT_LORA_TARGETS:
         return list(DEFAULT_LORA_TARGETS[model_type])
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings()  # type: ignore[no-untyped-call]
     names = {
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
@@ -103,7 +104,7 @@ def lora_target_modules(cfg: "Config", model: "PreTrainedModel") -> list[str]:
     return sorted(names)
 
 
-def _wrap_lora(cfg: "Config", model: "PreTrainedModel") -> "PreTrainedModel":
+def _wrap_lora(cfg: Config, model: PreTrainedModel) -> PreTrainedModel:
     from peft import LoraConfig, TaskType, get_peft_model
 
     margs = cfg.model_args
@@ -111,12 +112,13 @@ def _wrap_lora(cfg: "Config", model: "PreTrainedModel") -> "PreTrainedModel":
     lora = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=margs.lora_r,
-        lora_alpha=margs.lora_alpha,
+        lora_alpha=margs.lora_alpha,  # type: ignore[arg-type]  # peft accepts floats
         lora_dropout=margs.lora_dropout,
         target_modules=targets,
     )
     try:
-        return get_peft_model(model, lora)  # type: ignore[no-any-return]
+        wrapped: Any = get_peft_model(model, lora)
+        return wrapped  # type: ignore[no-any-return]
     except ValueError as exc:
         raise ConfigError(
             ConfigProblem("model_args.lora_target_modules", f"{targets} do not fit {model.config.model_type}: {exc}")
@@ -124,8 +126,8 @@ def _wrap_lora(cfg: "Config", model: "PreTrainedModel") -> "PreTrainedModel":
 
 
 def build_model(
-    cfg: "Config", tokenizer: "PreTrainedTokenizerBase", *, trained_tokenizer: bool
-) -> "PreTrainedModel":
+    cfg: Config, tokenizer: PreTrainedTokenizerBase, *, trained_tokenizer: bool
+) -> PreTrainedModel:
     """The model to train, identical on every rank: base (+ LoRA), vocab fitted to ``tokenizer``."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -142,6 +144,7 @@ def build_model(
     gradient_checkpointing = cfg.train_args.gradient_checkpointing
     if gradient_checkpointing:
         config.use_cache = False
+    model: Any
     kwargs: dict[str, Any] = {"attn_implementation": _attn_implementation(cfg), "trust_remote_code": margs.trust_remote_code}
     with torch.random.fork_rng(devices=[]):
         # Same seed on every rank: same random base weights and same initial adapters.
@@ -162,10 +165,10 @@ def build_model(
             if model.get_input_embeddings().weight.shape[0] != config.vocab_size:
                 model.resize_token_embeddings(config.vocab_size)
         else:
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
+            model = AutoModelForCausalLM.from_config(config, **kwargs)  # type: ignore[no-untyped-call]
         model = model.to(torch_dtype(cfg))
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if margs.peft_type == "lora":
             model = _wrap_lora(cfg, model)
-    return model
+    return model  # type: ignore[no-any-return]

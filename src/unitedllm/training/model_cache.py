@@ -28,7 +28,7 @@ class SharedModel:
     """A model built once, the trainable weights it was built with, and the lock trainers take turns by."""
 
     model: Any
-    initial_weights: dict[str, "torch.Tensor"]
+    initial_weights: dict[str, torch.Tensor]
     lock: threading.RLock = field(default_factory=threading.RLock)
     base_dir: Path | None = None  # where save_base() wrote the base model, if it did
 

@@ -91,7 +91,7 @@ def _shuffled(records: list[Record], seed: int, salt: str) -> list[Record]:
     return out
 
 
-def _hold_out(records: list[Record], size: int, cfg: "Config", source: str) -> tuple[list[Record], list[Record]]:
+def _hold_out(records: list[Record], size: int, cfg: Config, source: str) -> tuple[list[Record], list[Record]]:
     if size >= len(records):
         raise ConfigError(
             ConfigProblem(
@@ -103,7 +103,7 @@ def _hold_out(records: list[Record], size: int, cfg: "Config", source: str) -> t
     return records[size:], records[:size]
 
 
-def _hub_pool(cfg: "Config") -> tuple[list[Record], list[Record]]:
+def _hub_pool(cfg: Config) -> tuple[list[Record], list[Record]]:
     from datasets import load_dataset  # real hub path; tests never reach it
 
     name = cfg.data_args.dataset_name
@@ -117,7 +117,7 @@ def _hub_pool(cfg: "Config") -> tuple[list[Record], list[Record]]:
     return _hold_out(train, cfg.data_args.test_dataset_size, cfg, f"dataset {name!r}")
 
 
-def _shared_pool(cfg: "Config") -> tuple[list[Record], list[Record]]:
+def _shared_pool(cfg: Config) -> tuple[list[Record], list[Record]]:
     """(train, test) pools shared by all clients: synthetic, ``dataset_path`` or the hub."""
     dargs = cfg.data_args
     if dargs.dataset == DATASET_NAME:
@@ -157,7 +157,7 @@ def partition(records: list[Record], *, num_clients: int, rank: int, mode: str, 
     return [r for r in records if r["category"] == cat][sharers.index(rank) :: len(sharers)]
 
 
-def _client_file(cfg: "Config", rank: int) -> tuple[str, str]:
+def _client_file(cfg: Config, rank: int) -> tuple[str, str]:
     """(path, config path) of client ``rank``'s own data file."""
     paths = cfg.data_args.client_dataset_path
     n = cfg.train_args.client_num_in_total
@@ -173,7 +173,7 @@ def _client_file(cfg: "Config", rank: int) -> tuple[str, str]:
     )
 
 
-def _own_file_split(cfg: "Config", rank: int) -> tuple[list[Record], list[Record]]:
+def _own_file_split(cfg: Config, rank: int) -> tuple[list[Record], list[Record]]:
     path, where = _client_file(cfg, rank)
     records = read_records(path, config_path=where)
     # A client's own file keeps a fifth at most for testing, so small silos still train.
@@ -182,12 +182,12 @@ def _own_file_split(cfg: "Config", rank: int) -> tuple[list[Record], list[Record
     return records[size:], records[:size]
 
 
-def _per_client_files(cfg: "Config") -> bool:
+def _per_client_files(cfg: Config) -> bool:
     """Whether clients train on their own files (``client_dataset_path``) rather than a shared pool."""
     return bool(cfg.data_args.client_dataset_path) and cfg.data_args.dataset != DATASET_NAME
 
 
-def _check_rank(cfg: "Config", rank: int) -> None:
+def _check_rank(cfg: Config, rank: int) -> None:
     n = cfg.train_args.client_num_in_total
     if not 1 <= rank <= n:
         raise ConfigError(
@@ -195,22 +195,22 @@ def _check_rank(cfg: "Config", rank: int) -> None:
         )
 
 
-def client_records(cfg: "Config", rank: int) -> tuple[list[Record], list[Record]]:
+def client_records(cfg: Config, rank: int) -> tuple[list[Record], list[Record]]:
     """(train, test) records of client ``rank``."""
     _check_rank(cfg, rank)
     if _per_client_files(cfg):
         return _own_file_split(cfg, rank)
     pool = _shared_pool(cfg)
-    kwargs = dict(
-        num_clients=cfg.train_args.client_num_in_total,
-        rank=rank,
-        mode=cfg.data_args.partition,
-        seed=cfg.common_args.random_seed,
-    )
+    kwargs = {
+        "num_clients": cfg.train_args.client_num_in_total,
+        "rank": rank,
+        "mode": cfg.data_args.partition,
+        "seed": cfg.common_args.random_seed,
+    }
     return partition(pool[0], **kwargs), partition(pool[1], **kwargs)  # type: ignore[arg-type]
 
 
-def server_test_records(cfg: "Config") -> list[Record]:
+def server_test_records(cfg: Config) -> list[Record]:
     """The global held-out test set the aggregator (rank 0) evaluates on."""
     if not _per_client_files(cfg) or cfg.data_args.dataset_path:
         return _shared_pool(cfg)[1]
@@ -223,7 +223,7 @@ def server_test_records(cfg: "Config") -> list[Record]:
     return test
 
 
-def training_records(cfg: "Config") -> list[Record]:
+def training_records(cfg: Config) -> list[Record]:
     """Every client's training records (what a trained tokenizer learns from; identical on every rank)."""
     if not _per_client_files(cfg):
         return _shared_pool(cfg)[0]

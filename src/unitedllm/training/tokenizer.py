@@ -29,7 +29,7 @@ PAD_TOKEN = "<|padding|>"
 _MIN_VOCAB = 256 + 2  # the byte alphabet plus our two special tokens
 
 
-def cache_root(cfg: "Config") -> Path:
+def cache_root(cfg: Config) -> Path:
     """Where UnitedLLM caches tokenizers and tokenized datasets: ``data_args.cache_dir`` or ~/.cache."""
     if cfg.data_args.cache_dir:
         return Path(cfg.data_args.cache_dir).expanduser()
@@ -44,7 +44,7 @@ def _digest(texts: Sequence[str], vocab_size: int) -> str:
     return h.hexdigest()[:32]
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Path) -> "PreTrainedTokenizerBase":
+def train_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Path) -> PreTrainedTokenizerBase:
     """A byte-level BPE tokenizer of ``vocab_size`` trained on ``texts`` (cached under ``cache_dir``)."""
     from transformers import PreTrainedTokenizerFast
 
@@ -61,7 +61,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Path) -> "
         )
     target = cache_dir / "tokenizers" / _digest(texts, vocab_size)
     if (target / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(str(target))
+        cached: PreTrainedTokenizerBase = PreTrainedTokenizerFast.from_pretrained(str(target))
+        return cached
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -75,7 +76,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Path) -> "
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=PAD_TOKEN
     )
     # Write to a private dir then rename: ranks in one process or on one disk may race here.
@@ -90,10 +91,11 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Path) -> "
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return PreTrainedTokenizerFast.from_pretrained(str(target))
+    trained: PreTrainedTokenizerBase = PreTrainedTokenizerFast.from_pretrained(str(target))
+    return trained
 
 
-def _load_pretrained_tokenizer(cfg: "Config") -> "PreTrainedTokenizerBase":
+def _load_pretrained_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     margs = cfg.model_args
@@ -128,7 +130,7 @@ def _load_pretrained_tokenizer(cfg: "Config") -> "PreTrainedTokenizerBase":
     return tokenizer
 
 
-def load_tokenizer(cfg: "Config", corpus: Sequence[str] | None = None) -> "PreTrainedTokenizerBase":
+def load_tokenizer(cfg: Config, corpus: Sequence[str] | None = None) -> PreTrainedTokenizerBase:
     """The run's tokenizer: trained on ``corpus`` when ``train_tokenizer_vocab_size`` is set, else loaded."""
     size = cfg.model_args.train_tokenizer_vocab_size
     if size is not None:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["base_fingerprint", "base_state_dict", "load_trainable", "trainable_state"]
 
 
-def trainable_state(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """CPU copies of the trainable tensors, in the dtype they train in."""
     return {
         name: p.detach().to("cpu", copy=True)
@@ -35,7 +35,7 @@ def _listed(names: set[str], limit: int = 5) -> str:
     return ", ".join(shown) + more
 
 
-def load_trainable(model: "torch.nn.Module", weights: Mapping[str, "torch.Tensor"]) -> None:
+def load_trainable(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
     """Copy ``weights`` into the model's trainable tensors; names and shapes must match exactly."""
     import torch
 
@@ -66,12 +66,12 @@ def _is_adapter(name: str) -> bool:
     return "lora_" in name or ".modules_to_save." in name
 
 
-def base_state_dict(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
+def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The frozen base model's tensors under the plain ``transformers`` names (adapters left out)."""
     from peft import PeftModel
 
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    out: dict[str, "torch.Tensor"] = {}
+    out: dict[str, torch.Tensor] = {}
     for name, tensor in base.state_dict().items():
         if _is_adapter(name):
             continue
@@ -79,7 +79,7 @@ def base_state_dict(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
     return out
 
 
-def base_fingerprint(model: "torch.nn.Module") -> str:
+def base_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over the frozen base tensors (names, dtypes, shapes, bytes) in name order, plus the config."""
     import torch
 
