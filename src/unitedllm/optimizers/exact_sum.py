@@ -165,16 +165,23 @@ class ExactSum:
             if pending:  # a block needed a deeper level: it was rolled back, add one and resume
                 self.levels.append(torch.zeros(self.numel, dtype=torch.float64))
 
-    def result(self) -> torch.Tensor:
-        """The exact sum rounded once to float64 (shape of the summed tensors)."""
+    def result(self, *, consume: bool = False) -> torch.Tensor:
+        """The exact sum rounded once to float64; ``consume=True`` reuses the accumulator's memory."""
         if len(self.levels) == 1:
-            return self.levels[0].clone().view(self.shape)
-        out = self.levels[0] + self.levels[1]  # correctly rounded where deeper levels are 0
-        if len(self.levels) > 2:
-            deep = torch.stack(self.levels[2:]).ne(0).any(dim=0).nonzero().view(-1)
-            cols = torch.stack(self.levels)[:, deep].T.tolist()
-            for i, parts in zip(deep.tolist(), cols, strict=True):
-                out[i] = math.fsum(parts)  # correctly rounded sum of the element's levels
+            out = self.levels[0] if consume else self.levels[0].clone()
+            return out.view(self.shape)
+        deep: list[int] = []
+        cols: list[list[float]] = []
+        if len(self.levels) > 2:  # gather before level 0 may be overwritten below
+            idx = torch.stack(self.levels[2:]).ne(0).any(dim=0).nonzero().view(-1)
+            deep = idx.tolist()
+            cols = torch.stack([lv[idx] for lv in self.levels]).T.tolist()
+        # Correctly rounded where deeper levels are 0.
+        out = self.levels[0].add_(self.levels[1]) if consume else self.levels[0] + self.levels[1]
+        for i, parts in zip(deep, cols, strict=True):
+            out[i] = math.fsum(parts)  # correctly rounded sum of the element's levels
+        if consume:
+            self.levels = []
         return out.view(self.shape)
 
 

@@ -93,7 +93,7 @@ class StreamingMeanRound(RoundAccumulator):
         self._total += sum(ws)
 
     def _finish(self) -> tuple[Tensors, Tensors]:
-        mean = {n: self._sums.pop(n).result().div_(self._total) for n in self.weights}
-        extras = {n: self._extra_sums.pop(n).result().div_(self._total) for n in self._extras}
+        mean = {n: self._sums.pop(n).result(consume=True).div_(self._total) for n in self.weights}
+        extras = {n: self._extra_sums.pop(n).result(consume=True).div_(self._total) for n in self._extras}
         summary = RoundSummary(tuple(sorted(self.accepted)), self._total, extras)
         return self.optimizer.apply(self.weights, mean, self.state, summary)
