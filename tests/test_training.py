@@ -117,6 +117,19 @@ def test_two_rounds_lower_the_loss_and_report_progress(tmp_path: Path) -> None:
     assert set(after.per_category) == {r for r in set(trainer.test_dataset["category"])}
 
 
+def test_a_client_does_worse_on_categories_it_never_saw(tmp_path: Path) -> None:
+    cache = ModelCache()
+    cfg = make_cfg(tmp_path)
+    server, client = HFLocalTrainer(cfg, 0, model_cache=cache), HFLocalTrainer(cfg, 1, model_cache=cache)
+    own = set(client.train_dataset["category"])
+    trained = client.fit(server.initial_weights(), round_idx=1, max_steps=20).weights
+    losses = server.evaluate(trained).per_category
+    seen = [v for k, v in losses.items() if k in own]
+    unseen = [v for k, v in losses.items() if k not in own]
+    assert len(seen) == 3 and len(unseen) == 3
+    assert sum(seen) / 3 < sum(unseen) / 3 - 0.3
+
+
 def test_same_seed_gives_identical_weights(tmp_path: Path) -> None:
     results = []
     for _ in range(2):

@@ -261,8 +261,11 @@ class HFLocalTrainer(LocalTrainer):
                 saved_base = peft_config.base_model_name_or_path
                 base = shared.base_dir.resolve() if shared.base_dir else self.cfg.model_args.model_name_or_path
                 peft_config.base_model_name_or_path = str(base)
+                # Adapted embeddings / output head are saved in full so the adapter stands alone.
+                targets = set(peft_config.target_modules or ())
+                heads = {"lm_head", "embed_out", "embed_in", "embed_tokens", "wte"}
                 try:
-                    model.save_pretrained(str(directory))
+                    model.save_pretrained(str(directory), save_embedding_layers=bool(targets & heads))
                 finally:
                     peft_config.base_model_name_or_path = saved_base
                 model.get_base_model().config.save_pretrained(str(directory))
