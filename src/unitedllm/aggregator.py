@@ -163,7 +163,10 @@ class Aggregator:
         from unitedllm.optimizers import create
 
         cfg = self.cfg
-        optimizer = create(cfg.server_optimizer_name, cfg.train_args.server_optimizer_args)
+        optimizer = create(
+            cfg.server_optimizer_name, cfg.train_args.server_optimizer_args,
+            num_clients=cfg.train_args.client_num_in_total,
+        )
         first_round, weights, state = await self._starting_point(optimizer)
         summaries: list[RoundSummary] = []
         try:
@@ -236,18 +239,12 @@ class Aggregator:
                 rank, RoundStart(run_id=self.run_id, round=round_idx, sender=SERVER_RANK, global_ref=global_ref, spec=spec)
             )
         arrived = await self._collect(round_idx, selected)
-        updates, rejected = await self._fetch_and_check(round_idx, weights, arrived)
-        quorum = self.plan.quorum(len(selected))
-        if len(updates) < quorum:
-            raise RoundError(
-                f"round {round_idx}: only {len(updates)} valid update(s) of the {quorum} needed "
-                f"(selected {selected}; rejected {rejected or 'none'}); "
-                f"raise comm_args.round_timeout_s or lower comm_args.min_updates_per_round"
-            )
         agg_started = time.perf_counter()
-        new_weights, new_state = await asyncio.to_thread(optimizer.step, weights, updates, state)
+        accepted, rejected, (new_weights, new_state) = await self._aggregate(
+            round_idx, weights, state, optimizer, arrived, quorum=self.plan.quorum(len(selected)), selected=selected
+        )
         agg_seconds = time.perf_counter() - agg_started
-        summary = RoundSummary(round_idx, selected, [u.rank for u in updates], rejected=rejected)
+        summary = RoundSummary(round_idx, selected, accepted, rejected=rejected)
         losses = [(m.metrics.get("train_loss"), m.num_samples) for m in arrived if m.sender in summary.aggregated]
         summary.train_loss = _weighted([(loss, n) for loss, n in losses if loss is not None])
         if cfg.validation_args.is_aggregator_test and self.plan.is_test_round(round_idx):
@@ -306,24 +303,37 @@ class Aggregator:
                 received[update.sender] = update
         return [received[r] for r in sorted(received)]
 
-    async def _fetch_and_check(
-        self, round_idx: int, weights: Mapping[str, "torch.Tensor"], arrived: list[Update]
-    ) -> tuple[list[ClientUpdate], dict[int, str]]:
+    async def _aggregate(
+        self,
+        round_idx: int,
+        weights: Mapping[str, "torch.Tensor"],
+        state: Mapping[str, "torch.Tensor"],
+        optimizer: Any,
+        arrived: list[Update],
+        *,
+        quorum: int,
+        selected: list[int],
+    ) -> tuple[list[int], dict[int, str], tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]]:
+        """Fetch, check and fold each update into the round's accumulator, one at a time (streaming)."""
         from unitedllm.optimizers.base import ClientUpdate
-        from unitedllm.updates import check_update
+        from unitedllm.optimizers.validation import validate_num_samples
 
-        updates: list[ClientUpdate] = []
+        accumulator = optimizer.begin_round(weights, dict(state), round_idx=round_idx)
+        accepted: list[int] = []
         rejected: dict[int, str] = {}
         for message in arrived:
             try:
+                validate_num_samples(message.num_samples, rank=message.sender, round_idx=round_idx)
                 data = await self.store.get(message.delta_ref)
-                delta = decode_tensors(data)
-                check_update(weights, delta, num_samples=message.num_samples, rank=message.sender, round_idx=round_idx)
+                delta = await asyncio.to_thread(decode_tensors, data)
+                del data
+                update = ClientUpdate(rank=message.sender, delta=delta, num_samples=message.num_samples)
+                await asyncio.to_thread(accumulator.add, update)
             except UnitedLLMError as exc:
                 rejected[message.sender] = str(exc)
                 self._reject(message.sender, round_idx, str(exc))
                 continue
-            updates.append(ClientUpdate(rank=message.sender, delta=delta, num_samples=message.num_samples))
+            accepted.append(message.sender)
             self.metrics.log(
                 "train", round_idx=round_idx, rank=message.sender, split="train",
                 loss=message.metrics.get("train_loss"), samples=message.num_samples,
@@ -331,7 +341,13 @@ class Aggregator:
                 metrics=message.metrics,
             )
             await self.store.delete(message.delta_ref)
-        return updates, rejected
+        if len(accepted) < quorum:
+            raise RoundError(
+                f"round {round_idx}: only {len(accepted)} valid update(s) of the {quorum} needed "
+                f"(selected {selected}; rejected {rejected or 'none'}); "
+                f"raise comm_args.round_timeout_s or lower comm_args.min_updates_per_round"
+            )
+        return accepted, rejected, await asyncio.to_thread(accumulator.finish)
 
     def _reject(self, rank: int, round_idx: int, reason: str) -> None:
         log.warning("round %d: update from client %d refused: %s", round_idx, rank, reason)

@@ -237,11 +237,11 @@ class Client:
 
 
 def _delta(new: Mapping[str, "torch.Tensor"], old: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
-    """new − old per tensor, in float32 or wider."""
+    """new − old per tensor, computed in float32 or wider and sent in the global model's dtype."""
     import torch
 
     out: dict[str, torch.Tensor] = {}
     for name, w in old.items():
-        dtype = torch.promote_types(w.dtype, torch.float32)
-        out[name] = new[name].to(dtype) - w.to(dtype)
+        wide = torch.promote_types(w.dtype, torch.float32)
+        out[name] = (new[name].to(wide) - w.to(wide)).to(w.dtype)
     return out
