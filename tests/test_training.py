@@ -291,3 +291,14 @@ def test_real_dolly_pythia_run_trains_a_few_steps(tmp_path: Path) -> None:
     assert first.metrics["train_loss"] > 0
     assert first.weights.keys() == trainer.initial_weights().keys()
     assert all(torch.isfinite(w).all() for w in first.weights.values())
+
+
+def test_fingerprint_does_not_change_when_the_model_is_saved(tmp_path: Path) -> None:
+    """Saving rewrites parts of the model config; ranks that saved nothing must still match the aggregator."""
+    cache = ModelCache()
+    server = HFLocalTrainer(make_cfg(tmp_path), 0, model_cache=cache)
+    before = server.base_fingerprint()
+    server.save_base(tmp_path / "init")
+    server.save_model(server.initial_weights(), tmp_path / "final")
+    client = HFLocalTrainer(make_cfg(tmp_path), 1, model_cache=cache)
+    assert client.base_fingerprint() == before == HFLocalTrainer(make_cfg(tmp_path), 1).base_fingerprint()

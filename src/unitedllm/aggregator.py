@@ -198,6 +198,7 @@ class Aggregator:
             saved = await asyncio.to_thread(load_resume_point, self.output_dir)
             if saved is not None:
                 last_round, weights, state, _ = saved
+                await asyncio.to_thread(self._save_init, weights)
                 log.info("resuming run %s after round %d of %d", self.run_id, last_round, self.plan.comm_round)
                 self.metrics.log("resume", round_idx=last_round, rank=SERVER_RANK)
                 return last_round + 1, weights, state
@@ -458,9 +459,18 @@ class Aggregator:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def _save_init(self, weights: Mapping[str, "torch.Tensor"]) -> None:
+        """``node_0/init``: a randomly initialised base is saved there once, and every adapter points at it."""
+        import shutil
+
         from unitedllm.checkpoints import atomic_dir
 
         target = self.output_dir / f"node_{SERVER_RANK}" / "init"
+        save_base = getattr(self.trainer, "save_base", None)
+        if save_base is not None and not self.cfg.model_args.load_pretrained:
+            # Saved in place (not renamed) because adapters record this exact path as their base.
+            shutil.rmtree(target, ignore_errors=True)
+            save_base(target)
+            return
         with atomic_dir(target) as tmp:
             self.trainer.save_model(weights, tmp)
 

@@ -88,7 +88,7 @@ class HFLocalTrainer(LocalTrainer):
         from unitedllm.training.data import client_data, server_test_data
         from unitedllm.training.model import build_model
         from unitedllm.training.tokenizer import load_tokenizer
-        from unitedllm.training.weights import trainable_state
+        from unitedllm.training.weights import base_fingerprint, trainable_state
 
         cfg = self.cfg
         margs = msgspec.to_builtins(cfg.model_args)
@@ -103,7 +103,9 @@ class HFLocalTrainer(LocalTrainer):
 
         def build() -> SharedModel:
             model = build_model(cfg, tokenizer, trained_tokenizer=trained)
-            return SharedModel(model=model, initial_weights=trainable_state(model))
+            return SharedModel(
+                model=model, initial_weights=trainable_state(model), fingerprint=base_fingerprint(model)
+            )
 
         shared = self._cache.get_or_create(model_key, build)
         if self.rank == 0:
@@ -151,11 +153,7 @@ class HFLocalTrainer(LocalTrainer):
 
     def base_fingerprint(self) -> str:
         """sha256 of the frozen base weights and model config."""
-        from unitedllm.training.weights import base_fingerprint
-
-        shared = self._ready()
-        with shared.lock:
-            return base_fingerprint(shared.model)
+        return self._ready().fingerprint
 
     def steps_per_round(self, max_steps: int | None = None) -> int:
         """Optimizer steps in one local round: ``max_steps`` (or ``local_max_steps``) if > 0, else epochs."""

@@ -29,6 +29,8 @@ class SharedModel:
 
     model: Any
     initial_weights: dict[str, torch.Tensor]
+    # Taken when the model is built: saving a model later rewrites parts of its config (dtype).
+    fingerprint: str = ""
     lock: threading.RLock = field(default_factory=threading.RLock)
     base_dir: Path | None = None  # where save_base() wrote the base model, if it did
 
