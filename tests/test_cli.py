@@ -1,0 +1,55 @@
+"""The `unitedllm` command as a user meets it: fast help, clear errors, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def unitedllm(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "unitedllm", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys; from unitedllm.cli import app; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"]
+    assert unitedllm("--help").returncode == 0
+
+
+def test_bad_config_exits_2_with_each_problem_and_no_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train_args:\n  comm_rounds: 5\nmodel_args:\n  peft_type: lorra\n")
+    proc = unitedllm("run", str(bad))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    for expected in ("comm_rounds", "did you mean 'comm_round'", "model_args.peft_type", "lorra"):
+        assert expected in proc.stderr, (expected, proc.stderr)
+    bad.write_text("train_args:\n  client_num_in_total: 2\n  client_num_per_round: 3\n")
+    proc = unitedllm("run", str(bad))
+    assert proc.returncode == 2
+    assert "train_args.client_num_per_round: 3 is more than client_num_in_total (2)" in proc.stderr
+
+
+def test_bad_override_and_missing_file_exit_2(tmp_path: Path) -> None:
+    proc = unitedllm("run", "examples/quickstart.yaml", "--set", "train_args.comm_round=five")
+    assert proc.returncode == 2 and "train_args.comm_round" in proc.stderr and "five" in proc.stderr
+    proc = unitedllm("run", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2 and "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_local_backend_cannot_serve_separate_processes(tmp_path: Path) -> None:
+    proc = unitedllm("server", "examples/quickstart.yaml", "--run-id", "x")
+    assert proc.returncode == 2
+    assert "comm_args.backend" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_client_rank_outside_the_run_is_refused() -> None:
+    proc = unitedllm("client", "examples/mqtt_s3.yaml", "--rank", "9", "--run-id", "x")
+    assert proc.returncode == 2 and "9" in proc.stderr and "Traceback" not in proc.stderr
