@@ -42,7 +42,16 @@ ResumeOpt = Annotated[
 
 
 def _setup_logging(verbose: bool) -> None:
+    import os
+    import warnings
+
     from rich.logging import RichHandler
+
+    if not verbose:
+        # Library progress bars and deprecation notices would scroll over the live display.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
     logging.basicConfig(
         level=logging.WARNING,
