@@ -1,0 +1,231 @@
+"""Process-level runs over real MQTT + S3: same result as in-process, and survival of killed nodes.
+
+Every node is a real ``unitedllm server`` / ``unitedllm client`` process talking to the session's
+mosquitto and SeaweedFS (tests/conftest_services.py). Faults are real SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "examples" / "tiny_processes.yaml"
+ADAPTER = Path("node_0") / "final" / "adapter_model.safetensors"
+RUN_LIMIT_S = 300  # a whole tiny run takes ~10-40 s on two shared cores
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+Event = dict[str, Any]
+
+
+def _service_env(mqtt: Any, s3: Any) -> dict[str, str]:
+    """UNITEDLLM_* settings for the child processes, as an operator would export them."""
+    values = {
+        "UNITEDLLM_MQTT_HOST": mqtt.host, "UNITEDLLM_MQTT_PORT": mqtt.port,
+        "UNITEDLLM_MQTT_USERNAME": mqtt.username, "UNITEDLLM_MQTT_PASSWORD": mqtt.password,
+        "UNITEDLLM_S3_ENDPOINT_URL": s3.endpoint_url, "UNITEDLLM_S3_BUCKET": s3.bucket,
+        "UNITEDLLM_S3_ACCESS_KEY_ID": s3.access_key_id, "UNITEDLLM_S3_SECRET_ACCESS_KEY": s3.secret_access_key,
+        "UNITEDLLM_S3_REGION": s3.region,
+    }
+    return {k: str(v) for k, v in values.items() if v is not None}
+
+
+class Federation:
+    """Starts a run's nodes as processes, logs each to a file, and kills whatever is left at the end."""
+
+    def __init__(self, tmp: Path, run_id: str, env: dict[str, str], overrides: list[str]) -> None:
+        self.tmp = tmp
+        self.run_id = run_id
+        self.env = env
+        self.overrides = overrides
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.output_dir = tmp / "out" / run_id
+
+    @property
+    def metrics(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    def _start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        sets = [x for o in self.overrides for x in ("--set", o)]
+        log = (self.tmp / f"{name}-{len(self.procs)}.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", "unitedllm", *args, str(CONFIG), "--run-id", self.run_id, *sets],
+                                env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def server(self, *extra: str) -> subprocess.Popen[bytes]:
+        return self._start("server", "server", *extra)
+
+    def client(self, rank: int) -> subprocess.Popen[bytes]:
+        return self._start(f"client{rank}", "client", "--rank", str(rank))
+
+    def events(self, kind: str | None = None) -> list[Event]:
+        if not self.metrics.is_file():
+            return []
+        lines = [line for line in self.metrics.read_text().splitlines() if line.strip()]
+        found = []
+        for line in lines:
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written right now
+                continue
+        return [e for e in found if kind is None or e.get("event") == kind]
+
+    def wait_for(self, predicate: Callable[[Event], bool], timeout: float) -> Event:
+        """The first metrics event matching ``predicate``; fails early when every node has exited."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if predicate(event):
+                    return event
+            if self.procs and all(p.poll() is not None for p in self.procs):
+                break
+            time.sleep(0.05)
+        pytest.fail(f"no matching metrics event within {timeout:g}s\n{self.logs()}")
+
+    def wait(self, proc: subprocess.Popen[bytes], timeout: float = RUN_LIMIT_S) -> int:
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"process {proc.args} still running after {timeout:g}s\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.tmp.glob("*.log")))
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+@pytest.fixture
+def federation(request: pytest.FixtureRequest, tmp_path: Path, run_id: str) -> Iterator[Callable[..., Federation]]:
+    """A factory of process federations on the session's mosquitto + SeaweedFS; kills leftovers."""
+    mqtt = request.getfixturevalue("mqtt_settings")
+    s3 = request.getfixturevalue("s3_settings")
+    made: list[Federation] = []
+
+    def make(*overrides: str, name: str = "mqtt") -> Federation:
+        env = {**os.environ, **_service_env(mqtt, s3), "UNITEDLLM_RUN_SECRET": "processes-test-secret",
+               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        tmp = tmp_path / name
+        tmp.mkdir()
+        fed = Federation(tmp, f"{run_id}-{name}", env, [
+            f"train_args.output_dir={tmp}/out/{{run_id}}", f"data_args.cache_dir={tmp_path}/cache", *overrides])
+        made.append(fed)
+        return fed
+
+    try:
+        yield make
+    finally:
+        for fed in made:
+            fed.kill_all()
+
+
+def run_local(tmp: Path, run_id: str, *overrides: str) -> Path:
+    """The same config run in one process with the LOCAL backend; returns its output dir."""
+    sets = [x for o in ("comm_args.backend=LOCAL", f"train_args.output_dir={tmp}/out/{{run_id}}",
+                        f"data_args.cache_dir={tmp}/cache", *overrides) for x in ("--set", o)]
+    done = subprocess.run([sys.executable, "-m", "unitedllm", "run", str(CONFIG), "--run-id", run_id, "-q", *sets],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          timeout=RUN_LIMIT_S, check=False)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+    return tmp / "out" / run_id
+
+
+def run_processes(fed: Federation, clients: int = 2) -> None:
+    server = fed.server()
+    nodes = [fed.client(rank) for rank in range(1, clients + 1)]
+    codes = [fed.wait(p) for p in (server, *nodes)]
+    assert codes == [0] * (clients + 1), fed.logs()
+
+
+def aggregated(fed: Federation) -> dict[int, list[int]]:
+    """Round -> ranks whose updates went into that round's aggregate (last record wins after a resume)."""
+    return {e["round"]: e["aggregated"] for e in fed.events("round")}
+
+
+def compare_adapters(a: Path, b: Path) -> str:
+    """Why two adapter files differ, tensor by tensor (for the failure message)."""
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    if ta.keys() != tb.keys():
+        return f"different tensor names: {sorted(ta.keys() ^ tb.keys())[:5]}"
+    diffs = {k: float((ta[k].double() - tb[k].double()).abs().max()) for k in ta}
+    worst = sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+    return f"{sum(v > 0 for v in diffs.values())}/{len(diffs)} tensors differ; largest max|diff|: {worst}"
+
+
+# ---- 1. equivalence ------------------------------------------------------------------------------------
+
+def test_processes_over_mqtt_s3_give_the_same_adapter_as_one_local_process(
+        federation: Callable[..., Federation], tmp_path: Path) -> None:
+    fed = federation()
+    run_processes(fed)
+    local = run_local(tmp_path / "local", "local-equivalence")
+    assert aggregated(fed) == {0: [1, 2], 1: [1, 2], 2: [1, 2]}
+    ours, theirs = fed.output_dir / ADAPTER, local / ADAPTER
+    assert ours.is_file() and theirs.is_file()
+    assert ours.read_bytes() == theirs.read_bytes(), compare_adapters(ours, theirs)
+
+
+# ---- 2. a client killed mid-round ---------------------------------------------------------------------
+
+def test_killed_client_is_left_out_then_rejoins(federation: Callable[..., Federation]) -> None:
+    # Longer local training so the kill lands while rank 2 trains round 1; quorum 1 lets rank 1 go on.
+    fed = federation("train_args.comm_round=6", "train_args.local_max_steps=40",
+                     "comm_args.min_updates_per_round=1", "comm_args.round_timeout_s=45")
+    server = fed.server()
+    fed.client(1)
+    victim = fed.client(2)
+    fed.wait_for(lambda e: e.get("event") == "round_start" and e.get("round") == 1, timeout=RUN_LIMIT_S)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    killed_at = time.monotonic()
+    round_1 = fed.wait_for(lambda e: e.get("event") == "round" and e.get("round") == 1, timeout=120)
+    assert round_1["aggregated"] == [1], "round 1 aggregates the surviving client only"
+    # The last will marks rank 2 offline, so the round need not wait for its 45 s deadline.
+    assert time.monotonic() - killed_at < 40, "the aggregator waited out the deadline despite the last will"
+
+    fed.client(2)  # same rank again
+    assert fed.wait(server) == 0, fed.logs()
+    rounds = aggregated(fed)
+    assert sorted(rounds) == list(range(6))
+    assert rounds[0] == [1, 2]
+    assert rounds[5] == [1, 2], f"the restarted rank 2 never made it back into a round: {rounds}"
+    assert (fed.output_dir / ADAPTER).is_file()
+
+
+# ---- 3. the aggregator killed and resumed ------------------------------------------------------------
+
+def test_aggregator_killed_after_round_1_resumes_to_the_same_adapter(
+        federation: Callable[..., Federation], tmp_path: Path) -> None:
+    fed = federation(name="resumed")
+    server = fed.server()
+    clients = [fed.client(1), fed.client(2)]
+    fed.wait_for(lambda e: e.get("event") == "round" and e.get("round") == 1, timeout=RUN_LIMIT_S)
+    server.send_signal(signal.SIGKILL)
+    server.wait(timeout=30)
+    assert all(c.poll() is None for c in clients), "clients wait for the aggregator to come back"
+    resumed = fed.server("--resume")
+    codes = [fed.wait(p) for p in (resumed, *clients)]
+    assert codes == [0, 0, 0], fed.logs()
+    assert fed.events("resume"), "the restarted aggregator resumed rather than starting over"
+    assert aggregated(fed) == {0: [1, 2], 1: [1, 2], 2: [1, 2]}
+
+    local = run_local(tmp_path / "local", "local-resume")
+    ours, theirs = fed.output_dir / ADAPTER, local / ADAPTER
+    assert ours.read_bytes() == theirs.read_bytes(), compare_adapters(ours, theirs)
