@@ -11,4 +11,6 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
 fi
 # The tests start their own broker; the Debian service must not hold port 1883 open meanwhile.
 if command -v systemctl >/dev/null 2>&1; then systemctl stop mosquitto >/dev/null 2>&1 || true; fi
-exec .venv/bin/nox -s tests -- "$@"
+# Sessions run in this environment (nox's venv backend "none"), so put .venv first on PATH.
+. .venv/bin/activate
+exec nox -s tests -- "$@"
