@@ -184,10 +184,13 @@ def test_processes_over_mqtt_s3_give_the_same_adapter_as_one_local_process(
 
 # ---- 2. a client killed mid-round ---------------------------------------------------------------------
 
-def test_killed_client_is_left_out_then_rejoins(federation: Callable[..., Federation]) -> None:
-    # Longer local training so the kill lands while rank 2 trains round 1; quorum 1 lets rank 1 go on.
-    fed = federation("train_args.comm_round=6", "train_args.local_max_steps=40",
-                     "comm_args.min_updates_per_round=1", "comm_args.round_timeout_s=45")
+# Long enough local training (~5 s a round here) that the kill lands while rank 2 trains round 1;
+# quorum 1 lets rank 1 go on alone.
+SLOW_ROUNDS = ("train_args.local_max_steps=400", "comm_args.min_updates_per_round=1", "comm_args.round_timeout_s=60")
+
+
+def kill_rank_2_in_round_1(fed: Federation) -> subprocess.Popen[bytes]:
+    """Start a server and two clients, SIGKILL rank 2 once round 1 started; check round 1 went on without it."""
     server = fed.server()
     fed.client(1)
     victim = fed.client(2)
@@ -197,16 +200,45 @@ def test_killed_client_is_left_out_then_rejoins(federation: Callable[..., Federa
     killed_at = time.monotonic()
     round_1 = fed.wait_for(lambda e: e.get("event") == "round" and e.get("round") == 1, timeout=120)
     assert round_1["aggregated"] == [1], "round 1 aggregates the surviving client only"
-    # The last will marks rank 2 offline, so the round need not wait for its 45 s deadline.
-    assert time.monotonic() - killed_at < 40, "the aggregator waited out the deadline despite the last will"
+    # The last will marks rank 2 offline, so the round does not wait out its 60 s deadline.
+    assert time.monotonic() - killed_at < 50, "the aggregator waited out the deadline despite the last will"
+    return server
 
-    fed.client(2)  # same rank again
+
+def test_killed_client_is_left_out_and_the_run_completes(federation: Callable[..., Federation]) -> None:
+    fed = federation("train_args.comm_round=3", *SLOW_ROUNDS)
+    server = kill_rank_2_in_round_1(fed)
+    assert fed.wait(server) == 0, fed.logs()
+    assert aggregated(fed) == {0: [1, 2], 1: [1], 2: [1]}
+    assert (fed.output_dir / ADAPTER).is_file()
+    assert fed.events("run_end")
+
+
+def test_client_restarted_in_the_same_round_rejoins(federation: Callable[..., Federation]) -> None:
+    fed = federation("train_args.comm_round=5", *SLOW_ROUNDS)
+    server = kill_rank_2_in_round_1(fed)
+    rejoined = fed.client(2)  # same rank again, back while round 2 runs
     assert fed.wait(server) == 0, fed.logs()
     rounds = aggregated(fed)
-    assert sorted(rounds) == list(range(6))
-    assert rounds[0] == [1, 2]
-    assert rounds[5] == [1, 2], f"the restarted rank 2 never made it back into a round: {rounds}"
-    assert (fed.output_dir / ADAPTER).is_file()
+    assert sorted(rounds) == list(range(5)) and rounds[1] == [1]
+    assert rounds[4] == [1, 2], f"the restarted rank 2 never made it back into a round: {rounds}\n{fed.logs()}"
+    assert fed.wait(rejoined, timeout=60) == 0, fed.logs()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the aggregator's MQTT outbox keeps the RoundStarts it sent while rank 2 was offline and delivers them "
+    "on rejoin; the first is for a closed round whose global blob was deleted, and the client exits with "
+    "'blob ... not found' (CommError, comm/s3.py) instead of skipping the stale round"))
+def test_client_restarted_rounds_later_rejoins(federation: Callable[..., Federation]) -> None:
+    fed = federation("train_args.comm_round=5", *SLOW_ROUNDS)
+    server = kill_rank_2_in_round_1(fed)
+    fed.wait_for(lambda e: e.get("event") == "round" and e.get("round") == 2, timeout=120)
+    rejoined = fed.client(2)  # back after round 2 closed without it
+    assert fed.wait(server) == 0, fed.logs()
+    rounds = aggregated(fed)
+    assert rounds[2] == [1]
+    assert rounds[4] == [1, 2], f"the restarted rank 2 never made it back into a round: {rounds}\n{fed.logs()}"
+    assert fed.wait(rejoined, timeout=60) == 0, fed.logs()
 
 
 # ---- 3. the aggregator killed and resumed ------------------------------------------------------------
