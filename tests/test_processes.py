@@ -98,7 +98,7 @@ class Federation:
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"process {proc.args} still running after {timeout:g}s\n{self.logs()}")
+            pytest.fail(f"process {proc.args!r} still running after {timeout:g}s\n{self.logs()}")
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.tmp.glob("*.log")))
