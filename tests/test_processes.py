@@ -225,10 +225,6 @@ def test_client_restarted_in_the_same_round_rejoins(federation: Callable[..., Fe
     assert fed.wait(rejoined, timeout=60) == 0, fed.logs()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the aggregator's MQTT outbox keeps the RoundStarts it sent while rank 2 was offline and delivers them "
-    "on rejoin; the first is for a closed round whose global blob was deleted, and the client exits with "
-    "'blob ... not found' (CommError, comm/s3.py) instead of skipping the stale round"))
 def test_client_restarted_rounds_later_rejoins(federation: Callable[..., Federation]) -> None:
     fed = federation("train_args.comm_round=5", *SLOW_ROUNDS)
     server = kill_rank_2_in_round_1(fed)

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from unitedllm.comm.base import BlobStore, Presence, Transport
-from unitedllm.errors import CommError, RoundError, UnitedLLMError
+from unitedllm.errors import BlobNotFound, CommError, RoundError, UnitedLLMError
 from unitedllm.protocol.messages import Error, EvalReport, Finish, Hello, RoundStart, Update
 from unitedllm.protocol.payload import decode_tensors, encode_tensors
 
@@ -65,6 +65,7 @@ class Client:
         self._on_step = on_step
         self._stack = AsyncExitStack()
         self.rounds_trained: list[int] = []
+        self._newest_round = -1
         self.evaluations: list[tuple[int, str, dict[str, float]]] = []
 
     async def __aenter__(self) -> Self:
@@ -155,8 +156,19 @@ class Client:
 
     async def _train_round(self, start: RoundStart) -> None:
         round_idx = start.round
+        if round_idx < self._newest_round:
+            log.warning("client %d: ignoring the start of round %d; round %d already began",
+                        self.rank, round_idx, self._newest_round)
+            return
+        self._newest_round = round_idx
         comm_started = time.perf_counter()
-        weights = await self._fetch_weights(start.global_ref)
+        try:
+            weights = await self._fetch_weights(start.global_ref)
+        except BlobNotFound:
+            # A message held while this client was offline can name a round that closed meanwhile.
+            log.warning("client %d: round %d already closed (its global weights are gone); "
+                        "waiting for the next round", self.rank, round_idx)
+            return
         download_seconds = time.perf_counter() - comm_started
         if start.spec.evaluate_global and round_idx >= 1:
             await self._evaluate(weights, round_idx - 1, "global")

@@ -7,6 +7,7 @@ Every error the library raises on purpose derives from one root::
     ├── ProtocolError        a message or blob failed decoding, signature or digest checks
     │   └── IntegrityError   blob bytes do not match their sha256 digest
     ├── CommError            a transport or blob store failed (broker, S3, network)
+    │   └── BlobNotFound     a blob is not (or no longer) in the store
     ├── RoundError           a round could not complete (deadline passed without quorum, ...)
     ├── UpdateRejected       a client update failed validation (names, shapes, dtypes, finiteness)
     ├── TrainingError        local training or evaluation failed
@@ -18,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "BlobNotFound",
     "CommError",
     "ConfigError",
     "ConfigProblem",
@@ -85,6 +87,10 @@ class IntegrityError(ProtocolError):
 
 class CommError(UnitedLLMError):
     """A transport or blob store operation failed."""
+
+
+class BlobNotFound(CommError):
+    """A blob is not in the store: never written, or deleted when its round closed."""
 
 
 class RoundError(UnitedLLMError):

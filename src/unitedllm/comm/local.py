@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from unitedllm.comm.base import BlobStore, Incoming, Presence, Transport
-from unitedllm.errors import CommError
+from unitedllm.errors import BlobNotFound, CommError
 from unitedllm.protocol.messages import BlobRef, Message
 from unitedllm.protocol.payload import CODEC, ref_for, verify
 from unitedllm.protocol.signing import MessageGuard, seal
@@ -87,7 +87,7 @@ class MemoryBlobStore(BlobStore):
         try:
             data = self.hub.blobs[ref.digest]
         except KeyError:
-            raise CommError(f"blob {ref.digest} not found in the in-process store") from None
+            raise BlobNotFound(f"blob {ref.digest} not found in the in-process store") from None
         verify(ref, data, where="in-process store")
         return data
 

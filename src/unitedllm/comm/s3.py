@@ -17,7 +17,7 @@ from typing import Any
 
 from unitedllm.comm.base import BlobStore
 from unitedllm.comm.settings import S3Settings
-from unitedllm.errors import CommError, IntegrityError, MissingDependency
+from unitedllm.errors import BlobNotFound, CommError, IntegrityError, MissingDependency
 from unitedllm.protocol.messages import BlobRef
 from unitedllm.protocol.payload import CODEC
 
@@ -151,7 +151,7 @@ class S3BlobStore(BlobStore):
         url = self.url_for(ref.digest)
         size = await self._size_of(self.key_for(ref.digest))
         if size is None:
-            raise CommError(f"blob {ref.digest} not found at {url} (endpoint {self.settings.endpoint_url})")
+            raise BlobNotFound(f"blob {ref.digest} not found at {url} (endpoint {self.settings.endpoint_url})")
         if size != ref.size:
             raise IntegrityError(ref.digest, f"<{size} bytes, expected {ref.size}>", where=url)
         chunks = await self._get_ranges(self.key_for(ref.digest), size)
