@@ -271,7 +271,7 @@ def test_init_project_trains_in_one_process(project: Path, tmp_path: Path) -> No
     done = subprocess.run(["bash", "scripts/run_local.sh", "-q", "--run-id", "tpl"], cwd=project, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "finished: 2 rounds" in done.stdout
+    assert "finished: 2 rounds" in done.stdout + done.stderr  # the run summary goes to stderr, beside the live display
     assert (project / ".logs" / "UnitedLLM" / "tpl" / "metrics.jsonl").is_file()
 
 
