@@ -11,16 +11,24 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 from unitedllm.comm.base import BlobStore, Presence, Transport
-from unitedllm.errors import RoundError, UnitedLLMError, UpdateRejected
-from unitedllm.protocol.messages import BlobRef, Error, EvalReport, Finish, Hello, RoundStart, TrainSpec, Update
+from unitedllm.errors import RoundError, UnitedLLMError
+from unitedllm.protocol.messages import (
+    BlobRef,
+    Error,
+    EvalReport,
+    Finish,
+    Hello,
+    RoundStart,
+    TrainSpec,
+    Update,
+)
 from unitedllm.protocol.payload import decode_tensors, encode_tensors
+from unitedllm.role import SERVER_RANK, Role
 from unitedllm.rounds import RoundPlan, sample_clients
 from unitedllm.tracking.metrics import MetricsLog
 
@@ -29,14 +37,11 @@ if TYPE_CHECKING:
 
     from unitedllm.comm.local import LocalHub
     from unitedllm.config.types import Config
-    from unitedllm.optimizers.base import ClientUpdate
     from unitedllm.training.base import LocalTrainer
 
 __all__ = ["Aggregator", "RoundSummary", "RunResult"]
 
 log = logging.getLogger(__name__)
-
-SERVER_RANK = 0
 # How long the aggregator waits for clients' evaluations of the final model.
 FINAL_EVAL_GRACE_S = 600.0
 
@@ -60,7 +65,7 @@ class RunResult:
 
     run_id: str
     output_dir: Path
-    weights: dict[str, "torch.Tensor"]
+    weights: dict[str, torch.Tensor]
     rounds: list[RoundSummary]
 
     @property
@@ -68,7 +73,7 @@ class RunResult:
         return self.output_dir / f"node_{SERVER_RANK}" / "final"
 
 
-class Aggregator:
+class Aggregator(Role):
     """Rank 0 of a run. Use as ``async with Aggregator(cfg, run_id=...) as agg: await agg.run()``."""
 
     def __init__(
@@ -84,18 +89,13 @@ class Aggregator:
         on_round: Callable[[RoundSummary], None] | None = None,
         resume: bool = False,
     ):
-        self.cfg = cfg
+        super().__init__(
+            cfg, rank=SERVER_RANK, run_id=run_id, trainer=trainer, transport=transport, store=store, hub=hub
+        )
         self.resume = resume
-        self.run_id = run_id
-        self.output_dir = Path(cfg.train_args.output_dir.replace("{run_id}", run_id))
         self.plan = RoundPlan.from_config(cfg)
-        self._trainer = trainer
-        self._transport = transport
-        self._store = store
-        self._hub = hub
         self._metrics = metrics
         self._on_round = on_round
-        self._stack = AsyncExitStack()
         self._inbox: asyncio.Queue[Update] = asyncio.Queue()
         self._eval_reports: list[EvalReport] = []
         self._eval_arrived = asyncio.Event()
@@ -107,53 +107,16 @@ class Aggregator:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        try:
-            if self._transport is None or self._store is None:
-                from unitedllm.comm.factory import open_backend
-
-                transport, store = open_backend(self.cfg, rank=SERVER_RANK, run_id=self.run_id, hub=self._hub)
-                self._transport = self._transport or transport
-                self._store = self._store or store
-            await self._stack.enter_async_context(self._store)
-            await self._stack.enter_async_context(self._transport)
-            if self._metrics is None:
-                self._metrics = self._stack.enter_context(MetricsLog(self.output_dir / "metrics.jsonl"))
-            if self._trainer is None:
-                from unitedllm.training.hf import HFLocalTrainer
-
-                self._trainer = await asyncio.to_thread(HFLocalTrainer, self.cfg, SERVER_RANK)
-            self.fingerprint = await asyncio.to_thread(self._trainer.base_fingerprint)
-            pump = asyncio.create_task(self._pump(), name="aggregator-inbox")
-            self._stack.push_async_callback(_cancel, pump)
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self._stack.aclose()
-
-    @property
-    def transport(self) -> Transport:
-        assert self._transport is not None, "use the Aggregator as an async context manager"
-        return self._transport
-
-    @property
-    def store(self) -> BlobStore:
-        assert self._store is not None, "use the Aggregator as an async context manager"
-        return self._store
-
-    @property
-    def trainer(self) -> LocalTrainer:
-        assert self._trainer is not None, "use the Aggregator as an async context manager"
-        return self._trainer
+    async def _start(self) -> None:
+        if self._metrics is None:
+            self._metrics = self._stack.enter_context(MetricsLog(self.output_dir / "metrics.jsonl"))
+        self.fingerprint = await asyncio.to_thread(self.trainer.base_fingerprint)
+        pump = asyncio.create_task(self._pump(), name="aggregator-inbox")
+        self._stack.push_async_callback(_cancel, pump)
 
     @property
     def metrics(self) -> MetricsLog:
-        assert self._metrics is not None, "use the Aggregator as an async context manager"
+        assert self._metrics is not None, self._entered()
         return self._metrics
 
     # -- the run -----------------------------------------------------------------------------------
@@ -190,7 +153,7 @@ class Aggregator:
         self.metrics.log("run_end", round_idx=self.plan.comm_round - 1, rank=SERVER_RANK, output_dir=str(self.output_dir))
         return RunResult(self.run_id, self.output_dir, weights, summaries)
 
-    async def _starting_point(self, optimizer: Any) -> tuple[int, dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:
+    async def _starting_point(self, optimizer: Any) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Round 0 from the initial weights, or (``resume``) the round after the last complete one."""
         from unitedllm.checkpoints import load_resume_point
 
@@ -209,7 +172,7 @@ class Aggregator:
         return 0, weights, state
 
     def _save_resume_point(
-        self, weights: Mapping[str, "torch.Tensor"], state: Mapping[str, "torch.Tensor"], round_idx: int
+        self, weights: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], round_idx: int
     ) -> None:
         from unitedllm.checkpoints import save_resume_point
 
@@ -217,8 +180,8 @@ class Aggregator:
                           extra={"run_id": self.run_id})
 
     async def _run_round(
-        self, round_idx: int, weights: dict[str, "torch.Tensor"], state: dict[str, "torch.Tensor"], optimizer: Any
-    ) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"], RoundSummary]:
+        self, round_idx: int, weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor], optimizer: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], RoundSummary]:
         cfg = self.cfg
         started = time.perf_counter()
         selected = sample_clients(
@@ -307,14 +270,14 @@ class Aggregator:
     async def _aggregate(
         self,
         round_idx: int,
-        weights: Mapping[str, "torch.Tensor"],
-        state: Mapping[str, "torch.Tensor"],
+        weights: Mapping[str, torch.Tensor],
+        state: Mapping[str, torch.Tensor],
         optimizer: Any,
         arrived: list[Update],
         *,
         quorum: int,
         selected: list[int],
-    ) -> tuple[list[int], dict[int, str], tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]]:
+    ) -> tuple[list[int], dict[int, str], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
         """Fetch, check and fold each update into the round's accumulator, one at a time (streaming)."""
         from unitedllm.optimizers.base import ClientUpdate
         from unitedllm.optimizers.validation import validate_num_samples
@@ -458,7 +421,7 @@ class Aggregator:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def _save_init(self, weights: Mapping[str, "torch.Tensor"]) -> None:
+    def _save_init(self, weights: Mapping[str, torch.Tensor]) -> None:
         """``node_0/init``: a randomly initialised base is saved there once, and every adapter points at it."""
         import shutil
 
@@ -475,7 +438,7 @@ class Aggregator:
             self.trainer.save_model(weights, tmp)
 
     def _save_checkpoint(
-        self, weights: Mapping[str, "torch.Tensor"], target: Path, state: Mapping[str, "torch.Tensor"], round_idx: int
+        self, weights: Mapping[str, torch.Tensor], target: Path, state: Mapping[str, torch.Tensor], round_idx: int
     ) -> None:
         from unitedllm.checkpoints import atomic_dir, write_server_state
 

@@ -22,10 +22,10 @@ __all__ = [
     "SERVER_STATE_FILE",
     "atomic_dir",
     "load_resume_point",
-    "save_resume_point",
     "node_dir",
     "read_server_state",
     "round_dir",
+    "save_resume_point",
     "write_server_state",
 ]
 
@@ -64,7 +64,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 def write_server_state(
-    directory: Path, *, round_idx: int, optimizer_state: Mapping[str, "torch.Tensor"], extra: dict[str, Any]
+    directory: Path, *, round_idx: int, optimizer_state: Mapping[str, torch.Tensor], extra: dict[str, Any]
 ) -> None:
     """Save the aggregator's state beside a checkpoint: optimizer tensors + JSON (round, RNG, ...)."""
     from safetensors.torch import save_file
@@ -75,7 +75,7 @@ def write_server_state(
     )
 
 
-def read_server_state(directory: Path) -> tuple[dict[str, Any], dict[str, "torch.Tensor"]]:
+def read_server_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """What :func:`write_server_state` wrote."""
     from safetensors.torch import load_file
 
@@ -92,8 +92,8 @@ def save_resume_point(
     output_dir: Path,
     *,
     round_idx: int,
-    weights: Mapping[str, "torch.Tensor"],
-    optimizer_state: Mapping[str, "torch.Tensor"],
+    weights: Mapping[str, torch.Tensor],
+    optimizer_state: Mapping[str, torch.Tensor],
     extra: dict[str, Any],
 ) -> None:
     """Replace ``node_0/last`` with the exact state after ``round_idx``: global weights, optimizer state, round."""
@@ -106,7 +106,7 @@ def save_resume_point(
 
 def load_resume_point(
     output_dir: Path,
-) -> tuple[int, dict[str, "torch.Tensor"], dict[str, "torch.Tensor"], dict[str, Any]] | None:
+) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]] | None:
     """The last complete round, global weights, optimizer state and metadata; ``None`` when nothing was saved."""
     from unitedllm.protocol.payload import decode_tensors
 

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from unitedllm.errors import ConfigError, UnitedLLMError
+from unitedllm.role import run_output_dir
 
 __all__ = ["app", "main"]
 
@@ -120,7 +121,7 @@ def _run_embedded(cfg: Any, *, run_id: str, quiet: bool, resume: bool) -> Any:
     from unitedllm.progress import RunProgress
     from unitedllm.runner import run_async
 
-    output_dir = Path(cfg.train_args.output_dir.replace("{run_id}", run_id))
+    output_dir = run_output_dir(cfg, run_id)
     progress = RunProgress(comm_round=cfg.train_args.comm_round, console=console)
     with _tracked(cfg, run_id=run_id, output_dir=output_dir, listeners=[progress.on_metric]) as metrics:
         if quiet:
@@ -166,7 +167,7 @@ def server(
         from unitedllm.launch import serve_server
 
         cfg = _load(config, set_, run_id)
-        output_dir = Path(cfg.train_args.output_dir.replace("{run_id}", run_id))
+        output_dir = run_output_dir(cfg, run_id)
         with _tracked(cfg, run_id=run_id, output_dir=output_dir, listeners=[]) as metrics:
             result = asyncio.run(serve_server(cfg, run_id=run_id, resume=resume, metrics=metrics))
         console.print(f"run {run_id} finished: {len(result.rounds)} rounds; final model: {result.final_dir}")
@@ -190,7 +191,7 @@ def client(
         console.print(f"client {rank}: run {run_id} finished ({reason})")
 
 
-from unitedllm.report.cli import report_command  # noqa: E402 - light: imports matplotlib only when run
+from unitedllm.report.cli import report_command
 
 app.command("report")(report_command)
 
@@ -210,7 +211,7 @@ def dev_services(
         serve(workdir, tls=not no_tls, mqtt_port=mqtt_port, s3_port=s3_port)
 
 
-from unitedllm.packaging.cli import package_app  # noqa: E402 - light: no torch at import
+from unitedllm.packaging.cli import package_app
 
 app.add_typer(package_app, name="package")
 

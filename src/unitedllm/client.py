@@ -10,15 +10,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from contextlib import AsyncExitStack
-from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 from unitedllm.comm.base import BlobStore, Presence, Transport
 from unitedllm.errors import BlobNotFound, CommError, RoundError, UnitedLLMError
 from unitedllm.protocol.messages import Error, EvalReport, Finish, Hello, RoundStart, Update
 from unitedllm.protocol.payload import decode_tensors, encode_tensors
+from unitedllm.role import SERVER_RANK, Role
 
 if TYPE_CHECKING:
     import torch
@@ -31,10 +29,8 @@ __all__ = ["Client"]
 
 log = logging.getLogger(__name__)
 
-SERVER_RANK = 0
 
-
-class Client:
+class Client(Role):
     """One silo of a run. Use as ``async with Client(cfg, rank=1, run_id=...) as c: await c.run()``."""
 
     def __init__(
@@ -54,58 +50,11 @@ class Client:
             from unitedllm.errors import ConfigError, ConfigProblem
 
             raise ConfigError(ConfigProblem("--rank", f"{rank} is not a client rank of this run (1..{total})"))
-        self.cfg = cfg
-        self.rank = rank
-        self.run_id = run_id
-        self.output_dir = Path(cfg.train_args.output_dir.replace("{run_id}", run_id))
-        self._trainer = trainer
-        self._transport = transport
-        self._store = store
-        self._hub = hub
+        super().__init__(cfg, rank=rank, run_id=run_id, trainer=trainer, transport=transport, store=store, hub=hub)
         self._on_step = on_step
-        self._stack = AsyncExitStack()
         self.rounds_trained: list[int] = []
         self._newest_round = -1
         self.evaluations: list[tuple[int, str, dict[str, float]]] = []
-
-    async def __aenter__(self) -> Self:
-        try:
-            if self._transport is None or self._store is None:
-                from unitedllm.comm.factory import open_backend
-
-                transport, store = open_backend(self.cfg, rank=self.rank, run_id=self.run_id, hub=self._hub)
-                self._transport = self._transport or transport
-                self._store = self._store or store
-            await self._stack.enter_async_context(self._store)
-            await self._stack.enter_async_context(self._transport)
-            if self._trainer is None:
-                from unitedllm.training.hf import HFLocalTrainer
-
-                self._trainer = await asyncio.to_thread(HFLocalTrainer, self.cfg, self.rank)
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self._stack.aclose()
-
-    @property
-    def transport(self) -> Transport:
-        assert self._transport is not None, "use the Client as an async context manager"
-        return self._transport
-
-    @property
-    def store(self) -> BlobStore:
-        assert self._store is not None, "use the Client as an async context manager"
-        return self._store
-
-    @property
-    def trainer(self) -> LocalTrainer:
-        assert self._trainer is not None, "use the Client as an async context manager"
-        return self._trainer
 
     async def run(self) -> str:
         """Serve rounds until the aggregator finishes the run; returns the aggregator's reason."""
@@ -151,7 +100,7 @@ class Client:
                   base_fingerprint=fingerprint),
         )
 
-    async def _fetch_weights(self, ref: Any) -> dict[str, "torch.Tensor"]:
+    async def _fetch_weights(self, ref: Any) -> dict[str, torch.Tensor]:
         return decode_tensors(await self.store.get(ref))
 
     async def _train_round(self, start: RoundStart) -> None:
@@ -231,7 +180,7 @@ class Client:
             if int(old.stem.rsplit("_", 1)[1]) < round_idx - 1:
                 old.unlink(missing_ok=True)
 
-    async def _evaluate(self, weights: Mapping[str, "torch.Tensor"], round_idx: int, model: str) -> None:
+    async def _evaluate(self, weights: Mapping[str, torch.Tensor], round_idx: int, model: str) -> None:
         result = await asyncio.to_thread(self.trainer.evaluate, weights)
         self.evaluations.append((round_idx, model, result.metrics))
         await self.transport.send(
@@ -248,7 +197,7 @@ class Client:
         log.info("client %d: run finished (%s)", self.rank, finish.reason)
 
 
-def _delta(new: Mapping[str, "torch.Tensor"], old: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+def _delta(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """new − old per tensor, computed in float32 or wider and sent in the global model's dtype."""
     import torch
 

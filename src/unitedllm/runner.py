@@ -19,8 +19,8 @@ from unitedllm.comm.local import LocalHub
 
 if TYPE_CHECKING:
     from unitedllm.config.types import Config
-    from unitedllm.training.base import LocalTrainer, StepEvent
     from unitedllm.tracking.metrics import MetricsLog
+    from unitedllm.training.base import LocalTrainer, StepEvent
 
 __all__ = ["TrainerFactory", "new_run_id", "run", "run_async"]
 
