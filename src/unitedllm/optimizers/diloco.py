@@ -14,39 +14,15 @@ averages workers uniformly; here the mean is sample-weighted unless
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import torch
-
-from unitedllm.optimizers.base import Tensors, register
-from unitedllm.optimizers.fedavgm import momentum_step
-from unitedllm.optimizers.mean import MeanRuleOptimizer, RoundSummary, state_dtype
+from unitedllm.optimizers.base import register
+from unitedllm.optimizers.fedavgm import FedAvgM
 
 __all__ = ["DiLoCo"]
 
 
 @register
-class DiLoCo(MeanRuleOptimizer):
-    """Outer Nesterov-momentum SGD on the round's pseudo-gradient."""
+class DiLoCo(FedAvgM):
+    """Outer Nesterov-momentum SGD on the round's pseudo-gradient: FedAvgM's step with DiLoCo's defaults."""
 
     name = "DiLoCo"
     defaults = {"server_learning_rate": 0.7, "nesterov": True}
-
-    def init_state(self, weights: Mapping[str, torch.Tensor]) -> Tensors:
-        return {f"momentum/{n}": torch.zeros(w.shape, dtype=state_dtype(w)) for n, w in weights.items()}
-
-    def apply(
-        self,
-        weights: Mapping[str, torch.Tensor],
-        mean_delta: Mapping[str, torch.Tensor],
-        state: Tensors,
-        summary: RoundSummary,
-    ) -> tuple[Tensors, Tensors]:
-        return momentum_step(
-            weights,
-            mean_delta,
-            state,
-            lr=float(self.hparam("server_learning_rate")),
-            momentum=float(self.hparam("server_momentum")),
-            nesterov=bool(self.hparam("nesterov")),
-        )

@@ -21,7 +21,7 @@ import torch
 from unitedllm.errors import RoundError
 from unitedllm.optimizers.base import ClientUpdate, Tensors, register
 from unitedllm.optimizers.exact_sum import ExactSum
-from unitedllm.optimizers.mean import MeanRuleOptimizer, RoundSummary, apply_step
+from unitedllm.optimizers.mean import MeanRuleOptimizer, RoundSummary, apply_step, scaled
 
 __all__ = ["FedAvg", "FedProx", "weighted_mean_delta"]
 
@@ -59,8 +59,7 @@ class FedAvg(MeanRuleOptimizer):
         summary: RoundSummary,
     ) -> tuple[Tensors, Tensors]:
         lr = float(self.hparam("server_learning_rate"))
-        step = mean_delta if lr == 1.0 else {n: d * lr for n, d in mean_delta.items()}
-        return apply_step(weights, step), state
+        return apply_step(weights, scaled(mean_delta, lr)), state
 
 
 @register

@@ -17,7 +17,7 @@ import torch
 from unitedllm.optimizers.base import ClientUpdate, RoundAccumulator, ServerOptimizer, Tensors
 from unitedllm.optimizers.exact_sum import ExactSum
 
-__all__ = ["MeanRuleOptimizer", "RoundSummary", "StreamingMeanRound", "apply_step", "state_dtype"]
+__all__ = ["MeanRuleOptimizer", "RoundSummary", "StreamingMeanRound", "apply_step", "scaled", "state_dtype"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,11 @@ def state_dtype(weight: torch.Tensor) -> torch.dtype:
 def apply_step(weights: Mapping[str, torch.Tensor], step: Mapping[str, torch.Tensor]) -> Tensors:
     """``w + step`` computed in float64 and cast back to each weight's dtype."""
     return {n: (w.to(torch.float64) + step[n]).to(w.dtype) for n, w in weights.items()}
+
+
+def scaled(step: Mapping[str, torch.Tensor], lr: float) -> Mapping[str, torch.Tensor]:
+    """``lr · step``; the step itself when lr is 1 (no copy, and no rounding from a no-op multiply)."""
+    return step if lr == 1.0 else {n: d * lr for n, d in step.items()}
 
 
 class MeanRuleOptimizer(ServerOptimizer):

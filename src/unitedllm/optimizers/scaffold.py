@@ -22,7 +22,7 @@ import torch
 
 from unitedllm.optimizers.base import Tensors, register
 from unitedllm.optimizers.client_side import CONTROL_PREFIX
-from unitedllm.optimizers.mean import MeanRuleOptimizer, RoundSummary, apply_step, state_dtype
+from unitedllm.optimizers.mean import MeanRuleOptimizer, RoundSummary, apply_step, scaled, state_dtype
 
 __all__ = ["Scaffold"]
 
@@ -61,5 +61,4 @@ class Scaffold(MeanRuleOptimizer):
             prev = state.get(key)
             c = torch.zeros(w.shape, dtype=torch.float64) if prev is None else prev.to(torch.float64, copy=True)
             new_state[key] = c.add_(summary.mean_extras[key], alpha=fraction).to(state_dtype(w))
-        step = mean_delta if lr == 1.0 else {n: d * lr for n, d in mean_delta.items()}
-        return apply_step(weights, step), new_state
+        return apply_step(weights, scaled(mean_delta, lr)), new_state
