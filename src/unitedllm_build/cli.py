@@ -6,7 +6,6 @@ Start-up imports stay light (no torch): the work is imported inside each command
 from __future__ import annotations
 
 import logging
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -14,10 +13,10 @@ from typing import Annotated
 import typer
 
 from unitedllm.errors import ConfigError, UnitedLLMError
+from unitedllm.packaging.manifest import SECRET_ENV, read_package_secret
 
 __all__ = ["app", "main"]
 
-SECRET_ENV = "UNITEDLLM_PACKAGE_SECRET"
 
 app = typer.Typer(
     name="unitedllm-build",
@@ -104,7 +103,7 @@ def build(
 
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
-        secret = _read_secret(secret_file)
+        secret = read_package_secret(secret_file)
         result = build_package(
             BuildRequest(
                 package_type=package_type.value,
@@ -132,16 +131,6 @@ def build(
     typer.echo(f"  signed:  {'yes' if m.signature else 'no'}")
     for path in result.dropped_secrets:
         typer.echo(f"  dropped: {path} (credentials)")
-
-
-def _read_secret(secret_file: Path | None) -> bytes | None:
-    if secret_file is not None:
-        try:
-            return secret_file.read_bytes().strip()
-        except OSError as exc:
-            raise UnitedLLMError(f"--secret-file {secret_file}: cannot read it ({exc.strerror})") from exc
-    value = os.environ.get(SECRET_ENV)
-    return value.encode() if value else None
 
 
 @app.command("validate")

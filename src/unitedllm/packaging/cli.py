@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -11,10 +10,10 @@ import typer
 
 from unitedllm.errors import UnitedLLMError
 from unitedllm.packaging.archive import DEFAULT_MAX_BYTES
+from unitedllm.packaging.manifest import SECRET_ENV, read_package_secret
 
 __all__ = ["package_app"]
 
-SECRET_ENV = "UNITEDLLM_PACKAGE_SECRET"
 
 package_app = typer.Typer(
     name="package",
@@ -22,16 +21,6 @@ package_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-
-
-def _secret(secret_file: Path | None) -> bytes | None:
-    if secret_file is not None:
-        try:
-            return secret_file.read_bytes().strip()
-        except OSError as exc:
-            raise UnitedLLMError(f"--secret-file {secret_file}: cannot read it ({exc.strerror})") from exc
-    value = os.environ.get(SECRET_ENV)
-    return value.encode() if value else None
 
 
 def _fail(exc: UnitedLLMError) -> typer.Exit:
@@ -79,7 +68,7 @@ def run_command(
             run_id=run_id,
             workdir=workdir,
             extra_args=list(ctx.args),
-            secret=_secret(secret_file),
+            secret=read_package_secret(secret_file),
             max_bytes=max_size_mb * 2**20,
         )
     except UnitedLLMError as exc:
@@ -104,7 +93,7 @@ def verify_command(
     try:
         with tempfile.TemporaryDirectory() as tmp:
             prepared = prepare_package(
-                package, workdir or Path(tmp), secret=_secret(secret_file), max_bytes=max_size_mb * 2**20
+                package, workdir or Path(tmp), secret=read_package_secret(secret_file), max_bytes=max_size_mb * 2**20
             )
             m = prepared.manifest
             typer.echo(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
@@ -17,11 +19,13 @@ from msgspec import Meta
 __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
+    "SECRET_ENV",
     "FileEntry",
     "Manifest",
     "decode_manifest",
     "encode_manifest",
     "manifest_schema",
+    "read_package_secret",
     "render_schema",
     "sign_manifest",
     "signature_matches",
@@ -117,3 +121,19 @@ def render_schema() -> str:
 
     return json.dumps(manifest_schema(), indent=2, sort_keys=True) + "\n"
 
+
+
+SECRET_ENV = "UNITEDLLM_PACKAGE_SECRET"
+
+
+def read_package_secret(secret_file: Path | None) -> bytes | None:
+    """The package-signing secret: from ``--secret-file``, else ``$UNITEDLLM_PACKAGE_SECRET``, else none."""
+    from unitedllm.errors import UnitedLLMError
+
+    if secret_file is not None:
+        try:
+            return secret_file.read_bytes().strip()
+        except OSError as exc:
+            raise UnitedLLMError(f"--secret-file {secret_file}: cannot read it ({exc.strerror})") from exc
+    value = os.environ.get(SECRET_ENV)
+    return value.encode() if value else None
