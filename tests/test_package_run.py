@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from services import service_env
 from typer.testing import CliRunner
 
 from unitedllm.packaging import PackageError, TamperedPackage, UnsafePackage
@@ -259,18 +260,6 @@ def test_rerun_replaces_the_previous_unpack(packages: dict[str, Path], tmp_path:
 
 # ---- end to end: real roles over MQTT_S3, one process per package -------------------------------------
 
-def _service_env(mqtt: Any, s3: Any) -> dict[str, str]:
-    """UNITEDLLM_* settings for the child processes, as an edge device would export them."""
-    values = {
-        "UNITEDLLM_MQTT_HOST": mqtt.host, "UNITEDLLM_MQTT_PORT": mqtt.port,
-        "UNITEDLLM_MQTT_USERNAME": mqtt.username, "UNITEDLLM_MQTT_PASSWORD": mqtt.password,
-        "UNITEDLLM_S3_ENDPOINT_URL": s3.endpoint_url, "UNITEDLLM_S3_BUCKET": s3.bucket,
-        "UNITEDLLM_S3_ACCESS_KEY_ID": s3.access_key_id, "UNITEDLLM_S3_SECRET_ACCESS_KEY": s3.secret_access_key,
-        "UNITEDLLM_S3_REGION": s3.region,
-    }
-    return {k: str(v) for k, v in values.items() if v is not None}
-
-
 @pytest.mark.slow
 @pytest.mark.services
 def test_server_and_two_client_packages_finish_a_two_round_run(request: pytest.FixtureRequest, tmp_path: Path) -> None:
@@ -283,7 +272,7 @@ def test_server_and_two_client_packages_finish_a_two_round_run(request: pytest.F
     assert invoke(build_app, "init", project)[0] == 0
     assert subprocess.run(["bash", "scripts/build.sh"], cwd=project, check=False).returncode == 0
     dist = project / "build" / "dist-packages"
-    env = {**os.environ, **_service_env(mqtt, s3), "UNITEDLLM_RUN_SECRET": "e2e-run-secret",
+    env = {**os.environ, **service_env(mqtt, s3), "UNITEDLLM_RUN_SECRET": "e2e-run-secret",
            "UNITEDLLM_CACHE": str(tmp_path / "cache")}
     overrides = ["--", "--set", "train_args.comm_round=2", "--set", f"train_args.output_dir={tmp_path}/out/{{run_id}}"]
 

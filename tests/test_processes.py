@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from services import service_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "tiny_processes.yaml"
@@ -26,18 +27,6 @@ RUN_LIMIT_S = 300  # a whole tiny run takes ~10-40 s on two shared cores
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 Event = dict[str, Any]
-
-
-def _service_env(mqtt: Any, s3: Any) -> dict[str, str]:
-    """UNITEDLLM_* settings for the child processes, as an operator would export them."""
-    values = {
-        "UNITEDLLM_MQTT_HOST": mqtt.host, "UNITEDLLM_MQTT_PORT": mqtt.port,
-        "UNITEDLLM_MQTT_USERNAME": mqtt.username, "UNITEDLLM_MQTT_PASSWORD": mqtt.password,
-        "UNITEDLLM_S3_ENDPOINT_URL": s3.endpoint_url, "UNITEDLLM_S3_BUCKET": s3.bucket,
-        "UNITEDLLM_S3_ACCESS_KEY_ID": s3.access_key_id, "UNITEDLLM_S3_SECRET_ACCESS_KEY": s3.secret_access_key,
-        "UNITEDLLM_S3_REGION": s3.region,
-    }
-    return {k: str(v) for k, v in values.items() if v is not None}
 
 
 class Federation:
@@ -118,7 +107,7 @@ def federation(request: pytest.FixtureRequest, tmp_path: Path, run_id: str) -> I
     made: list[Federation] = []
 
     def make(*overrides: str, name: str = "mqtt") -> Federation:
-        env = {**os.environ, **_service_env(mqtt, s3), "UNITEDLLM_RUN_SECRET": "processes-test-secret",
+        env = {**os.environ, **service_env(mqtt, s3), "UNITEDLLM_RUN_SECRET": "processes-test-secret",
                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         tmp = tmp_path / name
         tmp.mkdir()
