@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_MODEL = ROOT / "examples" / "models" / "tiny-gpt-neox"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models on shared CPUs: more threads only add contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_cfg(tmp_path: Path, **sections: dict[str, Any]) -> Config:
