@@ -146,7 +146,7 @@ class Aggregator(Role):
         final_dir = self.output_dir / f"node_{SERVER_RANK}" / "final"
         await asyncio.to_thread(self._save_checkpoint, weights, final_dir, state, self.plan.comm_round - 1)
         final_ref = await self.store.put(encode_tensors(weights))
-        evaluate_final = self.plan.clients_evaluate_global(self.plan.comm_round)  # per rank in _finish_clients
+        evaluate_final = self.plan.clients_evaluate_global(self.plan.comm_round)
         await self._finish_clients(final_ref, reason="completed", evaluate_final=evaluate_final)
         if evaluate_final:
             await self._await_final_evals()
@@ -386,14 +386,14 @@ class Aggregator(Role):
     async def _finish_clients(self, final_ref: BlobRef | None, *, reason: str, evaluate_final: bool = False) -> None:
         if self._transport is None:
             return
-        self._eval_arrived.clear()
         for rank in range(1, self.cfg.train_args.client_num_in_total + 1):
             try:
                 await self.transport.send(
                     rank,
                     Finish(
                         run_id=self.run_id, round=self.plan.comm_round, sender=SERVER_RANK, final_ref=final_ref,
-                        reason=reason, evaluate_final=evaluate_final and rank in self.plan.test_ranks,
+                        reason=reason,
+                        evaluate_final=evaluate_final and self.plan.clients_evaluate_global(self.plan.comm_round, rank),
                     ),
                 )
             except UnitedLLMError as exc:  # a dead link must not stop the others from being told
@@ -401,12 +401,12 @@ class Aggregator(Role):
 
     async def _await_final_evals(self) -> None:
         """Wait (bounded) for the final-model evaluations of the online test clients."""
-        expected = {r for r in self.plan.test_ranks if r in self.online}
+        expected = self.plan.test_ranks & self.online
+        last = self.plan.comm_round - 1
         deadline = time.monotonic() + min(FINAL_EVAL_GRACE_S, self.cfg.comm_args.round_timeout_s)
         while True:
-            last = self.plan.comm_round - 1
             got = {r.sender for r in self._eval_reports if r.round == last and r.model == "global"}
-            missing = expected - got - (expected - self.online)
+            missing = (expected & self.online) - got  # a client that went offline meanwhile is not waited for
             if not missing:
                 return
             remaining = deadline - time.monotonic()
