@@ -23,9 +23,13 @@ Listener = Callable[[dict[str, Any]], None]
 
 
 def _clean(value: Any) -> Any:
-    # JSON has no NaN/Infinity; write them as null so every line stays valid JSON.
+    # JSON has no NaN/Infinity; write them as null (at any depth) so every line stays valid JSON.
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
     return value
 
 
