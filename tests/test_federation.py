@@ -11,8 +11,9 @@ import msgspec
 import numpy as np
 import pytest
 import torch
-
 from linear_trainer import LinearTrainer
+from safetensors.torch import load_file
+
 from unitedllm.comm.local import LocalHub
 from unitedllm.config.types import Config
 from unitedllm.errors import RoundError
@@ -192,6 +193,37 @@ def test_frequency_of_the_test_and_save_frequency(tmp_path: Path) -> None:
     assert [e["round"] for e in events(result.output_dir, "eval")] == [0, 2, 4]
     saved = sorted(p.name for p in (result.output_dir / "node_0").iterdir())
     assert saved == ["final", "init", "last", "round_0_after_agg", "round_2_after_agg", "round_4_after_agg"]
+
+
+def test_clients_keep_their_own_checkpoints_and_metrics(tmp_path: Path) -> None:
+    cfg = make_config(
+        tmp_path,
+        train_args={"comm_round": 4},
+        validation_args={"save_frequency": 2, "test_on_clients": "both", "test_on_client_ranks": [1]},
+    )
+    result, _ = run_linear(cfg)
+    node = result.output_dir / "node_1"
+    saved = sorted(p.name for p in node.iterdir() if p.is_dir())
+    assert saved == [
+        "final", "init", "round_0_after_agg", "round_0_before_agg", "round_2_after_agg", "round_2_before_agg",
+        "round_3_before_agg",
+    ]
+    final = load_file(str(node / "final" / "model.safetensors"))
+    assert all(torch.equal(final[k], result.weights[k]) for k in result.weights)
+    # The received global model of round 0 is the aggregator's round_0_after_agg, byte for byte.
+    server_r0 = (result.output_dir / "node_0" / "round_0_after_agg" / "model.safetensors").read_bytes()
+    assert (node / "round_0_after_agg" / "model.safetensors").read_bytes() == server_r0
+    own = [json.loads(line) for line in (node / "metrics.jsonl").read_text().splitlines()]
+    assert {e["rank"] for e in own} == {1}
+    assert [e["round"] for e in own if e["event"] == "train"] == [0, 1, 2, 3]
+    assert all(e["loss"] is not None and e["bytes_sent"] > 0 for e in own if e["event"] == "train")
+    assert sorted((e["round"], e["model"]) for e in own if e["event"] == "eval") == sorted(
+        [(r, m) for r in range(4) for m in ("global", "local")]
+    )
+    # Ranks that do not test keep training records but no evaluations.
+    other = [json.loads(line) for line in (result.output_dir / "node_2" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in other if e["event"] == "train"] == [0, 1, 2, 3]
+    assert not [e for e in other if e["event"] == "eval"]
 
 
 @pytest.mark.parametrize(("save_frequency", "rounds"), [(0, [3]), (2, [0, 2, 3]), (-1, [0, 1, 2, 3])])

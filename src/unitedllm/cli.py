@@ -140,15 +140,20 @@ def _run_embedded(cfg: Any, *, run_id: str, quiet: bool, resume: bool) -> Any:
 
 @contextmanager
 def _tracked(
-    cfg: Any, *, run_id: str, output_dir: Path, listeners: list[Callable[[dict[str, Any]], None]]
+    cfg: Any, *, run_id: str, output_dir: Path, listeners: list[Callable[[dict[str, Any]], None]], rank: int = 0
 ) -> Iterator[Any]:
-    """The aggregator's metrics log with the configured trackers and the system sampler attached."""
+    """One process's metrics log with the configured trackers and the system sampler attached.
+
+    The aggregator (rank 0) writes ``<output_dir>/metrics.jsonl``; a client ``node_<rank>/metrics.jsonl``.
+    """
+    from unitedllm.checkpoints import node_dir
     from unitedllm.tracking import MetricsLog, open_trackers, system_metrics
 
+    folder = output_dir if rank == 0 else node_dir(output_dir, rank)
     with (
-        open_trackers(cfg, rank=0, run_id=run_id, output_dir=output_dir) as trackers,
-        MetricsLog(output_dir / "metrics.jsonl", listeners=[*listeners, *trackers]) as metrics,
-        system_metrics(metrics, rank=0, enabled=cfg.tracking_args.log_system_metrics),
+        open_trackers(cfg, rank=rank, run_id=run_id, output_dir=folder) as trackers,
+        MetricsLog(folder / "metrics.jsonl", listeners=[*listeners, *trackers]) as metrics,
+        system_metrics(metrics, rank=rank, enabled=cfg.tracking_args.log_system_metrics),
     ):
         yield metrics
 
@@ -187,7 +192,9 @@ def client(
         from unitedllm.launch import serve_client
 
         cfg = _load(config, set_, run_id)
-        reason = asyncio.run(serve_client(cfg, rank=rank, run_id=run_id))
+        output_dir = run_output_dir(cfg, run_id)
+        with _tracked(cfg, run_id=run_id, output_dir=output_dir, listeners=[], rank=rank) as metrics:
+            reason = asyncio.run(serve_client(cfg, rank=rank, run_id=run_id, metrics=metrics))
         console.print(f"client {rank}: run {run_id} finished ({reason})")
 
 

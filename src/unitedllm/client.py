@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unitedllm.comm.base import BlobStore, Presence, Transport
@@ -17,13 +18,15 @@ from unitedllm.errors import BlobNotFound, CommError, RoundError, UnitedLLMError
 from unitedllm.protocol.messages import Error, EvalReport, Finish, Hello, RoundStart, Update
 from unitedllm.protocol.payload import decode_tensors, encode_tensors
 from unitedllm.role import SERVER_RANK, Role
+from unitedllm.rounds import RoundPlan
 
 if TYPE_CHECKING:
     import torch
 
     from unitedllm.comm.local import LocalHub
     from unitedllm.config.types import Config
-    from unitedllm.training.base import LocalTrainer, StepEvent
+    from unitedllm.tracking.metrics import MetricsLog
+    from unitedllm.training.base import FitResult, LocalTrainer, StepEvent
 
 __all__ = ["Client"]
 
@@ -31,7 +34,13 @@ log = logging.getLogger(__name__)
 
 
 class Client(Role):
-    """One silo of a run. Use as ``async with Client(cfg, rank=1, run_id=...) as c: await c.run()``."""
+    """One silo of a run. Use as ``async with Client(cfg, rank=1, run_id=...) as c: await c.run()``.
+
+    It keeps its own records under ``<output_dir>/node_<rank>/``: ``metrics.jsonl`` (its training and
+    evaluation events, unless ``metrics`` is given) and checkpoints in FedML's layout: ``init``,
+    ``round_<r>_before_agg`` (its local model after training), ``round_<r>_after_agg`` (the global model
+    it received) on the rounds ``validation_args.save_frequency`` selects, and ``final``.
+    """
 
     def __init__(
         self,
@@ -44,6 +53,7 @@ class Client(Role):
         store: BlobStore | None = None,
         hub: LocalHub | None = None,
         on_step: Callable[[StepEvent], None] | None = None,
+        metrics: MetricsLog | None = None,
     ):
         total = cfg.train_args.client_num_in_total
         if not 1 <= rank <= total:
@@ -52,9 +62,24 @@ class Client(Role):
             raise ConfigError(ConfigProblem("--rank", f"{rank} is not a client rank of this run (1..{total})"))
         super().__init__(cfg, rank=rank, run_id=run_id, trainer=trainer, transport=transport, store=store, hub=hub)
         self._on_step = on_step
+        self._metrics = metrics
+        self.plan = RoundPlan.from_config(cfg)
         self.rounds_trained: list[int] = []
         self._newest_round = -1
         self.evaluations: list[tuple[int, str, dict[str, float]]] = []
+
+    async def _start(self) -> None:
+        if self._metrics is None:
+            from unitedllm.checkpoints import node_dir
+            from unitedllm.tracking.metrics import MetricsLog
+
+            path = node_dir(self.output_dir, self.rank) / "metrics.jsonl"
+            self._metrics = self._stack.enter_context(MetricsLog(path))
+
+    @property
+    def metrics(self) -> MetricsLog:
+        assert self._metrics is not None, self._entered()
+        return self._metrics
 
     async def run(self) -> str:
         """Serve rounds until the aggregator finishes the run; returns the aggregator's reason."""
@@ -119,6 +144,7 @@ class Client(Role):
                         "waiting for the next round", self.rank, round_idx)
             return
         download_seconds = time.perf_counter() - comm_started
+        await asyncio.to_thread(self._save_received, weights, round_idx)
         if start.spec.evaluate_global and round_idx >= 1:
             await self._evaluate(weights, round_idx - 1, "global")
         await asyncio.to_thread(self._align_trainer_state, round_idx)
@@ -133,6 +159,8 @@ class Client(Role):
                 SERVER_RANK, Error(run_id=self.run_id, round=round_idx, sender=self.rank, message=str(exc))
             )
             raise
+        if self.plan.should_save(round_idx):
+            await asyncio.to_thread(self._save, result.weights, self._checkpoint_dir(round_idx, "before_agg"))
         if start.spec.evaluate_local:
             await self._evaluate(result.weights, round_idx, "local")
         delta = await asyncio.to_thread(_delta, result.weights, weights)
@@ -151,6 +179,45 @@ class Client(Role):
                    num_samples=result.num_samples, metrics=metrics),
         )
         self.rounds_trained.append(round_idx)
+        self._log_train(round_idx, result, metrics)
+
+    def _log_train(self, round_idx: int, result: FitResult, metrics: Mapping[str, float]) -> None:
+        self.metrics.log(
+            "train", round_idx=round_idx, rank=self.rank, split="train", loss=metrics.get("train_loss"),
+            samples=result.num_samples, seconds=metrics.get("train_seconds"), bytes_sent=metrics.get("bytes_sent"),
+            bytes_received=metrics.get("bytes_received"), metrics=dict(metrics),
+        )
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _checkpoint_dir(self, round_idx: int, stage: str) -> Path:
+        from unitedllm.checkpoints import round_dir
+
+        return round_dir(self.output_dir, self.rank, round_idx, stage)
+
+    def _save(self, weights: Mapping[str, torch.Tensor], target: Path) -> None:
+        from unitedllm.checkpoints import atomic_dir
+
+        with atomic_dir(target) as tmp:
+            self.trainer.save_model(weights, tmp)
+        self.metrics.log("checkpoint", round_idx=None, rank=self.rank, path=str(target))
+
+    def _save_received(self, weights: Mapping[str, torch.Tensor], round_idx: int) -> None:
+        """``init`` on the first global model this client sees; ``round_<r-1>_after_agg`` after that."""
+        from unitedllm.checkpoints import node_dir
+
+        init = node_dir(self.output_dir, self.rank) / "init"
+        if not init.exists():
+            save_base = getattr(self.trainer, "save_base", None)
+            if round_idx == 0 and save_base is not None and not self.cfg.model_args.load_pretrained:
+                # The randomly initialised base, so this silo's adapters load without the aggregator's files.
+                save_base(init, adopt=False)
+            elif round_idx == 0:
+                self._save(weights, init)
+        if round_idx >= 1 and self.plan.should_save(round_idx - 1):
+            target = self._checkpoint_dir(round_idx - 1, "after_agg")
+            if not target.exists():
+                self._save(weights, target)
 
     def _align_trainer_state(self, round_idx: int) -> None:
         """Train round r from the optimizer/schedule state this client had before round r, always.
@@ -183,6 +250,10 @@ class Client(Role):
     async def _evaluate(self, weights: Mapping[str, torch.Tensor], round_idx: int, model: str) -> None:
         result = await asyncio.to_thread(self.trainer.evaluate, weights)
         self.evaluations.append((round_idx, model, result.metrics))
+        self.metrics.log(
+            "eval", round_idx=round_idx, rank=self.rank, split="test", model=model,
+            loss=result.metrics.get("eval_loss"), samples=result.num_samples, metrics=result.metrics,
+        )
         await self.transport.send(
             SERVER_RANK,
             EvalReport(run_id=self.run_id, round=round_idx, sender=self.rank, model=model,
@@ -190,10 +261,19 @@ class Client(Role):
         )
 
     async def _finish(self, finish: Finish) -> None:
-        if finish.evaluate_final and finish.final_ref is not None:
-            weights = await self._fetch_weights(finish.final_ref)
-            # The final model is the aggregate of the last round, so its evaluation is filed there.
-            await self._evaluate(weights, finish.round - 1, "global")
+        if finish.final_ref is not None:
+            from unitedllm.checkpoints import node_dir
+
+            try:
+                weights = await self._fetch_weights(finish.final_ref)
+            except BlobNotFound:
+                log.warning("client %d: the final model was gone before this client fetched it", self.rank)
+            else:
+                await asyncio.to_thread(self._save, weights, node_dir(self.output_dir, self.rank) / "final")
+                if finish.evaluate_final:
+                    # The final model is the aggregate of the last round, so its evaluation is filed there.
+                    await self._evaluate(weights, finish.round - 1, "global")
+        self.metrics.log("run_end", round_idx=finish.round - 1, rank=self.rank, reason=finish.reason)
         log.info("client %d: run finished (%s)", self.rank, finish.reason)
 
 

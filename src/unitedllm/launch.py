@@ -18,11 +18,11 @@ async def serve_server(cfg: Any, *, run_id: str, resume: bool = False, metrics: 
         return await aggregator.run()
 
 
-async def serve_client(cfg: Any, *, rank: int, run_id: str) -> str:
+async def serve_client(cfg: Any, *, rank: int, run_id: str, metrics: Any = None) -> str:
     """Run client ``rank`` of ``run_id`` until the aggregator finishes it."""
     from unitedllm.client import Client
 
-    async with Client(cfg, rank=rank, run_id=run_id) as client:
+    async with Client(cfg, rank=rank, run_id=run_id, metrics=metrics) as client:
         return await client.run()
 
 
