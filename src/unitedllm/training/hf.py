@@ -271,8 +271,12 @@ class HFLocalTrainer(LocalTrainer):
                 model.save_pretrained(str(directory))
         self.tokenizer.save_pretrained(str(directory))
 
-    def save_base(self, directory: Path) -> None:
-        """Write the base model as built (random init or pretrained) once; later LoRA adapters point at it."""
+    def save_base(self, directory: Path, *, adopt: bool = True) -> None:
+        """Write the base model as built (random init or pretrained); later LoRA adapters point at it.
+
+        With ``adopt=False`` adapters point at this copy only when no base was saved before (a client
+        sharing its model with the aggregator in one process keeps pointing at ``node_0/init``).
+        """
         from unitedllm.training.weights import base_state_dict, load_trainable
 
         shared = self._ready()
@@ -286,7 +290,8 @@ class HFLocalTrainer(LocalTrainer):
             else:
                 load_trainable(model, shared.initial_weights)
                 model.save_pretrained(str(directory))
-            shared.base_dir = directory
+            if adopt or shared.base_dir is None:
+                shared.base_dir = directory
         self.tokenizer.save_pretrained(str(directory))
 
     def state_dict(self) -> dict[str, Any]:
