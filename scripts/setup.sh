@@ -8,4 +8,6 @@ PYTHON="${PYTHON:-python3}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU build of torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
-pip install -q -e ".[mqtt_s3,tracking,test]"
+# An old pip (23.x) ignores extras whose names it does not normalise the way setuptools writes them.
+pip install -q --upgrade "pip>=24"
+pip install -q -e ".[mqtt-s3,tracking,test]"

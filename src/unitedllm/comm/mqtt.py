@@ -119,7 +119,7 @@ class MqttTransport(Transport):
         try:
             import aiomqtt  # noqa: F401 - fail early with the extra to install
         except ImportError:
-            raise MissingDependency("aiomqtt", "mqtt_s3", "the MQTT_S3 backend") from None
+            raise MissingDependency("aiomqtt", "mqtt-s3", "the MQTT_S3 backend") from None
         self._runner = asyncio.create_task(self._maintain(), name=f"unitedllm-mqtt-rank{self.rank}")
         connected = asyncio.create_task(self._connected.wait(), name="unitedllm-mqtt-first-connect")
         done, _ = await asyncio.wait(

@@ -87,7 +87,7 @@ class S3BlobStore(BlobStore):
         try:
             import aioboto3
         except ImportError:
-            raise MissingDependency("aioboto3", "mqtt_s3", "the MQTT_S3 backend") from None
+            raise MissingDependency("aioboto3", "mqtt-s3", "the MQTT_S3 backend") from None
         s = self.settings
         session = aioboto3.Session(
             aws_access_key_id=s.access_key_id, aws_secret_access_key=s.secret_access_key, region_name=s.region
