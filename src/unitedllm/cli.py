@@ -186,15 +186,23 @@ def client(
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run one client (silo) of a run; it serves rounds until the aggregator finishes."""
+    """Run one client (silo) of a run; it serves rounds until the aggregator finishes.
+
+    The node's bootstrap runs first; environment_args.launcher may start the client as a silo of
+    several processes under torchrun or DeepSpeed (docs/silos.md).
+    """
     _setup_logging(verbose)
     with _user_errors():
         from unitedllm.launch import serve_client
+        from unitedllm.silo import serve_silo
 
-        cfg = _load(config, set_, run_id)
-        output_dir = run_output_dir(cfg, run_id)
-        with _tracked(cfg, run_id=run_id, output_dir=output_dir, listeners=[], rank=rank) as metrics:
-            reason = asyncio.run(serve_client(cfg, rank=rank, run_id=run_id, metrics=metrics))
+        def here(cfg: Any) -> str:
+            output_dir = run_output_dir(cfg, run_id)
+            with _tracked(cfg, run_id=run_id, output_dir=output_dir, listeners=[], rank=rank) as metrics:
+                return asyncio.run(serve_client(cfg, rank=rank, run_id=run_id, metrics=metrics))
+
+        reason = serve_silo(config, rank=rank, run_id=run_id, overrides=list(set_ or []), verbose=verbose,
+                            run_here=here)
         console.print(f"client {rank}: run {run_id} finished ({reason})")
 
 

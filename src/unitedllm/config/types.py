@@ -51,11 +51,30 @@ class CommonArgs(Section):
 
 
 class EnvironmentArgs(Section):
-    """``environment_args``: how a node is prepared and which launcher starts the work."""
+    """``environment_args``: how a node is prepared and which launcher starts the work (docs/silos.md)."""
 
-    bootstrap: str | None = None
-    launcher: Literal["auto", "torch", "deepspeed"] = "auto"
-    nproc_per_node: PositiveInt | None = None
+    bootstrap: Annotated[
+        str | None,
+        Meta(description="bash script run once per node before launch; relative: next to the config, else cwd"),
+    ] = None
+    launcher: Annotated[
+        Literal["auto", "torch", "deepspeed"],
+        Meta(description="How a client silo starts: auto, torchrun (torch) or the DeepSpeed launcher"),
+    ] = "auto"
+    nproc_per_node: Annotated[
+        PositiveInt | None, Meta(description="Processes per node (default: the GPU count, 1 on CPU)")
+    ] = None
+    # UnitedLLM additions: a silo that spans several nodes (static rendezvous, as torchrun's flags)
+    nnodes: Annotated[PositiveInt, Meta(description="Nodes in one client silo")] = 1
+    node_rank: Annotated[NonNegativeInt, Meta(description="This node's index in its silo, 0..nnodes-1")] = 0
+    master_addr: Annotated[str, Meta(description="Address of the silo's node 0 (multi-node silos)")] = "127.0.0.1"
+    master_port: Annotated[
+        Annotated[int, Meta(ge=1, le=65535)] | None,
+        Meta(description="Rendezvous port on node 0 (default: a free port on one node, 29500 on several)"),
+    ] = None
+    launcher_args: Annotated[
+        list[str], Meta(description="Extra arguments passed to torchrun or deepspeed as they are")
+    ] = msgspec.field(default_factory=list)
 
 
 class DataArgs(Section):

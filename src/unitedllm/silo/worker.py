@@ -1,0 +1,103 @@
+"""The process that torchrun or the DeepSpeed launcher starts for each rank of a client silo.
+
+``python -m unitedllm.silo.worker CONFIG --rank N --run-id ID --engine torch|deepspeed``
+(``unitedllm client`` builds this command; see :mod:`unitedllm.silo.launcher`). Silo rank 0
+runs the client, the only connection of the silo to the aggregator; the other ranks follow
+it (:mod:`unitedllm.silo.group`). Exit codes: 0 finished, 1 failed, 2 bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from unitedllm.errors import ConfigError, UnitedLLMError
+
+__all__ = ["main"]
+
+log = logging.getLogger("unitedllm.silo")
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m unitedllm.silo.worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("--rank", type=int, required=True, help="the client's rank in the federation")
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--engine", choices=["torch", "deepspeed"], required=True)
+    parser.add_argument("--deepspeed", default=None, help="resolved path of train_args.deepspeed")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--verbose", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _setup_logging(verbose: bool, silo_rank: int) -> None:
+    import os
+    import warnings
+
+    if not verbose:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+    logging.basicConfig(level=logging.WARNING, format=f"[silo rank {silo_rank}] %(message)s", force=True)
+    # The leader tells the story; followers speak up only when something is wrong.
+    level = logging.DEBUG if verbose else (logging.INFO if silo_rank == 0 else logging.WARNING)
+    logging.getLogger("unitedllm").setLevel(level)
+    for noisy in ("transformers", "datasets", "peft", "httpx", "botocore", "aiobotocore", "DeepSpeed", "torch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from unitedllm.config import load_config
+    from unitedllm.launch import serve_client
+    from unitedllm.silo.distributed import open_silo
+    from unitedllm.silo.group import check_same_model, follow, leader_for
+    from unitedllm.training.hf import HFLocalTrainer
+
+    ctx = open_silo(args.engine, deepspeed_config=args.deepspeed)
+    _setup_logging(args.verbose, ctx.rank)
+    cfg = load_config(args.config, overrides=args.overrides, run_id=args.run_id)
+    trainer = HFLocalTrainer(cfg, args.rank, silo=ctx)
+    check_same_model(trainer, ctx)
+    if not ctx.is_leader:
+        if follow(trainer, ctx):
+            return 0
+        log.error("client %d: silo rank 0 stopped with an error (see its output); silo rank %d stops too",
+                  args.rank, ctx.rank)
+        return 1
+    log.info("client %d: silo of %d processes (%s)", args.rank, ctx.world_size, args.engine)
+    leader = leader_for(trainer, ctx)
+    failed = True
+    try:
+        reason = asyncio.run(serve_client(cfg, rank=args.rank, run_id=args.run_id, trainer=leader))
+        failed = False
+    finally:
+        leader.close(failed=failed)
+    print(f"client {args.rank}: run {args.run_id} finished ({reason})", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one rank of a client silo; returns the process exit code."""
+    args = _parse(argv)
+    _setup_logging(args.verbose, -1)
+    from unitedllm.silo.distributed import close_silo
+
+    try:
+        return _serve(args)
+    except ConfigError as exc:
+        print(f"error: {exc.render()}", file=sys.stderr)
+        return 2
+    except UnitedLLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        close_silo()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""DeepSpeed ZeRO inside a silo: whole tensors when they are needed, and the optimizer kept across rounds.
+
+Under ZeRO-3 every rank holds only a shard of each parameter. Loading the global weights,
+reading the trained ones and saving a model need the whole tensors:
+:func:`gathered` collects them on every rank for the duration of a ``with`` block (a
+collective: every rank of the silo must enter it). It does nothing for ordinary tensors,
+so the same code serves a plain process, DDP and ZeRO-2.
+
+Hugging Face's ``Trainer`` starts a new DeepSpeed engine, optimizer and schedule on every
+``train()`` call. A federated client trains once per round and must continue where the last
+round stopped (as the single-process client does), so :class:`ZeroRounds` hands each
+round's engine the previous round's ZeRO optimizer state (moments and step count; the master
+weights come from the freshly loaded global model) and a schedule advanced to where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ZeroRounds", "gathered", "is_partitioned"]
+
+log = logging.getLogger(__name__)
+
+# ZeRO-3 keeps its fp32 master weights inside the optimizer state under this key.
+_ZERO3_MASTER_WEIGHTS = "fp32_flat_groups"
+
+
+def is_partitioned(params: Iterable[torch.nn.Parameter]) -> bool:
+    """Whether any of ``params`` is a ZeRO-3 shard."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+@contextmanager
+def gathered(params: Iterable[torch.nn.Parameter], *, modify: bool = False) -> Iterator[None]:
+    """Whole ZeRO-3 parameters inside the block (changes made on rank 0 are kept with ``modify``)."""
+    shards = [p for p in params if hasattr(p, "ds_id")]
+    if not shards:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(shards, modifier_rank=0 if modify else None):
+        yield
+
+
+def _cpu_copy(obj: Any) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_cpu_copy(v) for v in obj)
+    return obj
+
+
+class ZeroRounds:
+    """One DeepSpeed client's optimizer and schedule across rounds, one HF ``Trainer`` per round.
+
+    ``make_optimizer(model)`` builds the torch optimizer (DeepSpeed wraps it in ZeRO);
+    ``make_scheduler(optimizer)`` builds the learning-rate schedule of the whole run.
+    """
+
+    def __init__(
+        self,
+        make_optimizer: Callable[[Any], torch.optim.Optimizer],
+        make_scheduler: Callable[[Any], Any],
+    ):
+        self._make_optimizer = make_optimizer
+        self._make_scheduler = make_scheduler
+        self._optimizer_state: dict[str, Any] | None = None
+        self.steps_done = 0
+        self._engine: Any = None
+        self.scheduler: Any = None
+
+    def trainer(self, **kwargs: Any) -> Any:
+        """A Hugging Face ``Trainer`` for this round that continues this client's optimizer and schedule."""
+        from transformers import Trainer
+
+        rounds = self
+
+        class _RoundTrainer(Trainer):
+            def create_optimizer(self, model: Any = None) -> Any:
+                if self.optimizer is None:
+                    # The previous round's engine still owns ZeRO-3's module hooks: retire it first.
+                    rounds.release_engine()
+                    self.optimizer = rounds._make_optimizer(model if model is not None else self.model)
+                return self.optimizer
+
+            def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+                if self.lr_scheduler is None:
+                    optimizer = optimizer if optimizer is not None else self.optimizer
+                    rounds._restore_optimizer(optimizer)
+                    self.lr_scheduler = rounds._schedule(optimizer)
+                    self._created_lr_scheduler = True
+                return self.lr_scheduler
+
+        return _RoundTrainer(**kwargs)
+
+    def _schedule(self, optimizer: Any) -> Any:
+        scheduler = self._make_scheduler(optimizer)
+        with warnings.catch_warnings():
+            # Advancing a fresh schedule to where the last round left it, before any optimizer step.
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(self.steps_done):
+                scheduler.step()
+        self.scheduler = scheduler
+        return scheduler
+
+    def _restore_optimizer(self, optimizer: Any) -> None:
+        if self._optimizer_state is None:
+            return
+        import torch.distributed as dist
+
+        zero = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper around the ZeRO optimizer
+        state = dict(self._optimizer_state)
+        fresh = zero.state_dict()
+        if _ZERO3_MASTER_WEIGHTS in fresh:
+            # Keep the master weights this engine took from the new global model; carry only the moments.
+            state[_ZERO3_MASTER_WEIGHTS] = fresh[_ZERO3_MASTER_WEIGHTS]
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        zero.load_state_dict([state] * world, load_optimizer_states=True, load_from_fp32_weights=False)
+
+    def finish_round(self, trainer: Any) -> None:
+        """Keep the round's optimizer state and schedule position (call on every rank after ``train()``)."""
+        self._engine = trainer.model_wrapped
+        self._optimizer_state = _cpu_copy(self._engine.optimizer.state_dict())
+        self.steps_done += int(trainer.state.global_step)
+
+    def release_engine(self) -> None:
+        """Remove the last engine's hooks from the model (closing twice is harmless)."""
+        if self._engine is not None and hasattr(self._engine, "destroy"):
+            self._engine.destroy()
+        self._engine = None
+
+    def last_lr(self) -> float:
+        """The learning rate of the last step taken."""
+        return float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's ZeRO optimizer shard and the schedule position (torch objects)."""
+        if self._optimizer_state is None:
+            return {}
+        return {"zero_optimizer": self._optimizer_state, "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` gave; applied when the next round's engine starts."""
+        self._optimizer_state = state.get("zero_optimizer")
+        self.steps_done = int(state.get("steps_done", 0))
