@@ -192,6 +192,7 @@ class Aggregator(Role):
         )
         self.metrics.log("round_start", round_idx=round_idx, rank=SERVER_RANK, selected=selected)
         global_ref = await self.store.put(encode_tensors(weights))
+        extra_refs = await self._put_round_extras(optimizer, state)
         for rank in selected:
             spec = TrainSpec(
                 local_max_steps=cfg.train_args.local_max_steps,
@@ -200,7 +201,8 @@ class Aggregator(Role):
                 evaluate_local=self.plan.clients_evaluate_local(round_idx, rank),
             )
             await self.transport.send(
-                rank, RoundStart(run_id=self.run_id, round=round_idx, sender=SERVER_RANK, global_ref=global_ref, spec=spec)
+                rank, RoundStart(run_id=self.run_id, round=round_idx, sender=SERVER_RANK, global_ref=global_ref, spec=spec,
+                                 extras=extra_refs)
             )
         arrived = await self._collect(round_idx, selected)
         agg_started = time.perf_counter()
@@ -228,7 +230,8 @@ class Aggregator(Role):
             rejected=rejected, train_loss=summary.train_loss, eval_loss=summary.eval_loss,
             seconds=summary.seconds, aggregation_seconds=agg_seconds,
         )
-        await self.store.delete(global_ref)
+        for ref in (global_ref, *extra_refs.values()):
+            await self.store.delete(ref)
         return new_weights, new_state, summary
 
     # -- collecting updates ------------------------------------------------------------------------
@@ -291,7 +294,8 @@ class Aggregator(Role):
                 data = await self.store.get(message.delta_ref)
                 delta = await asyncio.to_thread(decode_tensors, data)
                 del data
-                update = ClientUpdate(rank=message.sender, delta=delta, num_samples=message.num_samples)
+                extras = await self._fetch_update_extras(message, weights, optimizer)
+                update = ClientUpdate(rank=message.sender, delta=delta, num_samples=message.num_samples, extras=extras)
                 await asyncio.to_thread(accumulator.add, update)
             except UnitedLLMError as exc:
                 rejected[message.sender] = str(exc)
@@ -304,7 +308,8 @@ class Aggregator(Role):
                 seconds=message.metrics.get("train_seconds"), bytes_received=message.delta_ref.size,
                 metrics=message.metrics,
             )
-            await self.store.delete(message.delta_ref)
+            for ref in (message.delta_ref, *message.extras.values()):
+                await self.store.delete(ref)
         if len(accepted) < quorum:
             raise RoundError(
                 f"round {round_idx}: only {len(accepted)} valid update(s) of the {quorum} needed "
@@ -312,6 +317,28 @@ class Aggregator(Role):
                 f"raise comm_args.round_timeout_s or lower comm_args.min_updates_per_round"
             )
         return accepted, rejected, await asyncio.to_thread(accumulator.finish)
+
+    async def _put_round_extras(self, optimizer: Any, state: Mapping[str, torch.Tensor]) -> dict[str, BlobRef]:
+        """Tensors the clients need besides the global weights (SCAFFOLD's c), one blob per group."""
+        from unitedllm.optimizers.client_side import SendsRoundExtras
+
+        if not isinstance(optimizer, SendsRoundExtras):
+            return {}
+        groups = optimizer.round_start_extras(state)
+        return {key: await self.store.put(await asyncio.to_thread(encode_tensors, tensors))
+                for key, tensors in groups.items()}
+
+    async def _fetch_update_extras(
+        self, message: Update, weights: Mapping[str, torch.Tensor], optimizer: Any
+    ) -> dict[str, torch.Tensor]:
+        """An update's extra tensors as ``"<group>/<name>"``, fetched only when the optimizer uses them."""
+        if not message.extras or not optimizer.required_extras(weights):
+            return {}
+        extras: dict[str, torch.Tensor] = {}
+        for key, ref in sorted(message.extras.items()):
+            tensors = await asyncio.to_thread(decode_tensors, await self.store.get(ref))
+            extras.update({f"{key}/{name}": t for name, t in tensors.items()})
+        return extras
 
     def _reject(self, rank: int, round_idx: int, reason: str) -> None:
         log.warning("round %d: update from client %d refused: %s", round_idx, rank, reason)

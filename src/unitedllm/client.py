@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from unitedllm.config.types import Config
     from unitedllm.tracking.metrics import MetricsLog
     from unitedllm.training.base import FitResult, LocalTrainer, StepEvent
+    from unitedllm.training.client_algorithms import ClientAlgorithm
 
 __all__ = ["Client"]
 
@@ -67,6 +68,7 @@ class Client(Role):
         self.rounds_trained: list[int] = []
         self._newest_round = -1
         self.evaluations: list[tuple[int, str, dict[str, float]]] = []
+        self._algorithm: ClientAlgorithm | None = None
 
     async def _start(self) -> None:
         if self._metrics is None:
@@ -83,6 +85,7 @@ class Client(Role):
 
     async def run(self) -> str:
         """Serve rounds until the aggregator finishes the run; returns the aggregator's reason."""
+        await self._prepare_algorithm()
         fingerprint = await asyncio.to_thread(self.trainer.base_fingerprint)
         await self._hello(fingerprint)
         server_gone_since: float | None = None
@@ -128,6 +131,37 @@ class Client(Role):
     async def _fetch_weights(self, ref: Any) -> dict[str, torch.Tensor]:
         return decode_tensors(await self.store.get(ref))
 
+    async def _prepare_algorithm(self) -> None:
+        """FedProx/SCAFFOLD: refuse (and tell the aggregator) a trainer that does not apply them."""
+        from unitedllm.checkpoints import node_dir
+        from unitedllm.errors import ConfigError
+        from unitedllm.training.client_algorithms import ClientAlgorithm
+
+        folder = node_dir(self.output_dir, self.rank) / "scaffold_control"
+        self._algorithm = await asyncio.to_thread(ClientAlgorithm, self.cfg, folder)
+        try:
+            self._algorithm.check(self.trainer)
+        except ConfigError as exc:
+            await self.transport.send(
+                SERVER_RANK, Error(run_id=self.run_id, round=-1, sender=self.rank, message=str(exc))
+            )
+            raise
+
+    def _fit(
+        self, weights: Mapping[str, torch.Tensor], extras: Mapping[str, Mapping[str, torch.Tensor]], start: RoundStart
+    ) -> tuple[FitResult, dict[str, dict[str, torch.Tensor]]]:
+        """Local training with the run's client algorithm; the result and the tensors to send beside the delta."""
+        assert self._algorithm is not None, "run() prepares the client algorithm"
+        round_idx = start.round
+        correction = self._algorithm.begin_round(round_idx, weights, extras)
+        if correction is None:
+            result = self.trainer.fit(weights, round_idx=round_idx, max_steps=start.spec.local_max_steps,
+                                      on_step=self._on_step)
+        else:
+            result = self.trainer.fit(weights, round_idx=round_idx, max_steps=start.spec.local_max_steps,
+                                      on_step=self._on_step, correction=correction)
+        return result, self._algorithm.finish_round(round_idx, correction, weights)
+
     async def _train_round(self, start: RoundStart) -> None:
         round_idx = start.round
         if round_idx < self._newest_round:
@@ -138,6 +172,7 @@ class Client(Role):
         comm_started = time.perf_counter()
         try:
             weights = await self._fetch_weights(start.global_ref)
+            extras = {key: await self._fetch_weights(ref) for key, ref in start.extras.items()}
         except BlobNotFound:
             # A message held while this client was offline can name a round that closed meanwhile.
             log.warning("client %d: round %d already closed (its global weights are gone); "
@@ -150,10 +185,7 @@ class Client(Role):
         await asyncio.to_thread(self._align_trainer_state, round_idx)
         fit_started = time.perf_counter()
         try:
-            result = await asyncio.to_thread(
-                self.trainer.fit, weights, round_idx=round_idx, max_steps=start.spec.local_max_steps,
-                on_step=self._on_step,
-            )
+            result, update_extras = await asyncio.to_thread(self._fit, weights, extras, start)
         except UnitedLLMError as exc:
             await self.transport.send(
                 SERVER_RANK, Error(run_id=self.run_id, round=round_idx, sender=self.rank, message=str(exc))
@@ -167,16 +199,18 @@ class Client(Role):
         upload_started = time.perf_counter()
         data = await asyncio.to_thread(encode_tensors, delta)
         ref = await self.store.put(data)
+        extra_refs = {key: await self.store.put(await asyncio.to_thread(encode_tensors, tensors))
+                      for key, tensors in update_extras.items()}
         metrics = dict(result.metrics)
         metrics.setdefault("train_seconds", time.perf_counter() - fit_started)
         metrics["download_seconds"] = download_seconds
         metrics["upload_seconds"] = time.perf_counter() - upload_started
-        metrics["bytes_sent"] = float(ref.size)
-        metrics["bytes_received"] = float(start.global_ref.size)
+        metrics["bytes_sent"] = float(ref.size + sum(r.size for r in extra_refs.values()))
+        metrics["bytes_received"] = float(start.global_ref.size + sum(r.size for r in start.extras.values()))
         await self.transport.send(
             SERVER_RANK,
             Update(run_id=self.run_id, round=round_idx, sender=self.rank, delta_ref=ref,
-                   num_samples=result.num_samples, metrics=metrics),
+                   num_samples=result.num_samples, metrics=metrics, extras=extra_refs),
         )
         self.rounds_trained.append(round_idx)
         self._log_train(round_idx, result, metrics)

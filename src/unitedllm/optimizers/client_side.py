@@ -1,7 +1,8 @@
-"""Client-side maths of FedProx and SCAFFOLD, as pure functions a local trainer can call.
+"""Client-side maths of FedProx and SCAFFOLD, as pure functions.
 
-Both corrections are written as extra loss terms, so a Hugging Face ``Trainer`` only has
-to add them in ``compute_loss`` (autograd does the rest)::
+Local training applies both as per-step gradient corrections
+(:mod:`unitedllm.training.client_algorithms`); the loss forms below have exactly those
+gradients, so a trainer may instead add them to its loss::
 
     loss = model_loss + proximal_term(trainable, global_weights, mu)          # FedProx
     loss = model_loss + scaffold_term(trainable, c_server, c_client)          # SCAFFOLD
@@ -16,23 +17,47 @@ same device.
   Learning", ICML 2020, Algorithm 1: local steps use g − c_i + c; afterwards
   c_i⁺ = c_i − c + (x − y_i) / (K η_l) (option II), and the client sends
   Δy_i = y_i − x with Δc_i = c_i⁺ − c_i in ``ClientUpdate.extras["control/<name>"]``.
+  With plain SGD steps y_i = x − Σ_k η_k (g_k − c_i + c), so option II equals
+  Σ_k η_k g_k / Σ_k η_k, the learning-rate-weighted mean of the data gradients the steps
+  used (:func:`scaffold_control_from_gradients`). That form is what clients compute: it is
+  option II under SGD and stays a gradient with any local optimizer, where the weight form
+  does not (with Adam, (x − y_i)/(K η_l) is a mean of normalised steps, not a gradient).
+
+On the wire a group of named tensors travels as one blob under one key of
+``RoundStart.extras`` / ``Update.extras``; the key ``control`` holds control variates
+(the server's c in a round start, a client's Δc_i in an update), and its tensors become
+``extras["control/<name>"]`` of the :class:`~unitedllm.optimizers.base.ClientUpdate`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
 
 import torch
 
 __all__ = [
+    "CONTROL_EXTRA",
     "CONTROL_PREFIX",
+    "SendsRoundExtras",
     "control_extras",
     "proximal_term",
+    "scaffold_control_from_gradients",
     "scaffold_control_update",
     "scaffold_term",
 ]
 
-CONTROL_PREFIX = "control/"
+CONTROL_EXTRA = "control"
+CONTROL_PREFIX = CONTROL_EXTRA + "/"
+
+
+@runtime_checkable
+class SendsRoundExtras(Protocol):
+    """A server optimizer whose clients need tensors besides the global weights (SCAFFOLD's c)."""
+
+    def round_start_extras(self, state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Groups of named tensors for every client of the next round, keyed like ``RoundStart.extras``."""
+        ...
 
 
 def _check_names(params: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], what: str) -> None:
@@ -90,6 +115,23 @@ def scaffold_control_update(
         updated = ci - c + (x.to(torch.float64) - y) * scale
         new_c[name] = updated.to(c_client[name].dtype)
         delta_c[name] = (updated - ci).to(c_client[name].dtype)
+    return new_c, delta_c
+
+
+def scaffold_control_from_gradients(
+    c_client: Mapping[str, torch.Tensor],
+    weighted_gradient_sum: Mapping[str, torch.Tensor],
+    learning_rate_sum: float,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """SCAFFOLD option II from the steps' gradients: (c_i⁺, Δc_i), c_i⁺ = Σ_k η_k g_k / Σ_k η_k."""
+    if learning_rate_sum <= 0:
+        raise ValueError(f"need a positive sum of learning rates, got {learning_rate_sum}")
+    new_c: dict[str, torch.Tensor] = {}
+    delta_c: dict[str, torch.Tensor] = {}
+    for name, ci in c_client.items():
+        updated = weighted_gradient_sum[name].to(torch.float64) / learning_rate_sum
+        new_c[name] = updated.to(ci.dtype)
+        delta_c[name] = (updated - ci.to(torch.float64)).to(ci.dtype)
     return new_c, delta_c
 
 

@@ -10,8 +10,8 @@ where Δx̄ and Δc̄ are the means of the clients' model deltas and control-var
 ``client_num_in_total`` (``num_clients`` given to :func:`create`; |S| when not given).
 η_g = ``server_learning_rate`` (default 1). The server control variate is state
 ``control/<name>``; the aggregator sends it to clients with the global weights
-(:meth:`Scaffold.server_control`). The client half is in
-:mod:`unitedllm.optimizers.client_side`.
+(:meth:`Scaffold.round_start_extras`, ``RoundStart.extras["control"]``). The client half is
+in :mod:`unitedllm.optimizers.client_side` and :mod:`unitedllm.training.client_algorithms`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 
 from unitedllm.optimizers.base import Tensors, register
-from unitedllm.optimizers.client_side import CONTROL_PREFIX
+from unitedllm.optimizers.client_side import CONTROL_EXTRA, CONTROL_PREFIX
 from unitedllm.optimizers.mean import MeanRuleOptimizer, RoundSummary, apply_step, scaled, state_dtype
 
 __all__ = ["Scaffold"]
@@ -45,6 +45,10 @@ class Scaffold(MeanRuleOptimizer):
         """The server control variate c, keyed by parameter name, to send to clients."""
         return {k[len(CONTROL_PREFIX) :]: v for k, v in state.items() if k.startswith(CONTROL_PREFIX)}
 
+    def round_start_extras(self, state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """The server control variate c for the clients of the next round (``RoundStart.extras["control"]``)."""
+        return {CONTROL_EXTRA: self.server_control(state)}
+
     def apply(
         self,
         weights: Mapping[str, torch.Tensor],
@@ -59,6 +63,10 @@ class Scaffold(MeanRuleOptimizer):
         for name, w in weights.items():
             key = CONTROL_PREFIX + name
             prev = state.get(key)
-            c = torch.zeros(w.shape, dtype=torch.float64) if prev is None else prev.to(torch.float64, copy=True)
+            c = (
+                torch.zeros(w.shape, dtype=torch.float64)
+                if prev is None
+                else prev.to(torch.float64, copy=True)
+            )
             new_state[key] = c.add_(summary.mean_extras[key], alpha=fraction).to(state_dtype(w))
         return apply_step(weights, scaled(mean_delta, lr)), new_state

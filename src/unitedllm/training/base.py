@@ -6,6 +6,12 @@ Client and Aggregator call them from a worker thread, never on the event loop.
 
 Weights exchanged here are the *trainable* tensors only (the LoRA adapter with
 ``peft_type: lora``, the whole model with ``peft_type: none``), keyed by stable names.
+
+FedProx and SCAFFOLD change local training: a trainer that supports them lists them in
+:attr:`LocalTrainer.client_algorithms` and, when ``fit`` gets a ``correction``, calls
+``correction.apply(trainable_params, learning_rate)`` once per optimizer step, just before
+it (:mod:`unitedllm.training.client_algorithms`). A trainer that lists nothing is never
+given one, and a run that needs one refuses to start with it.
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     import torch
+
+    from unitedllm.training.client_algorithms import LocalCorrection
 
 __all__ = ["EvalResult", "FitResult", "LocalTrainer", "StepEvent"]
 
@@ -55,6 +63,9 @@ class EvalResult:
 class LocalTrainer(abc.ABC):
     """Trains and evaluates one rank's model on its own data."""
 
+    #: Client algorithms (``"FedProx"``, ``"SCAFFOLD"``) whose ``correction`` this trainer's ``fit`` applies.
+    client_algorithms: ClassVar[frozenset[str]] = frozenset()
+
     @abc.abstractmethod
     def initial_weights(self) -> dict[str, "torch.Tensor"]:
         """The trainable tensors of the freshly built model (the round-0 global weights)."""
@@ -71,8 +82,13 @@ class LocalTrainer(abc.ABC):
         round_idx: int,
         max_steps: int,
         on_step: Callable[[StepEvent], None] | None = None,
+        correction: LocalCorrection | None = None,
     ) -> FitResult:
-        """Load ``weights``, train locally for this round and return the new trainable weights."""
+        """Load ``weights``, train locally for this round and return the new trainable weights.
+
+        ``correction`` (only passed to trainers listing its algorithm in :attr:`client_algorithms`)
+        must be applied to the gradients once per optimizer step, just before the step.
+        """
 
     @abc.abstractmethod
     def evaluate(self, weights: Mapping[str, "torch.Tensor"]) -> EvalResult:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, TrainingArguments
 
     from unitedllm.config.types import Config
+    from unitedllm.training.client_algorithms import LocalCorrection
 
 __all__ = ["HFLocalTrainer", "round_seed"]
 
@@ -52,6 +53,8 @@ def _key(*parts: Any) -> str:
 
 class HFLocalTrainer(LocalTrainer):
     """Local training and evaluation of rank ``rank`` (0 = aggregator: evaluation only) with Hugging Face."""
+
+    client_algorithms = frozenset({"FedProx", "SCAFFOLD"})
 
     def __init__(self, cfg: Config, rank: int, *, model_cache: ModelCache | None = None):
         if rank < 0 or rank > cfg.train_args.client_num_in_total:
@@ -180,8 +183,12 @@ class HFLocalTrainer(LocalTrainer):
         round_idx: int,
         max_steps: int,
         on_step: Callable[[StepEvent], None] | None = None,
+        correction: LocalCorrection | None = None,
     ) -> FitResult:
-        """Train ``weights`` on this client's data for one round and return the new trainable weights."""
+        """Train ``weights`` on this client's data for one round and return the new trainable weights.
+
+        A ``correction`` (FedProx, SCAFFOLD) is added to the gradients before each optimizer step.
+        """
         from unitedllm.training.weights import load_trainable, trainable_state
 
         train = self._require_train()
@@ -194,6 +201,11 @@ class HFLocalTrainer(LocalTrainer):
             args = self._training_args(steps, round_seed(self.cfg.train_args.seed, self.rank, round_idx))
             self._ensure_optimizer(model, args, steps)
             trainer = self._hf_trainer(model, args, train, round_idx, steps, on_step)
+            if correction is not None:
+                from unitedllm.training.client_algorithms import CorrectionCallback
+
+                params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+                trainer.add_callback(CorrectionCallback(params, correction))
             start = time.perf_counter()
             try:
                 output = trainer.train()
