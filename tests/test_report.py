@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html as html_lib
 import io
+import json
 import re
 import subprocess
 import sys
@@ -98,19 +100,48 @@ def test_report_of_a_finished_run(finished_run: Path) -> None:
     assert f"<td>{last_round['train_loss']:.5g}</td>" in html
     assert "finished · 4 rounds done · 3 clients" in html
 
-    if CHROMIUM.exists():
-        shot = finished_run / "shot.png"
-        subprocess.run(
-            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run",
-             f"--user-data-dir={finished_run / 'chromium'}", f"--screenshot={shot}", "--window-size=1200,2000",
-             page.as_uri()],
-            check=True, timeout=120, capture_output=True,
-        )
-        from PIL import Image
 
-        colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1_000_000)
-        assert colours is not None and len(colours) > 100
+def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", *args],
+        check=True, timeout=120, capture_output=True, text=True,
+    )
+
+
+# Appended to a copy of the page: after load, report how many images the browser decoded and laid out.
+IMAGE_CHECK = """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.querySelectorAll("figure img")];
+  const shown = imgs.filter(i => i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 100);
+  const out = document.createElement("pre");
+  out.id = "image-check";
+  out.textContent = JSON.stringify({total: imgs.length, shown: shown.length, alts: shown.map(i => i.alt)});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no headless browser at {CHROMIUM} (scripts/test.sh installs it)")
+def test_report_renders_its_plots_in_headless_chromium(finished_run: Path, tmp_path: Path) -> None:
+    page = write_report(finished_run)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", IMAGE_CHECK + "</body>"))
+    dom = _chromium("--virtual-time-budget=10000", "--dump-dom", probe.as_uri(), profile=tmp_path / "p1").stdout
+    found = re.search(r'<pre id="image-check">(.*?)</pre>', dom)
+    assert found, f"the page never finished loading in chromium: {dom[-500:]}"
+    check = json.loads(html_lib.unescape(found.group(1)))
+    assert check["total"] == len(PLOTS) + 1 and check["shown"] == check["total"], check
+
+    shot = tmp_path / "shot.png"
+    _chromium(f"--screenshot={shot}", "--window-size=1200,3000", page.as_uri(), profile=tmp_path / "p2")
+    from PIL import Image
+
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1200, 3000)
+    colours = image.getcolors(maxcolors=1_000_000)
+    assert colours is not None and len(colours) > 200  # plots drawn, not a blank or error page
 
 
 def test_summary_table_lists_every_round(finished_run: Path) -> None:
