@@ -226,3 +226,17 @@ def test_cli_module_imports_no_heavy_packages() -> None:
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
+
+
+def test_a_clients_own_records_render_as_a_report(finished_run: Path) -> None:
+    client = load_run(finished_run / "node_1")
+    assert client.run_id == "rep/node_1" and client.finished
+    rows = client.finished_rounds()
+    assert [r.round for r in rows] == [0, 1, 2, 3] and all(r.selected == [1] for r in rows)
+    server = load_run(finished_run)
+    for row in rows:
+        # The client's own train loss is the one the aggregator received from it.
+        assert row.train_loss == server.clients[(row.round, 1)].train_loss
+        assert row.eval_loss is not None  # rank 1 tests the global model every round
+    page = write_report(finished_run / "node_1")
+    png_is_a_chart((page.parent / "train_loss.png").read_bytes())

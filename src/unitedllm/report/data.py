@@ -84,7 +84,9 @@ class RunData:
 
     @property
     def run_id(self) -> str:
-        return self.run_dir.resolve().name
+        """The run's folder name; ``<run>/node_<rank>`` for a client's own records."""
+        folder = self.run_dir.resolve()
+        return f"{folder.parent.name}/{folder.name}" if folder.name.startswith("node_") else folder.name
 
     @property
     def ranks(self) -> list[int]:
@@ -164,7 +166,20 @@ def load_run(run_dir: Path) -> RunData:
                 _add(data, record)
             else:
                 data.skipped_lines += 1
+    if not data.rounds:
+        _rounds_from_clients(data)
     return data
+
+
+def _rounds_from_clients(data: RunData) -> None:
+    """A client's own ``node_<rank>/metrics.jsonl`` has no aggregator rounds: one row per round it trained."""
+    for (round_idx, rank), trained in sorted(data.clients.items()):
+        row = data.rounds.setdefault(round_idx, RoundRow(round_idx, finished=True))
+        row.selected.append(rank)
+        row.aggregated.append(rank)
+        row.train_loss = trained.train_loss
+        row.seconds = (trained.train_seconds or 0.0) + (trained.comm_seconds or 0.0)
+        row.eval_loss = data.global_eval(round_idx)[0]
 
 
 def _int(value: Any) -> int | None:
