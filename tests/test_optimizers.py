@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from unitedllm.config.types import ServerOptimizerArgs
 from unitedllm.errors import ConfigError, RoundError, UpdateRejected
-from unitedllm.optimizers import ClientUpdate, available, create
+from unitedllm.optimizers import ClientUpdate, _native, available, create
 from unitedllm.optimizers.client_side import (
     control_extras,
     proximal_term,
@@ -30,6 +30,7 @@ from unitedllm.optimizers.client_side import (
     scaffold_term,
 )
 from unitedllm.optimizers.exact_sum import ExactSum
+from unitedllm.optimizers.mean import apply_step
 from unitedllm.optimizers.validation import validate_update
 
 SHAPES = {"layer.weight": (16, 32), "layer.bias": (64,)}
@@ -463,6 +464,136 @@ def test_streaming_round_does_not_keep_updates() -> None:
     assert all(ref() is None for ref in refs)
     assert sum(lv.numel() for s in acc._sums.values() for lv in s.levels) <= 2 * 10_000
     acc.finish()
+
+
+# Large enough for the compiled kernel to split the work over threads (several chunks).
+BIG = 5 * _native.CHUNK + 123
+
+
+def _paths(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if native and _native.kernels() is None:
+        pytest.skip("no C compiler: the compiled kernel is not available")
+    if not native:
+        monkeypatch.setenv("UNITEDLLM_NO_NATIVE", "1")
+
+
+def _wide_updates(n: int, numel: int, seed: int) -> list[torch.Tensor]:
+    """Values over many orders of magnitude, so sums need the second and deeper levels somewhere."""
+    g = torch.Generator().manual_seed(seed)
+    exps = torch.randint(-60, 60, (n, numel), generator=g).float()
+    return list((torch.randn(n, numel, generator=g) * torch.pow(2.0, exps)).float())
+
+
+def test_folding_many_updates_per_pass_gives_the_bytes_of_one_at_a_time() -> None:
+    """70 inputs: more than one kernel call's worth, in one add() and one by one, in another order."""
+    xs = _wide_updates(70, 3000, 5)
+    ws = [1 + 7 * i for i in range(70)]
+    folded = ExactSum((3000,))
+    assert folded.add(xs, ws) == []
+    one_by_one = ExactSum((3000,))
+    for i in reversed(range(70)):
+        one_by_one.add([xs[i]], [ws[i]])
+    assert torch.equal(folded.result(), one_by_one.result())
+    exact = [sum(Fraction(float(x[j])) * w for x, w in zip(xs, ws, strict=True)) for j in range(0, 3000, 101)]
+    assert folded.result()[::101].tolist() == [float(e) for e in exact]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_sum_over_threads_does_not_depend_on_the_thread_count(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _paths(native, monkeypatch)
+    xs = _wide_updates(3, BIG, 6)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            acc = ExactSum((BIG,))
+            acc.add(xs, [3, 5, 7])
+            results.append(acc.result(divide_by=15))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])
+    reference = ExactSum((BIG,))
+    for x, w in zip(xs, [3, 5, 7], strict=True):
+        reference.add([x], [w])
+    assert torch.equal(reference.result() / 15, results[0])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_result_divided_is_the_correctly_rounded_sum_divided(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _paths(native, monkeypatch)
+    xs = _extreme_values(4, 8)
+    acc = ExactSum((5000,))
+    acc.add(xs, [3, 1, 2**29, 7])
+    got = acc.result(divide_by=7919)
+    assert torch.equal(got, acc.result() / 7919)
+    assert torch.equal(acc.result(consume=True, divide_by=7919), got)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_inputs_with_inf_or_nan_are_left_out_without_a_trace(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _paths(native, monkeypatch)
+    xs = _wide_updates(5, BIG, 7)
+    bad_nan, bad_inf = xs[1].clone(), xs[3].bfloat16()
+    bad_nan[BIG - 1] = float("nan")  # the last block: the rest was added before it was found
+    bad_inf[_native.CHUNK + 5] = float("-inf")
+    ws = [2, 3, 5, 7, 11]
+    acc = ExactSum((BIG,))
+    assert acc.add([xs[0], bad_nan, xs[2], bad_inf, xs[4]], ws, check_finite=True) == [1, 3]
+    clean = ExactSum((BIG,))
+    clean.add([xs[4], xs[2], xs[0]], [11, 5, 2])
+    assert torch.equal(acc.result(), clean.result())
+
+
+def test_streaming_round_refuses_an_update_with_nan_in_its_last_tensor(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found while folding the last tensor: the update is taken back out of the earlier ones too."""
+    w0 = {"a": torch.zeros(BIG), "b": torch.zeros(1000)}
+    g = torch.Generator().manual_seed(9)
+    good = [
+        ClientUpdate(
+            rank=r, delta={n: torch.randn(t.shape, generator=g) for n, t in w0.items()}, num_samples=r
+        )
+        for r in (1, 2, 3)
+    ]
+    poisoned = {"a": torch.randn(BIG, generator=g) * 1e30, "b": torch.randn(1000, generator=g)}
+    poisoned["b"][999] = float("nan")
+    opt = create("FedAvg", ARGS)
+    acc = opt.begin_round(w0, {})
+    acc.add(good[0])
+    with pytest.raises(UpdateRejected, match="'b' has 1 non-finite values"):
+        acc.add(ClientUpdate(rank=7, delta=poisoned, num_samples=50))
+    rejected = acc.add_many([good[2], ClientUpdate(rank=8, delta=poisoned, num_samples=5), good[1]])
+    assert [e.rank for e in rejected] == [8]
+    assert sorted(acc.accepted) == [1, 2, 3]
+    new, _ = acc.finish()
+    expected, _ = opt.step(w0, good, {})
+    assert all(torch.equal(new[n], expected[n]) for n in w0)
+    assert "client 8" in caplog.text
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_apply_step_rounds_like_float64_addition_cast_back(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _paths(native, monkeypatch)
+    g = torch.Generator().manual_seed(10)
+    w = {"x": torch.randn(BIG, generator=g), "y": torch.randn(100, generator=g).bfloat16()}
+    step = {
+        "x": torch.randn(BIG, generator=g, dtype=torch.float64) * 1e-7,
+        "y": torch.randn(100, dtype=torch.float64),
+    }
+    new = apply_step(w, step)
+    for n, old in w.items():
+        assert new[n].dtype == old.dtype
+        assert torch.equal(new[n], (old.double() + step[n]).to(old.dtype))
 
 
 # -- client side ---------------------------------------------------------------------------------------

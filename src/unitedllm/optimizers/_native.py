@@ -1,9 +1,11 @@
 """Optional compiled kernels for exact summation, built on first use with the system C compiler.
 
-The kernels only make :mod:`unitedllm.optimizers.exact_sum` faster: they run the very
-same error-free arithmetic as its pure-torch path, so results are bit-identical with or
-without them. Without a C compiler, or with ``UNITEDLLM_NO_NATIVE=1``, nothing is built
-and the torch path is used.
+The kernels only make :mod:`unitedllm.optimizers.exact_sum` faster: they compute the same
+exact sums as its pure-torch path (error-free TwoSum into float64 levels), rounded once,
+so results are bit-identical with or without them. They are faster because they fold
+several updates per pass over the accumulator, touch the second level only in the rare
+blocks that need it, and split the work over threads. Without a C compiler, or with
+``UNITEDLLM_NO_NATIVE=1``, nothing is built and the torch path is used.
 
 The shared library is cached under ``$XDG_CACHE_HOME/unitedllm/kernels`` keyed by the
 source, the compiler and the CPU's feature flags (it is built with ``-march=native``, so a
@@ -21,137 +23,236 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
-__all__ = ["BLOCK", "DTYPE_BF16", "DTYPE_F32", "kernels"]
+__all__ = ["BLOCK", "CHUNK", "DTYPE_BF16", "DTYPE_F32", "MAX_INPUTS", "FoldArgs", "kernels", "run_parallel"]
 
 log = logging.getLogger(__name__)
 
-BLOCK = 256
+R = TypeVar("R")
+
+BLOCK = 512  # elements per block; must match the C source
 DTYPE_F32 = 0
 DTYPE_BF16 = 1
+MAX_INPUTS = 64  # inputs per exact_add call (one bit each in the per-block masks)
 
 # Error-free transformations must not be "optimised": no -ffast-math, no FMA contraction.
 _CFLAGS = ["-O3", "-march=native", "-fno-fast-math", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
 
 _SOURCE = r"""
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
-#define BLOCK 256
+#define BLOCK 512
+
+/* Every worker claims chunks [c, c + chunk) of [.., end) from *next, which all the
+ * workers of one call share, until none is left; chunks are multiples of BLOCK. */
+#define FOR_EACH_CHUNK(C, STOP)                                                 \
+    for (int64_t C, STOP; (C = __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED)) < end \
+         && ((STOP = C + chunk < end ? C + chunk : end), 1);)
 
 static inline double bf16_to_double(uint16_t v) {
     uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return (double)f;
 }
 
-/* Add residual e into levels 2..nlev-1 at element i with TwoSum; 1 if a deeper level is needed. */
-static inline int cascade(double **lev, int nlev, int64_t i, double e) {
-    for (int l = 2; l < nlev; l++) {
+/* TwoSum e into levels from..nlev-1 at element i; what the last level cannot hold is returned (0 if none). */
+static inline double cascade(double **lev, int from, int nlev, int64_t i, double e) {
+    for (int l = from; l < nlev; l++) {
         double a = lev[l][i];
         double t = a + e;
         double z = t - a;
         double r = (a - (t - z)) + (e - z);
         lev[l][i] = t;
-        if (r == 0.0) return 0;
+        if (r == 0.0) return 0.0;
         e = r;
     }
-    return 1;
+    return e;
 }
 
-/* Branch-free (vectorisable) TwoSum into levels 0 and 1; what level 1 cannot hold goes to ebuf. */
-#define TWOSUM_LOOP(LOAD)                                              \
+/* Branch-free (vectorisable) TwoSum of each term into acc[j]; the rounding errors go to ebuf. */
+#define TWOSUM_INTO(ACC, TERM)                                         \
     for (int64_t j = 0; j < n; j++) {                                  \
-        double p = w * (LOAD);                                         \
-        double a = h[j];                                               \
+        double p = (TERM);                                             \
+        double a = (ACC)[j];                                           \
         double t = a + p;                                              \
         double z = t - a;                                              \
         double e = (a - (t - z)) + (p - z);                            \
-        h[j] = t;                                                      \
-        double b = lo[j];                                              \
-        double t2 = b + e;                                             \
-        double z2 = t2 - b;                                            \
-        double e2 = (b - (t2 - z2)) + (e - z2);                        \
-        lo[j] = t2;                                                    \
-        ebuf[j] = e2;                                                  \
-        any |= (e2 != 0.0);                                            \
+        (ACC)[j] = t;                                                  \
+        ebuf[j] = e;                                                   \
+        uint64_t bits; memcpy(&bits, &e, 8);                           \
+        any |= bits << 1; /* all but the sign: -0.0 counts as 0 */     \
     }
 
-/* Add w[k] * x[k][i] for every input k and i in [start, end) exactly into the levels.
- * Returns end on success, or the start of the block where a deeper level was needed; that
- * block is rolled back first, so the caller can add a level and resume from there. */
-int64_t ul_exact_add(double **lev, int nlev, int64_t start, int64_t end,
-                     const void **xs, const int32_t *dtypes, const double *ws, int nx) {
-    double ebuf[BLOCK];
-    if (nlev < 2) return -2;  /* the caller always provides levels 0 and 1 */
-    double *snap = (double *)malloc(sizeof(double) * BLOCK * (size_t)nlev);
-    if (!snap) return -1;
-    for (int64_t b = start; b < end; b += BLOCK) {
-        int64_t n = end - b < BLOCK ? end - b : BLOCK;
-        for (int l = 0; l < nlev; l++) memcpy(snap + (size_t)l * BLOCK, lev[l] + b, sizeof(double) * n);
-        int fail = 0;
-        for (int k = 0; k < nx && !fail; k++) {
-            double *h = lev[0] + b;
-            double *lo = lev[1] + b;
-            double w = ws[k];
-            int any = 0;
-            if (dtypes[k] == 0) {
-                const float *x = (const float *)xs[k] + b;
-                TWOSUM_LOOP((double)x[j])
-            } else {
-                const uint16_t *x = (const uint16_t *)xs[k] + b;
-                TWOSUM_LOOP(bf16_to_double(x[j]))
-            }
-            if (any) {
-                for (int64_t j = 0; j < n; j++) {
-                    if (ebuf[j] != 0.0 && cascade(lev, nlev, b + j, ebuf[j])) { fail = 1; break; }
-                }
-            }
-        }
-        if (fail) {
-            for (int l = 0; l < nlev; l++) memcpy(lev[l] + b, snap + (size_t)l * BLOCK, sizeof(double) * n);
-            free(snap);
-            return b;
-        }
+/* What one exact_add call folds in; every worker of the call shares it. */
+typedef struct {
+    double **lev;            /* the levels, nlev >= 2 */
+    int32_t nlev;
+    int32_t nx;              /* inputs, at most 64 */
+    const void **xs;         /* input k: nx float32 or bfloat16 arrays */
+    const int32_t *dtypes;
+    const double *ws;        /* input k is added times ws[k] */
+    uint8_t *lo_used;        /* per block: level 1 holds something there */
+    const uint64_t *skip;    /* per block: bit k set = leave input k out there (NULL: none) */
+    uint64_t *nonfinite;     /* per block: bit k set = input k has inf/NaN there and was left
+                                out (NULL: no check) */
+} fold_args;
+
+static inline int block_finite(const void *x, int32_t dtype, int64_t b, int64_t n) {
+    uint32_t bad = 0;
+    if (dtype == 0) {
+        const uint32_t *u = (const uint32_t *)x + b;
+        for (int64_t j = 0; j < n; j++) bad |= (u[j] & 0x7f800000u) == 0x7f800000u;
+    } else {
+        const uint16_t *u = (const uint16_t *)x + b;
+        for (int64_t j = 0; j < n; j++) bad |= (u[j] & 0x7f80u) == 0x7f80u;
     }
-    free(snap);
-    return end;
+    return !bad;
 }
 
-/* Number of non-finite values (exponent bits all ones) among n values of the given dtype. */
-int64_t ul_count_nonfinite(const void *x, int64_t n, int32_t dtype) {
+/* Adds every input into one block; lo (level 1) is read only when level 0 leaves an error. */
+static int64_t add_block(const fold_args *a, int64_t b, int64_t n, int64_t *ovf_idx, double *ovf_val) {
+    double ebuf[BLOCK];
+    double *h = a->lev[0] + b;
+    int64_t blk = b / BLOCK, novf = 0;
+    for (int k = 0; k < a->nx; k++) {
+        if (a->skip && (a->skip[blk] >> k & 1)) continue;
+        if (a->nonfinite && !block_finite(a->xs[k], a->dtypes[k], b, n)) {
+            a->nonfinite[blk] |= 1ull << k;
+            continue;
+        }
+        double w = a->ws[k];
+        uint64_t any = 0;
+        if (a->dtypes[k] == 0) {
+            const float *x = (const float *)a->xs[k] + b;
+            TWOSUM_INTO(h, w * (double)x[j])
+        } else {
+            const uint16_t *x = (const uint16_t *)a->xs[k] + b;
+            TWOSUM_INTO(h, w * bf16_to_double(x[j]))
+        }
+        if (!any) continue;
+        a->lo_used[blk] = 1;
+        double *lo = a->lev[1] + b;
+        any = 0;
+        TWOSUM_INTO(lo, ebuf[j])
+        if (!any) continue;
+        for (int64_t j = 0; j < n; j++) {
+            if (ebuf[j] == 0.0) continue;
+            double left = cascade(a->lev, 2, a->nlev, b + j, ebuf[j]);
+            if (left != 0.0) { ovf_idx[novf] = b + j; ovf_val[novf] = left; novf++; }
+        }
+    }
+    return novf;
+}
+
+/* Worker adding ws[k] * xs[k][i] exactly into the levels for i < end. What even the
+ * deepest level cannot hold goes to the overflow buffers (room for BLOCK * nx values); the
+ * worker then stops after that block, puts the rest of its chunk in resume[0..1] and
+ * returns the number of overflow values (0 when it found no more work). */
+int64_t ul_exact_add(const fold_args *a, int64_t end, int64_t chunk, int64_t *next,
+                     int64_t *ovf_idx, double *ovf_val, int64_t *resume) {
+    FOR_EACH_CHUNK(c, stop) {
+        for (int64_t b = c; b < stop; b += BLOCK) {
+            int64_t n = stop - b < BLOCK ? stop - b : BLOCK;
+            int64_t novf = add_block(a, b, n, ovf_idx, ovf_val);
+            if (novf) { resume[0] = b + n; resume[1] = stop; return novf; }
+        }
+    }
+    return 0;
+}
+
+/* Adds val[j] at element idx[j] into levels from..nlev-1; what is left over is moved to the
+ * front of idx/val and counted in the return value. */
+int64_t ul_deposit(double **lev, int from, int nlev, int64_t *idx, double *val, int64_t n) {
+    int64_t left = 0;
+    for (int64_t j = 0; j < n; j++) {
+        double r = cascade(lev, from, nlev, idx[j], val[j]);
+        if (r != 0.0) { idx[left] = idx[j]; val[left] = r; left++; }
+    }
+    return left;
+}
+
+/* Worker: out[i] = (hi[i] + lo[i]) / divisor, reading lo only in blocks where it was used. */
+void ul_finish(const double *hi, const double *lo, const uint8_t *lo_used, double divisor, double *out,
+               int64_t end, int64_t chunk, int64_t *next) {
+    FOR_EACH_CHUNK(c, stop) {
+        for (int64_t b = c; b < stop; b += BLOCK) {
+            int64_t n = stop - b < BLOCK ? stop - b : BLOCK;
+            const double *h = hi + b, *l = lo + b;
+            double *o = out + b;
+            if (lo_used[b / BLOCK]) {
+                for (int64_t j = 0; j < n; j++) o[j] = (h[j] + l[j]) / divisor;
+            } else {
+                for (int64_t j = 0; j < n; j++) o[j] = h[j] / divisor;
+            }
+        }
+    }
+}
+
+/* Worker: out[i] = (float)((double)w[i] + step[i]), the float32 model plus a float64 step. */
+void ul_apply_f32(const float *w, const double *step, float *out, int64_t end, int64_t chunk, int64_t *next) {
+    FOR_EACH_CHUNK(c, stop) {
+        for (int64_t i = c; i < stop; i++) out[i] = (float)((double)w[i] + step[i]);
+    }
+}
+
+/* Worker: the number of non-finite values (exponent bits all ones) among x[0..end). */
+int64_t ul_count_nonfinite(const void *x, int32_t dtype, int64_t end, int64_t chunk, int64_t *next) {
     int64_t bad = 0;
-    if (dtype == 0) {
-        const uint32_t *u = (const uint32_t *)x;
-        for (int64_t i = 0; i < n; i++) bad += (u[i] & 0x7f800000u) == 0x7f800000u;
-    } else {
-        const uint16_t *u = (const uint16_t *)x;
-        for (int64_t i = 0; i < n; i++) bad += (u[i] & 0x7f80u) == 0x7f80u;
+    FOR_EACH_CHUNK(c, stop) {
+        if (dtype == 0) {
+            const uint32_t *u = (const uint32_t *)x;
+            for (int64_t i = c; i < stop; i++) bad += (u[i] & 0x7f800000u) == 0x7f800000u;
+        } else {
+            const uint16_t *u = (const uint16_t *)x;
+            for (int64_t i = c; i < stop; i++) bad += (u[i] & 0x7f80u) == 0x7f80u;
+        }
     }
     return bad;
 }
 """
 
 
+class FoldArgs(ctypes.Structure):
+    """``fold_args`` of the C source: what one ``exact_add`` call folds in."""
+
+    _fields_ = [
+        ("lev", ctypes.c_void_p),
+        ("nlev", ctypes.c_int32),
+        ("nx", ctypes.c_int32),
+        ("xs", ctypes.c_void_p),
+        ("dtypes", ctypes.c_void_p),
+        ("ws", ctypes.c_void_p),
+        ("lo_used", ctypes.c_void_p),
+        ("skip", ctypes.c_void_p),
+        ("nonfinite", ctypes.c_void_p),
+    ]
+
+
 class Kernels:
-    """ctypes bindings of the compiled kernels."""
+    """ctypes bindings of the compiled kernels.
+
+    The ``*_worker``-style functions (exact_add, finish, apply_f32, count_nonfinite) take
+    ``end, chunk, next``: several threads may call one at once with the same ``next``
+    counter, and each claims chunks of ``chunk`` elements until none is left.
+    """
 
     def __init__(self, lib: ctypes.CDLL):
-        self.exact_add = lib.ul_exact_add
-        self.exact_add.restype = ctypes.c_int64
-        self.exact_add.argtypes = [
-            ctypes.POINTER(ctypes.c_void_p),
-            ctypes.c_int,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.POINTER(ctypes.c_void_p),
-            ctypes.POINTER(ctypes.c_int32),
-            ctypes.POINTER(ctypes.c_double),
-            ctypes.c_int,
-        ]
-        self.count_nonfinite = lib.ul_count_nonfinite
-        self.count_nonfinite.restype = ctypes.c_int64
-        self.count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32]
+        p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_double
+        work = [i64, i64, p]  # end, chunk, next
+        self.exact_add = self._bind(lib.ul_exact_add, i64, [ctypes.POINTER(FoldArgs), *work, p, p, p])
+        self.deposit = self._bind(lib.ul_deposit, i64, [p, ctypes.c_int, ctypes.c_int, p, p, i64])
+        self.finish = self._bind(lib.ul_finish, None, [p, p, p, f64, p, *work])
+        self.apply_f32 = self._bind(lib.ul_apply_f32, None, [p, p, p, *work])
+        self.count_nonfinite = self._bind(lib.ul_count_nonfinite, i64, [p, i32, *work])
+
+    @staticmethod
+    def _bind(fn: Any, restype: Any, argtypes: list[Any]) -> Any:
+        fn.restype = restype
+        fn.argtypes = argtypes
+        return fn
 
 
 _lock = threading.Lock()
@@ -183,9 +284,13 @@ def _build() -> Kernels | None:
             src = Path(tmp) / "exact_sum.c"
             src.write_text(_SOURCE)
             out = Path(tmp) / "exact_sum.so"
-            proc = subprocess.run([compiler, *_CFLAGS, "-o", str(out), str(src)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [compiler, *_CFLAGS, "-o", str(out), str(src)], capture_output=True, text=True, check=False
+            )
             if proc.returncode != 0:
-                log.warning("compiling the exact-sum kernel failed; using the torch path: %s", proc.stderr[-2000:])
+                log.warning(
+                    "compiling the exact-sum kernel failed; using the torch path: %s", proc.stderr[-2000:]
+                )
                 return None
             os.replace(out, lib_path)  # atomic: concurrent builders never see a half-written library
     return Kernels(ctypes.CDLL(str(lib_path)))
@@ -205,3 +310,44 @@ def kernels() -> Kernels | None:
                 log.warning("exact-sum kernel unavailable (%s); using the torch path", exc)
                 _loaded = None
         return _loaded
+
+
+# Elements a worker claims at a time, and the size below which one thread does it all.
+CHUNK = 128 * BLOCK
+_PARALLEL_MIN = 4 * CHUNK
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(
+                max_workers=max(1, (os.cpu_count() or 1) - 1), thread_name_prefix="exact-sum"
+            )
+        return _pool
+
+
+def run_parallel(work: Callable[[int, int], R], start: int, end: int) -> tuple[list[R], int]:
+    """Run ``work(thread_index, next)`` on up to ``torch.get_num_threads()`` threads, this one included.
+
+    ``next`` is the address of an int64 counter, first ``start``, from which the kernels
+    claim chunks of :data:`CHUNK` elements below ``end``; dynamic claiming keeps every
+    thread busy even when another process slows one of them down. Returns each thread's
+    result and the counter's final value (below ``end`` only if every worker stopped early).
+    """
+    import torch
+
+    counter = ctypes.c_int64(start)
+    nxt = ctypes.addressof(counter)
+    size = end - start
+    nthreads = min(torch.get_num_threads(), -(-size // CHUNK)) if size >= _PARALLEL_MIN else 1
+    if nthreads <= 1:
+        return [work(0, nxt)], counter.value
+    futures = [_workers().submit(work, t, nxt) for t in range(1, nthreads)]
+    try:
+        first = work(0, nxt)
+    finally:
+        others = [f.result() for f in futures]  # the counter must outlive every worker
+    return [first, *others], counter.value

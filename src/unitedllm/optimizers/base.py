@@ -56,18 +56,22 @@ class ClientUpdate:
     """
 
     rank: int
-    delta: Mapping[str, "torch.Tensor"]
+    delta: Mapping[str, torch.Tensor]
     num_samples: int
-    extras: Mapping[str, "torch.Tensor"] = field(default_factory=dict)
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 class RoundAccumulator(abc.ABC):
     """One round of aggregation: ``add`` updates in any order, then ``finish`` once."""
 
+    #: ``_accept`` itself refuses updates holding inf/NaN, found while folding them in (no
+    #: separate pass over each update); otherwise they are checked before ``_accept``.
+    checks_finite: ClassVar[bool] = False
+
     def __init__(
         self,
         optimizer: ServerOptimizer,
-        weights: Mapping[str, "torch.Tensor"],
+        weights: Mapping[str, torch.Tensor],
         state: Tensors,
         *,
         round_idx: int | None = None,
@@ -83,7 +87,9 @@ class RoundAccumulator(abc.ABC):
         """Check ``update`` and count it; raises UpdateRejected (and logs why) leaving the round untouched."""
         self.add_many([update], raise_on_reject=True)
 
-    def add_many(self, updates: Iterable[ClientUpdate], *, raise_on_reject: bool = False) -> list[UpdateRejected]:
+    def add_many(
+        self, updates: Iterable[ClientUpdate], *, raise_on_reject: bool = False
+    ) -> list[UpdateRejected]:
         """Add several updates in one pass (faster); rejected ones are logged and returned, not counted."""
         if self._finished:
             raise RoundError("this round was already finished; begin a new one")
@@ -93,8 +99,12 @@ class RoundAccumulator(abc.ABC):
         for u in updates:
             try:
                 if u.rank in seen:
-                    raise UpdateRejected("a second update from the same rank", rank=u.rank, round_idx=self.round_idx)
-                self.optimizer.check_update(self.weights, u, round_idx=self.round_idx)
+                    raise UpdateRejected(
+                        "a second update from the same rank", rank=u.rank, round_idx=self.round_idx
+                    )
+                self.optimizer.check_update(
+                    self.weights, u, round_idx=self.round_idx, finite=not self.checks_finite
+                )
             except UpdateRejected as exc:
                 log.warning("%s", exc)
                 if raise_on_reject:
@@ -103,9 +113,15 @@ class RoundAccumulator(abc.ABC):
                 continue
             seen.add(u.rank)
             good.append(u)
-        if good:
-            self._accept(good)
-            self.accepted.extend(u.rank for u in good)
+        refused = self._accept(good) if good else {}
+        for u in good:
+            if u.rank in refused:
+                log.warning("%s", refused[u.rank])
+                rejected.append(refused[u.rank])
+            else:
+                self.accepted.append(u.rank)
+        if rejected and raise_on_reject:
+            raise rejected[0]
         return rejected
 
     def finish(self) -> tuple[Tensors, Tensors]:
@@ -118,8 +134,8 @@ class RoundAccumulator(abc.ABC):
         return self._finish()
 
     @abc.abstractmethod
-    def _accept(self, updates: Sequence[ClientUpdate]) -> None:
-        """Fold already-checked updates in."""
+    def _accept(self, updates: Sequence[ClientUpdate]) -> Mapping[int, UpdateRejected]:
+        """Fold already-checked updates in; those refused while folding (by rank) leave no trace."""
 
     @abc.abstractmethod
     def _finish(self) -> tuple[Tensors, Tensors]:
@@ -148,35 +164,46 @@ class ServerOptimizer(abc.ABC):
             )
         return value
 
-    def init_state(self, weights: Mapping[str, "torch.Tensor"]) -> Tensors:
+    def init_state(self, weights: Mapping[str, torch.Tensor]) -> Tensors:
         """The optimizer state before the first round (empty for stateless rules)."""
         return {}
 
-    def required_extras(self, weights: Mapping[str, "torch.Tensor"]) -> Mapping[str, "torch.Tensor"]:
+    def required_extras(self, weights: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """Tensors each update must carry in ``extras`` (name -> a tensor of the right shape/dtype)."""
         return {}
 
     def check_update(
-        self, weights: Mapping[str, "torch.Tensor"], update: ClientUpdate, *, round_idx: int | None = None
+        self,
+        weights: Mapping[str, torch.Tensor],
+        update: ClientUpdate,
+        *,
+        round_idx: int | None = None,
+        finite: bool = True,
     ) -> None:
-        """Raise UpdateRejected unless ``update`` can be counted (names, shapes, dtypes, finite values)."""
+        """Raise UpdateRejected unless ``update`` can be counted (names, shapes, dtypes, finite values).
+
+        ``finite=False`` leaves out the inf/NaN check (a pass over every value), for rounds
+        that check while folding the update in.
+        """
         from unitedllm.optimizers.validation import validate_num_samples, validate_update
 
         validate_num_samples(update.num_samples, rank=update.rank, round_idx=round_idx)
-        validate_update(weights, update.delta, rank=update.rank, round_idx=round_idx)
+        validate_update(weights, update.delta, rank=update.rank, round_idx=round_idx, finite=finite)
         required = self.required_extras(weights)
         if required:
-            validate_update(required, update.extras, rank=update.rank, round_idx=round_idx, what="extras")
+            validate_update(
+                required, update.extras, rank=update.rank, round_idx=round_idx, what="extras", finite=finite
+            )
 
     @abc.abstractmethod
     def begin_round(
-        self, weights: Mapping[str, "torch.Tensor"], state: Tensors, *, round_idx: int | None = None
+        self, weights: Mapping[str, torch.Tensor], state: Tensors, *, round_idx: int | None = None
     ) -> RoundAccumulator:
         """An accumulator for one round starting from ``weights`` and ``state``."""
 
     def step(
         self,
-        weights: Mapping[str, "torch.Tensor"],
+        weights: Mapping[str, torch.Tensor],
         updates: Sequence[ClientUpdate],
         state: Tensors,
         *,

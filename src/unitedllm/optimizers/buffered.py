@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
 
 import torch
 
+from unitedllm.errors import UpdateRejected
 from unitedllm.optimizers.base import ClientUpdate, RoundAccumulator, ServerOptimizer, Tensors
 from unitedllm.optimizers.mean import apply_step
 
@@ -39,7 +41,7 @@ def coordinatewise(
 class RobustOptimizer(ServerOptimizer):
     """Base of rules that combine all updates at once; the step is ``server_learning_rate`` x the result."""
 
-    defaults: Mapping[str, object] = {"server_learning_rate": 1.0}
+    defaults: ClassVar[Mapping[str, object]] = {"server_learning_rate": 1.0}
 
     def begin_round(
         self, weights: Mapping[str, torch.Tensor], state: Tensors, *, round_idx: int | None = None
@@ -74,8 +76,9 @@ class BufferedRound(RoundAccumulator):
         super().__init__(optimizer, weights, state, round_idx=round_idx)
         self._updates: list[ClientUpdate] = []
 
-    def _accept(self, updates: Sequence[ClientUpdate]) -> None:
+    def _accept(self, updates: Sequence[ClientUpdate]) -> Mapping[int, UpdateRejected]:
         self._updates.extend(updates)
+        return {}
 
     def _finish(self) -> tuple[Tensors, Tensors]:
         ordered = sorted(self._updates, key=lambda u: u.rank)

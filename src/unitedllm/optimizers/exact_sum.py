@@ -10,42 +10,36 @@ rounded once, so it is the same whatever the order or grouping of the additions.
 
 Why this is cheap: with integer weights (sample counts) below 2**29, w·x is exact in
 float64 for float32/bfloat16/float16 values, and per element the sum of such products
-almost always fits in two doubles (hi, lo); a third level is allocated only when, at one
-coordinate, clients' values differ by more than ~2**50 in magnitude (in practice only
-for adversarial updates). Memory is 16 bytes per parameter, whatever the number of
-clients. float64 updates are accepted too (the product error is carried exactly with
-Dekker's TwoProduct).
+almost always fits in level 0 alone: level 1 is needed only where clients' values at one
+coordinate differ by more than ~2**(53 - 24 - bits of the weight), and a third level only
+beyond ~2**50 (in practice only for adversarial updates). Levels are zero pages until
+written, so memory is 8 bytes per parameter plus the blocks that really need more,
+whatever the number of clients. float64 updates are accepted too (the product error is
+carried exactly with Dekker's TwoProduct).
 
-The inner loop has a compiled kernel (:mod:`unitedllm.optimizers._native`) that does the
-same arithmetic in one pass; the torch path here is the reference and the fallback, and
-both give identical bytes.
+The inner loop has compiled kernels (:mod:`unitedllm.optimizers._native`) that fold
+several updates per pass and split the tensor over threads; the torch path here is the
+reference and the fallback. Both compute the exact sum, so both give identical bytes.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
+import operator
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from unitedllm.optimizers import _native
+from unitedllm.optimizers._memory import empty_like, zeros_f64
 
 __all__ = ["MAX_WEIGHT", "ExactSum", "count_nonfinite", "exact_weighted_sum"]
 
 # w * x is exact in float64 when w has at most 29 significant bits and x at most 24.
 MAX_WEIGHT = 2**29
-
-_pool: ThreadPoolExecutor | None = None
-
-
-def _threads() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="exact-sum")
-    return _pool
 
 
 def _native_dtype(dtype: torch.dtype) -> int | None:
@@ -62,7 +56,11 @@ def count_nonfinite(x: torch.Tensor) -> int:
     code = _native_dtype(x.dtype)
     if k is not None and code is not None and x.device.type == "cpu":
         flat = x.detach().contiguous().view(-1)
-        return int(k.count_nonfinite(flat.data_ptr(), flat.numel(), code))
+        ptr, numel = flat.data_ptr(), flat.numel()
+        counts, _ = _native.run_parallel(
+            lambda _t, nxt: int(k.count_nonfinite(ptr, code, numel, _native.CHUNK, nxt)), 0, numel
+        )
+        return sum(counts)
     return int((~torch.isfinite(x.detach())).sum())
 
 
@@ -86,22 +84,54 @@ def _two_product(a: torch.Tensor, w: float) -> tuple[torch.Tensor, torch.Tensor]
     return p, e
 
 
+def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array[ctypes.c_void_p]:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def _fold_worker(
+    k: _native.Kernels, args: _native.FoldArgs, end: int, room: int, _thread: int, nxt: int
+) -> tuple[int, torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """One thread's share of an exact_add call: overflow count and buffers, and where to resume."""
+    idx = torch.empty(room, dtype=torch.int64)
+    val = torch.empty(room, dtype=torch.float64)
+    resume = (ctypes.c_int64 * 2)()
+    n = int(k.exact_add(ctypes.byref(args), end, _native.CHUNK, nxt, idx.data_ptr(), val.data_ptr(), resume))
+    return n, idx, val, (resume[0], resume[1])
+
+
 class ExactSum:
-    """The exact value of Σ w_k·x_k over one tensor's elements, added in any order."""
+    """The exact value of Σ w_k·x_k over one tensor's elements, added in any order.
+
+    ``levels[0]`` and ``levels[1]`` always exist (level 1 is zero pages until needed);
+    deeper levels are added when some element needs them.
+    """
 
     def __init__(self, shape: torch.Size | Sequence[int]):
         self.shape = torch.Size(shape)
         self.numel = self.shape.numel()
-        self.levels: list[torch.Tensor] = [torch.zeros(self.numel, dtype=torch.float64)]
+        self.levels: list[torch.Tensor] = [zeros_f64(self.numel), zeros_f64(self.numel)]
+        # One flag per kernel block: level 1 holds something there (the torch path sets all).
+        self._lo_used = torch.zeros(-(-self.numel // _native.BLOCK), dtype=torch.uint8)
 
-    def add(self, xs: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
-        """Add w·x for each pair; several at once is faster (one pass over the accumulator)."""
+    def add(
+        self, xs: Sequence[torch.Tensor], weights: Sequence[float], *, check_finite: bool = False
+    ) -> list[int]:
+        """Add w·x for each pair; several at once is faster (one pass over the accumulator).
+
+        With ``check_finite``, an input holding inf or NaN is left out entirely (the sum is
+        as if it had never been added) and its position in ``xs`` is returned; checking
+        while adding costs no extra pass over the input. Without it the caller vouches that
+        every value is finite.
+        """
         if len(xs) != len(weights):
             raise ValueError("add() needs one weight per tensor")
-        native: list[tuple[torch.Tensor, int, float]] = []
-        for x, w in zip(xs, weights, strict=True):
+        refused: list[int] = []
+        native: list[tuple[int, torch.Tensor, int, float]] = []
+        for pos, (x, w) in enumerate(zip(xs, weights, strict=True)):
             if x.shape != self.shape:
-                raise ValueError(f"shape {tuple(x.shape)} does not match the accumulator's {tuple(self.shape)}")
+                raise ValueError(
+                    f"shape {tuple(x.shape)} does not match the accumulator's {tuple(self.shape)}"
+                )
             w = float(w)
             if x.dtype != torch.float64 and not (w.is_integer() and abs(w) <= MAX_WEIGHT):
                 raise ValueError(f"weight {w} must be an integer of magnitude <= 2**29 for exact sums")
@@ -110,11 +140,14 @@ class ExactSum:
                 x = x.float()  # exact; the kernel reads float32 and bfloat16 only
             code = _native_dtype(x.dtype)
             if code is not None and x.device.type == "cpu" and _native.kernels() is not None:
-                native.append((x.contiguous().view(-1), code, w))
+                native.append((pos, x.contiguous().view(-1), code, w))
+            elif check_finite and count_nonfinite(x):
+                refused.append(pos)
             else:
                 self._add_torch(x.reshape(-1), w)
-        if native:
-            self._add_native(native)
+        for g in range(0, len(native), _native.MAX_INPUTS):
+            refused += self._add_native(native[g : g + _native.MAX_INPUTS], check_finite)
+        return sorted(refused)
 
     def _add_torch(self, x: torch.Tensor, w: float) -> None:
         x = x.to(device="cpu")
@@ -126,60 +159,106 @@ class ExactSum:
             level = 0
             while True:
                 if level == len(self.levels):
-                    self.levels.append(torch.zeros(self.numel, dtype=torch.float64))
+                    self.levels.append(zeros_f64(self.numel))
+                if level == 1:
+                    self._lo_used.fill_(1)
                 t, r = _two_sum(self.levels[level], e)
                 self.levels[level].copy_(t)
                 if not bool(r.any()):
                     break
                 e, level = r, level + 1
 
-    def _add_native(self, inputs: list[tuple[torch.Tensor, int, float]]) -> None:
+    def _add_native(
+        self, inputs: list[tuple[int, torch.Tensor, int, float]], check_finite: bool
+    ) -> list[int]:
+        """Fold up to MAX_INPUTS inputs in one pass; positions of those refused for inf/NaN."""
+        nonfinite = torch.zeros(self._lo_used.numel(), dtype=torch.int64) if check_finite else None
+        self._fold([(x, c, w) for _, x, c, w in inputs], skip=None, nonfinite=nonfinite)
+        if nonfinite is None or not bool(nonfinite.any()):
+            return []
+        seen = functools.reduce(operator.or_, nonfinite[nonfinite != 0].tolist(), 0)
+        bad = [k for k in range(len(inputs)) if seen >> k & 1]
+        # Take back what the refused inputs added in the blocks where they were finite: the
+        # sum is exact, so adding -w·x restores it exactly.
+        skip = torch.zeros_like(nonfinite)
+        for j, k in enumerate(bad):
+            skip |= nonfinite.bitwise_right_shift(k).bitwise_and_(1).bitwise_left_shift_(j)
+        self._fold([(inputs[k][1], inputs[k][2], -inputs[k][3]) for k in bad], skip=skip, nonfinite=None)
+        return [inputs[k][0] for k in bad]
+
+    def _fold(
+        self,
+        inputs: list[tuple[torch.Tensor, int, float]],
+        *,
+        skip: torch.Tensor | None,
+        nonfinite: torch.Tensor | None,
+    ) -> None:
         k = _native.kernels()
-        assert k is not None
-        while len(self.levels) < 2:  # the kernel always works on (hi, lo)
-            self.levels.append(torch.zeros(self.numel, dtype=torch.float64))
+        assert k is not None and len(inputs) <= _native.MAX_INPUTS
         nx = len(inputs)
-        xs = (ctypes.c_void_p * nx)(*[x.data_ptr() for x, _, _ in inputs])
+        xs = _pointers([x for x, _, _ in inputs])
         codes = (ctypes.c_int32 * nx)(*[c for _, c, _ in inputs])
         ws = (ctypes.c_double * nx)(*[w for _, _, w in inputs])
-        # Split into one contiguous range per thread, aligned to the kernel's block size.
-        nthreads = max(1, min(torch.get_num_threads(), self.numel // (64 * _native.BLOCK)))
-        step = -(-self.numel // nthreads // _native.BLOCK) * _native.BLOCK or _native.BLOCK
-        pending = [(s, min(s + step, self.numel)) for s in range(0, self.numel, step)]
+        args = _native.FoldArgs(
+            nx=nx,
+            xs=ctypes.addressof(xs),
+            dtypes=ctypes.addressof(codes),
+            ws=ctypes.addressof(ws),
+            lo_used=self._lo_used.data_ptr(),
+            skip=None if skip is None else skip.data_ptr(),
+            nonfinite=None if nonfinite is None else nonfinite.data_ptr(),
+        )
+        pending = [(0, self.numel)]
         while pending:
-            levels = (ctypes.c_void_p * len(self.levels))(*[lv.data_ptr() for lv in self.levels])
+            start, end = pending.pop()
+            levels = _pointers(self.levels)
+            args.lev, args.nlev = ctypes.addressof(levels), len(self.levels)
+            work = functools.partial(_fold_worker, k, args, end, _native.BLOCK * nx)
+            results, reached = _native.run_parallel(work, start, end)
+            if reached < end:  # every worker stopped for an overflow before the counter ran out
+                pending.append((reached, end))
+            for n, idx, val, (resume_from, resume_to) in results:
+                if n:
+                    self._deepen(idx[:n], val[:n])
+                    if resume_from < resume_to:
+                        pending.append((resume_from, resume_to))
+
+    def _deepen(self, idx: torch.Tensor, val: torch.Tensor) -> None:
+        """Add values that every existing level already passed on into new, deeper levels."""
+        k = _native.kernels()
+        assert k is not None
+        n = idx.numel()
+        while n:
+            self.levels.append(zeros_f64(self.numel))
             nlev = len(self.levels)
+            n = int(k.deposit(_pointers(self.levels), nlev - 1, nlev, idx.data_ptr(), val.data_ptr(), n))
 
-            def run(rng: tuple[int, int]) -> int:
-                return int(k.exact_add(levels, nlev, rng[0], rng[1], xs, codes, ws, nx))
+    def result(self, *, consume: bool = False, divide_by: float = 1) -> torch.Tensor:
+        """The exact sum rounded once to float64, then divided by ``divide_by``.
 
-            if len(pending) == 1:
-                stops = [run(pending[0])]
-            else:
-                stops = list(_threads().map(run, pending))
-            if any(s == -2 for s in stops):
-                raise RuntimeError("exact-sum kernel called with fewer than two levels")
-            if any(s < 0 for s in stops):
-                raise MemoryError("exact-sum kernel could not allocate its block buffer")
-            pending = [(s, end) for s, (_, end) in zip(stops, pending, strict=True) if s < end]
-            if pending:  # a block needed a deeper level: it was rolled back, add one and resume
-                self.levels.append(torch.zeros(self.numel, dtype=torch.float64))
-
-    def result(self, *, consume: bool = False) -> torch.Tensor:
-        """The exact sum rounded once to float64; ``consume=True`` reuses the accumulator's memory."""
-        if len(self.levels) == 1:
-            out = self.levels[0] if consume else self.levels[0].clone()
-            return out.view(self.shape)
+        ``consume=True`` reuses the accumulator's memory for the result.
+        """
+        hi, lo = self.levels[0], self.levels[1]
         deep: list[int] = []
         cols: list[list[float]] = []
         if len(self.levels) > 2:  # gather before level 0 may be overwritten below
             idx = torch.stack(self.levels[2:]).ne(0).any(dim=0).nonzero().view(-1)
             deep = idx.tolist()
             cols = torch.stack([lv[idx] for lv in self.levels]).T.tolist()
-        # Correctly rounded where deeper levels are 0.
-        out = self.levels[0].add_(self.levels[1]) if consume else self.levels[0] + self.levels[1]
+        out = hi if consume else empty_like(hi)
+        k = _native.kernels()
+        if k is not None:
+            # fl(hi + lo) is the correctly rounded sum where the deeper levels are 0.
+            ptrs = (hi.data_ptr(), lo.data_ptr(), self._lo_used.data_ptr(), float(divide_by), out.data_ptr())
+            _native.run_parallel(
+                lambda _t, nxt: k.finish(*ptrs, self.numel, _native.CHUNK, nxt), 0, self.numel
+            )
+        else:
+            torch.add(hi, lo, out=out)
+            if divide_by != 1:
+                out.div_(divide_by)
         for i, parts in zip(deep, cols, strict=True):
-            out[i] = math.fsum(parts)  # correctly rounded sum of the element's levels
+            out[i] = math.fsum(parts) / divide_by  # correctly rounded sum of the element's levels
         if consume:
             self.levels = []
         return out.view(self.shape)

@@ -1,23 +1,38 @@
 """Streaming rounds for rules that need only the weighted mean of the client deltas.
 
 Each update is folded into an :class:`~unitedllm.optimizers.exact_sum.ExactSum` per
-tensor as it arrives and can then be dropped, so memory is ~16 bytes per parameter
-(plus optimizer state) whatever the number of clients, and the mean is the same bytes
-whatever the arrival order.
+tensor as it arrives and can then be dropped, so memory is ~8 bytes per parameter (plus
+optimizer state) whatever the number of clients, and the mean is the same bytes whatever
+the arrival order. inf/NaN values are found while folding (no extra pass over the
+update); such an update is taken back out of every tensor and refused.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from unitedllm.errors import UpdateRejected
+from unitedllm.optimizers import _native
+from unitedllm.optimizers._memory import empty_like
 from unitedllm.optimizers.base import ClientUpdate, RoundAccumulator, ServerOptimizer, Tensors
 from unitedllm.optimizers.exact_sum import ExactSum
 
 __all__ = ["MeanRuleOptimizer", "RoundSummary", "StreamingMeanRound", "apply_step", "scaled", "state_dtype"]
+
+Pick = Callable[[ClientUpdate], torch.Tensor]
+
+
+def _delta(name: str, update: ClientUpdate) -> torch.Tensor:
+    return update.delta[name]
+
+
+def _extra(name: str, update: ClientUpdate) -> torch.Tensor:
+    return update.extras[name]
 
 
 @dataclass(frozen=True)
@@ -37,7 +52,26 @@ def state_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def apply_step(weights: Mapping[str, torch.Tensor], step: Mapping[str, torch.Tensor]) -> Tensors:
     """``w + step`` computed in float64 and cast back to each weight's dtype."""
-    return {n: (w.to(torch.float64) + step[n]).to(w.dtype) for n, w in weights.items()}
+    return {n: _plus(w, step[n]) for n, w in weights.items()}
+
+
+def _plus(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    k = _native.kernels()
+    if (
+        k is not None
+        and w.dtype == torch.float32
+        and step.dtype == torch.float64
+        and w.device.type == step.device.type == "cpu"
+        and w.shape == step.shape
+        and w.is_contiguous()
+        and step.is_contiguous()
+    ):
+        # The same two roundings in one pass, without float64 temporaries of the model's size.
+        out = empty_like(w)
+        ptrs, numel = (w.data_ptr(), step.data_ptr(), out.data_ptr()), w.numel()
+        _native.run_parallel(lambda _t, nxt: k.apply_f32(*ptrs, numel, _native.CHUNK, nxt), 0, numel)
+        return out
+    return (w.to(torch.float64) + step).to(w.dtype)
 
 
 def scaled(step: Mapping[str, torch.Tensor], lr: float) -> Mapping[str, torch.Tensor]:
@@ -72,6 +106,7 @@ class StreamingMeanRound(RoundAccumulator):
     """Folds each update into exact per-tensor sums as it arrives."""
 
     optimizer: MeanRuleOptimizer
+    checks_finite = True
 
     def __init__(
         self,
@@ -87,18 +122,42 @@ class StreamingMeanRound(RoundAccumulator):
         self._extra_sums: dict[str, ExactSum] = {}
         self._total = 0
 
-    def _accept(self, updates: Sequence[ClientUpdate]) -> None:
+    def _accept(self, updates: Sequence[ClientUpdate]) -> Mapping[int, UpdateRejected]:
         ws = [self.optimizer.client_weight(u) for u in updates]
+        live = list(range(len(updates)))
+        refused: dict[int, UpdateRejected] = {}
+        folded: list[tuple[ExactSum, Pick]] = []
+        for sums, name, shape, pick in self._tensors():
+            acc = sums.get(name) or sums.setdefault(name, ExactSum(shape))
+            found = acc.add([pick(updates[i]) for i in live], [ws[i] for i in live], check_finite=True)
+            bad = [live[b] for b in found]
+            if bad:  # take these updates back out of the tensors already folded: no trace left
+                for prev, prev_pick in folded:
+                    prev.add([prev_pick(updates[i]) for i in bad], [-ws[i] for i in bad])
+                refused.update((updates[i].rank, self._why(updates[i])) for i in bad)
+                live = [i for i in live if i not in bad]
+            folded.append((acc, pick))
+        self._total += sum(ws[i] for i in live)
+        return refused
+
+    def _tensors(self) -> Iterator[tuple[dict[str, ExactSum], str, torch.Size, Pick]]:
+        """Each summed tensor: where its accumulator lives, name, shape, and how to pick it from an update."""
         for name, w in self.weights.items():
-            acc = self._sums.get(name) or self._sums.setdefault(name, ExactSum(w.shape))
-            acc.add([u.delta[name] for u in updates], ws)
+            yield self._sums, name, w.shape, functools.partial(_delta, name)
         for name, ref in self._extras.items():
-            acc = self._extra_sums.get(name) or self._extra_sums.setdefault(name, ExactSum(ref.shape))
-            acc.add([u.extras[name] for u in updates], ws)
-        self._total += sum(ws)
+            yield self._extra_sums, name, ref.shape, functools.partial(_extra, name)
+
+    def _why(self, update: ClientUpdate) -> UpdateRejected:
+        """The full check's reason for an update found holding inf/NaN (it names the tensor and the count)."""
+        try:
+            self.optimizer.check_update(self.weights, update, round_idx=self.round_idx)
+        except UpdateRejected as exc:
+            return exc
+        return UpdateRejected("non-finite values (inf or NaN)", rank=update.rank, round_idx=self.round_idx)
 
     def _finish(self) -> tuple[Tensors, Tensors]:
-        mean = {n: self._sums.pop(n).result(consume=True).div_(self._total) for n in self.weights}
-        extras = {n: self._extra_sums.pop(n).result(consume=True).div_(self._total) for n in self._extras}
+        total = self._total
+        mean = {n: self._sums.pop(n).result(consume=True, divide_by=total) for n in self.weights}
+        extras = {n: self._extra_sums.pop(n).result(consume=True, divide_by=total) for n in self._extras}
         summary = RoundSummary(tuple(sorted(self.accepted)), self._total, extras)
         return self.optimizer.apply(self.weights, mean, self.state, summary)

@@ -26,8 +26,12 @@ def validate_update(
     rank: int | None = None,
     round_idx: int | None = None,
     what: str = "delta",
+    finite: bool = True,
 ) -> None:
-    """Raise UpdateRejected unless ``delta`` has exactly the global model's tensors, shapes and dtypes, all finite."""
+    """Raise UpdateRejected unless ``delta`` has exactly the global model's tensors, shapes and dtypes, all finite.
+
+    ``finite=False`` checks everything but the values (the caller checks those itself).
+    """
 
     def reject(reason: str) -> UpdateRejected:
         return UpdateRejected(f"{what}: {reason}", rank=rank, round_idx=round_idx)
@@ -48,7 +52,7 @@ def validate_update(
             raise reject(f"{name!r} has dtype {t.dtype}; updates must be floating point")
         if t.dtype != ref.dtype:
             raise reject(f"{name!r} has dtype {t.dtype}, the global model has {ref.dtype}")
-    for name in global_weights:
+    for name in global_weights if finite else ():
         bad = count_nonfinite(delta[name])
         if bad:
             raise reject(f"{name!r} has {bad} non-finite values (inf or NaN)")
