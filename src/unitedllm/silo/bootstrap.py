@@ -40,8 +40,12 @@ def run_bootstrap(script: Path, *, env: Mapping[str, str] | None = None, cwd: Pa
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     try:
         process = subprocess.Popen(
-            ["bash", str(script)], cwd=cwd, env={**os.environ, **(env or {})},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            ["bash", str(script)],
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
     except OSError as exc:
         raise BootstrapError(script, 127, [f"cannot start bash: {exc}"]) from exc

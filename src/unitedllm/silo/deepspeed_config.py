@@ -21,14 +21,24 @@ def read_deepspeed_config(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(ConfigProblem(KEY, f"cannot read the DeepSpeed config {str(path)!r}: {exc.strerror}")) from exc
+        raise ConfigError(
+            ConfigProblem(KEY, f"cannot read the DeepSpeed config {str(path)!r}: {exc.strerror}")
+        ) from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(ConfigProblem(KEY, f"{str(path)!r} is not valid JSON: {exc}")) from exc
     if not isinstance(data, dict):
-        raise ConfigError(ConfigProblem(KEY, f"{str(path)!r} must hold a JSON object, got {type(data).__name__}"))
-    stage = data.get("zero_optimization", {}).get("stage", 0) if isinstance(data.get("zero_optimization"), dict) else 0
+        raise ConfigError(
+            ConfigProblem(KEY, f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
+        )
+    stage = (
+        data.get("zero_optimization", {}).get("stage", 0)
+        if isinstance(data.get("zero_optimization"), dict)
+        else 0
+    )
     if stage not in (0, 1, 2, 3):
-        raise ConfigError(ConfigProblem(KEY, f"{str(path)!r}: zero_optimization.stage is {stage!r}, expected 0-3"))
+        raise ConfigError(
+            ConfigProblem(KEY, f"{str(path)!r}: zero_optimization.stage is {stage!r}, expected 0-3")
+        )
     return data
 
 
@@ -54,5 +64,7 @@ def mixed_precision(path: str | Path, *, bf16: bool, fp16: bool) -> tuple[bool, 
             log.info("train_args.%s: %s, as %s sets %s.enabled", key, fixed, Path(path).name, key)
             out[key] = fixed
     if out["bf16"] and out["fp16"]:
-        raise ConfigError(ConfigProblem(KEY, f"{str(path)!r} enables both bf16 and fp16 (with train_args); choose one"))
+        raise ConfigError(
+            ConfigProblem(KEY, f"{str(path)!r} enables both bf16 and fp16 (with train_args); choose one")
+        )
     return out["bf16"], out["fp16"]

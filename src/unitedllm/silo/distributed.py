@@ -127,8 +127,12 @@ def open_silo(engine: Engine, *, deepspeed_config: str | None = None) -> SiloCon
             dist.init_process_group(backend="nccl" if cuda else "gloo")
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     return SiloContext(
-        engine=engine, rank=rank, world_size=world, local_rank=local_rank,
-        deepspeed_config=deepspeed_config, control=control,
+        engine=engine,
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        deepspeed_config=deepspeed_config,
+        control=control,
     )
 
 

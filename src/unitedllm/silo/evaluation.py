@@ -26,7 +26,9 @@ def silo_response_losses(
     if is_partitioned(model.parameters()):
         return response_losses(model, dataset, batch_size=batch_size, pad_token_id=pad_token_id)
     share = dataset.shard(num_shards=ctx.world_size, index=ctx.rank, contiguous=True)
-    mine = response_losses(model, share, batch_size=batch_size, pad_token_id=pad_token_id) if len(share) else {}
+    mine = (
+        response_losses(model, share, batch_size=batch_size, pad_token_id=pad_token_id) if len(share) else {}
+    )
     total: dict[str, tuple[float, int]] = {}
     for part in ctx.all_gather_objects(mine):
         for category, (s, n) in part.items():

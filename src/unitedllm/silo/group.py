@@ -75,8 +75,9 @@ class SiloLeader(LocalTrainer):
         """Every rank trains on its share of each batch; rank 0 returns the (gathered) new weights."""
         self._announce("fit", round_idx=round_idx, max_steps=max_steps, correction=correction)
         self.ctx.broadcast_tensors(weights)
-        return self.inner.fit(weights, round_idx=round_idx, max_steps=max_steps, on_step=on_step,
-                              correction=correction)
+        return self.inner.fit(
+            weights, round_idx=round_idx, max_steps=max_steps, on_step=on_step, correction=correction
+        )
 
     def evaluate(self, weights: Mapping[str, torch.Tensor]) -> EvalResult:
         """Every rank takes part (a share of the test split, or all of it under ZeRO-3)."""

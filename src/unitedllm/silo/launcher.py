@@ -107,8 +107,11 @@ def choose_launcher(
     if env.launcher == "deepspeed":
         if not deepspeed_config:
             raise ConfigError(
-                ConfigProblem("environment_args.launcher", "deepspeed needs train_args.deepspeed (a DeepSpeed JSON "
-                              "config, e.g. configs/deepspeed/ds_z3_bf16_config.json)")
+                ConfigProblem(
+                    "environment_args.launcher",
+                    "deepspeed needs train_args.deepspeed (a DeepSpeed JSON "
+                    "config, e.g. configs/deepspeed/ds_z3_bf16_config.json)",
+                )
             )
         if not deepspeed_installed:
             raise MissingDependency("deepspeed", "deepspeed", "environment_args.launcher: deepspeed")
@@ -117,7 +120,9 @@ def choose_launcher(
     if deepspeed_config and gpus > 0:
         if deepspeed_installed:
             return LaunchPlan("deepspeed", nproc, f"auto: {gpus} GPU(s) and train_args.deepspeed is set")
-        notes.append("train_args.deepspeed is set but deepspeed is not installed (pip install 'unitedllm[deepspeed]')")
+        notes.append(
+            "train_args.deepspeed is set but deepspeed is not installed (pip install 'unitedllm[deepspeed]')"
+        )
     elif deepspeed_config:
         notes.append("train_args.deepspeed is ignored without a GPU")
     if processes > 1:
@@ -130,7 +135,9 @@ def choose_launcher(
 def resolve_config_path(value: str, *, config_dir: Path | None, key: str) -> Path:
     """``value`` as an existing file: absolute, else next to the config file, else in the current directory."""
     path = Path(value).expanduser()
-    candidates = [path] if path.is_absolute() else [*([config_dir / path] if config_dir else []), Path.cwd() / path]
+    candidates = (
+        [path] if path.is_absolute() else [*([config_dir / path] if config_dir else []), Path.cwd() / path]
+    )
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
@@ -148,7 +155,9 @@ def _rendezvous(env: EnvironmentArgs) -> tuple[str, int]:
     if env.nnodes > 1:
         if env.node_rank >= env.nnodes:
             raise ConfigError(
-                ConfigProblem("environment_args.node_rank", f"{env.node_rank} is not below nnodes ({env.nnodes})")
+                ConfigProblem(
+                    "environment_args.node_rank", f"{env.node_rank} is not below nnodes ({env.nnodes})"
+                )
             )
         return env.master_addr, env.master_port or DEFAULT_MULTI_NODE_PORT
     return env.master_addr, env.master_port or _free_port()
@@ -159,22 +168,46 @@ def launcher_command(plan: LaunchPlan, env: EnvironmentArgs, worker_args: Sequen
     addr, port = _rendezvous(env)
     if plan.launcher == "torch":
         return [
-            sys.executable, "-m", "torch.distributed.run",
-            f"--nproc-per-node={plan.nproc_per_node}", f"--nnodes={env.nnodes}", f"--node-rank={env.node_rank}",
-            f"--master-addr={addr}", f"--master-port={port}", *env.launcher_args,
-            "-m", WORKER_MODULE, *worker_args,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={plan.nproc_per_node}",
+            f"--nnodes={env.nnodes}",
+            f"--node-rank={env.node_rank}",
+            f"--master-addr={addr}",
+            f"--master-port={port}",
+            *env.launcher_args,
+            "-m",
+            WORKER_MODULE,
+            *worker_args,
         ]
     if plan.launcher == "deepspeed":
         if env.nnodes > 1 and "--hostfile" not in " ".join(env.launcher_args):
             raise ConfigError(
-                ConfigProblem("environment_args.launcher_args", "a DeepSpeed silo on several nodes needs "
-                              "['--hostfile', PATH] (DeepSpeed's list of nodes and their slots)")
+                ConfigProblem(
+                    "environment_args.launcher_args",
+                    "a DeepSpeed silo on several nodes needs "
+                    "['--hostfile', PATH] (DeepSpeed's list of nodes and their slots)",
+                )
             )
-        multi = ["--num_nodes", str(env.nnodes), "--no_ssh", f"--node_rank={env.node_rank}"] if env.nnodes > 1 else []
+        multi = (
+            ["--num_nodes", str(env.nnodes), "--no_ssh", f"--node_rank={env.node_rank}"]
+            if env.nnodes > 1
+            else []
+        )
         return [
-            sys.executable, "-m", "deepspeed.launcher.runner",
-            f"--num_gpus={plan.nproc_per_node}", *multi, f"--master_addr={addr}", f"--master_port={port}",
-            "--no_local_rank", *env.launcher_args, "--module", WORKER_MODULE, *worker_args,
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            f"--num_gpus={plan.nproc_per_node}",
+            *multi,
+            f"--master_addr={addr}",
+            f"--master_port={port}",
+            "--no_local_rank",
+            *env.launcher_args,
+            "--module",
+            WORKER_MODULE,
+            *worker_args,
         ]
     raise ValueError(f"no command for launcher {plan.launcher!r}")
 
@@ -237,9 +270,17 @@ def serve_silo(
         if os.environ.get(PACKAGE_ENV):
             log.info("bootstrap: already run by 'unitedllm package run'")
         else:
-            script = resolve_config_path(env_args.bootstrap, config_dir=config_dir, key="environment_args.bootstrap")
-            run_bootstrap(script, env={"UNITEDLLM_RANK": str(rank), "UNITEDLLM_RUN_ID": run_id,
-                                       "UNITEDLLM_CONFIG": str(Path(config).resolve())})
+            script = resolve_config_path(
+                env_args.bootstrap, config_dir=config_dir, key="environment_args.bootstrap"
+            )
+            run_bootstrap(
+                script,
+                env={
+                    "UNITEDLLM_RANK": str(rank),
+                    "UNITEDLLM_RUN_ID": run_id,
+                    "UNITEDLLM_CONFIG": str(Path(config).resolve()),
+                },
+            )
     gpus = local_gpu_count(cfg)
     plan = choose_launcher(env_args, gpus=gpus, deepspeed_config=cfg.train_args.deepspeed is not None)
     log.info("client %d: launcher %s (%s)", rank, plan.launcher, plan.reason)
@@ -249,14 +290,25 @@ def serve_silo(
         from unitedllm.launch import serve_client
 
         return asyncio.run(serve_client(cfg, rank=rank, run_id=run_id))
-    worker_args = [str(Path(config).resolve()), "--rank", str(rank), "--run-id", run_id,
-                   "--engine", plan.launcher, *_override_args(overrides), *(["--verbose"] if verbose else [])]
+    worker_args = [
+        str(Path(config).resolve()),
+        "--rank",
+        str(rank),
+        "--run-id",
+        run_id,
+        "--engine",
+        plan.launcher,
+        *_override_args(overrides),
+        *(["--verbose"] if verbose else []),
+    ]
     child_env = dict(os.environ)
     if plan.launcher == "deepspeed":
         from unitedllm.silo.deepspeed_config import read_deepspeed_config
 
         assert cfg.train_args.deepspeed is not None
-        ds_path = resolve_config_path(cfg.train_args.deepspeed, config_dir=config_dir, key="train_args.deepspeed")
+        ds_path = resolve_config_path(
+            cfg.train_args.deepspeed, config_dir=config_dir, key="train_args.deepspeed"
+        )
         read_deepspeed_config(ds_path)
         worker_args += ["--deepspeed", str(ds_path)]
         if gpus == 0:

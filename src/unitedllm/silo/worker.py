@@ -22,8 +22,11 @@ log = logging.getLogger("unitedllm.silo")
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m unitedllm.silo.worker", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m unitedllm.silo.worker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("config")
     parser.add_argument("--rank", type=int, required=True, help="the client's rank in the federation")
     parser.add_argument("--run-id", required=True)
@@ -47,7 +50,16 @@ def _setup_logging(verbose: bool, silo_rank: int) -> None:
     # The leader tells the story; followers speak up only when something is wrong.
     level = logging.DEBUG if verbose else (logging.INFO if silo_rank == 0 else logging.WARNING)
     logging.getLogger("unitedllm").setLevel(level)
-    for noisy in ("transformers", "datasets", "peft", "httpx", "botocore", "aiobotocore", "DeepSpeed", "torch"):
+    for noisy in (
+        "transformers",
+        "datasets",
+        "peft",
+        "httpx",
+        "botocore",
+        "aiobotocore",
+        "DeepSpeed",
+        "torch",
+    ):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -66,8 +78,11 @@ def _serve(args: argparse.Namespace) -> int:
     if not ctx.is_leader:
         if follow(trainer, ctx):
             return 0
-        log.error("client %d: silo rank 0 stopped with an error (see its output); silo rank %d stops too",
-                  args.rank, ctx.rank)
+        log.error(
+            "client %d: silo rank 0 stopped with an error (see its output); silo rank %d stops too",
+            args.rank,
+            ctx.rank,
+        )
         return 1
     log.info("client %d: silo of %d processes (%s)", args.rank, ctx.world_size, args.engine)
     leader = leader_for(trainer, ctx)

@@ -134,6 +134,15 @@ class ZeroRounds:
     def finish_round(self, trainer: Any) -> None:
         """Keep the round's optimizer state and schedule position (call on every rank after ``train()``)."""
         self._engine = trainer.model_wrapped
+        if self.steps_done == 0:
+            params = [p for p in self._engine.module.parameters() if p.requires_grad]
+            shards = sum(hasattr(p, "ds_id") for p in params)
+            log.info(
+                "DeepSpeed ZeRO stage %d: %d of %d trainable tensors partitioned across the silo",
+                self._engine.zero_optimization_stage(),
+                shards,
+                len(params),
+            )
         self._optimizer_state = _cpu_copy(self._engine.optimizer.state_dict())
         self.steps_done += int(trainer.state.global_step)
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from unitedllm.errors import ConfigError, ConfigProblem, TrainingError
+from unitedllm.silo.zero import gathered
 from unitedllm.training.base import EvalResult, FitResult, LocalTrainer, StepEvent
 from unitedllm.training.model_cache import ModelCache, SharedModel
 
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, TrainingArguments
 
     from unitedllm.config.types import Config
+    from unitedllm.silo.distributed import SiloContext
+    from unitedllm.silo.zero import ZeroRounds
     from unitedllm.training.client_algorithms import LocalCorrection
 
 __all__ = ["HFLocalTrainer", "round_seed"]
@@ -47,6 +50,10 @@ def round_seed(seed: int, rank: int, round_idx: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def _trainable(model: Any) -> list[Any]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -56,7 +63,9 @@ class HFLocalTrainer(LocalTrainer):
 
     client_algorithms = frozenset({"FedProx", "SCAFFOLD"})
 
-    def __init__(self, cfg: Config, rank: int, *, model_cache: ModelCache | None = None):
+    def __init__(
+        self, cfg: Config, rank: int, *, model_cache: ModelCache | None = None, silo: SiloContext | None = None
+    ):
         if rank < 0 or rank > cfg.train_args.client_num_in_total:
             raise ConfigError(
                 ConfigProblem(
@@ -76,6 +85,11 @@ class HFLocalTrainer(LocalTrainer):
         self._scheduler: Any = None
         self._pending_state: Mapping[str, Any] | None = None
         self._steps_per_round: int | None = None
+        # In a silo of several processes (docs/silos.md): this rank's place, and DeepSpeed's optimizer across rounds.
+        self._silo = silo
+        self._zero: ZeroRounds | None = None
+        self._round_args: Any = None
+        self._round_steps = 0
         self._scratch = Path(tempfile.mkdtemp(prefix="unitedllm-trainer-"))
 
     # -- setup (lazy: the constructor may run on an event loop) ---------------------------
@@ -165,7 +179,7 @@ class HFLocalTrainer(LocalTrainer):
         if steps > 0:
             return steps
         train = self._require_train()
-        per_step = targs.per_device_train_batch_size * targs.gradient_accumulation_steps
+        per_step = targs.per_device_train_batch_size * targs.gradient_accumulation_steps * self._world_size
         return max(1, math.ceil(math.ceil(len(train) / per_step) * targs.local_num_train_epochs))
 
     def _require_train(self) -> Dataset:
@@ -196,10 +210,14 @@ class HFLocalTrainer(LocalTrainer):
         steps = self.steps_per_round(max_steps)
         with shared.lock:
             model = shared.model
-            load_trainable(model, weights)
+            with gathered(_trainable(model), modify=True):
+                load_trainable(model, weights)
             model.zero_grad(set_to_none=True)
             args = self._training_args(steps, round_seed(self.cfg.train_args.seed, self.rank, round_idx))
-            self._ensure_optimizer(model, args, steps)
+            if self._silo is None or self._silo.deepspeed_config is None:
+                self._ensure_optimizer(model, args, steps)
+            else:
+                self._round_args, self._round_steps = args, steps
             trainer = self._hf_trainer(model, args, train, round_idx, steps, on_step)
             if correction is not None:
                 from unitedllm.training.client_algorithms import CorrectionCallback
@@ -212,11 +230,14 @@ class HFLocalTrainer(LocalTrainer):
             except (RuntimeError, ValueError) as exc:
                 raise TrainingError(f"local training of client {self.rank} failed in round {round_idx}: {exc}") from exc
             seconds = time.perf_counter() - start
-            new_weights = trainable_state(model)
+            if self._zero is not None:
+                self._zero.finish_round(trainer)
+            with gathered(_trainable(model)):
+                new_weights = trainable_state(model)
         if not math.isfinite(output.training_loss):
             raise TrainingError(f"client {self.rank} round {round_idx}: training loss is {output.training_loss}")
         targs = self.cfg.train_args
-        seen = steps * targs.per_device_train_batch_size * targs.gradient_accumulation_steps
+        seen = steps * targs.per_device_train_batch_size * targs.gradient_accumulation_steps * self._world_size
         tokens = float(trainer.state.num_input_tokens_seen or 0)
         return FitResult(
             weights=new_weights,
@@ -226,7 +247,7 @@ class HFLocalTrainer(LocalTrainer):
                 "train_seconds": seconds,
                 "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
                 "train_samples": float(seen),
-                "learning_rate": float(self._scheduler.get_last_lr()[0]),
+                "learning_rate": self._zero.last_lr() if self._zero else float(self._scheduler.get_last_lr()[0]),
             },
         )
 
@@ -241,11 +262,16 @@ class HFLocalTrainer(LocalTrainer):
             who = "the aggregator's global test set" if self.rank == 0 else f"client {self.rank}'s test split"
             raise TrainingError(f"{who} is empty: nothing to evaluate (check data_args.test_dataset_size)")
         with shared.lock:
-            load_trainable(shared.model, weights)
-            sums = response_losses(
-                shared.model, test, batch_size=self.cfg.train_args.per_device_eval_batch_size,
-                pad_token_id=int(self.tokenizer.pad_token_id),
-            )
+            with gathered(_trainable(shared.model), modify=True):
+                load_trainable(shared.model, weights)
+            kwargs = {"batch_size": self.cfg.train_args.per_device_eval_batch_size,
+                      "pad_token_id": int(self.tokenizer.pad_token_id)}
+            if self._silo is None:
+                sums = response_losses(shared.model, test, **kwargs)
+            else:
+                from unitedllm.silo.evaluation import silo_response_losses
+
+                sums = silo_response_losses(self._silo, shared.model, test, **kwargs)
         total_loss = sum(s for s, _ in sums.values())
         total_tokens = sum(n for _, n in sums.values())
         loss = total_loss / total_tokens
@@ -263,9 +289,11 @@ class HFLocalTrainer(LocalTrainer):
         shared = self._ready()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        with shared.lock:
+        with shared.lock, gathered(shared.model.parameters(), modify=True):
             model = shared.model
             load_trainable(model, weights)
+            if self._silo is not None and not self._silo.is_leader:
+                return  # the silo's other ranks only took part in gathering the weights
             if self.cfg.model_args.peft_type == "lora":
                 peft_config = model.peft_config["default"]
                 saved_base = peft_config.base_model_name_or_path
@@ -308,6 +336,8 @@ class HFLocalTrainer(LocalTrainer):
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer and learning-rate schedule state (torch objects; save with ``torch.save``)."""
+        if self._zero is not None:
+            return self._zero.state_dict()
         if self._optimizer is None:
             return dict(self._pending_state or {})
         return {
@@ -318,6 +348,9 @@ class HFLocalTrainer(LocalTrainer):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore optimizer and schedule state (applied when the optimizer exists)."""
+        if self._silo is not None and self._silo.deepspeed_config is not None:
+            self._zero_rounds().load_state_dict(dict(state))
+            return
         if self._optimizer is None:
             self._pending_state = dict(state)
             return
@@ -326,6 +359,8 @@ class HFLocalTrainer(LocalTrainer):
 
     def close(self) -> None:
         """Remove this trainer's scratch dir (closing twice is harmless)."""
+        if self._zero is not None:
+            self._zero.release_engine()
         shutil.rmtree(self._scratch, ignore_errors=True)
 
     # -- internals -------------------------------------------------------------------------
@@ -334,6 +369,12 @@ class HFLocalTrainer(LocalTrainer):
         from transformers import TrainingArguments
 
         targs = self.cfg.train_args
+        deepspeed = self._silo.deepspeed_config if self._silo is not None else None
+        bf16, fp16 = targs.bf16, targs.fp16
+        if deepspeed is not None:
+            from unitedllm.silo.deepspeed_config import mixed_precision
+
+            bf16, fp16 = mixed_precision(deepspeed, bf16=bf16, fp16=fp16)
         try:
             return TrainingArguments(
                 output_dir=str(self._scratch),
@@ -351,8 +392,9 @@ class HFLocalTrainer(LocalTrainer):
                 lr_scheduler_type=targs.lr_scheduler_type,
                 seed=seed,
                 data_seed=seed,
-                fp16=targs.fp16,
-                bf16=targs.bf16,
+                fp16=fp16,
+                bf16=bf16,
+                deepspeed=deepspeed,
                 use_cpu=targs.use_cpu or not self.cfg.device_args.using_gpu,
                 dataloader_num_workers=targs.dataloader_num_workers,
                 dataloader_pin_memory=False,
@@ -373,7 +415,15 @@ class HFLocalTrainer(LocalTrainer):
     def _ensure_optimizer(self, model: Any, args: TrainingArguments, steps: int) -> None:
         if self._optimizer is not None:
             return
-        from transformers import Trainer, get_scheduler
+        self._optimizer = self._new_optimizer(model, args)
+        self._scheduler = self._new_scheduler(self._optimizer, steps)
+        self._steps_per_round = steps
+        if self._pending_state:
+            pending, self._pending_state = self._pending_state, None
+            self.load_state_dict(pending)
+
+    def _new_optimizer(self, model: Any, args: TrainingArguments) -> torch.optim.Optimizer:
+        from transformers import Trainer
 
         targs = self.cfg.train_args
         optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
@@ -388,16 +438,32 @@ class HFLocalTrainer(LocalTrainer):
             {"params": decay, "weight_decay": targs.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        self._optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+        optimizer: torch.optim.Optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+        return optimizer
+
+    def _new_scheduler(self, optimizer: Any, steps: int) -> Any:
+        """The learning-rate schedule of the whole run: ``steps`` per round times ``comm_round``."""
+        from transformers import get_scheduler
+
+        targs = self.cfg.train_args
         total = steps * targs.comm_round
         warmup = targs.warmup_steps or math.ceil(targs.warmup_ratio * total)
-        self._scheduler = get_scheduler(
-            targs.lr_scheduler_type, self._optimizer, num_warmup_steps=warmup, num_training_steps=total
-        )
-        self._steps_per_round = steps
-        if self._pending_state:
-            pending, self._pending_state = self._pending_state, None
-            self.load_state_dict(pending)
+        return get_scheduler(targs.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+    @property
+    def _world_size(self) -> int:
+        return self._silo.world_size if self._silo is not None else 1
+
+    def _zero_rounds(self) -> ZeroRounds:
+        """DeepSpeed's optimizer and schedule across rounds (one engine per round; docs/silos.md)."""
+        if self._zero is None:
+            from unitedllm.silo.zero import ZeroRounds
+
+            self._zero = ZeroRounds(
+                make_optimizer=lambda model: self._new_optimizer(model, self._round_args),
+                make_scheduler=lambda optimizer: self._new_scheduler(optimizer, self._round_steps),
+            )
+        return self._zero
 
     def _hf_trainer(
         self,
@@ -415,14 +481,14 @@ class HFLocalTrainer(LocalTrainer):
         from unitedllm.training.data import CausalCollator
 
         callbacks: list[Any] = [StepReporter(self.rank, round_idx, steps, on_step)] if on_step else []
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=train,
-            data_collator=CausalCollator(int(self.tokenizer.pad_token_id)),
-            optimizers=(self._optimizer, self._scheduler),
-            callbacks=callbacks,
-        )
+        kwargs: dict[str, Any] = {
+            "model": model, "args": args, "train_dataset": train,
+            "data_collator": CausalCollator(int(self.tokenizer.pad_token_id)), "callbacks": callbacks,
+        }
+        if self._silo is not None and self._silo.deepspeed_config is not None:
+            trainer = self._zero_rounds().trainer(**kwargs)
+        else:
+            trainer = Trainer(**kwargs, optimizers=(self._optimizer, self._scheduler))
         # logging_steps=1 feeds on_step; the console belongs to the caller, so no printing here.
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
