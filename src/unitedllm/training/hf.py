@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -43,11 +44,19 @@ if TYPE_CHECKING:
 
 __all__ = ["HFLocalTrainer", "round_seed"]
 
+log = logging.getLogger(__name__)
+
 
 def round_seed(seed: int, rank: int, round_idx: int) -> int:
     """The RNG seed of ``rank``'s local training in ``round_idx``: the same wherever that rank runs."""
     digest = hashlib.sha256(f"unitedllm:{seed}:{rank}:{round_idx}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _trainable(model: Any) -> list[Any]:
@@ -371,6 +380,12 @@ class HFLocalTrainer(LocalTrainer):
         targs = self.cfg.train_args
         deepspeed = self._silo.deepspeed_config if self._silo is not None else None
         bf16, fp16 = targs.bf16, targs.fp16
+        use_cpu = targs.use_cpu or not self.cfg.device_args.using_gpu
+        if fp16 and deepspeed is None and (use_cpu or not _cuda_available()):
+            # accelerate would drop it silently: fp16 autocast and loss scaling are GPU features.
+            log.warning("train_args.fp16: fp16 mixed precision needs a GPU; training on the CPU in model_dtype "
+                        "(%s) instead (train_args.bf16 is mixed precision that works on the CPU)", targs.model_dtype)
+            fp16 = False
         if deepspeed is not None:
             from unitedllm.silo.deepspeed_config import mixed_precision
 
@@ -395,7 +410,7 @@ class HFLocalTrainer(LocalTrainer):
                 fp16=fp16,
                 bf16=bf16,
                 deepspeed=deepspeed,
-                use_cpu=targs.use_cpu or not self.cfg.device_args.using_gpu,
+                use_cpu=use_cpu,
                 dataloader_num_workers=targs.dataloader_num_workers,
                 dataloader_pin_memory=False,
                 ddp_find_unused_parameters=targs.ddp_find_unused_parameters,

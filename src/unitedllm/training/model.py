@@ -75,10 +75,12 @@ def load_model_config(cfg: Config) -> PretrainedConfig:
 
 def _attn_implementation(cfg: Config) -> str:
     if not cfg.model_args.use_flash_attention:
+        log.info("attention: sdpa (PyTorch scaled dot-product attention)")
         return "sdpa"
     if importlib.util.find_spec("flash_attn") is None:
         log.warning("model_args.use_flash_attention is set but flash_attn is not installed; using sdpa attention")
         return "sdpa"
+    log.info("attention: flash_attention_2 (model_args.use_flash_attention)")
     return "flash_attention_2"
 
 
