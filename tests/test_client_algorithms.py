@@ -49,8 +49,10 @@ def random_like(weights: Mapping[str, torch.Tensor], scale: float, seed: int) ->
 
 def test_corrections_add_the_gradients_of_the_proximal_and_scaffold_terms() -> None:
     gen = torch.Generator().manual_seed(0)
-    params = {"a": torch.randn(4, 3, generator=gen, requires_grad=True), "b": torch.randn(5, generator=gen,
-                                                                                         requires_grad=True)}
+    params = {
+        "a": torch.randn(4, 3, generator=gen, requires_grad=True),
+        "b": torch.randn(5, generator=gen, requires_grad=True),
+    }
     global_w = random_like(params, 1.0, 1)
     c, ci = random_like(params, 0.1, 2), random_like(params, 0.1, 3)
 
@@ -61,7 +63,9 @@ def test_corrections_add_the_gradients_of_the_proximal_and_scaffold_terms() -> N
         (ProximalCorrection(global_w, 0.7), lambda: proximal_term(params, global_w, 0.7)),
         (ScaffoldCorrection(c, ci), lambda: scaffold_term(params, c, ci)),
     ]:
-        expected = dict(zip(params, torch.autograd.grad(data_loss() + term(), list(params.values())), strict=True))
+        expected = dict(
+            zip(params, torch.autograd.grad(data_loss() + term(), list(params.values())), strict=True)
+        )
         for p in params.values():
             p.grad = None
         data_loss().backward()
@@ -78,16 +82,39 @@ def test_corrections_add_the_gradients_of_the_proximal_and_scaffold_terms() -> N
 def tiny_config(tmp_path: Path, **train_args: Any) -> Config:
     return msgspec.convert(
         {
-            "data_args": {"dataset": "unitedllm-synthetic", "dataset_name": None, "synthetic_num_examples": 160,
-                          "test_dataset_size": 16, "max_seq_length": 64, "cache_dir": str(tmp_path / "cache")},
-            "model_args": {"model_name_or_path": str(TINY_MODEL), "load_pretrained": False,
-                           "train_tokenizer_vocab_size": 384, "peft_type": "lora", "lora_r": 4, "lora_alpha": 8,
-                           "lora_dropout": 0.0, "lora_target_modules": ["query_key_value", "dense", "lm_head"],
-                           "model_config_overrides": {"hidden_size": 32, "intermediate_size": 64,
-                                                      "num_hidden_layers": 1}},
-            "train_args": {"client_num_in_total": 2, "client_num_per_round": 2, "comm_round": 2,
-                           "per_device_train_batch_size": 4, "learning_rate": 5e-3, "warmup_steps": 0,
-                           "output_dir": str(tmp_path / "{run_id}"), **train_args},
+            "data_args": {
+                "dataset": "unitedllm-synthetic",
+                "dataset_name": None,
+                "synthetic_num_examples": 160,
+                "test_dataset_size": 16,
+                "max_seq_length": 64,
+                "cache_dir": str(tmp_path / "cache"),
+            },
+            "model_args": {
+                "model_name_or_path": str(TINY_MODEL),
+                "load_pretrained": False,
+                "train_tokenizer_vocab_size": 384,
+                "peft_type": "lora",
+                "lora_r": 4,
+                "lora_alpha": 8,
+                "lora_dropout": 0.0,
+                "lora_target_modules": ["query_key_value", "dense", "lm_head"],
+                "model_config_overrides": {
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 1,
+                },
+            },
+            "train_args": {
+                "client_num_in_total": 2,
+                "client_num_per_round": 2,
+                "comm_round": 2,
+                "per_device_train_batch_size": 4,
+                "learning_rate": 5e-3,
+                "warmup_steps": 0,
+                "output_dir": str(tmp_path / "{run_id}"),
+                **train_args,
+            },
         },
         Config,
     )
@@ -133,7 +160,9 @@ def test_hf_scaffold_step_adds_c_minus_ci_once_per_optimizer_step(hf_setup: tupl
     assert correction.steps == 1 and correction.learning_rate_sum == pytest.approx(0.5)
     for name in x:
         assert not torch.equal(plain[name], x[name]) or name.endswith("lora_A.default.weight")
-        torch.testing.assert_close(corrected[name] - plain[name], -0.5 * (c[name] - ci[name]), rtol=0, atol=2e-6)
+        torch.testing.assert_close(
+            corrected[name] - plain[name], -0.5 * (c[name] - ci[name]), rtol=0, atol=2e-6
+        )
 
 
 def test_hf_fedprox_step_pulls_towards_the_global_weights(hf_setup: tuple[Path, ModelCache]) -> None:
@@ -153,9 +182,16 @@ def test_hf_scaffold_control_update_is_option_ii_with_the_steps_and_rates_used(
     c, ci = random_like(x, 0.01, 4), random_like(x, 0.01, 5)
     rates: list[float] = []
     correction = ScaffoldCorrection(c, ci)
-    sgd = {**SGD, "lr_scheduler_type": "linear", "learning_rate": 0.3}  # a decaying rate: K·η is Σ of the rates
-    y = hf_fit(hf_setup, x, steps=4, correction=correction, on_step=lambda e: rates.append(e.learning_rate or 0),
-               **sgd)
+    # A decaying rate: K·η is the sum of the rates used.
+    sgd = {**SGD, "lr_scheduler_type": "linear", "learning_rate": 0.3}
+    y = hf_fit(
+        hf_setup,
+        x,
+        steps=4,
+        correction=correction,
+        on_step=lambda e: rates.append(e.learning_rate or 0),
+        **sgd,
+    )
     assert correction.steps == 4 and len(set(rates)) == 4
     assert correction.learning_rate_sum == pytest.approx(sum(rates), rel=1e-9)
     new_c, delta_c = correction.control_update(x)
@@ -225,18 +261,27 @@ class CorrectingLinearTrainer(LinearTrainer):
 def linear_config(tmp_path: Path, optimizer: str, **train_args: Any) -> Config:
     return msgspec.convert(
         {
-            "train_args": {"comm_round": 4, "client_num_in_total": 3, "client_num_per_round": 2,
-                           "local_max_steps": 5, "server_optimizer": optimizer,
-                           "output_dir": str(tmp_path / "{run_id}"), **train_args},
+            "train_args": {
+                "comm_round": 4,
+                "client_num_in_total": 3,
+                "client_num_per_round": 2,
+                "local_max_steps": 5,
+                "server_optimizer": optimizer,
+                "output_dir": str(tmp_path / "{run_id}"),
+                **train_args,
+            },
             "comm_args": {"round_timeout_s": 30, "join_timeout_s": 30},
         },
         Config,
     )
 
 
-def run_linear(cfg: Config, run_id: str, trainer_cls: type[LinearTrainer] = CorrectingLinearTrainer,
-               **kwargs: Any) -> Any:
-    return asyncio.run(run_async(cfg, run_id=run_id, trainer_factory=lambda _c, rank: trainer_cls(rank), **kwargs))
+def run_linear(
+    cfg: Config, run_id: str, trainer_cls: type[LinearTrainer] = CorrectingLinearTrainer, **kwargs: Any
+) -> Any:
+    return asyncio.run(
+        run_async(cfg, run_id=run_id, trainer_factory=lambda _c, rank: trainer_cls(rank), **kwargs)
+    )
 
 
 def reference_run(cfg: Config, algorithm: str, mu: float = 0.0) -> dict[str, np.ndarray]:
@@ -254,17 +299,22 @@ def reference_run(cfg: Config, algorithm: str, mu: float = 0.0) -> dict[str, np.
         return {"linear.weight": 2.0 / n * xs.T @ err, "linear.bias": np.array([2.0 / n * err.sum()])}
 
     for round_idx in range(targs.comm_round):
-        selected = sample_clients(round_idx, total=targs.client_num_in_total, per_round=targs.client_num_per_round,
-                                  seed=cfg.common_args.random_seed)
+        selected = sample_clients(
+            round_idx,
+            total=targs.client_num_in_total,
+            per_round=targs.client_num_per_round,
+            seed=cfg.common_args.random_seed,
+        )
         deltas, control_deltas, counts = {}, {}, {}
         for r in selected:
             lr = data[r][3]
             y = {k: v.copy() for k, v in x.items()}
             for _ in range(targs.local_max_steps):
                 g = grad(r, y)
-                for k in y:
-                    extra = mu * (y[k] - x[k]) if algorithm == "FedProx" else c[k] - c_i[r][k]
-                    y[k] = y[k] - lr * (g[k] + extra)
+                correction = {
+                    k: mu * (v - x[k]) if algorithm == "FedProx" else c[k] - c_i[r][k] for k, v in y.items()
+                }
+                y = {k: v - lr * (g[k] + correction[k]) for k, v in y.items()}
             new_ci = {k: c_i[r][k] - c[k] + (x[k] - y[k]) / (targs.local_max_steps * lr) for k in x}
             deltas[r] = {k: y[k] - x[k] for k in x}
             control_deltas[r] = {k: new_ci[k] - c_i[r][k] for k in x}
@@ -272,8 +322,8 @@ def reference_run(cfg: Config, algorithm: str, mu: float = 0.0) -> dict[str, np.
                 c_i[r] = new_ci
             counts[r] = data[r][2]
         total = sum(counts.values())
-        for k in x:
-            x[k] = x[k] + sum(counts[r] * deltas[r][k] for r in selected) / total
+        for k, xk in x.items():
+            x[k] = xk + sum(counts[r] * deltas[r][k] for r in selected) / total
             if algorithm == "SCAFFOLD":
                 fraction = len(selected) / targs.client_num_in_total
                 c[k] = c[k] + fraction * sum(counts[r] * control_deltas[r][k] for r in selected) / total
@@ -281,7 +331,9 @@ def reference_run(cfg: Config, algorithm: str, mu: float = 0.0) -> dict[str, np.
 
 
 @pytest.mark.parametrize(("algorithm", "mu"), [("SCAFFOLD", 0.0), ("FedProx", 0.5)])
-def test_run_matches_the_float64_reference_of_the_algorithm(tmp_path: Path, algorithm: str, mu: float) -> None:
+def test_run_matches_the_float64_reference_of_the_algorithm(
+    tmp_path: Path, algorithm: str, mu: float
+) -> None:
     cfg = linear_config(tmp_path, algorithm, server_optimizer_args={"proximal_mu": mu})
     result = run_linear(cfg, "ref")
     expected = reference_run(cfg, algorithm, mu)
@@ -343,8 +395,10 @@ def test_control_variate_store_gives_the_one_before_a_round_and_keeps_two(tmp_pa
         store.save(r, {"w": torch.full((2,), float(r))})
     assert store.before(3) is not None and store.before(3)["w"].tolist() == [2.0, 2.0]  # type: ignore[index]
     assert store.before(6)["w"].tolist() == [5.0, 5.0]  # type: ignore[index]
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["after_round_2.safetensors",
-                                                                   "after_round_5.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "after_round_2.safetensors",
+        "after_round_5.safetensors",
+    ]
 
 
 # -- trainers that do not apply a client algorithm -------------------------------------------------
@@ -365,7 +419,10 @@ def test_a_trainer_without_the_algorithm_is_refused_naming_it(
 
 
 def test_fedprox_with_mu_zero_runs_any_trainer_as_fedavg(tmp_path: Path) -> None:
-    fedprox = run_linear(linear_config(tmp_path, "FedProx", server_optimizer_args={"proximal_mu": 0.0}), "p",
-                         trainer_cls=LinearTrainer)
+    fedprox = run_linear(
+        linear_config(tmp_path, "FedProx", server_optimizer_args={"proximal_mu": 0.0}),
+        "p",
+        trainer_cls=LinearTrainer,
+    )
     fedavg = run_linear(linear_config(tmp_path, "FedAvg"), "a", trainer_cls=LinearTrainer)
     assert all(torch.equal(fedprox.weights[n], fedavg.weights[n]) for n in fedavg.weights)
