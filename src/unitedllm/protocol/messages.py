@@ -67,6 +67,7 @@ class RoundStart(_Envelope, tag="round_start"):
 
     global_ref: BlobRef
     spec: TrainSpec
+    # Tensor groups besides the weights, one blob each (SCAFFOLD: "control" = the server control variate).
     extras: dict[str, BlobRef] = msgspec.field(default_factory=dict)
 
 
@@ -76,6 +77,7 @@ class Update(_Envelope, tag="update"):
     delta_ref: BlobRef
     num_samples: int
     metrics: dict[str, float] = msgspec.field(default_factory=dict)
+    # Tensor groups besides the delta, one blob each (SCAFFOLD: "control" = the client's Δc_i).
     extras: dict[str, BlobRef] = msgspec.field(default_factory=dict)
 
 
