@@ -426,3 +426,25 @@ def test_fedprox_with_mu_zero_runs_any_trainer_as_fedavg(tmp_path: Path) -> None
     )
     fedavg = run_linear(linear_config(tmp_path, "FedAvg"), "a", trainer_cls=LinearTrainer)
     assert all(torch.equal(fedprox.weights[n], fedavg.weights[n]) for n in fedavg.weights)
+
+
+# -- over the real MQTT_S3 backend -----------------------------------------------------------------
+
+
+@pytest.mark.services
+@pytest.mark.timeout(300)
+def test_scaffold_over_mqtt_s3_gives_the_local_bytes(
+    tmp_path: Path, mqtt_settings: Any, s3_settings: Any, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services import service_env
+
+    for key, value in service_env(mqtt_settings, s3_settings).items():
+        monkeypatch.setenv(key, value)
+    local = run_linear(linear_config(tmp_path / "local", "SCAFFOLD", comm_round=3), "local")
+    cfg = linear_config(tmp_path / "mqtt", "SCAFFOLD", comm_round=3)
+    cfg = msgspec.structs.replace(
+        cfg, comm_args=msgspec.structs.replace(cfg.comm_args, backend="MQTT_S3", run_secret="scaffold-test")
+    )
+    remote = run_linear(cfg, run_id)
+    for name, value in local.weights.items():
+        assert torch.equal(remote.weights[name], value), name
