@@ -128,7 +128,8 @@ class ProximalCorrection(LocalCorrection):
     def __init__(self, global_weights: Mapping[str, torch.Tensor], mu: float):
         super().__init__()
         self.mu = float(mu)
-        self._global = {n: t.detach() for n, t in global_weights.items()}
+        # A copy: a trainer may load the global weights into its model by reference and train them in place.
+        self._global = {n: t.detach().clone() for n, t in global_weights.items()}
 
     def _correction(self, name: str, param: torch.Tensor) -> torch.Tensor:
         reference = self._lookup(self._global, name, param, "FedProx's global weights")
