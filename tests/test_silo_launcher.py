@@ -90,12 +90,24 @@ def test_explicit_launchers_are_honoured_and_checked() -> None:
 
 def test_torchrun_command_passes_rendezvous_options_through() -> None:
     plan = choose_launcher(env(launcher="torch", nproc_per_node=8), gpus=8, deepspeed_config=False)
-    multi = env(launcher="torch", nproc_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.5",
-                launcher_args=["--max-restarts=0"])
+    multi = env(
+        launcher="torch",
+        nproc_per_node=8,
+        nnodes=2,
+        node_rank=1,
+        master_addr="10.0.0.5",
+        launcher_args=["--max-restarts=0"],
+    )
     cmd = launcher_command(plan, multi, ["CONFIG", "--rank", "1"])
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
-    for flag in ("--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.5",
-                 "--master-port=29500", "--max-restarts=0"):
+    for flag in (
+        "--nproc-per-node=8",
+        "--nnodes=2",
+        "--node-rank=1",
+        "--master-addr=10.0.0.5",
+        "--master-port=29500",
+        "--max-restarts=0",
+    ):
         assert flag in cmd
     assert cmd[-5:] == ["-m", "unitedllm.silo.worker", "CONFIG", "--rank", "1"]
     with pytest.raises(ConfigError, match="environment_args.node_rank: 2 is not below nnodes"):
@@ -110,8 +122,11 @@ def test_deepspeed_command_and_its_multi_node_hostfile() -> None:
     assert cmd[-3:] == ["--module", "unitedllm.silo.worker", "CONFIG"]
     with pytest.raises(ConfigError, match=r"environment_args.launcher_args: .*--hostfile"):
         launcher_command(plan, env(launcher="deepspeed", nnodes=2), [])
-    cmd = launcher_command(plan, env(launcher="deepspeed", nnodes=2, node_rank=1,
-                                     launcher_args=["--hostfile", "/etc/hosts.ds"]), [])
+    cmd = launcher_command(
+        plan,
+        env(launcher="deepspeed", nnodes=2, node_rank=1, launcher_args=["--hostfile", "/etc/hosts.ds"]),
+        [],
+    )
     assert "--no_ssh" in cmd and "--node_rank=1" in cmd and "/etc/hosts.ds" in cmd
 
 
@@ -153,7 +168,9 @@ def test_bootstrap_output_is_streamed_to_the_log(tmp_path: Path, caplog: pytest.
 
 def test_failing_bootstrap_names_its_exit_code_and_output_tail(tmp_path: Path) -> None:
     script = tmp_path / "bootstrap.sh"
-    script.write_text("for i in $(seq 1 30); do echo line-$i; done\necho 'pip: no such package' >&2\nexit 7\n")
+    script.write_text(
+        "for i in $(seq 1 30); do echo line-$i; done\necho 'pip: no such package' >&2\nexit 7\n"
+    )
     with pytest.raises(BootstrapError) as info:
         run_bootstrap(script)
     err = info.value
@@ -168,7 +185,11 @@ def test_client_with_a_failing_bootstrap_stops_before_connecting(tmp_path: Path)
     config.write_text(TINY.read_text() + "\nenvironment_args:\n  bootstrap: bootstrap.sh\n")
     proc = subprocess.run(
         [sys.executable, "-m", "unitedllm", "client", str(config), "--rank", "1", "--run-id", "boot-fails"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
         env={**os.environ, "COLUMNS": "200", "UNITEDLLM_PACKAGE_DIR": ""},
     )
     assert proc.returncode == 1, proc.stderr

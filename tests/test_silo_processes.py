@@ -1,0 +1,252 @@
+"""A client silo of 2 processes (torchrun, DeepSpeed ZeRO-2, ZeRO-3 on CPU) trains like one process.
+
+Each test starts a real ``unitedllm server`` and ``unitedllm client`` over the session's mosquitto
+and SeaweedFS; the client runs as a silo of 2 processes (gloo on CPU; DeepSpeed with
+``DS_ACCELERATOR=cpu``). Batch equivalence: 2 ranks x per-device batch 2 see exactly the samples
+of 1 rank x batch 4, in the same order (each optimizer step's global batch is split across the
+ranks and the loss is averaged over all its tokens), and the optimizer and schedule continue
+across rounds, so the final global adapter must match the single-process run's within float
+rounding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from services import service_env
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "examples" / "tiny_processes.yaml"
+ADAPTER = Path("node_0") / "final" / "adapter_model.safetensors"
+LIMIT_S = 400
+ONE_CLIENT = [
+    "train_args.client_num_in_total=1",
+    "train_args.client_num_per_round=1",
+    "train_args.comm_round=2",
+    "validation_args.test_on_client_ranks=[1]",
+]
+SILO = ["environment_args.nproc_per_node=2", "train_args.per_device_train_batch_size=2"]
+ENGINES = {
+    "torchrun": ["environment_args.launcher=torch"],
+    "zero2": [
+        "environment_args.launcher=deepspeed",
+        "train_args.deepspeed=configs/deepspeed/ds_z2_fp32_config.json",
+    ],
+    "zero3": [
+        "environment_args.launcher=deepspeed",
+        "train_args.deepspeed=configs/deepspeed/ds_z3_fp32_config.json",
+    ],
+}
+
+pytestmark = pytest.mark.services
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [x for o in overrides for x in ("--set", o)]
+
+
+def _adapter(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same client as one process with batch 4 (everything in one process, LOCAL backend)."""
+    tmp = tmp_path_factory.mktemp("one-process")
+    overrides = [
+        "comm_args.backend=LOCAL",
+        f"train_args.output_dir={tmp}/out/{{run_id}}",
+        f"data_args.cache_dir={tmp}/cache",
+        *ONE_CLIENT,
+        "train_args.per_device_train_batch_size=4",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "unitedllm", "run", str(CONFIG), "--run-id", "one", "-q", *_sets(overrides)],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        timeout=LIMIT_S,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+    return tmp / "out" / "one"
+
+
+class Run:
+    """A server and one client process; their output goes to files; leftovers are killed at the end."""
+
+    def __init__(self, tmp: Path, run_id: str, env: dict[str, str], overrides: list[str]):
+        self.tmp, self.run_id, self.env = tmp, run_id, env
+        self.overrides = [
+            f"train_args.output_dir={tmp}/out/{{run_id}}",
+            f"data_args.cache_dir={tmp}/cache",
+            *ONE_CLIENT,
+            *overrides,
+        ]
+        self.output_dir = tmp / "out" / run_id
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with (self.tmp / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "unitedllm",
+                    *args,
+                    str(CONFIG),
+                    "--run-id",
+                    self.run_id,
+                    *_sets(self.overrides),
+                ],
+                env=self.env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n}\n{self.log(n)[-4000:]}" for n in self.procs)
+
+    def wait(self, name: str, timeout: float = LIMIT_S) -> int:
+        try:
+            return self.procs[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} still running after {timeout:g}s\n{self.logs()}")
+
+    def kill_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # the client passes it on to its launcher
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        path = self.output_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return [e for e in map(json.loads, filter(None, lines)) if e.get("event") == kind]
+
+
+@pytest.fixture
+def make_run(request: pytest.FixtureRequest, tmp_path: Path, run_id: str) -> Iterator[Any]:
+    mqtt, s3 = request.getfixturevalue("mqtt_settings"), request.getfixturevalue("s3_settings")
+    env = {
+        **os.environ,
+        **service_env(mqtt, s3),
+        "UNITEDLLM_RUN_SECRET": "silo-test-secret",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    runs: list[Run] = []
+
+    def make(*overrides: str) -> Run:
+        run = Run(tmp_path, run_id, env, list(overrides))
+        runs.append(run)
+        return run
+
+    try:
+        yield make
+    finally:
+        for run in runs:
+            run.kill_all()
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_two_process_silo_trains_like_one_process(engine: str, make_run: Any, one_process: Path) -> None:
+    if engine.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install 'unitedllm[deepspeed]')")
+    run = make_run(*SILO, *ENGINES[engine])
+    run.start("server", "server")
+    run.start("client", "client", "--rank", "1")
+    assert [run.wait("server"), run.wait("client")] == [0, 0], run.logs()
+
+    client_log = run.log("client")
+    assert "silo of 2 processes" in client_log, client_log[-3000:]
+    if engine.startswith("zero"):
+        stage = engine[-1]
+        found = re.search(
+            rf"DeepSpeed ZeRO stage {stage}: (\d+) of (\d+) trainable tensors partitioned", client_log
+        )
+        assert found, client_log[-3000:]
+        partitioned, total = map(int, found.groups())
+        assert total > 0 and partitioned == (total if stage == "3" else 0)
+
+    ours, theirs = _adapter(run.output_dir / ADAPTER), _adapter(one_process / ADAPTER)
+    assert ours.keys() == theirs.keys()
+    worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+    moved = max(float(theirs[k].abs().max()) for k in theirs if "lora_B" in k)  # lora_B starts at zero
+    assert worst < 1e-5, f"{engine}: silo adapter differs from the one-process adapter by up to {worst:g}"
+    assert moved > 1e3 * 1e-5, "training barely moved the adapter: the comparison would prove nothing"
+    # The silo's evaluation of the global model (all ranks scoring shares of the test split) agrees too.
+    mine = {(e["round"], e["rank"]): e["loss"] for e in run.events("eval")}
+    one = {
+        (e["round"], e["rank"]): e["loss"]
+        for e in (json.loads(x) for x in (one_process / "metrics.jsonl").read_text().splitlines() if x)
+        if e.get("event") == "eval"
+    }
+    assert mine.keys() == one.keys() and (1, 1) in mine
+    assert all(abs(mine[k] - one[k]) < 1e-4 for k in mine), (mine, one)
+
+
+def _silo_ranks(client_pid: int) -> dict[int, int]:
+    """pid of each silo worker under the client process, by its RANK."""
+    import psutil
+
+    ranks: dict[int, int] = {}
+    for child in psutil.Process(client_pid).children(recursive=True):
+        try:
+            if "unitedllm.silo.worker" in " ".join(child.cmdline()):
+                ranks[int(child.environ()["RANK"])] = child.pid
+        except (psutil.NoSuchProcess, KeyError):
+            continue
+    return ranks
+
+
+def test_a_dead_follower_ends_the_whole_silo_with_an_error(make_run: Any) -> None:
+    pytest.importorskip("psutil")
+    run = make_run(
+        *SILO, *ENGINES["torchrun"], "train_args.local_max_steps=2000", "comm_args.round_timeout_s=300"
+    )
+    run.start("server", "server")
+    client = run.start("client", "client", "--rank", "1")
+    deadline = time.monotonic() + LIMIT_S
+    while not run.events("round_start") and time.monotonic() < deadline and client.poll() is None:
+        time.sleep(0.2)
+    time.sleep(3)  # into round 0's local training
+    ranks = _silo_ranks(client.pid)
+    assert sorted(ranks) == [0, 1], run.logs()
+    os.kill(ranks[1], signal.SIGKILL)
+    killed = time.monotonic()
+    code = run.wait("client", timeout=120)
+    assert code != 0, run.logs()
+    assert time.monotonic() - killed < 90, "the silo hung after losing a rank"
+    log = run.log("client")
+    assert "client 1: the torch silo exited with code" in log, log[-3000:]
+    assert "Traceback (most recent call last)" not in log.split("the torch silo exited")[-1]
+    import psutil
+
+    alive = [
+        pid for pid in ranks.values() if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+    ]
+    assert not alive, "a silo process outlived the client"
