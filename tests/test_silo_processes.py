@@ -250,3 +250,16 @@ def test_a_dead_follower_ends_the_whole_silo_with_an_error(make_run: Any) -> Non
         pid for pid in ranks.values() if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
     ]
     assert not alive, "a silo process outlived the client"
+
+
+def test_a_refused_leader_stops_its_followers_and_the_client_fails(make_run: Any) -> None:
+    run = make_run(*SILO, *ENGINES["torchrun"])
+    run.start("server", "server")
+    # Another seed builds another random base model: the aggregator refuses this client.
+    client = run.start("client", "client", "--rank", "1", "--set", "common_args.random_seed=7")
+    assert run.wait("client", timeout=LIMIT_S) != 0, run.logs()
+    log = run.log("client")
+    assert "the aggregator refused this client" in log, log[-3000:]
+    assert "silo rank 1 stops too" in log, log[-3000:]
+    assert "client 1: the torch silo exited with code" in log
+    assert client.returncode == 1

@@ -320,4 +320,4 @@ def serve_silo(
     code = _run_child(command, child_env)
     if code != 0:
         raise SiloFailed(rank, plan.launcher, code)
-    return "finished"
+    return f"{plan.launcher} silo of {plan.nproc_per_node * env_args.nnodes} processes"

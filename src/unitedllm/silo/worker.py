@@ -92,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
         failed = False
     finally:
         leader.close(failed=failed)
-    print(f"client {args.rank}: run {args.run_id} finished ({reason})", file=sys.stderr)
+    log.info("client %d: run %s finished (%s)", args.rank, args.run_id, reason)
     return 0
 
 
