@@ -78,6 +78,8 @@ def test_seed_config_on_this_cpu_machine_runs_plain_python_and_says_why() -> Non
 def test_explicit_launchers_are_honoured_and_checked() -> None:
     plan = choose_launcher(env(launcher="torch"), gpus=0, deepspeed_config=False, deepspeed_installed=False)
     assert (plan.launcher, plan.nproc_per_node) == ("torch", 1)
+    plan = choose_launcher(env(launcher="torch"), gpus=2, deepspeed_config=True, deepspeed_installed=True)
+    assert plan.launcher == "torch" and "train_args.deepspeed is ignored under torchrun" in plan.reason
     plan = choose_launcher(
         env(launcher="deepspeed", nproc_per_node=2), gpus=0, deepspeed_config=True, deepspeed_installed=True
     )

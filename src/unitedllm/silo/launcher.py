@@ -103,7 +103,8 @@ def choose_launcher(
     nproc = env.nproc_per_node or max(gpus, 1)
     processes = nproc * env.nnodes
     if env.launcher == "torch":
-        return LaunchPlan("torch", nproc, "environment_args.launcher is torch")
+        ignored = "; train_args.deepspeed is ignored under torchrun" if deepspeed_config else ""
+        return LaunchPlan("torch", nproc, "environment_args.launcher is torch" + ignored)
     if env.launcher == "deepspeed":
         if not deepspeed_config:
             raise ConfigError(
