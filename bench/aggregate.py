@@ -3,38 +3,53 @@
 For each P (parameters per update) and N (clients), on the same update bytes, each
 measurement in a fresh subprocess so its peak RSS is its own:
 
-* ``read_floor``: one read-only pass ``x.sum()`` over every update (memory bandwidth bound).
+* ``read_floor``: one read-only pass ``x.sum()`` over every update (memory bandwidth bound),
+  the faster of torch's threads and one thread.
 * ``fp32_add``: a fused in-place ``acc.add_(x, alpha=w)`` in float32 (fast, order-dependent).
 * ``exact_stream``: ``FedAvg.begin_round`` / ``add`` one update at a time / ``finish``,
   validation included: what the aggregator does as updates arrive.
-* ``exact_batch``: ``FedAvg.step`` with all updates at once (one pass over the accumulator).
+* ``exact_batch``: ``FedAvg.step`` with all updates at once (folded several per pass).
 * ``flower``: ``flwr.server.strategy.aggregate.aggregate`` from its own virtual
   environment (created on first use; flwr's pins clash with ours).
 
 Updates are K = min(N, 4) distinct random tensors reused round-robin, so input memory is
 the same for every N and peak RSS shows what the aggregation itself holds. Throughput is
-GB/s of update bytes (N x P x 4 bytes / seconds). Prints one JSON document.
+GB/s of update bytes (N x P x 4 bytes / seconds).
+
+On a shared machine one process's timings swing with its neighbours' load, so every
+method runs in ``--trials`` fresh processes, interleaved (the order rotates per trial),
+each timing ``--repeat`` runs after a warm-up; the best and the median of all of them are
+reported, with ``noise`` = median / best - 1. Prints one JSON document (``--out`` also
+writes it to a file).
 
     python bench/aggregate.py                       # P = 10M, 100M; N = 8, 32
-    python bench/aggregate.py --params 10M --clients 8 --no-flower
+    python bench/aggregate.py --params 10M --clients 8 --no-flower --out result.json
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
 import venv
 from pathlib import Path
 
-DISTINCT = 4
+DISTINCT = 4  # >= the engine's FOLD: no pass over the accumulator reads the same bytes twice
 SEED = 1234
-FLOWER_VENV = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unitedllm" / "bench" / "flwr-venv"
+FLOWER_VENV = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unitedllm" / "bench" / "flwr-venv"
+)
+METHODS = ("read_floor", "fp32_add", "exact_stream", "exact_batch", "flower")
+OURS = ("exact_stream", "exact_batch", "fp32_add")
+TARGET_VS_FLOOR = 0.5
+TARGET_VS_FLOWER = 3.0
 
 
 def _make_updates(params: int, clients: int) -> list:
@@ -42,7 +57,10 @@ def _make_updates(params: int, clients: int) -> list:
     import numpy as np
 
     rng = np.random.default_rng(SEED)
-    distinct = [rng.standard_normal(params, dtype=np.float32) * np.float32(1e-3) for _ in range(min(clients, DISTINCT))]
+    distinct = [
+        rng.standard_normal(params, dtype=np.float32) * np.float32(1e-3)
+        for _ in range(min(clients, DISTINCT))
+    ]
     return [distinct[i % len(distinct)] for i in range(clients)]
 
 
@@ -55,15 +73,15 @@ def _peak_rss_mb() -> float:
 
 
 def _worker(method: str, params: int, clients: int, repeat: int) -> dict:
-    """Run one measurement in this process; returns seconds (best of ``repeat``) and memory."""
+    """Run one measurement in this process: every timed run's seconds, and memory."""
     updates_np = _make_updates(params, clients)
     checksum = float(sum(float(u[:4096].astype("float64").sum()) for u in updates_np[:DISTINCT]))
-    rss_inputs = _peak_rss_mb()
     samples = _samples(clients)
     if method == "flower":
         from flwr.server.strategy.aggregate import aggregate
 
         results = [([u], n) for u, n in zip(updates_np, samples, strict=True)]
+        rss_inputs = _peak_rss_mb()
 
         def run() -> None:
             aggregate(results)
@@ -72,11 +90,23 @@ def _worker(method: str, params: int, clients: int, repeat: int) -> dict:
         import torch
 
         updates = [torch.from_numpy(u) for u in updates_np]
+        weights = {"w": torch.zeros(params)}  # the global model: held by the aggregator anyway
+        rss_inputs = _peak_rss_mb()
         if method == "read_floor":
+            threads = torch.get_num_threads()
 
             def run() -> None:
                 for x in updates:
                     x.sum()
+
+            def run_one_thread() -> None:
+                torch.set_num_threads(1)
+                try:
+                    run()
+                finally:
+                    torch.set_num_threads(threads)
+
+            floors = (run, run_one_thread)
 
         elif method == "fp32_add":
 
@@ -91,8 +121,10 @@ def _worker(method: str, params: int, clients: int, repeat: int) -> dict:
             from unitedllm.optimizers import ClientUpdate, create
 
             opt = create("FedAvg", ServerOptimizerArgs())
-            weights = {"w": torch.zeros(params)}
-            cus = [ClientUpdate(rank=i + 1, delta={"w": x}, num_samples=n) for i, (x, n) in enumerate(zip(updates, samples, strict=True))]
+            cus = [
+                ClientUpdate(rank=i + 1, delta={"w": x}, num_samples=n)
+                for i, (x, n) in enumerate(zip(updates, samples, strict=True))
+            ]
             if method == "exact_stream":
 
                 def run() -> None:
@@ -108,15 +140,22 @@ def _worker(method: str, params: int, clients: int, repeat: int) -> dict:
 
             else:
                 raise SystemExit(f"unknown method {method!r}")
-    run()  # warm-up: thread pools, page faults, the kernel's first load
-    best = float("inf")
+    # The floor is the faster of torch's threads and one thread, timed back to back: when a
+    # neighbour takes a core, torch's multi-threaded reductions collapse, and a collapsed
+    # floor would flatter everything compared with it.
+    passes = floors if method == "read_floor" else (run,)
+    for p in passes:
+        p()  # warm-up: thread pools, page faults, the kernel's first load
+    seconds = []
     for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
+        timed = []
+        for p in passes:
+            start = time.perf_counter()
+            p()
+            timed.append(time.perf_counter() - start)
+        seconds.append(min(timed))
     info = {
-        "seconds": best,
-        "gb_per_s": clients * params * 4 / best / 1e9,
+        "seconds": seconds,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "inputs_rss_mb": round(rss_inputs, 1),
         "checksum": checksum,
@@ -134,24 +173,35 @@ def _ensure_flower(python: Path) -> str | None:
         return None
     try:
         venv.create(FLOWER_VENV, with_pip=True, clear=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "flwr", "numpy"], check=True, capture_output=True, text=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "flwr", "numpy"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
         return f"could not install flwr into {FLOWER_VENV}: {detail[-500:]}"
     return None
 
 
-def _mem_available_mb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024
+def _meminfo(key: str) -> float:
+    """A /proc/meminfo value in MB (inf where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return float("inf")
 
 
 def _needed_mb(method: str, params: int, clients: int) -> float:
     update_mb = params * 4 / 2**20
     inputs = min(clients, DISTINCT) * update_mb
-    extra = {"flower": clients + 2, "exact_stream": 5, "exact_batch": 5, "fp32_add": 1, "read_floor": 0}[method]
+    extra = {"flower": clients + 2, "exact_stream": 5, "exact_batch": 5, "fp32_add": 2, "read_floor": 1}[
+        method
+    ]
     return inputs + extra * update_mb + 300
 
 
@@ -161,12 +211,84 @@ def _parse_size(text: str) -> int:
     return int(float(text.rstrip("KMG")) * scale)
 
 
+def _machine() -> dict:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    try:
+        import torch
+
+        torch_version, threads = torch.__version__, torch.get_num_threads()
+    except ImportError:
+        torch_version, threads = None, None
+    return {
+        "cpus": os.cpu_count(),
+        "processor": model,
+        "memory_mb": round(_meminfo("MemTotal")),
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "torch_threads": threads,
+        "transparent_hugepages": thp.read_text().strip() if thp.exists() else None,
+    }
+
+
+def _summarise(runs: list[dict], params: int, clients: int) -> dict:
+    """Best and median over every timed run of every trial; memory from the worst trial."""
+    seconds = sorted(s for r in runs for s in r["seconds"])
+    best, median = seconds[0], statistics.median(seconds)
+    update_mb = params * 4 / 2**20
+    peak = max(r["peak_rss_mb"] for r in runs)
+    inputs = max(r["inputs_rss_mb"] for r in runs)
+    out = {
+        "gb_per_s": round(clients * params * 4 / best / 1e9, 3),
+        "gb_per_s_median": round(clients * params * 4 / median / 1e9, 3),
+        "seconds_best": round(best, 5),
+        "seconds_median": round(median, 5),
+        "noise": round(median / best - 1, 3),
+        "timed_runs": len(seconds),
+        "peak_rss_mb": peak,
+        "inputs_rss_mb": inputs,
+        "aggregation_rss_mb": round(peak - inputs, 1),
+        "aggregation_rss_updates": round((peak - inputs) / update_mb, 2),
+        "checksum": runs[0]["checksum"],
+    }
+    if "compiled_kernel" in runs[0]:
+        out["compiled_kernel"] = all(r["compiled_kernel"] for r in runs)
+    return out
+
+
+def _ratios(row: dict) -> None:
+    floor, flower = row.get("read_floor", {}), row.get("flower", {})
+    for method in OURS:
+        m = row.get(method, {})
+        if "gb_per_s" not in m:
+            continue
+        for base, name in ((floor, "floor"), (flower, "flower")):
+            if "gb_per_s" in base:
+                m[f"vs_{name}"] = round(m["gb_per_s"] / base["gb_per_s"], 3)
+                m[f"vs_{name}_median"] = round(m["gb_per_s_median"] / base["gb_per_s_median"], 3)
+        if method != "fp32_add" and "vs_floor" in m:
+            m["meets_floor_target"] = m["vs_floor"] >= TARGET_VS_FLOOR
+        if method != "fp32_add" and "vs_flower" in m:
+            m["meets_flower_target"] = m["vs_flower"] >= TARGET_VS_FLOWER
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="10M,100M", help="comma-separated parameter counts (10M, 100M, ...)")
+    parser.add_argument(
+        "--params", default="10M,100M", help="comma-separated parameter counts (10M, 100M, ...)"
+    )
     parser.add_argument("--clients", default="8,32", help="comma-separated client counts")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is kept")
+    parser.add_argument("--trials", type=int, default=3, help="fresh processes per method, interleaved")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per process, after a warm-up")
     parser.add_argument("--no-flower", action="store_true", help="skip the Flower baseline")
+    parser.add_argument("--out", type=Path, help="also write the JSON document to this file")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "P", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -175,49 +297,63 @@ def main() -> None:
         print(json.dumps(_worker(method, int(p), int(n), args.repeat)))
         return
 
-    methods = ["read_floor", "fp32_add", "exact_stream", "exact_batch"]
+    methods = [m for m in METHODS if m != "flower" or not args.no_flower]
     flower_python = FLOWER_VENV / "bin" / "python"
-    flower_error = None
-    if not args.no_flower:
-        flower_error = _ensure_flower(flower_python)
-        methods.append("flower")
+    flower_error = _ensure_flower(flower_python) if "flower" in methods else None
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
     report: dict = {
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "python": platform.python_version()},
-        "notes": "gb_per_s = N*P*4 bytes / best seconds; peak_rss_mb includes the K<=4 distinct input updates (inputs_rss_mb)",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "load_average_before": os.getloadavg(),
+        "settings": {"trials": args.trials, "repeat": args.repeat, "distinct_updates": DISTINCT},
+        "targets": {"vs_floor": TARGET_VS_FLOOR, "vs_flower": TARGET_VS_FLOWER},
+        "notes": (
+            "gb_per_s = N*P*4 bytes / best seconds (gb_per_s_median: median); vs_* compare best with best "
+            "(vs_*_median: medians); aggregation_rss = peak RSS minus the inputs (updates + global model)"
+        ),
         "runs": [],
     }
     for params in (_parse_size(s) for s in args.params.split(",")):
         for clients in (int(s) for s in args.clients.split(",")):
             row: dict = {"params": params, "clients": clients, "update_mb": round(params * 4 / 2**20, 1)}
+            results: dict[str, list[dict]] = {m: [] for m in methods}
+            for trial in range(args.trials):
+                shift = trial % len(methods)
+                for method in methods[shift:] + methods[:shift]:
+                    if method in row:  # skipped or failed before
+                        continue
+                    if method == "flower" and flower_error:
+                        row[method] = {"skipped": flower_error}
+                        continue
+                    need = _needed_mb(method, params, clients)
+                    if need > 0.8 * _meminfo("MemAvailable"):
+                        row[method] = {
+                            "skipped": f"needs ~{need:.0f} MB, {_meminfo('MemAvailable'):.0f} MB available"
+                        }
+                        continue
+                    python = str(flower_python) if method == "flower" else sys.executable
+                    cmd = [python, str(Path(__file__).resolve()), "--repeat", str(args.repeat)]
+                    proc = subprocess.run(
+                        [*cmd, "--worker", method, str(params), str(clients)],
+                        capture_output=True, text=True, env=env, check=False,
+                    )  # fmt: skip
+                    if proc.returncode != 0:
+                        row[method] = {"error": proc.stderr[-1000:]}
+                        continue
+                    results[method].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             for method in methods:
-                if method == "flower" and flower_error:
-                    row[method] = {"skipped": flower_error}
-                    continue
-                need = _needed_mb(method, params, clients)
-                if need > 0.8 * _mem_available_mb():
-                    row[method] = {"skipped": f"needs ~{need:.0f} MB, {_mem_available_mb():.0f} MB available"}
-                    continue
-                python = str(flower_python) if method == "flower" else sys.executable
-                cmd = [python, str(Path(__file__).resolve()), "--repeat", str(args.repeat), "--worker", method, str(params), str(clients)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if proc.returncode != 0:
-                    row[method] = {"error": proc.stderr[-1000:]}
-                    continue
-                row[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-            floor = row.get("read_floor", {}).get("gb_per_s")
-            flower = row.get("flower", {}).get("gb_per_s")
-            for method in ("exact_stream", "exact_batch", "fp32_add"):
-                m = row.get(method, {})
-                if "gb_per_s" in m and floor:
-                    m["vs_floor"] = round(m["gb_per_s"] / floor, 3)
-                if "gb_per_s" in m and flower:
-                    m["vs_flower"] = round(m["gb_per_s"] / flower, 2)
+                if method not in row:
+                    row[method] = _summarise(results[method], params, clients)
+            _ratios(row)
             sums = {r["checksum"] for r in row.values() if isinstance(r, dict) and "checksum" in r}
             row["same_bytes_everywhere"] = len(sums) == 1
             report["runs"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    print(json.dumps(report, indent=2))
+    report["load_average_after"] = os.getloadavg()
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
