@@ -55,7 +55,7 @@ class LinearTrainer(LocalTrainer):
             loss = self._loss(w)
             grads = torch.autograd.grad(loss, list(w.values()))
             with torch.no_grad():
-                for t, g in zip(w.values(), grads):
+                for t, g in zip(w.values(), grads, strict=True):
                     t -= self.lr * g
             if on_step is not None:
                 on_step(StepEvent(self.rank, round_idx, step + 1, steps, float(loss)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -43,7 +44,7 @@ def test_held_out_loss_falls_clearly_over_the_rounds(quickstart_run: unitedllm.R
     losses = [float(e["loss"]) for e in global_evals(quickstart_run)]  # type: ignore[arg-type]
     assert len(losses) == 4
     assert losses[-1] < losses[0] - 0.5, losses
-    assert all(b <= a + 0.05 for a, b in zip(losses, losses[1:])), losses
+    assert all(b <= a + 0.05 for a, b in itertools.pairwise(losses)), losses
 
 
 def test_global_model_beats_isolated_clients_on_categories_they_never_saw(

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
-from unitedllm.aggregator import SERVER_RANK, Aggregator, RoundSummary, RunResult
+from unitedllm.aggregator import Aggregator, RoundSummary, RunResult
 from unitedllm.client import Client
 from unitedllm.comm.local import LocalHub
+from unitedllm.role import SERVER_RANK
 
 if TYPE_CHECKING:
     from unitedllm.config.types import Config
@@ -33,7 +34,8 @@ def new_run_id() -> str:
 
 
 def _default_trainer_factory() -> TrainerFactory:
-    from unitedllm.training.hf import HFLocalTrainer, ModelCache
+    from unitedllm.training.hf import HFLocalTrainer
+    from unitedllm.training.model_cache import ModelCache
 
     cache = ModelCache()
 
@@ -59,7 +61,7 @@ async def run_async(
     hub = None
     if cfg.comm_args.backend == "LOCAL":
         hub = LocalHub(run_id=run_id, secret=secrets.token_bytes(32), ranks=set(range(total + 1)))
-    make = trainer_factory or await asyncio.to_thread(_default_trainer_factory)
+    make = trainer_factory if trainer_factory is not None else await asyncio.to_thread(_default_trainer_factory)
     trainers = {rank: await asyncio.to_thread(make, cfg, rank) for rank in range(total + 1)}
     async with AsyncExitStack() as stack:
         aggregator = await stack.enter_async_context(

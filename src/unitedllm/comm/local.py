@@ -60,7 +60,7 @@ class LocalTransport(Transport):
     async def _send(self, to: int, message: Message) -> None:
         self.hub.deliver(to, seal(message, self.hub.secret))
 
-    async def incoming(self) -> AsyncIterator[Incoming]:  # type: ignore[override]
+    async def incoming(self) -> AsyncIterator[Incoming]:
         box = self.hub.mailboxes[self.rank]
         while True:
             item = await box.get()

@@ -39,7 +39,7 @@ def verify(ref: BlobRef, data: bytes, *, where: str = "") -> None:
         raise IntegrityError(ref.digest, actual, where=where)
 
 
-def encode_tensors(tensors: Mapping[str, "torch.Tensor"]) -> bytes:
+def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
     """Named tensors as safetensors bytes (contiguous CPU copies; names sorted for stable bytes)."""
     from safetensors.torch import save
 
@@ -47,7 +47,7 @@ def encode_tensors(tensors: Mapping[str, "torch.Tensor"]) -> bytes:
     return save(ordered)
 
 
-def decode_tensors(data: bytes) -> dict[str, "torch.Tensor"]:
+def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
     """Named tensors from safetensors bytes; malformed bytes raise :class:`ProtocolError`."""
     from safetensors.torch import load
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 _encoder = msgspec.msgpack.Encoder()
 _frame_decoder = msgspec.msgpack.Decoder(tuple[bytes, bytes])
-_message_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)  # type: ignore[arg-type]
+_message_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
 
 def _mac(secret: bytes, body: bytes) -> bytes:
@@ -81,7 +81,8 @@ class MessageGuard:
         """Reset replay tracking for ``sender`` (a restarted process starts its sequence anew)."""
         self._last_seq.pop(sender, None)
 
-    def _drop(self, reason: str) -> None:
+    def _drop(self, reason: str) -> Message | None:
+        """Record and log why a frame was dropped; returns ``None`` (no message) for ``admit``."""
         self.dropped.append(reason)
         log.warning("dropped message: %s", reason)
         return None

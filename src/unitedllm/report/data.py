@@ -121,7 +121,7 @@ class RunData:
         if not points:
             return None, None
         weights = [e.samples or 1.0 for e in points]
-        loss = sum(w * (e.loss or 0.0) for w, e in zip(weights, points)) / sum(weights)
+        loss = sum(w * (e.loss or 0.0) for w, e in zip(weights, points, strict=True)) / sum(weights)
         # Perplexity only where the trainer reports one (a token-level LM loss); exp(MSE) would mean nothing.
         has_perplexity = all(e.perplexity is not None for e in points)
         return loss, math.exp(min(loss, 50.0)) if has_perplexity else None

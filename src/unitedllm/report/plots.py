@@ -119,7 +119,7 @@ def _round_time(run: RunData) -> Plot:
         for part, colour in _STACK_COLOURS.items():
             heights = [b[part] for b in breakdowns]
             axes.bar(xs, heights, bottom=bottom, color=colour, label=part)
-            bottom = [b + h for b, h in zip(bottom, heights)]
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
         axes.set_ylabel("seconds")
         axes.set_title(title, fontsize="medium")
         _rounds_axis(axes, xs)

@@ -46,7 +46,7 @@ class StepEvent:
 class FitResult:
     """What one local round produced."""
 
-    weights: dict[str, "torch.Tensor"]
+    weights: dict[str, torch.Tensor]
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -67,7 +67,7 @@ class LocalTrainer(abc.ABC):
     client_algorithms: ClassVar[frozenset[str]] = frozenset()
 
     @abc.abstractmethod
-    def initial_weights(self) -> dict[str, "torch.Tensor"]:
+    def initial_weights(self) -> dict[str, torch.Tensor]:
         """The trainable tensors of the freshly built model (the round-0 global weights)."""
 
     @abc.abstractmethod
@@ -77,7 +77,7 @@ class LocalTrainer(abc.ABC):
     @abc.abstractmethod
     def fit(
         self,
-        weights: Mapping[str, "torch.Tensor"],
+        weights: Mapping[str, torch.Tensor],
         *,
         round_idx: int,
         max_steps: int,
@@ -91,11 +91,11 @@ class LocalTrainer(abc.ABC):
         """
 
     @abc.abstractmethod
-    def evaluate(self, weights: Mapping[str, "torch.Tensor"]) -> EvalResult:
+    def evaluate(self, weights: Mapping[str, torch.Tensor]) -> EvalResult:
         """Eval loss and perplexity of ``weights`` on this rank's test split."""
 
     @abc.abstractmethod
-    def save_model(self, weights: Mapping[str, "torch.Tensor"], directory: Path) -> None:
+    def save_model(self, weights: Mapping[str, torch.Tensor], directory: Path) -> None:
         """Write ``weights`` as a directory ``transformers``/``peft`` can load."""
 
     def state_dict(self) -> dict[str, Any]:
