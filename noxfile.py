@@ -28,7 +28,7 @@ def slow(session: nox.Session) -> None:
 @nox.session(default=False)
 def lint(session: nox.Session) -> None:
     """Static checks: ruff and mypy on src/."""
-    session.run("ruff", "check", "src", "tests")
+    session.run("ruff", "check", "src", "tests", "bench")
     session.run("mypy", "src")
 
 
