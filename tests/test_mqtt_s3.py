@@ -15,13 +15,13 @@ import boto3
 import pytest
 
 from unitedllm.comm.base import Incoming, Presence
-from unitedllm.comm.mqtt import Backoff, MqttTransport, to_topic
+from unitedllm.comm.mqtt import Backoff, MqttTransport, presence_topic, to_topic
 from unitedllm.comm.s3 import S3BlobStore, boto_config
 from unitedllm.comm.settings import MqttSettings, S3Settings
 from unitedllm.devservices import DevServices, Mosquitto
 from unitedllm.errors import CommError, IntegrityError
 from unitedllm.protocol.messages import BlobRef, Hello, RoundStart, TrainSpec, Update
-from unitedllm.protocol.signing import seal
+from unitedllm.protocol.signing import seal, seal_presence
 
 pytest_plugins = ["conftest_services"]
 pytestmark = [pytest.mark.services, pytest.mark.timeout(300)]
@@ -121,7 +121,7 @@ async def test_presence_goes_offline_by_last_will_when_a_client_process_dies(
         "from unitedllm.comm.settings import resolve_mqtt\n"
         "from unitedllm.config.types import CommArgs\n"
         "async def main():\n"
-        f"    async with MqttTransport(resolve_mqtt(CommArgs()), rank=1, run_id={run_id!r}, secret=b'x', peers={{0}}):\n"
+        f"    async with MqttTransport(resolve_mqtt(CommArgs()), rank=1, run_id={run_id!r}, secret={SECRET!r}, peers={{0}}):\n"
         "        print('connected', flush=True)\n"
         "        await asyncio.sleep(600)\n"
         "asyncio.run(main())\n"
@@ -183,6 +183,43 @@ async def test_forged_foreign_unknown_and_replayed_frames_are_dropped(mqtt_setti
         assert "sender rank 7" in reasons
         assert reasons.count("replayed message from rank 1") == 2
         assert "malformed" in reasons
+
+
+async def test_forged_and_replayed_presence_cannot_mark_a_live_client_gone(
+        mqtt_settings: MqttSettings, run_id: str) -> None:
+    import aiomqtt
+
+    async with transport(mqtt_settings, 0, run_id) as agg:
+        stream = agg.incoming()
+        async with transport(mqtt_settings, 1, run_id) as first:
+            assert await next_presence(stream, 1) == Presence(1, True)
+            old_epoch = first._epoch
+        assert await next_presence(stream, 1) == Presence(1, False)  # a clean close says so, signed
+        async with transport(mqtt_settings, 1, run_id) as client:
+            assert await next_presence(stream, 1) == Presence(1, True)
+            topic = presence_topic(run_id, 1)
+            forged = [
+                b"offline",  # the unsigned form an attacker with broker access would try first
+                seal_presence(b"not-the-run-secret", run_id=run_id, rank=1, online=False, epoch=client._epoch + 1),
+                seal_presence(SECRET, run_id="another-run", rank=1, online=False, epoch=client._epoch + 1),
+                seal_presence(SECRET, run_id=run_id, rank=1, online=False, epoch=old_epoch),  # replayed
+            ]
+            s = mqtt_settings
+            async with aiomqtt.Client(s.host, s.port, username=s.username, password=s.password) as raw:
+                for payload in forged:
+                    await raw.publish(topic, payload, qos=1)
+                # Put the genuine retained presence back, as the live client would on its next connect.
+                await raw.publish(topic, client._presence(True), qos=1, retain=True)
+            await client.send(0, hello(run_id, 1))
+            seen: list[Incoming] = []
+            while not isinstance(seen[-1:] and seen[-1], Hello):
+                seen.append(await asyncio.wait_for(anext(stream), 10))
+            assert Presence(1, False) not in seen, seen
+            assert 1 in agg._reachable
+            reasons = "\n".join(agg.presence_guard.dropped)
+            assert reasons.count("malformed presence") == 1
+            assert reasons.count("bad signature") == 2
+            assert "replayed presence of rank 1" in reasons
 
 
 async def test_sending_to_a_rank_outside_the_run_fails(mqtt_settings: MqttSettings, run_id: str) -> None:

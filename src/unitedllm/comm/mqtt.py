@@ -3,6 +3,8 @@
 Topics are namespaced by run: rank ``r`` subscribes to ``unitedllm/<run_id>/to/<r>``, and announces
 itself on ``unitedllm/<run_id>/presence/<r>`` with a retained ``online`` message and an MQTT
 last-will that turns it ``offline`` when the broker loses the connection. Everything is QoS 1.
+Presence payloads are signed with the run secret and carry the connection's epoch, so a forged
+or replayed presence cannot mark a rank online or gone (:class:`PresenceGuard`).
 
 The connection is kept by a background task: a lost connection is re-established with
 exponential backoff and the subscriptions restored. Messages sent meanwhile wait in a per-peer
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ from unitedllm.comm.base import Incoming, Presence, Transport
 from unitedllm.comm.settings import MqttSettings
 from unitedllm.errors import CommError, MissingDependency
 from unitedllm.protocol.messages import Message
-from unitedllm.protocol.signing import MessageGuard, seal
+from unitedllm.protocol.signing import MessageGuard, PresenceGuard, seal, seal_presence
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -34,8 +37,6 @@ __all__ = ["Backoff", "MqttTransport", "presence_topic", "to_topic"]
 
 log = logging.getLogger(__name__)
 
-ONLINE = b"online"
-OFFLINE = b"offline"
 # Session kept by the broker across our reconnects, so QoS 1 messages for us wait there.
 _SESSION_EXPIRY_S = 3600
 # MQTT reason codes that retrying cannot fix (v3 CONNACK 4/5, v5 134/135).
@@ -97,6 +98,8 @@ class MqttTransport(Transport):
         self.settings = settings
         self.peers = set(peers) - {rank}
         self.guard = MessageGuard(run_id=run_id, secret=secret, valid_senders=self.peers)
+        self.presence_guard = PresenceGuard(run_id=run_id, secret=secret)
+        self._epoch = 0  # this rank's current connection, as signed into its presence
         self.connect_timeout_s = connect_timeout_s
         self.flush_timeout_s = flush_timeout_s
         self.backoff = backoff
@@ -202,6 +205,7 @@ class MqttTransport(Transport):
             tls_context = ssl.create_default_context(cafile=s.tls_ca_file)
             if s.tls_cert_file is not None:
                 tls_context.load_cert_chain(s.tls_cert_file, s.tls_key_file)
+        self._epoch = max(time.time_ns(), self._epoch + 1)
         return aiomqtt.Client(
             s.host,
             s.port,
@@ -215,7 +219,7 @@ class MqttTransport(Transport):
             keepalive=s.keepalive,
             timeout=max(10.0, float(s.keepalive)),
             tls_context=tls_context,
-            will=aiomqtt.Will(presence_topic(self.run_id, self.rank), OFFLINE, qos=1, retain=True),
+            will=aiomqtt.Will(presence_topic(self.run_id, self.rank), self._presence(False), qos=1, retain=True),
         )
 
     async def _maintain(self) -> None:
@@ -255,7 +259,7 @@ class MqttTransport(Transport):
         """Subscribe, announce, then pump messages both ways until the connection drops or we close."""
         await client.subscribe(to_topic(self.run_id, self.rank), qos=1)
         await client.subscribe(presence_topic(self.run_id, "+"), qos=1)
-        await client.publish(presence_topic(self.run_id, self.rank), ONLINE, qos=1, retain=True)
+        await client.publish(presence_topic(self.run_id, self.rank), self._presence(True), qos=1, retain=True)
         self.connections += 1
         self._connected.set()
         async with asyncio.TaskGroup() as tg:
@@ -290,14 +294,19 @@ class MqttTransport(Transport):
             elif received.topic.matches(presence_topic(self.run_id, "+")):
                 self._on_presence(topic.rsplit("/", 1)[-1], bytes(payload))
 
+    def _presence(self, online: bool) -> bytes:
+        return seal_presence(self._secret, run_id=self.run_id, rank=self.rank, online=online, epoch=self._epoch)
+
     def _on_presence(self, rank_text: str, payload: bytes) -> None:
         try:
             rank = int(rank_text)
         except ValueError:
             return
-        if rank == self.rank or rank not in self.peers or payload not in (ONLINE, OFFLINE):
+        if rank == self.rank or rank not in self.peers:
             return
-        online = payload == ONLINE
+        online = self.presence_guard.admit(rank, payload)
+        if online is None:
+            return
         (self._reachable.add if online else self._reachable.discard)(rank)
         if online:
             self._wake.set()
@@ -310,5 +319,7 @@ class MqttTransport(Transport):
         await self._closing.wait()
         # A peer that is gone would only make closing wait the whole timeout.
         await self.flush(self.flush_timeout_s, reachable_only=True)
-        await client.publish(presence_topic(self.run_id, self.rank), OFFLINE, qos=1, retain=True, timeout=5)
+        await client.publish(
+            presence_topic(self.run_id, self.rank), self._presence(False), qos=1, retain=True, timeout=5
+        )
         raise _Closing

@@ -16,12 +16,13 @@ import msgspec
 from unitedllm.errors import ProtocolError
 from unitedllm.protocol.messages import Message
 
-__all__ = ["MessageGuard", "open_frame", "seal"]
+__all__ = ["MessageGuard", "PresenceGuard", "open_frame", "seal", "seal_presence"]
 
 log = logging.getLogger(__name__)
 
 _encoder = msgspec.msgpack.Encoder()
 _frame_decoder = msgspec.msgpack.Decoder(tuple[bytes, bytes])
+_presence_decoder = msgspec.msgpack.Decoder(tuple[bool, int, bytes])
 _message_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
 
@@ -85,4 +86,53 @@ class MessageGuard:
         """Record and log why a frame was dropped; returns ``None`` (no message) for ``admit``."""
         self.dropped.append(reason)
         log.warning("dropped message: %s", reason)
+        return None
+
+
+def _presence_mac(secret: bytes, run_id: str, rank: int, online: bool, epoch: int) -> bytes:
+    return _mac(secret, _encoder.encode(("presence", run_id, rank, online, epoch)))
+
+
+def seal_presence(secret: bytes, *, run_id: str, rank: int, online: bool, epoch: int) -> bytes:
+    """A signed presence payload: ``rank`` is ``online`` (or not) as of connection ``epoch``.
+
+    ``epoch`` grows with every connection of a rank (nanoseconds since 1970 at connect), so an
+    old ``offline`` replayed later cannot mark a live rank gone.
+    """
+    return _encoder.encode((online, epoch, _presence_mac(secret, run_id, rank, online, epoch)))
+
+
+class PresenceGuard:
+    """Checks presence payloads: the run's HMAC, and no going back to an older connection.
+
+    Within one connection ``offline`` is final: a replayed ``online`` of a connection that
+    already said ``offline`` is dropped too.
+    """
+
+    def __init__(self, *, run_id: str, secret: bytes):
+        self.run_id = run_id
+        self.secret = secret
+        self._latest: dict[int, tuple[int, bool]] = {}  # rank -> (epoch, online)
+        self.dropped: list[str] = []
+
+    def admit(self, rank: int, payload: bytes) -> bool | None:
+        """Whether ``rank`` is online per ``payload``, or ``None`` when the payload is dropped (logged)."""
+        try:
+            online, epoch, mac = _presence_decoder.decode(payload)
+        except msgspec.DecodeError:
+            return self._drop(f"malformed presence payload for rank {rank}")
+        if not hmac.compare_digest(mac, _presence_mac(self.secret, self.run_id, rank, online, epoch)):
+            return self._drop(f"presence of rank {rank} with a bad signature (HMAC check failed)")
+        latest = self._latest.get(rank)
+        if latest is not None:
+            last_epoch, last_online = latest
+            if epoch < last_epoch or (epoch == last_epoch and online and not last_online):
+                return self._drop(f"replayed presence of rank {rank} (connection {epoch}, latest {last_epoch})")
+        self._latest[rank] = (epoch, online)
+        return online
+
+    def _drop(self, reason: str) -> bool | None:
+        """Record and log why a presence payload was dropped; returns ``None`` for ``admit``."""
+        self.dropped.append(reason)
+        log.warning("dropped presence: %s", reason)
         return None
