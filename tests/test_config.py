@@ -186,10 +186,6 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
             "data_args.client_dataset_path: 3 paths for client_num_in_total 2",
         ),
         (
-            {"data_args": {"remove_long_seq": False, "truncate_long_seq": False}},
-            "data_args.truncate_long_seq: remove_long_seq and truncate_long_seq are both false",
-        ),
-        (
             {"comm_args": {"mqtt": {"tls_cert_file": "client.pem"}}},
             "comm_args.mqtt.tls_key_file: missing: a client certificate needs both, and tls_cert_file is set",
         ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,18 @@ def test_long_sequences_are_removed_or_truncated(tmp_path: Path) -> None:
     assert cut["category"] == ["addition", "long"]
     assert max(len(x) for x in cut["input_ids"]) == 200
     assert len(cut[1]["labels"]) == 200
+
+
+def test_long_sequences_kept_whole_when_neither_rule_is_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # FedML accepts remove_long_seq and truncate_long_seq both false: long examples stay whole, with a warning.
+    short = {"instruction": "What is 1 plus 2?", "context": "", "response": "3", "category": "addition"}
+    long = {"instruction": "Say it.", "context": "", "response": " ".join(["apple river"] * 80), "category": "long"}
+    cfg = make_cfg(tmp_path, data_args={"max_seq_length": 200, "remove_long_seq": False, "truncate_long_seq": False})
+    with caplog.at_level(logging.WARNING, logger="unitedllm.training.data"):
+        whole = tokenize_records([short, long], load_tokenizer(cfg), cfg)
+    assert whole["category"] == ["addition", "long"]
+    assert len(whole[1]["input_ids"]) > 200
+    assert "1 of 2 examples are longer than data_args.max_seq_length (200)" in caplog.text
 
 
 def test_tokenizer_training_is_deterministic_and_cached(tmp_path: Path) -> None:

@@ -127,17 +127,6 @@ def _client_dataset_paths(cfg: Config) -> Iterator[ConfigProblem]:
     )
 
 
-@_check("data_args")
-def _long_sequences(cfg: Config) -> Iterator[ConfigProblem]:
-    d = cfg.data_args
-    if not d.remove_long_seq and not d.truncate_long_seq:
-        yield ConfigProblem(
-            "data_args.truncate_long_seq",
-            f"remove_long_seq and truncate_long_seq are both false, so examples longer than "
-            f"max_seq_length ({d.max_seq_length}) would reach the model uncut; set one of them to true",
-        )
-
-
 @_check("model_args")
 def _lora_targets(cfg: Config) -> Iterator[ConfigProblem]:
     targets = cfg.model_args.lora_target_modules

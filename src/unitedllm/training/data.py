@@ -3,7 +3,8 @@
 Each record becomes ``prompt + response + eos`` with the Dolly/Alpaca prompt template
 (the context block only when the record has one). ``labels`` are ``-100`` on the prompt
 tokens, so training and evaluation measure the response alone. Sequences longer than
-``data_args.max_seq_length`` are dropped (``remove_long_seq``) or cut (``truncate_long_seq``);
+``data_args.max_seq_length`` are dropped (``remove_long_seq``) or cut (``truncate_long_seq``),
+or, with both false (as FedML allows), kept whole with a warning;
 examples left without a single response token are always dropped. Tokenized splits are
 cached as Arrow files under the cache dir, keyed by records, tokenizer and settings.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +36,8 @@ __all__ = [
     "tokenize_records",
     "tokenizer_corpus",
 ]
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 _TEMPLATE_VERSION = "dolly-v1"
@@ -122,7 +126,7 @@ def tokenize_records(records: Sequence[Record], tokenizer: PreTrainedTokenizerBa
 
 def _map(raw: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Config, cache_file: Any, digest: str) -> Dataset:
     dargs = cfg.data_args
-    return raw.map(
+    mapped = raw.map(
         _encode_batch,
         batched=True,
         batch_size=1000,
@@ -138,6 +142,15 @@ def _map(raw: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Config, cache_fi
         new_fingerprint=digest,
         desc=None,
     )
+    if not dargs.remove_long_seq and not dargs.truncate_long_seq:
+        long = sum(len(ids) > dargs.max_seq_length for ids in mapped["input_ids"])
+        if long:
+            log.warning(
+                "%d of %d examples are longer than data_args.max_seq_length (%d) and reach the model uncut "
+                "(data_args.remove_long_seq and truncate_long_seq are both false)",
+                long, len(mapped), dargs.max_seq_length,
+            )
+    return mapped
 
 
 def client_data(cfg: Config, rank: int, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset]:
