@@ -1,4 +1,5 @@
-"""``unitedllm-build init``: a ready project (config, bootstrap, launch entry point, run scripts) from templates/."""
+"""``unitedllm-build init``: a ready project (config, bootstrap, launch entry point, run scripts) from the
+package's ``templates/``."""
 
 from __future__ import annotations
 
@@ -13,13 +14,11 @@ PROJECT_TEMPLATE = "project"
 
 
 def templates_dir() -> Path:
-    """Where the templates live: beside the package when installed with them, else the repo's templates/."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "templates", here.parents[1] / "templates"):
-        if (candidate / PROJECT_TEMPLATE).is_dir():
-            return candidate
-    raise BuildError(f"UnitedLLM's project templates are missing (looked in {here / 'templates'} and "
-                     f"{here.parents[1] / 'templates'}); reinstall unitedllm")
+    """Where the templates live: the package's ``templates/`` (package data)."""
+    here = Path(__file__).resolve().parent / "templates"
+    if not (here / PROJECT_TEMPLATE).is_dir():
+        raise BuildError(f"UnitedLLM's project templates are missing from {here}; reinstall unitedllm")
+    return here
 
 
 def create_project(target: Path, *, force: bool = False) -> list[Path]:
