@@ -286,3 +286,20 @@ def test_help_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "-sf, --source_folder" in out
     assert out.strip().endswith("LIGHT")
+
+
+def test_gitignore_negation_follows_git(project: Path) -> None:
+    (project / ".gitignore").write_text(
+        "*.bin\n!weights/keep.bin\nlogs/\n!logs/keep.txt\n/notes.md\ncache\n!cache\n\\!literal.txt\n"
+    )
+    files = ["weights/keep.bin", "weights/drop.bin", "logs/keep.txt", "notes.md", "docs/notes.md",
+             "cache/data.txt", "!literal.txt"]
+    for rel in files:
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text("x\n")
+    code, out = build(project)
+    assert code == 0, out
+    packaged = {n.split("/fedml/", 1)[-1] for n in names(project / "build" / "dist-packages" / "client-package.zip")}
+    tracked = {rel for rel in files if rel in packaged}
+    # What `git add .` would take: a re-included file comes back, but not from inside an ignored folder.
+    assert tracked == {"weights/keep.bin", "docs/notes.md", "cache/data.txt"}, sorted(packaged)
