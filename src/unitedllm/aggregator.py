@@ -131,12 +131,15 @@ class Aggregator(Role):
             num_clients=cfg.train_args.client_num_in_total,
         )
         first_round, weights, state = await self._starting_point(optimizer)
+        # The global weights are encoded once per round: the same bytes go to S3 and to the resume point.
+        encoded = await asyncio.to_thread(encode_tensors, weights)
         summaries: list[RoundSummary] = []
         try:
             await self._wait_for_clients(cfg.train_args.client_num_per_round)
             for round_idx in range(first_round, self.plan.comm_round):
-                weights, state, summary = await self._run_round(round_idx, weights, state, optimizer)
-                await asyncio.to_thread(self._save_resume_point, weights, state, round_idx)
+                weights, state, summary = await self._run_round(round_idx, weights, encoded, state, optimizer)
+                encoded = await asyncio.to_thread(encode_tensors, weights)
+                await asyncio.to_thread(self._save_resume_point, encoded, state, round_idx)
                 summaries.append(summary)
                 if self._on_round is not None:
                     self._on_round(summary)
@@ -145,7 +148,7 @@ class Aggregator(Role):
             raise
         final_dir = self.output_dir / f"node_{SERVER_RANK}" / "final"
         await asyncio.to_thread(self._save_checkpoint, weights, final_dir, state, self.plan.comm_round - 1)
-        final_ref = await self.store.put(encode_tensors(weights))
+        final_ref = await self.store.put(encoded)
         evaluate_final = self.plan.clients_evaluate_global(self.plan.comm_round)
         await self._finish_clients(final_ref, reason="completed", evaluate_final=evaluate_final)
         if evaluate_final:
@@ -171,17 +174,21 @@ class Aggregator(Role):
         await asyncio.to_thread(self._save_init, weights)
         return 0, weights, state
 
-    def _save_resume_point(
-        self, weights: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], round_idx: int
-    ) -> None:
+    def _save_resume_point(self, encoded: bytes, state: Mapping[str, torch.Tensor], round_idx: int) -> None:
         from unitedllm.checkpoints import save_resume_point
 
-        save_resume_point(self.output_dir, round_idx=round_idx, weights=weights, optimizer_state=state,
+        save_resume_point(self.output_dir, round_idx=round_idx, encoded_weights=encoded, optimizer_state=state,
                           extra={"run_id": self.run_id})
 
     async def _run_round(
-        self, round_idx: int, weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor], optimizer: Any
+        self,
+        round_idx: int,
+        weights: dict[str, torch.Tensor],
+        encoded: bytes,
+        state: dict[str, torch.Tensor],
+        optimizer: Any,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], RoundSummary]:
+        """One round from ``weights`` (``encoded`` is their payload, sent to the selected clients)."""
         cfg = self.cfg
         started = time.perf_counter()
         selected = sample_clients(
@@ -191,7 +198,7 @@ class Aggregator(Role):
             seed=cfg.common_args.random_seed,
         )
         self.metrics.log("round_start", round_idx=round_idx, rank=SERVER_RANK, selected=selected)
-        global_ref = await self.store.put(encode_tensors(weights))
+        global_ref = await self.store.put(encoded)
         extra_refs = await self._put_round_extras(optimizer, state)
         for rank in selected:
             spec = TrainSpec(

@@ -92,15 +92,16 @@ def save_resume_point(
     output_dir: Path,
     *,
     round_idx: int,
-    weights: Mapping[str, torch.Tensor],
+    encoded_weights: bytes,
     optimizer_state: Mapping[str, torch.Tensor],
     extra: dict[str, Any],
 ) -> None:
-    """Replace ``node_0/last`` with the exact state after ``round_idx``: global weights, optimizer state, round."""
-    from unitedllm.protocol.payload import encode_tensors
+    """Replace ``node_0/last`` with the exact state after ``round_idx``: global weights, optimizer state, round.
 
+    ``encoded_weights`` is the global model's payload (:func:`~unitedllm.protocol.payload.encode_tensors`).
+    """
     with atomic_dir(node_dir(output_dir, 0) / RESUME_DIR) as tmp:
-        (tmp / GLOBAL_WEIGHTS_FILE).write_bytes(encode_tensors(weights))
+        (tmp / GLOBAL_WEIGHTS_FILE).write_bytes(encoded_weights)
         write_server_state(tmp, round_idx=round_idx, optimizer_state=optimizer_state, extra=extra)
 
 
