@@ -14,6 +14,7 @@ import torch
 from linear_trainer import LinearTrainer
 from safetensors.torch import load_file
 
+from unitedllm.aggregator import Aggregator
 from unitedllm.comm.local import LocalHub
 from unitedllm.config.types import Config
 from unitedllm.errors import RoundError
@@ -206,7 +207,7 @@ def test_clients_keep_their_own_checkpoints_and_metrics(tmp_path: Path) -> None:
     saved = sorted(p.name for p in node.iterdir() if p.is_dir())
     assert saved == [
         "final", "init", "round_0_after_agg", "round_0_before_agg", "round_2_after_agg", "round_2_before_agg",
-        "round_3_before_agg",
+        "round_3_before_agg", "sent",
     ]
     final = load_file(str(node / "final" / "model.safetensors"))
     assert all(torch.equal(final[k], result.weights[k]) for k in result.weights)
@@ -236,6 +237,47 @@ def test_save_frequency(tmp_path: Path, save_frequency: int, rounds: list[int]) 
 
 class Crash(Exception):
     """Stands in for the aggregator dying between rounds."""
+
+
+def test_after_a_mid_round_crash_clients_resend_instead_of_training_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = make_config(tmp_path, train_args={"comm_round": 4})
+    uninterrupted, _ = run_linear(cfg, run_id="whole")
+
+    # The blob store outlives the aggregator, as S3 does.
+    blobs: dict[str, bytes] = {}
+    hub_init = LocalHub.__init__
+
+    def hub_with_lasting_blobs(self: LocalHub, *args: Any, **kwargs: Any) -> None:
+        hub_init(self, *args, **kwargs)
+        self.blobs = blobs
+
+    monkeypatch.setattr(LocalHub, "__init__", hub_with_lasting_blobs)
+    aggregate = Aggregator._aggregate
+
+    async def die_in_round_2(self: Aggregator, round_idx: int, *args: Any, **kwargs: Any) -> Any:
+        if round_idx == 2:
+            raise Crash  # every update of round 2 arrived; none was aggregated
+        return await aggregate(self, round_idx, *args, **kwargs)
+
+    first: dict[int, LinearTrainer] = {}
+    monkeypatch.setattr(Aggregator, "_aggregate", die_in_round_2)
+    with pytest.raises(Crash):
+        asyncio.run(run_async(cfg, run_id="crashed", trainer_factory=lambda _c, r: first.setdefault(r, LinearTrainer(r))))
+    assert all(2 in [r for r, _ in first[rank].fits] for rank in (1, 2, 3))
+
+    monkeypatch.setattr(Aggregator, "_aggregate", aggregate)
+    again: dict[int, LinearTrainer] = {}
+    resumed = asyncio.run(run_async(cfg, run_id="crashed", resume=True,
+                                    trainer_factory=lambda _c, r: again.setdefault(r, LinearTrainer(r))))
+    for rank in (1, 2, 3):
+        assert [r for r, _ in again[rank].fits] == [3], "round 2 was trained again instead of resent"
+        own = (resumed.output_dir / f"node_{rank}" / "metrics.jsonl").read_text().splitlines()
+        assert [e["round"] for e in map(json.loads, own) if e["event"] == "resent"] == [2]
+    assert (resumed.final_dir / "model.safetensors").read_bytes() == (
+        uninterrupted.final_dir / "model.safetensors"
+    ).read_bytes()
+    assert not events(resumed.output_dir, "rejected")
 
 
 def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path: Path) -> None:

@@ -272,7 +272,9 @@ class Aggregator(Role):
             elif update.sender not in selected:
                 self._reject(update.sender, round_idx, "client was not selected for this round")
             elif update.sender in received:
-                self._reject(update.sender, round_idx, "second update in the same round")
+                if received[update.sender].delta_ref != update.delta_ref:
+                    self._reject(update.sender, round_idx, "second update in the same round")
+                # else: the same update again (sent before this aggregator resumed, and once more after)
             else:
                 received[update.sender] = update
         return [received[r] for r in sorted(received)]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unitedllm.client_journal import ClientJournal
 from unitedllm.comm.base import BlobStore, Presence, Transport
 from unitedllm.errors import BlobNotFound, CommError, RoundError, UnitedLLMError
 from unitedllm.protocol.messages import Error, EvalReport, Finish, Hello, RoundStart, Update
@@ -65,6 +66,10 @@ class Client(Role):
         self._on_step = on_step
         self._metrics = metrics
         self.plan = RoundPlan.from_config(cfg)
+        from unitedllm.checkpoints import node_dir
+
+        self.journal = ClientJournal(node_dir(self.output_dir, rank))
+        self.rounds_resent: list[int] = []
         self.rounds_trained: list[int] = []
         self._newest_round = -1
         self.evaluations: list[tuple[int, str, dict[str, float]]] = []
@@ -169,6 +174,8 @@ class Client(Role):
                         self.rank, round_idx, self._newest_round)
             return
         self._newest_round = round_idx
+        if await self._resend(start):
+            return
         comm_started = time.perf_counter()
         try:
             weights = await self._fetch_weights(start.global_ref)
@@ -182,7 +189,7 @@ class Client(Role):
         await asyncio.to_thread(self._save_received, weights, round_idx)
         if start.spec.evaluate_global and round_idx >= 1:
             await self._evaluate(weights, round_idx - 1, "global")
-        await asyncio.to_thread(self._align_trainer_state, round_idx)
+        await asyncio.to_thread(self.journal.align, self.trainer, round_idx)
         fit_started = time.perf_counter()
         try:
             result, update_extras = await asyncio.to_thread(self._fit, weights, extras, start)
@@ -191,6 +198,8 @@ class Client(Role):
                 SERVER_RANK, Error(run_id=self.run_id, round=round_idx, sender=self.rank, message=str(exc))
             )
             raise
+        # The state the next round starts from, on disk before the update leaves (see ClientJournal).
+        await asyncio.to_thread(self.journal.save_state, self.trainer, round_idx + 1)
         if self.plan.should_save(round_idx):
             await asyncio.to_thread(self._save, result.weights, self._checkpoint_dir(round_idx, "before_agg"))
         if start.spec.evaluate_local:
@@ -207,11 +216,10 @@ class Client(Role):
         metrics["upload_seconds"] = time.perf_counter() - upload_started
         metrics["bytes_sent"] = float(ref.size + sum(r.size for r in extra_refs.values()))
         metrics["bytes_received"] = float(start.global_ref.size + sum(r.size for r in start.extras.values()))
-        await self.transport.send(
-            SERVER_RANK,
-            Update(run_id=self.run_id, round=round_idx, sender=self.rank, delta_ref=ref,
-                   num_samples=result.num_samples, metrics=metrics, extras=extra_refs),
-        )
+        update = Update(run_id=self.run_id, round=round_idx, sender=self.rank, delta_ref=ref,
+                        num_samples=result.num_samples, metrics=metrics, extras=extra_refs)
+        await asyncio.to_thread(self.journal.record, start, update)
+        await self.transport.send(SERVER_RANK, update)
         self.rounds_trained.append(round_idx)
         self._log_train(round_idx, result, metrics)
 
@@ -253,33 +261,20 @@ class Client(Role):
             if not target.exists():
                 self._save(weights, target)
 
-    def _align_trainer_state(self, round_idx: int) -> None:
-        """Train round r from the optimizer/schedule state this client had before round r, always.
-
-        A resumed aggregator may ask again for a round this client already trained; restoring the
-        snapshot makes the retrained update identical to the first one (and so the run to an
-        uninterrupted one). Snapshots live in ``node_<rank>/trainer_state/`` so a restarted
-        client process resumes too.
-        """
-        import torch
-
-        from unitedllm.checkpoints import node_dir
-
-        folder = node_dir(self.output_dir, self.rank) / "trainer_state"
-        snapshot = folder / f"before_round_{round_idx}.pt"
-        if snapshot.is_file():
-            self.trainer.load_state_dict(torch.load(snapshot, weights_only=True))
-            return
-        state = self.trainer.state_dict()
-        if not state:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = snapshot.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(snapshot)
-        for old in folder.glob("before_round_*.pt"):
-            if int(old.stem.rsplit("_", 1)[1]) < round_idx - 1:
-                old.unlink(missing_ok=True)
+    async def _resend(self, start: RoundStart) -> bool:
+        """Answer a round start this client already answered (a resumed aggregator asks again) without training."""
+        update = await asyncio.to_thread(self.journal.answer, start)
+        if update is None:
+            return False
+        for ref in self.journal.blobs(update).values():
+            if not await self.store.exists(ref):
+                return False  # the aggregator took it before it died: train the round again
+        log.info("client %d: round %d was already trained for this global model; sending the same update again",
+                 self.rank, start.round)
+        await self.transport.send(SERVER_RANK, update)
+        self.rounds_resent.append(start.round)
+        self.metrics.log("resent", round_idx=start.round, rank=self.rank, delta=update.delta_ref.digest)
+        return True
 
     async def _evaluate(self, weights: Mapping[str, torch.Tensor], round_idx: int, model: str) -> None:
         result = await asyncio.to_thread(self.trainer.evaluate, weights)

@@ -101,6 +101,16 @@ class BlobStore(_Resource):
     async def get(self, ref: BlobRef) -> bytes:
         """The bytes ``ref`` names; raises IntegrityError when they do not match the digest."""
 
+    async def exists(self, ref: BlobRef) -> bool:
+        """Whether the store still holds ``ref`` (stores override this with a cheaper lookup)."""
+        from unitedllm.errors import BlobNotFound
+
+        try:
+            await self.get(ref)
+        except BlobNotFound:
+            return False
+        return True
+
     async def delete(self, ref: BlobRef) -> None:  # noqa: B027 - optional
         """Forget a blob (best effort; stores may keep it)."""
 

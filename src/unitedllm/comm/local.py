@@ -91,5 +91,9 @@ class MemoryBlobStore(BlobStore):
         verify(ref, data, where="in-process store")
         return data
 
+    async def exists(self, ref: BlobRef) -> bool:
+        data = self.hub.blobs.get(ref.digest)
+        return data is not None and len(data) == ref.size
+
     async def delete(self, ref: BlobRef) -> None:
         self.hub.blobs.pop(ref.digest, None)

@@ -163,6 +163,10 @@ class S3BlobStore(BlobStore):
             raise IntegrityError(ref.digest, f"<{len(data)} bytes, expected {ref.size}>", where=url)
         return data
 
+    async def exists(self, ref: BlobRef) -> bool:
+        self._require_open()
+        return await self._size_of(self.key_for(ref.digest)) == ref.size
+
     async def delete(self, ref: BlobRef) -> None:
         self._require_open()
         with self._mapped("delete", self.url_for(ref.digest)):

@@ -1,0 +1,110 @@
+"""What a client keeps on disk so a restart, of itself or of the aggregator, repeats no work and changes no bytes.
+
+Under ``node_<rank>/``:
+
+* ``trainer_state/before_round_<r>.pt``: the local optimizer/schedule state round r starts from.
+  It is written right after round r-1's training, so a client process restarted between rounds
+  continues with the state it had, and a round asked for twice is trained from the same state.
+* ``sent/last_update.json``: the last update this client sent, with what it answered (the round,
+  the global model's digest and the extras' digests). A resumed aggregator asks again for the
+  round it lost; when the question is the same and the update's blobs are still in the store,
+  the client sends the same update again instead of training the round a second time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from unitedllm.protocol.messages import BlobRef, RoundStart, Update
+
+if TYPE_CHECKING:
+    from unitedllm.training.base import LocalTrainer
+
+__all__ = ["ClientJournal"]
+
+log = logging.getLogger(__name__)
+
+_SENT_FILE = "last_update.json"
+
+
+def _question(start: RoundStart) -> dict[str, Any]:
+    """What a round start asks: the round, and the exact global model and extras it starts from."""
+    return {
+        "round": start.round,
+        "global": start.global_ref.digest,
+        "extras": {key: ref.digest for key, ref in sorted(start.extras.items())},
+    }
+
+
+class ClientJournal:
+    """One client's trainer-state snapshots and its last sent update, in ``folder`` (``node_<rank>``)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.states = folder / "trainer_state"
+        self.sent = folder / "sent" / _SENT_FILE
+
+    # -- trainer state ----------------------------------------------------------------------
+
+    def _snapshot(self, round_idx: int) -> Path:
+        return self.states / f"before_round_{round_idx}.pt"
+
+    def align(self, trainer: LocalTrainer, round_idx: int) -> None:
+        """Give ``trainer`` the state it had before ``round_idx``: the saved one, else save its current one."""
+        import torch
+
+        snapshot = self._snapshot(round_idx)
+        if snapshot.is_file():
+            trainer.load_state_dict(torch.load(snapshot, weights_only=True))
+            return
+        self.save_state(trainer, round_idx)
+
+    def save_state(self, trainer: LocalTrainer, round_idx: int) -> None:
+        """Snapshot ``trainer``'s state as the one ``round_idx`` starts from; keep the previous round's too."""
+        import torch
+
+        state = trainer.state_dict()
+        if not state:
+            return
+        self.states.mkdir(parents=True, exist_ok=True)
+        snapshot = self._snapshot(round_idx)
+        tmp = snapshot.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(snapshot)
+        for old in self.states.glob("before_round_*.pt"):
+            if int(old.stem.rsplit("_", 1)[1]) < round_idx - 1:
+                old.unlink(missing_ok=True)
+
+    # -- sent updates -----------------------------------------------------------------------
+
+    def record(self, start: RoundStart, update: Update) -> None:
+        """Remember ``update`` as this client's answer to ``start`` (replacing the previous one)."""
+        self.sent.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"question": _question(start), "update": msgspec.to_builtins(update)}
+        tmp = self.sent.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entry, sort_keys=True), encoding="utf-8")
+        tmp.replace(self.sent)
+
+    def answer(self, start: RoundStart) -> Update | None:
+        """The update already sent for exactly this round start, or ``None``."""
+        try:
+            entry = json.loads(self.sent.read_text(encoding="utf-8"))
+            if entry.get("question") != _question(start):
+                return None
+            return msgspec.convert(entry["update"], Update)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, msgspec.ValidationError) as exc:
+            log.warning("ignoring the unreadable record of the last sent update %s: %s", self.sent, exc)
+            return None
+
+    @staticmethod
+    def blobs(update: Update) -> Mapping[str, BlobRef]:
+        """Every blob an update names (its delta and its extras)."""
+        return {"delta": update.delta_ref, **update.extras}
