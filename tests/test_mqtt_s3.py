@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.services, pytest.mark.timeout(300)]
 
 SECRET = b"test-run-secret"
 FAST = Backoff(initial=0.2, maximum=1.0)
+MIB = 1024 * 1024
 
 
 def transport(settings: MqttSettings, rank: int, run_id: str, *, clients: int = 2, **kwargs: object) -> MqttTransport:
@@ -333,6 +334,24 @@ async def test_large_blob_round_trips_through_multipart(s3_settings: S3Settings,
         back = await store.get(ref)
         assert back == data
         del back
+
+
+async def test_large_blob_is_read_into_one_buffer(s3_settings: S3Settings, run_id: str) -> None:
+    import tracemalloc
+
+    size, part = 128 * MIB, 8 * MIB
+    data = os.urandom(MIB) * 128
+    async with S3BlobStore(s3_settings, run_id=run_id, part_size_mb=8, max_concurrency=2) as store:
+        ref = await store.put(data)
+        tracemalloc.start()
+        try:
+            back = await store.get(ref)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert back == data
+        # The blob once, plus the ranges in flight (each read buffer and its copy): not the blob twice.
+        assert peak < size + 2 * 2 * part + 16 * MIB, f"peak {peak / MIB:.0f} MiB for a {size // MIB} MiB blob"
 
 
 async def test_corrupted_object_is_refused(s3_settings: S3Settings, run_id: str) -> None:

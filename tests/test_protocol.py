@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -68,6 +69,48 @@ def test_tensor_payload_round_trips_bytes_exactly() -> None:
 def test_malformed_payload_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError, match="safetensors"):
         decode_tensors(b"definitely not safetensors")
+
+
+def _payload(header: dict[str, object], body: bytes) -> bytearray:
+    raw = json.dumps(header).encode()
+    return bytearray(len(raw).to_bytes(8, "little") + raw + body)
+
+
+def test_bytearray_payload_decodes_to_views_equal_to_safetensors() -> None:
+    tensors = {
+        "w": torch.randn(4, 3), "ids": torch.arange(5, dtype=torch.int64), "h": torch.randn(7, dtype=torch.bfloat16),
+        "flag": torch.tensor([True, False]), "empty": torch.empty(0, 2), "scalar": torch.tensor(2.5),
+    }
+    data = bytearray(encode_tensors(tensors))
+    views = decode_tensors(data)
+    copied = decode_tensors(bytes(data))
+    assert set(views) == set(copied) == set(tensors)
+    for name, value in tensors.items():
+        assert views[name].dtype == copied[name].dtype and torch.equal(views[name], copied[name])
+        assert torch.equal(views[name], value)
+    # Views, not copies: the update costs its size once.
+    base = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    assert all(base <= views[n].data_ptr() < base + len(data) for n in ("w", "ids", "h"))
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (bytearray(b"\x01\x02"), "too short"),
+        (bytearray((10**6).to_bytes(8, "little") + b"{}"), "does not fit"),
+        (_payload({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12), "do not hold shape"),
+        (_payload({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8), "do not hold shape"),
+        (_payload({"t": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8), "malformed entry"),
+        (_payload({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}, b""), "do not hold shape"),
+        (_payload({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                   "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12), "overlap"),
+        (_payload([1, 2], b""), "not a JSON object"),  # type: ignore[arg-type]
+        (bytearray((3).to_bytes(8, "little") + b"{x}"), "not JSON"),
+    ],
+)
+def test_malformed_bytearray_payload_is_a_protocol_error(payload: bytearray, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        decode_tensors(payload)
 
 
 def test_blob_digest_is_verified() -> None:

@@ -98,8 +98,11 @@ class BlobStore(_Resource):
         """Store ``data`` and return its reference (sha256 digest, size, codec)."""
 
     @abc.abstractmethod
-    async def get(self, ref: BlobRef) -> bytes:
-        """The bytes ``ref`` names; raises IntegrityError when they do not match the digest."""
+    async def get(self, ref: BlobRef) -> bytes | bytearray:
+        """The bytes ``ref`` names; raises IntegrityError when they do not match the digest.
+
+        A store may return a ``bytearray`` so that decoding can make views instead of copies.
+        """
 
     async def exists(self, ref: BlobRef) -> bool:
         """Whether the store still holds ``ref`` (stores override this with a cheaper lookup)."""

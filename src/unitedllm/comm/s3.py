@@ -54,7 +54,7 @@ def boto_config(max_pool_connections: int = 16) -> Any:
     )
 
 
-def _digest(chunks: list[bytes]) -> str:
+def _digest(chunks: list[bytes] | list[memoryview]) -> str:
     h = hashlib.sha256()
     for chunk in chunks:
         h.update(chunk)
@@ -146,7 +146,12 @@ class S3BlobStore(BlobStore):
                 await self._client.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
         return ref
 
-    async def get(self, ref: BlobRef) -> bytes:
+    async def get(self, ref: BlobRef) -> bytearray:
+        """The blob's bytes, read in parallel ranges straight into one buffer and verified.
+
+        A ``bytearray``: :func:`~unitedllm.protocol.payload.decode_tensors` makes tensors that are
+        views on it, so a blob costs its size in memory once.
+        """
         self._require_open()
         url = self.url_for(ref.digest)
         size = await self._size_of(self.key_for(ref.digest))
@@ -154,13 +159,12 @@ class S3BlobStore(BlobStore):
             raise BlobNotFound(f"blob {ref.digest} not found at {url} (endpoint {self.settings.endpoint_url})")
         if size != ref.size:
             raise IntegrityError(ref.digest, f"<{size} bytes, expected {ref.size}>", where=url)
-        chunks = await self._get_ranges(self.key_for(ref.digest), size)
-        actual = await self._hash(chunks) if size > _THREAD_HASH_BYTES else _digest(chunks)
+        data = bytearray(size)
+        await self._read_into(self.key_for(ref.digest), data)
+        view = [memoryview(data)]
+        actual = await self._hash(view) if size > _THREAD_HASH_BYTES else _digest(view)
         if actual != ref.digest:
             raise IntegrityError(ref.digest, actual, where=url)
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if len(data) != ref.size:  # the object changed between HEAD and GET
-            raise IntegrityError(ref.digest, f"<{len(data)} bytes, expected {ref.size}>", where=url)
         return data
 
     async def exists(self, ref: BlobRef) -> bool:
@@ -178,7 +182,7 @@ class S3BlobStore(BlobStore):
         if self._client is None:
             raise CommError("the S3 blob store is not open (use it as `async with S3BlobStore(...)`)")
 
-    async def _hash(self, chunks: list[bytes]) -> str:
+    async def _hash(self, chunks: list[bytes] | list[memoryview]) -> str:
         # hashlib releases the GIL on large buffers, so this runs beside the event loop.
         return await asyncio.to_thread(_digest, chunks)
 
@@ -237,36 +241,37 @@ class S3BlobStore(BlobStore):
                 raise exc.exceptions[0] from exc
             raise
 
-    async def _get_ranges(self, key: str, size: int) -> list[bytes]:
-        """The object's bytes as consecutive chunks, read in parallel ranges when it is large."""
+    async def _read_into(self, key: str, data: bytearray) -> None:
+        """Fill ``data`` (the object's size) with the object's bytes, in parallel ranges when it is large."""
         bucket = self.settings.bucket
         url = f"s3://{bucket}/{key}"
-        if size <= self.threshold:
-            with self._mapped("download", url):
-                answer = await self._client.get_object(Bucket=bucket, Key=key)
-                async with answer["Body"] as body:
-                    return [await body.read()]
+        size = len(data)
+        target = memoryview(data)
         limit = asyncio.Semaphore(self.max_concurrency)
 
-        async def read_range(start: int, end: int) -> bytes:
+        async def read_range(start: int, end: int) -> None:
+            whole = start == 0 and end == size and size <= self.threshold
             async with limit:
-                with self._mapped(f"download bytes {start}-{end - 1}", url):
-                    answer = await self._client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+                where = "download" if whole else f"download bytes {start}-{end - 1}"
+                with self._mapped(where, url):
+                    extra = {} if whole else {"Range": f"bytes={start}-{end - 1}"}
+                    answer = await self._client.get_object(Bucket=bucket, Key=key, **extra)
                     async with answer["Body"] as body:
                         chunk: bytes = await body.read()
-                if len(chunk) != end - start:
-                    raise IntegrityError(key.rsplit("/", 1)[-1], f"<short range {start}-{end - 1}>", where=url)
-                return chunk
+                if len(chunk) != end - start:  # the object changed between HEAD and GET, or a short read
+                    raise IntegrityError(key.rsplit("/", 1)[-1], f"<{len(chunk)} bytes for {start}-{end - 1}>",
+                                         where=url)
+                target[start:end] = chunk
 
+        if size <= self.threshold:
+            await read_range(0, size)
+            return
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [
+                for a, b in self._part_bounds(size):
                     tg.create_task(read_range(a, b), name=f"unitedllm-s3-range-{a}")
-                    for a, b in self._part_bounds(size)
-                ]
         except BaseExceptionGroup as group:
             raise group.exceptions[0] from group
-        return [t.result() for t in tasks]
 
     @contextlib.contextmanager
     def _mapped(self, what: str, url: str) -> Iterator[None]:
