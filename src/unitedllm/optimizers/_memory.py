@@ -40,13 +40,18 @@ def _madvise() -> Any:
 _madvise_fn = _madvise()
 
 
-def zeros_f64(numel: int) -> torch.Tensor:
-    """float64 zeros whose memory is committed only where (and when) it is written."""
+def zeros_f64(numel: int, *, dense: bool = True) -> torch.Tensor:
+    """float64 zeros whose memory is committed only where (and when) it is written.
+
+    ``dense=True`` (most of it will be written) asks for huge pages; ``dense=False`` (a
+    few scattered writes) keeps 4 KiB pages, so a write commits 4 KiB, not 2 MiB.
+    """
     if numel * 8 < _LARGE_BYTES:
         return torch.zeros(numel, dtype=torch.float64)
     buf = mmap.mmap(-1, numel * 8, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if _MADV_HUGEPAGE is not None:
-        buf.madvise(_MADV_HUGEPAGE)
+    advice = _MADV_HUGEPAGE if dense else getattr(mmap, "MADV_NOHUGEPAGE", None)
+    if advice is not None:
+        buf.madvise(advice)
     return torch.frombuffer(buf, dtype=torch.float64)  # the tensor keeps the mapping alive
 
 

@@ -114,7 +114,7 @@ class ExactSum:
     def __init__(self, shape: torch.Size | Sequence[int]):
         self.shape = torch.Size(shape)
         self.numel = self.shape.numel()
-        self.levels: list[torch.Tensor] = [zeros_f64(self.numel), zeros_f64(self.numel)]
+        self.levels: list[torch.Tensor] = [zeros_f64(self.numel), zeros_f64(self.numel, dense=False)]
         # One flag per kernel block: level 1 holds something there (the torch path sets all).
         self._lo_used = torch.zeros(-(-self.numel // _native.BLOCK), dtype=torch.uint8)
 
@@ -164,7 +164,7 @@ class ExactSum:
             level = 0
             while True:
                 if level == len(self.levels):
-                    self.levels.append(zeros_f64(self.numel))
+                    self.levels.append(zeros_f64(self.numel, dense=False))
                 if level == 1:
                     self._lo_used.fill_(1)
                 t, r = _two_sum(self.levels[level], e)
@@ -234,7 +234,7 @@ class ExactSum:
         assert k is not None
         n = idx.numel()
         while n:
-            self.levels.append(zeros_f64(self.numel))
+            self.levels.append(zeros_f64(self.numel, dense=False))
             nlev = len(self.levels)
             n = int(k.deposit(_pointers(self.levels), nlev - 1, nlev, idx.data_ptr(), val.data_ptr(), n))
 
@@ -247,7 +247,10 @@ class ExactSum:
         deep: list[int] = []
         cols: list[list[float]] = []
         if len(self.levels) > 2:  # gather before level 0 may be overwritten below
-            idx = torch.stack(self.levels[2:]).ne(0).any(dim=0).nonzero().view(-1)
+            deeper = self.levels[2] != 0
+            for lv in self.levels[3:]:
+                deeper |= lv != 0
+            idx = deeper.nonzero().view(-1)
             deep = idx.tolist()
             cols = torch.stack([lv[idx] for lv in self.levels]).T.tolist()
         out = hi if consume else empty_like(hi)
