@@ -72,6 +72,19 @@ def test_seed_config_on_this_cpu_machine_runs_plain_python_and_says_why() -> Non
     assert found == ROOT / "configs" / "deepspeed" / "ds_z3_bf16_config.json"
 
 
+def test_aggregator_uses_the_launcher_only_when_it_evaluates() -> None:
+    from unitedllm.silo.launcher import plan_for
+
+    sets = {"environment_args.launcher": "torch", "environment_args.nproc_per_node": 2}
+    quiet = load_config(TINY, overrides={**sets, "validation_args.is_aggregator_test": False})
+    plan = plan_for(quiet, rank=0, gpus=0)
+    assert (plan.launcher, plan.nproc_per_node) == ("python", 1)
+    assert "validation_args.is_aggregator_test is false" in plan.reason  # what the log says
+    # The same launcher settings start an evaluating aggregator, and a client either way, under torchrun.
+    assert plan_for(load_config(TINY, overrides=sets), rank=0, gpus=0).launcher == "torch"
+    assert plan_for(quiet, rank=1, gpus=0).launcher == "torch"
+
+
 # ---- explicit choices ----------------------------------------------------------------------------------
 
 
@@ -199,3 +212,17 @@ def test_client_with_a_failing_bootstrap_stops_before_connecting(tmp_path: Path)
     assert "exited with code 3" in proc.stderr
     assert "disk full" in proc.stderr and "fetching weights" in proc.stderr
     assert "the client was not started" in proc.stderr
+
+
+def test_client_command_refuses_the_aggregators_rank() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "unitedllm", "client", str(TINY), "--rank", "0", "--run-id", "rank-zero"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--rank: 0 is the aggregator's rank; start it with 'unitedllm server'" in proc.stderr

@@ -1,4 +1,5 @@
-"""A client silo of 2 processes (torchrun, DeepSpeed ZeRO-2, ZeRO-3 on CPU) trains like one process.
+"""A client silo of 2 processes (torchrun, DeepSpeed ZeRO-2, ZeRO-3 on CPU) trains like one process,
+and an aggregator silo of 2 processes (torchrun) evaluates and saves like one.
 
 Each test starts a real ``unitedllm server`` and ``unitedllm client`` over the session's mosquitto
 and SeaweedFS; the client runs as a silo of 2 processes (gloo on CPU; DeepSpeed with
@@ -207,6 +208,54 @@ def test_two_process_silo_trains_like_one_process(engine: str, make_run: Any, on
     }
     assert mine.keys() == one.keys() and (1, 1) in mine
     assert all(abs(mine[k] - one[k]) < 1e-4 for k in mine), (mine, one)
+
+
+def _one_process_evals(one_process: Path) -> dict[tuple[int, int], float]:
+    lines = (one_process / "metrics.jsonl").read_text().splitlines()
+    return {
+        (e["round"], e["rank"]): e["loss"]
+        for e in map(json.loads, filter(None, lines))
+        if e["event"] == "eval"
+    }
+
+
+def test_evaluating_aggregator_runs_as_a_torchrun_silo_and_resumes(make_run: Any, one_process: Path) -> None:
+    """A 2-process aggregator (each rank scores half the test split) gives the one-process run's numbers."""
+    aggregator_silo = (
+        "--set",
+        "environment_args.launcher=torch",
+        "--set",
+        "environment_args.nproc_per_node=2",
+    )
+    run = make_run("train_args.per_device_train_batch_size=4", "tracking_args.enable_tensorboard=true")
+    run.start("server", "server", *aggregator_silo)
+    run.start("client", "client", "--rank", "1")
+    assert [run.wait("server"), run.wait("client")] == [0, 0], run.logs()
+    server_log = run.log("server")
+    assert "aggregator: silo of 2 processes (torch)" in server_log, server_log[-3000:]
+    assert "client 1: launcher python" in run.log("client")
+
+    ours, theirs = _adapter(run.output_dir / ADAPTER), _adapter(one_process / ADAPTER)
+    assert ours.keys() == theirs.keys()
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-5
+    mine = {(e["round"], e["rank"]): e["loss"] for e in run.events("eval")}
+    one = _one_process_evals(one_process)
+    assert mine.keys() == one.keys() and (0, 0) in mine and (1, 0) in mine
+    assert all(abs(mine[k] - one[k]) < 1e-4 for k in mine), (mine, one)
+    # The randomly initialised base the adapters point at was written (by silo rank 0 alone).
+    assert (run.output_dir / "node_0" / "init" / "model.safetensors").is_file()
+    # Only silo rank 0 opened the trackers: one TensorBoard event file per rank it logged for.
+    files = list((run.output_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert sorted(f.parent.name for f in files) == ["client_1", "server"], files
+
+    # --resume reaches the silo: one more round continues after round 1, rounds 0-1 are not redone.
+    more = make_run("train_args.per_device_train_batch_size=4", "train_args.comm_round=3")
+    more.start("server-resumed", "server", *aggregator_silo, "--resume")
+    more.start("client-resumed", "client", "--rank", "1")
+    assert [more.wait("server-resumed"), more.wait("client-resumed")] == [0, 0], more.logs()
+    assert [e["round"] for e in more.events("resume")] == [1]
+    assert [e["round"] for e in more.events("round")] == [0, 1, 2]
+    assert (2, 0) in {(e["round"], e["rank"]) for e in more.events("eval")}
 
 
 def _silo_ranks(client_pid: int) -> dict[int, int]:

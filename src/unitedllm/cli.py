@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -118,12 +118,12 @@ def run(
 
 
 def _run_embedded(cfg: Any, *, run_id: str, quiet: bool, resume: bool) -> Any:
+    from unitedllm.launch import tracked
     from unitedllm.progress import RunProgress
     from unitedllm.runner import run_async
 
-    output_dir = run_output_dir(cfg, run_id)
     progress = RunProgress(comm_round=cfg.train_args.comm_round, console=console)
-    with _tracked(cfg, run_id=run_id, output_dir=output_dir, listeners=[progress.on_metric]) as metrics:
+    with tracked(cfg, run_id=run_id, listeners=[progress.on_metric]) as metrics:
         if quiet:
             result = asyncio.run(
                 run_async(cfg, run_id=run_id, metrics=metrics, on_round=progress.on_round, resume=resume)
@@ -138,26 +138,6 @@ def _run_embedded(cfg: Any, *, run_id: str, quiet: bool, resume: bool) -> Any:
     return result
 
 
-@contextmanager
-def _tracked(
-    cfg: Any, *, run_id: str, output_dir: Path, listeners: list[Callable[[dict[str, Any]], None]], rank: int = 0
-) -> Iterator[Any]:
-    """One process's metrics log with the configured trackers and the system sampler attached.
-
-    The aggregator (rank 0) writes ``<output_dir>/metrics.jsonl``; a client ``node_<rank>/metrics.jsonl``.
-    """
-    from unitedllm.checkpoints import node_dir
-    from unitedllm.tracking import MetricsLog, open_trackers, system_metrics
-
-    folder = output_dir if rank == 0 else node_dir(output_dir, rank)
-    with (
-        open_trackers(cfg, rank=rank, run_id=run_id, output_dir=folder) as trackers,
-        MetricsLog(folder / "metrics.jsonl", listeners=[*listeners, *trackers]) as metrics,
-        system_metrics(metrics, rank=rank, enabled=cfg.tracking_args.log_system_metrics),
-    ):
-        yield metrics
-
-
 @app.command()
 def server(
     config: ConfigArg,
@@ -166,16 +146,20 @@ def server(
     resume: ResumeOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run the aggregator (rank 0) of a run whose clients are separate processes."""
+    """Run the aggregator (rank 0) of a run whose clients are separate processes.
+
+    When it evaluates the global model (validation_args.is_aggregator_test), environment_args.launcher
+    may start it as a silo of several processes under torchrun or DeepSpeed, like a client (docs/silos.md).
+    """
     _setup_logging(verbose)
     with _user_errors():
-        from unitedllm.launch import serve_server
+        from unitedllm.silo import serve_silo
 
-        cfg = _load(config, set_, run_id)
-        output_dir = run_output_dir(cfg, run_id)
-        with _tracked(cfg, run_id=run_id, output_dir=output_dir, listeners=[]) as metrics:
-            result = asyncio.run(serve_server(cfg, run_id=run_id, resume=resume, metrics=metrics))
-        console.print(f"run {run_id} finished: {len(result.rounds)} rounds; final model: {result.final_dir}")
+        reason = serve_silo(
+            config, rank=0, run_id=run_id, overrides=list(set_ or []), verbose=verbose, resume=resume
+        )
+        final = run_output_dir(_load(config, set_, run_id), run_id) / "node_0" / "final"
+        console.print(f"run {run_id} finished ({reason}); final model: {final}")
 
 
 @app.command()
@@ -193,16 +177,14 @@ def client(
     """
     _setup_logging(verbose)
     with _user_errors():
-        from unitedllm.launch import serve_client
+        from unitedllm.errors import ConfigProblem
         from unitedllm.silo import serve_silo
 
-        def here(cfg: Any) -> str:
-            output_dir = run_output_dir(cfg, run_id)
-            with _tracked(cfg, run_id=run_id, output_dir=output_dir, listeners=[], rank=rank) as metrics:
-                return asyncio.run(serve_client(cfg, rank=rank, run_id=run_id, metrics=metrics))
-
-        reason = serve_silo(config, rank=rank, run_id=run_id, overrides=list(set_ or []), verbose=verbose,
-                            run_here=here)
+        if rank == 0:
+            raise ConfigError(
+                ConfigProblem("--rank", "0 is the aggregator's rank; start it with 'unitedllm server'")
+            )
+        reason = serve_silo(config, rank=rank, run_id=run_id, overrides=list(set_ or []), verbose=verbose)
         console.print(f"client {rank}: run {run_id} finished ({reason})")
 
 

@@ -1,10 +1,10 @@
-"""The ranks of one silo acting as one client: the leader fans every trainer call out to its followers.
+"""The ranks of one silo acting as one rank of the run: the leader fans every trainer call out to its followers.
 
-Silo rank 0 runs the :class:`~unitedllm.client.Client` with a :class:`SiloLeader` as its
-trainer. Each call that needs every rank (training, evaluation, saving under ZeRO-3, optimizer
+Silo rank 0 runs the :class:`~unitedllm.client.Client` (or the
+:class:`~unitedllm.aggregator.Aggregator`) with a :class:`SiloLeader` as its trainer. Each call that needs every rank (training, evaluation, saving under ZeRO-3, optimizer
 state) is first announced on the control group with its arguments and the global weights;
 the followers, parked in :func:`follow`, make the same call on their own trainer, so the
-engine's collectives (DDP all-reduce, ZeRO gathers) line up. The Client never knows.
+engine's collectives (DDP all-reduce, ZeRO gathers) line up. The Client or Aggregator never knows.
 """
 
 from __future__ import annotations
@@ -91,6 +91,11 @@ class SiloLeader(LocalTrainer):
         self.ctx.broadcast_tensors(weights)
         self.inner.save_model(weights, directory)
 
+    def save_base(self, directory: Path, *, adopt: bool = True) -> None:
+        """Every rank takes part (ZeRO-3 gathers the base); only rank 0 writes (see ``HFLocalTrainer.save_base``)."""
+        self._announce("save_base", directory=str(directory), adopt=adopt)
+        self.inner.save_base(directory, adopt=adopt)  # type: ignore[attr-defined]
+
     def state_dict(self) -> dict[str, Any]:
         """Every rank's optimizer state (ZeRO keeps a shard per rank), in silo rank order."""
         self._announce("state_dict")
@@ -157,6 +162,8 @@ def follow(trainer: LocalTrainer, ctx: SiloContext) -> bool:
             trainer.evaluate(ctx.broadcast_tensors())
         elif command == "save_model":
             trainer.save_model(ctx.broadcast_tensors(), Path(kwargs["directory"]))
+        elif command == "save_base":
+            trainer.save_base(Path(kwargs["directory"]), adopt=kwargs["adopt"])  # type: ignore[attr-defined]
         elif command == "state_dict":
             ctx.gather_objects(trainer.state_dict())
         elif command == "load_state_dict":

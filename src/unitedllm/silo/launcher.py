@@ -1,6 +1,7 @@
-"""Starting a client silo: pick the launcher, run the bootstrap, then start the silo's processes.
+"""Starting a silo: pick the launcher, run the bootstrap, then start the silo's processes.
 
-``environment_args.launcher`` picks how ``unitedllm client`` runs a silo:
+``environment_args.launcher`` picks how ``unitedllm client`` runs a silo (and ``unitedllm server``
+the aggregator, when it evaluates the global model: ``validation_args.is_aggregator_test``):
 
 * ``torch``: ``torchrun`` starts ``nproc_per_node`` processes per node (DDP);
 * ``deepspeed``: the DeepSpeed launcher starts them, and Hugging Face's ``Trainer`` runs
@@ -17,7 +18,6 @@ source folder, and the seed names ``configs/deepspeed/...`` from the project roo
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import logging
@@ -43,7 +43,9 @@ __all__ = [
     "choose_launcher",
     "launcher_command",
     "local_gpu_count",
+    "plan_for",
     "resolve_config_path",
+    "role_name",
     "serve_silo",
 ]
 
@@ -56,16 +58,21 @@ DEFAULT_MULTI_NODE_PORT = 29500
 PACKAGE_ENV = "UNITEDLLM_PACKAGE_DIR"
 
 
+def role_name(rank: int) -> str:
+    """How the log names rank ``rank`` of a run: ``aggregator`` or ``client N``."""
+    return "aggregator" if rank == 0 else f"client {rank}"
+
+
 class SiloFailed(UnitedLLMError):
-    """A client silo's launcher (and so at least one of its processes) exited with an error."""
+    """A silo's launcher (and so at least one of its processes) exited with an error."""
 
     def __init__(self, rank: int, launcher: str, returncode: int):
         self.rank = rank
         self.launcher = launcher
         self.returncode = returncode
         super().__init__(
-            f"client {rank}: the {launcher} silo exited with code {returncode}; the failing process's error is "
-            "in the output above"
+            f"{role_name(rank)}: the {launcher} silo exited with code {returncode}; the failing process's error "
+            "is in the output above"
         )
 
 
@@ -131,6 +138,21 @@ def choose_launcher(
         return LaunchPlan("torch", nproc, "; ".join([f"auto: {what}", *notes]))
     device = "one GPU" if gpus == 1 else "no GPU, one process"
     return LaunchPlan("python", 1, "; ".join([f"auto: {device}", *notes]))
+
+
+def plan_for(cfg: Config, *, rank: int, gpus: int) -> LaunchPlan:
+    """How rank ``rank`` starts: a client by :func:`choose_launcher`; the aggregator too, when it evaluates.
+
+    An aggregator that does not evaluate (``validation_args.is_aggregator_test: false``) only
+    aggregates and saves, which one process does as well as many: it runs here.
+    """
+    if rank == 0 and not cfg.validation_args.is_aggregator_test:
+        return LaunchPlan(
+            "python", 1, "validation_args.is_aggregator_test is false: the aggregator does not evaluate"
+        )
+    return choose_launcher(
+        cfg.environment_args, gpus=gpus, deepspeed_config=cfg.train_args.deepspeed is not None
+    )
 
 
 def resolve_config_path(value: str, *, config_dir: Path | None, key: str) -> Path:
@@ -251,46 +273,35 @@ def serve_silo(
     run_id: str,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     verbose: bool = False,
+    resume: bool = False,
     run_here: Callable[[Config], str] | None = None,
 ) -> str:
-    """Blocking: bootstrap this node, then run client ``rank`` here or as a silo of processes; returns why it ended.
+    """Blocking: run rank ``rank`` here or as a silo of processes; returns why it ended.
 
-    ``run_here(cfg)`` serves the client in this process when no launcher is needed (default:
-    :func:`unitedllm.launch.serve_client` without trackers).
+    A client's node runs its bootstrap first. ``resume`` continues the aggregator's run (rank 0).
+    ``run_here(cfg)`` serves the rank in this process when no launcher is needed (default:
+    :func:`unitedllm.launch.serve_in_process`, with the configured trackers).
     """
     from unitedllm.config import load_config
-    from unitedllm.silo.bootstrap import run_bootstrap
 
     cfg = load_config(config, overrides=overrides, run_id=run_id)
     total = cfg.train_args.client_num_in_total
-    if not 1 <= rank <= total:
+    if rank != 0 and not 1 <= rank <= total:
         raise ConfigError(ConfigProblem("--rank", f"{rank} is not a client rank of this run (1..{total})"))
+    who = role_name(rank)
     config_dir = Path(config).resolve().parent
-    env_args = cfg.environment_args
-    if env_args.bootstrap:
-        if os.environ.get(PACKAGE_ENV):
-            log.info("bootstrap: already run by 'unitedllm package run'")
-        else:
-            script = resolve_config_path(
-                env_args.bootstrap, config_dir=config_dir, key="environment_args.bootstrap"
-            )
-            run_bootstrap(
-                script,
-                env={
-                    "UNITEDLLM_RANK": str(rank),
-                    "UNITEDLLM_RUN_ID": run_id,
-                    "UNITEDLLM_CONFIG": str(Path(config).resolve()),
-                },
-            )
+    if rank != 0:
+        _bootstrap(cfg, config, config_dir=config_dir, rank=rank, run_id=run_id)
     gpus = local_gpu_count(cfg)
-    plan = choose_launcher(env_args, gpus=gpus, deepspeed_config=cfg.train_args.deepspeed is not None)
-    log.info("client %d: launcher %s (%s)", rank, plan.launcher, plan.reason)
+    plan = plan_for(cfg, rank=rank, gpus=gpus)
+    log.info("%s: launcher %s (%s)", who, plan.launcher, plan.reason)
     if plan.launcher == "python":
         if run_here is not None:
             return run_here(cfg)
-        from unitedllm.launch import serve_client
+        from unitedllm.launch import serve_in_process
 
-        return asyncio.run(serve_client(cfg, rank=rank, run_id=run_id))
+        return serve_in_process(cfg, rank=rank, run_id=run_id, resume=resume)
+    env_args = cfg.environment_args
     worker_args = [
         str(Path(config).resolve()),
         "--rank",
@@ -300,6 +311,7 @@ def serve_silo(
         "--engine",
         plan.launcher,
         *_override_args(overrides),
+        *(["--resume"] if resume else []),
         *(["--verbose"] if verbose else []),
     ]
     child_env = dict(os.environ)
@@ -317,8 +329,30 @@ def serve_silo(
             child_env.setdefault("DS_ACCELERATOR", "cpu")
             child_env.setdefault("LOCAL_SIZE", str(plan.nproc_per_node))
     command = launcher_command(plan, env_args, worker_args)
-    log.info("client %d: %s", rank, " ".join(command))
+    log.info("%s: %s", who, " ".join(command))
     code = _run_child(command, child_env)
     if code != 0:
         raise SiloFailed(rank, plan.launcher, code)
     return f"{plan.launcher} silo of {plan.nproc_per_node * env_args.nnodes} processes"
+
+
+def _bootstrap(cfg: Config, config: str | Path, *, config_dir: Path, rank: int, run_id: str) -> None:
+    """Run ``environment_args.bootstrap`` on this node, unless ``unitedllm package run`` did already."""
+    from unitedllm.silo.bootstrap import run_bootstrap
+
+    if not cfg.environment_args.bootstrap:
+        return
+    if os.environ.get(PACKAGE_ENV):
+        log.info("bootstrap: already run by 'unitedllm package run'")
+        return
+    script = resolve_config_path(
+        cfg.environment_args.bootstrap, config_dir=config_dir, key="environment_args.bootstrap"
+    )
+    run_bootstrap(
+        script,
+        env={
+            "UNITEDLLM_RANK": str(rank),
+            "UNITEDLLM_RUN_ID": run_id,
+            "UNITEDLLM_CONFIG": str(Path(config).resolve()),
+        },
+    )

@@ -1,15 +1,16 @@
-"""The process that torchrun or the DeepSpeed launcher starts for each rank of a client silo.
+"""The process that torchrun or the DeepSpeed launcher starts for each rank of a silo.
 
 ``python -m unitedllm.silo.worker CONFIG --rank N --run-id ID --engine torch|deepspeed``
-(``unitedllm client`` builds this command; see :mod:`unitedllm.silo.launcher`). Silo rank 0
-runs the client, the only connection of the silo to the aggregator; the other ranks follow
-it (:mod:`unitedllm.silo.group`). Exit codes: 0 finished, 1 failed, 2 bad config.
+(``unitedllm client`` and ``unitedllm server`` build this command; see
+:mod:`unitedllm.silo.launcher`). Silo rank 0 runs the client (rank N >= 1) or the aggregator
+(rank 0), the silo's only connection to the rest of the run, with the configured trackers;
+the other ranks follow its trainer calls (:mod:`unitedllm.silo.group`). Exit codes: 0
+finished, 1 failed, 2 bad config.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -28,11 +29,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config")
-    parser.add_argument("--rank", type=int, required=True, help="the client's rank in the federation")
+    parser.add_argument("--rank", type=int, required=True, help="the rank in the run: 0 aggregator, N client")
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--engine", choices=["torch", "deepspeed"], required=True)
     parser.add_argument("--deepspeed", default=None, help="resolved path of train_args.deepspeed")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--resume", action="store_true", help="the aggregator continues its run")
     parser.add_argument("--verbose", action="store_true")
     return parser.parse_args(argv)
 
@@ -65,13 +67,15 @@ def _setup_logging(verbose: bool, silo_rank: int) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from unitedllm.config import load_config
-    from unitedllm.launch import serve_client
+    from unitedllm.launch import serve_in_process
     from unitedllm.silo.distributed import open_silo
     from unitedllm.silo.group import check_same_model, follow, leader_for
+    from unitedllm.silo.launcher import role_name
     from unitedllm.training.hf import HFLocalTrainer
 
     ctx = open_silo(args.engine, deepspeed_config=args.deepspeed)
     _setup_logging(args.verbose, ctx.rank)
+    who = role_name(args.rank)
     cfg = load_config(args.config, overrides=args.overrides, run_id=args.run_id)
     trainer = HFLocalTrainer(cfg, args.rank, silo=ctx)
     check_same_model(trainer, ctx)
@@ -79,20 +83,18 @@ def _serve(args: argparse.Namespace) -> int:
         if follow(trainer, ctx):
             return 0
         log.error(
-            "client %d: silo rank 0 stopped with an error (see its output); silo rank %d stops too",
-            args.rank,
-            ctx.rank,
+            "%s: silo rank 0 stopped with an error (see its output); silo rank %d stops too", who, ctx.rank
         )
         return 1
-    log.info("client %d: silo of %d processes (%s)", args.rank, ctx.world_size, args.engine)
+    log.info("%s: silo of %d processes (%s)", who, ctx.world_size, args.engine)
     leader = leader_for(trainer, ctx)
     failed = True
     try:
-        reason = asyncio.run(serve_client(cfg, rank=args.rank, run_id=args.run_id, trainer=leader))
+        reason = serve_in_process(cfg, rank=args.rank, run_id=args.run_id, resume=args.resume, trainer=leader)
         failed = False
     finally:
         leader.close(failed=failed)
-    log.info("client %d: run %s finished (%s)", args.rank, args.run_id, reason)
+    log.info("%s: run %s finished (%s)", who, args.run_id, reason)
     return 0
 
 

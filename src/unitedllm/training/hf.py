@@ -330,9 +330,11 @@ class HFLocalTrainer(LocalTrainer):
 
         shared = self._ready()
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with shared.lock:
+        with shared.lock, gathered(shared.model.parameters(), modify=True):
             model = shared.model
+            if self._silo is not None and not self._silo.is_leader:
+                return  # the silo's other ranks only took part in gathering the weights
+            directory.mkdir(parents=True, exist_ok=True)
             if self.cfg.model_args.peft_type == "lora":
                 base = model.get_base_model()
                 base.save_pretrained(str(directory), state_dict=base_state_dict(model))
