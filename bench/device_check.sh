@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU check of issue 7 on one H100 or H200, in under 10 minutes (about 4 on an H100):
+# bench/gpu_throughput.py for the pythia-410m- and pythia-1.4b-shaped models, UnitedLLM's local
+# round beside a plain Hugging Face Trainer + PEFT run (tokens/s, ratio, peak memory, MFU).
+#
+#   bash bench/device_check.sh        # from the repository root; results go to $OUT (else bench/out)
+#
+# Writes environment.txt (nvidia-smi, versions), gpu_throughput.json and gpu_throughput.log.
+# The repository has no GPU-only tests (pytest -m gpu): the bench is the whole check.
+#
+# The device image has python3 with torch, transformers, peft, accelerate, tokenizers, PyYAML
+# and rich, but not msgspec, datasets, dill or multiprocess: when .whl/ holds wheels for them
+# (bench/RESULTS.md says how to fetch them) they are installed into a scratch folder first,
+# and UnitedLLM itself is used from src/ (nothing is installed into the image).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/out}"
+PYTHON="${PYTHON:-python3}"
+mkdir -p "$OUT"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    site="${TMPDIR:-/tmp}/unitedllm-device-site"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+        || { echo "device_check: installing .whl/*.whl failed" >&2; exit 1; }
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+{
+    nvidia-smi || true
+    "$PYTHON" -c 'import sys, torch, transformers, peft, datasets, msgspec, unitedllm
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "transformers", transformers.__version__, "peft", peft.__version__, "datasets", datasets.__version__,
+      "msgspec", msgspec.__version__, "unitedllm", unitedllm.__version__)
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")'
+} >"$OUT/environment.txt" 2>&1
+status=$?
+cat "$OUT/environment.txt"
+if [ "$status" -ne 0 ]; then
+    echo "device_check: the Python environment is incomplete (see above); nothing was measured" >&2
+    exit 1
+fi
+
+timeout 540 "$PYTHON" bench/gpu_throughput.py --out "$OUT/gpu_throughput.json" 2>&1 | tee "$OUT/gpu_throughput.log"
+exit "${PIPESTATUS[0]}"
