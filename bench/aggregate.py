@@ -19,8 +19,10 @@ GB/s of update bytes (N x P x 4 bytes / seconds).
 On a shared machine one process's timings swing with its neighbours' load, so every
 method runs in ``--trials`` fresh processes, interleaved (the order rotates per trial),
 each timing ``--repeat`` runs after a warm-up; the best and the median of all of them are
-reported, with ``noise`` = median / best - 1. Prints one JSON document (``--out`` also
-writes it to a file).
+reported, with ``noise`` = median / best - 1. Then one more process times the floor and
+each torch method back to back, trials x repeat times: ``vs_floor_paired`` is the median
+(and quartiles) of those ratios, the steadiest comparison when the load keeps changing.
+Prints one JSON document (``--out`` also writes it to a file).
 
     python bench/aggregate.py                       # P = 10M, 100M; N = 8, 32
     python bench/aggregate.py --params 10M --clients 8 --no-flower --out result.json
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import time
 import venv
+from collections.abc import Callable
 from pathlib import Path
 
 DISTINCT = 4  # >= the engine's FOLD: no pass over the accumulator reads the same bytes twice
@@ -72,6 +75,71 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+Pass = Callable[[], None]
+
+
+def _torch_passes(method: str, updates: list, samples: list[int], weights: dict) -> tuple[Pass, ...]:
+    """The ways to run ``method`` once; its time is the fastest of them."""
+    import torch
+
+    if method == "read_floor":
+        threads = torch.get_num_threads()
+
+        def read() -> None:
+            for x in updates:
+                x.sum()
+
+        def read_one_thread() -> None:
+            torch.set_num_threads(1)
+            try:
+                read()
+            finally:
+                torch.set_num_threads(threads)
+
+        # The faster of torch's threads and one thread: when a neighbour takes a core,
+        # torch's multi-threaded reductions collapse, and a collapsed floor would flatter
+        # everything compared with it.
+        return read, read_one_thread
+    if method == "fp32_add":
+
+        def fp32_add() -> None:
+            acc = torch.zeros(updates[0].numel())
+            for x, n in zip(updates, samples, strict=True):
+                acc.add_(x, alpha=n)
+            acc.div_(sum(samples))
+
+        return (fp32_add,)
+    from unitedllm.config.types import ServerOptimizerArgs
+    from unitedllm.optimizers import ClientUpdate, create
+
+    opt = create("FedAvg", ServerOptimizerArgs())
+    cus = [
+        ClientUpdate(rank=i + 1, delta={"w": x}, num_samples=n)
+        for i, (x, n) in enumerate(zip(updates, samples, strict=True))
+    ]
+    if method == "exact_stream":
+
+        def stream() -> None:
+            acc = opt.begin_round(weights, {})
+            for u in cus:
+                acc.add(u)
+            acc.finish()
+
+        return (stream,)
+    if method == "exact_batch":
+        return (lambda: opt.step(weights, cus, {}),)
+    raise SystemExit(f"unknown method {method!r}")
+
+
+def _time(passes: tuple[Pass, ...]) -> float:
+    timed = []
+    for p in passes:
+        start = time.perf_counter()
+        p()
+        timed.append(time.perf_counter() - start)
+    return min(timed)
+
+
 def _worker(method: str, params: int, clients: int, repeat: int) -> dict:
     """Run one measurement in this process: every timed run's seconds, and memory."""
     updates_np = _make_updates(params, clients)
@@ -82,78 +150,16 @@ def _worker(method: str, params: int, clients: int, repeat: int) -> dict:
 
         results = [([u], n) for u, n in zip(updates_np, samples, strict=True)]
         rss_inputs = _peak_rss_mb()
-
-        def run() -> None:
-            aggregate(results)
-
+        passes: tuple[Pass, ...] = (lambda: aggregate(results),)
     else:
         import torch
 
         updates = [torch.from_numpy(u) for u in updates_np]
         weights = {"w": torch.zeros(params)}  # the global model: held by the aggregator anyway
         rss_inputs = _peak_rss_mb()
-        if method == "read_floor":
-            threads = torch.get_num_threads()
-
-            def run() -> None:
-                for x in updates:
-                    x.sum()
-
-            def run_one_thread() -> None:
-                torch.set_num_threads(1)
-                try:
-                    run()
-                finally:
-                    torch.set_num_threads(threads)
-
-            floors = (run, run_one_thread)
-
-        elif method == "fp32_add":
-
-            def run() -> None:
-                acc = torch.zeros(params)
-                for x, n in zip(updates, samples, strict=True):
-                    acc.add_(x, alpha=n)
-                acc.div_(sum(samples))
-
-        else:
-            from unitedllm.config.types import ServerOptimizerArgs
-            from unitedllm.optimizers import ClientUpdate, create
-
-            opt = create("FedAvg", ServerOptimizerArgs())
-            cus = [
-                ClientUpdate(rank=i + 1, delta={"w": x}, num_samples=n)
-                for i, (x, n) in enumerate(zip(updates, samples, strict=True))
-            ]
-            if method == "exact_stream":
-
-                def run() -> None:
-                    acc = opt.begin_round(weights, {})
-                    for u in cus:
-                        acc.add(u)
-                    acc.finish()
-
-            elif method == "exact_batch":
-
-                def run() -> None:
-                    opt.step(weights, cus, {})
-
-            else:
-                raise SystemExit(f"unknown method {method!r}")
-    # The floor is the faster of torch's threads and one thread, timed back to back: when a
-    # neighbour takes a core, torch's multi-threaded reductions collapse, and a collapsed
-    # floor would flatter everything compared with it.
-    passes = floors if method == "read_floor" else (run,)
-    for p in passes:
-        p()  # warm-up: thread pools, page faults, the kernel's first load
-    seconds = []
-    for _ in range(repeat):
-        timed = []
-        for p in passes:
-            start = time.perf_counter()
-            p()
-            timed.append(time.perf_counter() - start)
-        seconds.append(min(timed))
+        passes = _torch_passes(method, updates, samples, weights)
+    _time(passes)  # warm-up: thread pools, page faults, the kernel's first load
+    seconds = [_time(passes) for _ in range(repeat)]
     info = {
         "seconds": seconds,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
@@ -165,6 +171,38 @@ def _worker(method: str, params: int, clients: int, repeat: int) -> dict:
 
         info["compiled_kernel"] = native_enabled()
     return info
+
+
+def _paired_worker(params: int, clients: int, rounds: int) -> dict:
+    """Every torch method timed right after the floor, ``rounds`` times, in one process.
+
+    A neighbour's load shifts from second to second; a floor and a method timed back to
+    back see about the same load, so the median of their ratios is steadier than a ratio
+    of two bests taken at different moments.
+    """
+    import torch
+
+    updates = [torch.from_numpy(u) for u in _make_updates(params, clients)]
+    weights = {"w": torch.zeros(params)}
+    samples = _samples(clients)
+    floor = _torch_passes("read_floor", updates, samples, weights)
+    others = {m: _torch_passes(m, updates, samples, weights) for m in OURS}
+    for passes in (floor, *others.values()):
+        _time(passes)
+    ratios: dict[str, list[float]] = {m: [] for m in OURS}
+    for _ in range(rounds):
+        for method, passes in others.items():
+            base = _time(floor)
+            ratios[method].append(base / _time(passes))
+    out = {}
+    for method, rs in ratios.items():
+        q = statistics.quantiles(rs, n=4) if len(rs) > 1 else [rs[0]] * 3
+        out[method] = {
+            "median": round(q[1], 3),
+            "quartiles": [round(q[0], 3), round(q[2], 3)],
+            "rounds": len(rs),
+        }
+    return out
 
 
 def _ensure_flower(python: Path) -> str | None:
@@ -273,10 +311,33 @@ def _ratios(row: dict) -> None:
             if "gb_per_s" in base:
                 m[f"vs_{name}"] = round(m["gb_per_s"] / base["gb_per_s"], 3)
                 m[f"vs_{name}_median"] = round(m["gb_per_s_median"] / base["gb_per_s_median"], 3)
-        if method != "fp32_add" and "vs_floor" in m:
-            m["meets_floor_target"] = m["vs_floor"] >= TARGET_VS_FLOOR
+        steadiest = m.get("vs_floor_paired", {}).get("median", m.get("vs_floor"))
+        if method != "fp32_add" and steadiest is not None:
+            m["meets_floor_target"] = steadiest >= TARGET_VS_FLOOR
         if method != "fp32_add" and "vs_flower" in m:
             m["meets_flower_target"] = m["vs_flower"] >= TARGET_VS_FLOWER
+
+
+def _run_paired(args: argparse.Namespace, env: dict[str, str], params: int, clients: int) -> dict:
+    """vs_floor from back-to-back timings in one process (see _paired_worker); {} when it cannot run."""
+    if _needed_mb("exact_batch", params, clients) > 0.8 * _meminfo("MemAvailable"):
+        return {}
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--trials",
+        str(args.trials),
+        "--repeat",
+        str(args.repeat),
+    ]
+    proc = subprocess.run(
+        [*cmd, "--worker", "paired", str(params), str(clients)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
 
 
 def main() -> None:
@@ -294,7 +355,10 @@ def main() -> None:
 
     if args.worker:
         method, p, n = args.worker
-        print(json.dumps(_worker(method, int(p), int(n), args.repeat)))
+        if method == "paired":
+            print(json.dumps(_paired_worker(int(p), int(n), args.trials * args.repeat)))
+        else:
+            print(json.dumps(_worker(method, int(p), int(n), args.repeat)))
         return
 
     methods = [m for m in METHODS if m != "flower" or not args.no_flower]
@@ -309,7 +373,9 @@ def main() -> None:
         "targets": {"vs_floor": TARGET_VS_FLOOR, "vs_flower": TARGET_VS_FLOWER},
         "notes": (
             "gb_per_s = N*P*4 bytes / best seconds (gb_per_s_median: median); vs_* compare best with best "
-            "(vs_*_median: medians); aggregation_rss = peak RSS minus the inputs (updates + global model)"
+            "(vs_*_median: medians); vs_floor_paired: median and quartiles of floor/method times measured "
+            "back to back in one process (meets_floor_target uses its median); "
+            "aggregation_rss = peak RSS minus the inputs (updates + global model)"
         ),
         "runs": [],
     }
@@ -344,6 +410,9 @@ def main() -> None:
             for method in methods:
                 if method not in row:
                     row[method] = _summarise(results[method], params, clients)
+            paired = _run_paired(args, env, params, clients)
+            for method, ratio in paired.items():
+                row[method]["vs_floor_paired"] = ratio
             _ratios(row)
             sums = {r["checksum"] for r in row.values() if isinstance(r, dict) and "checksum" in r}
             row["same_bytes_everywhere"] = len(sums) == 1
