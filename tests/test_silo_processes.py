@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,8 @@ class Run:
         self.output_dir = tmp / "out" / run_id
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *args: str, silo: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """Start ``unitedllm <args>``; ``silo`` overrides (launcher settings) apply to this process alone."""
         with (self.tmp / f"{name}.log").open("wb") as log:
             proc = subprocess.Popen(
                 [
@@ -112,6 +113,7 @@ class Run:
                     "--run-id",
                     self.run_id,
                     *_sets(self.overrides),
+                    *_sets(list(silo)),
                 ],
                 env=self.env,
                 cwd=ROOT,
@@ -177,9 +179,9 @@ def make_run(request: pytest.FixtureRequest, tmp_path: Path, run_id: str) -> Ite
 def test_two_process_silo_trains_like_one_process(engine: str, make_run: Any, one_process: Path) -> None:
     if engine.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install 'unitedllm[deepspeed]')")
-    run = make_run(*SILO, *ENGINES[engine], "tracking_args.enable_tensorboard=true")
+    run = make_run("tracking_args.enable_tensorboard=true")
     run.start("server", "server")
-    run.start("client", "client", "--rank", "1")
+    run.start("client", "client", "--rank", "1", silo=[*SILO, *ENGINES[engine]])
     assert [run.wait("server"), run.wait("client")] == [0, 0], run.logs()
 
     client_log = run.log("client")
@@ -222,13 +224,13 @@ def _one_process_evals(one_process: Path) -> dict[tuple[int, int], float]:
     }
 
 
-AGGREGATOR_SILO = ("--set", "environment_args.launcher=torch", "--set", "environment_args.nproc_per_node=2")
+AGGREGATOR_SILO = ["environment_args.launcher=torch", "environment_args.nproc_per_node=2"]
 
 
 def test_evaluating_aggregator_runs_as_a_torchrun_silo(make_run: Any, one_process: Path) -> None:
     """A 2-process aggregator (each rank scores half the test split) gives the one-process run's numbers."""
     run = make_run("train_args.per_device_train_batch_size=4", "tracking_args.enable_tensorboard=true")
-    run.start("server", "server", *AGGREGATOR_SILO)
+    run.start("server", "server", silo=AGGREGATOR_SILO)
     run.start("client", "client", "--rank", "1")
     assert [run.wait("server"), run.wait("client")] == [0, 0], run.logs()
     server_log = run.log("server")
@@ -256,11 +258,11 @@ def test_evaluating_aggregator_runs_as_a_torchrun_silo(make_run: Any, one_proces
 def test_aggregator_silo_resumes(make_run: Any) -> None:
     """--resume reaches the aggregator's silo: round 1 follows round 0, which is not redone."""
     first = make_run("train_args.comm_round=1")
-    first.start("server", "server", *AGGREGATOR_SILO)
+    first.start("server", "server", silo=AGGREGATOR_SILO)
     first.start("client", "client", "--rank", "1")
     assert [first.wait("server"), first.wait("client")] == [0, 0], first.logs()
     more = make_run("train_args.comm_round=2")
-    more.start("server-resumed", "server", *AGGREGATOR_SILO, "--resume")
+    more.start("server-resumed", "server", "--resume", silo=AGGREGATOR_SILO)
     more.start("client-resumed", "client", "--rank", "1")
     assert [more.wait("server-resumed"), more.wait("client-resumed")] == [0, 0], more.logs()
     assert "resuming run" in more.log("server-resumed")
@@ -285,11 +287,9 @@ def _silo_ranks(client_pid: int) -> dict[int, int]:
 
 def test_a_dead_follower_ends_the_whole_silo_with_an_error(make_run: Any) -> None:
     pytest.importorskip("psutil")
-    run = make_run(
-        *SILO, *ENGINES["torchrun"], "train_args.local_max_steps=2000", "comm_args.round_timeout_s=300"
-    )
+    run = make_run("train_args.local_max_steps=2000", "comm_args.round_timeout_s=300")
     run.start("server", "server")
-    client = run.start("client", "client", "--rank", "1")
+    client = run.start("client", "client", "--rank", "1", silo=[*SILO, *ENGINES["torchrun"]])
     deadline = time.monotonic() + LIMIT_S
     while not run.events("round_start") and time.monotonic() < deadline and client.poll() is None:
         time.sleep(0.2)
@@ -313,10 +313,12 @@ def test_a_dead_follower_ends_the_whole_silo_with_an_error(make_run: Any) -> Non
 
 
 def test_a_refused_leader_stops_its_followers_and_the_client_fails(make_run: Any) -> None:
-    run = make_run(*SILO, *ENGINES["torchrun"])
+    run = make_run()
     run.start("server", "server")
     # Another seed builds another random base model: the aggregator refuses this client.
-    client = run.start("client", "client", "--rank", "1", "--set", "common_args.random_seed=7")
+    client = run.start(
+        "client", "client", "--rank", "1", silo=[*SILO, *ENGINES["torchrun"], "common_args.random_seed=7"]
+    )
     assert run.wait("client", timeout=LIMIT_S) != 0, run.logs()
     log = run.log("client")
     assert "the aggregator refused this client" in log, log[-3000:]
