@@ -57,12 +57,9 @@ from typing import Any, TextIO
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data" / "pythia"
 TARGET_RATIO = 0.97
-LORA = {
-    "r": 16,
-    "alpha": 32,
-    "dropout": 0.0,
-    "targets": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-}
+LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.0
+LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+LORA = {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "targets": LORA_TARGETS}
 # What every Pythia config.json shares (shared/data/pythia/README.md lists them).
 PYTHIA_COMMON: dict[str, Any] = {
     "architectures": ["GPTNeoXForCausalLM"],
@@ -137,7 +134,7 @@ def write_inputs(workdir: Path, *, seq: int, examples: int) -> tuple[Path, Path]
     vocab = {"<|endoftext|>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(WORDS)}}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>"
     )
     tok_dir = workdir / "tokenizer"
@@ -179,10 +176,10 @@ def unitedllm_config(
                 "tokenizer_name_or_path": str(tok_dir),
                 "load_pretrained": False,
                 "peft_type": "lora",
-                "lora_r": LORA["r"],
-                "lora_alpha": LORA["alpha"],
-                "lora_dropout": LORA["dropout"],
-                "lora_target_modules": LORA["targets"],
+                "lora_r": LORA_R,
+                "lora_alpha": LORA_ALPHA,
+                "lora_dropout": LORA_DROPOUT,
+                "lora_target_modules": LORA_TARGETS,
             },
             "train_args": {
                 "client_num_in_total": 1,
@@ -265,14 +262,14 @@ class HFSide(Side):
         device = "cpu" if args.tiny else "cuda"
         with torch.device(device):
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")  # type: ignore[no-untyped-call]
         model = model.to(torch.bfloat16)
         lora = LoraConfig(
             task_type=TaskType.CAUSAL_LM,
-            r=LORA["r"],
-            lora_alpha=LORA["alpha"],
-            lora_dropout=LORA["dropout"],
-            target_modules=LORA["targets"],
+            r=LORA_R,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=LORA_DROPOUT,
+            target_modules=LORA_TARGETS,
         )
         self.model = get_peft_model(model, lora)
         records = [json.loads(line) for line in data.read_text().splitlines()]
@@ -383,7 +380,7 @@ def measure_size(
             sum(p.numel() for p in theirs.model.parameters() if p.requires_grad),
         ):
             raise RuntimeError(f"{name}: the two sides built different models")
-        log(f"{name}: {params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA r={LORA['r']})")
+        log(f"{name}: {params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA r={LORA_R})")
         sides: list[Side] = [ours, theirs]
         for side in sides:
             timed_round(side, args.warmup_steps, 0)
