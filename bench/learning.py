@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -142,11 +143,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         dest="sets",
         help="a config override applied to every run (repeatable, values are YAML)",
     )
-    add("--threads", type=int, help="torch threads (default: torch's choice)")
+    add(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; on a shared 2-core machine 2 threads cost more CPU and finish no sooner (default: %(default)s)",
+    )
     add("--keep-runs", type=Path, help="keep each run's output folder under this directory")
     add("--out", type=Path, help="write the JSON here instead of stdout")
     args = parser.parse_args(argv)
-    for name in ("rounds", "local_steps", "batch_size", "max_seq_length", "eval_examples"):
+    for name in ("rounds", "local_steps", "batch_size", "max_seq_length", "eval_examples", "threads"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     return args
@@ -423,10 +429,17 @@ def _keep_freed_memory() -> bool:
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    m_trim_threshold, m_top_pad, m_mmap_threshold, m_arena_max = -1, -2, -3, -8
+    # One arena: training is sequential (one shared model), and each worker thread's own
+    # arena would otherwise keep its own copy of those blocks.
     return all(
         mallopt(key, value) == 1
-        for key, value in ((m_mmap_threshold, 1 << 30), (m_trim_threshold, 1 << 30), (m_top_pad, 1 << 28))
+        for key, value in (
+            (m_arena_max, 1),
+            (m_mmap_threshold, 1 << 30),
+            (m_trim_threshold, 1 << 30),
+            (m_top_pad, 1 << 28),
+        )
     )
 
 
@@ -451,8 +464,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"benchmark": "learning", "skipped": skipped}
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     malloc_tuned = _keep_freed_memory()
     scratch = Path(tempfile.mkdtemp(prefix="unitedllm-bench-learning-"))
     keep = args.keep_runs.expanduser().resolve() if args.keep_runs else None
@@ -484,6 +496,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "malloc_keeps_freed_memory": malloc_tuned,
                 "loadavg_1m_before": load_before,
                 "loadavg_1m_after": os.getloadavg()[0],
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             },
             "settings": _settings(args, base, data, scored),
             "equal_compute": (
