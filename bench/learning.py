@@ -280,24 +280,18 @@ def _final_per_category(run_dir: Path) -> dict[str, float]:
     return last
 
 
-def _run_method(cfg: Any, method: Method) -> dict[str, Any]:
-    import unitedllm
+def _finite(value: float | None) -> float | None:
+    """``value`` if it is a finite number, else None (JSON has no NaN; a diverged run shows as null)."""
+    return value if value is not None and math.isfinite(value) else None
 
-    start = time.perf_counter()
-    result = unitedllm.run(cfg)
-    seconds = time.perf_counter() - start
-    rounds = [
-        {
-            "round": s.round_idx,
-            "train_loss": s.train_loss,
-            "eval_loss": s.eval_loss,
-            "seconds": round(s.seconds, 2),
-        }
-        for s in result.rounds
-    ]
-    final = result.rounds[-1].eval_loss if result.rounds else None
+
+def _run_method(cfg: Any, method: Method) -> dict[str, Any]:
+    """Run one method; a run that fails (e.g. a client's loss turned NaN) is reported, not raised."""
+    import unitedllm
+    from unitedllm.errors import UnitedLLMError
+
     steps = method.clients * method.steps_per_round * cfg.train_args.comm_round
-    return {
+    out: dict[str, Any] = {
         "name": method.name,
         "kind": method.kind,
         "server_optimizer": cfg.server_optimizer_name,
@@ -307,11 +301,29 @@ def _run_method(cfg: Any, method: Method) -> dict[str, Any]:
         "batch": method.batch,
         "optimizer_steps": steps,
         "examples": steps * method.batch,
+    }
+    start = time.perf_counter()
+    try:
+        result = unitedllm.run(cfg)
+    except UnitedLLMError as exc:
+        return {**out, "error": str(exc), "rounds": [], "final_eval_loss": None, "final_perplexity": None,
+                "final_per_category": {}, "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    seconds = time.perf_counter() - start
+    rounds = [
+        {
+            "round": s.round_idx,
+            "train_loss": _finite(s.train_loss),
+            "eval_loss": _finite(s.eval_loss),
+            "seconds": round(s.seconds, 2),
+        }
+        for s in result.rounds
+    ]
+    final = _finite(result.rounds[-1].eval_loss) if result.rounds else None
+    return {
+        **out,
         "rounds": rounds,
         "final_eval_loss": final,
-        "final_perplexity": math.exp(min(final, 50.0))
-        if final is not None and math.isfinite(final)
-        else None,
+        "final_perplexity": None if final is None else math.exp(min(final, 50.0)),
         "final_per_category": _final_per_category(result.output_dir),
         "seconds": round(seconds, 1),
     }
@@ -405,6 +417,9 @@ def print_table(report: dict[str, Any], out: TextIO) -> None:
             for i, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
         print("  ".join(cells), file=out)
+    for m in methods:
+        if "error" in m:
+            print(f"{m['name']} failed: {m['error']}", file=out)
     s = report["settings"]
     print(
         f"eval: {s['eval_examples_scored']} held-out examples, response-token loss; "

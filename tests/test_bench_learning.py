@@ -108,3 +108,26 @@ def test_tiny_run_reports_a_finite_loss_below_the_untrained_one_per_method(tmp_p
         assert m["final_eval_loss"] < initial, (m["name"], m["final_eval_loss"], initial)
     assert report["settings"]["eval_examples_scored"] > 0
     assert "final loss" in proc.stdout  # the table goes to stdout when the JSON goes to --out
+
+
+def test_table_shows_a_failed_run_and_the_gap_to_centralized() -> None:
+    import io
+
+    bench = _bench()
+    settings = {"eval_examples_scored": 10, "clients": 8, "rounds": 1, "local_steps": 2, "batch_size": 4,
+                "max_seq_length": 64, "learning_rate": 1e-3}  # fmt: skip
+    ok_round = [{"round": 0, "train_loss": 9.0, "eval_loss": 8.5, "seconds": 1.0}]
+    methods = [
+        {"name": "FedAvg", "optimizer_steps": 16, "batch": 4, "rounds": ok_round, "final_eval_loss": 8.5,
+         "final_perplexity": 4914.8, "seconds": 3.0},
+        {"name": "FedAdam", "optimizer_steps": 16, "batch": 4, "rounds": [], "final_eval_loss": None,
+         "final_perplexity": None, "seconds": 2.0, "error": "client 3 round 0: training loss is nan"},
+        {"name": "centralized", "optimizer_steps": 16, "batch": 4, "rounds": ok_round, "final_eval_loss": 8.0,
+         "final_perplexity": 2981.0, "seconds": 3.0},
+    ]  # fmt: skip
+    out = io.StringIO()
+    bench.print_table({"settings": settings, "initial_eval_loss": 10.8, "methods": methods}, out)
+    lines = out.getvalue().splitlines()
+    fedavg = next(line for line in lines if line.startswith("FedAvg"))
+    assert "+0.500" in fedavg.split()
+    assert "FedAdam failed: client 3 round 0: training loss is nan" in lines
