@@ -82,3 +82,21 @@ def test_flash_attention_without_flash_attn_uses_sdpa_and_logs_it(
         t = trainer(tmp_path, "model_args.use_flash_attention=true")
         assert t.model.config._attn_implementation == "sdpa"
     assert any("flash_attn is not installed; using sdpa" in r.getMessage() for r in caplog.records)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU (bench/device_check.sh runs it on a lent device)")
+def test_aggregator_evaluates_on_the_gpu_with_the_cpus_loss(tmp_path: Path) -> None:
+    """The aggregator never trains, so its evaluation must move the model to the GPU itself."""
+    overrides = ["comm_args.backend=LOCAL", f"data_args.cache_dir={tmp_path}/cache"]
+    cpu = HFLocalTrainer(load_config(CONFIG, overrides=overrides), 0)
+    gpu = HFLocalTrainer(load_config(CONFIG, overrides=[*overrides, "device_args.using_gpu=true"]), 0)
+    weights = cpu.initial_weights()
+    on_cpu, on_gpu = cpu.evaluate(weights), gpu.evaluate(weights)
+    assert next(gpu.model.parameters()).is_cuda and not next(cpu.model.parameters()).is_cuda
+    assert abs(on_cpu.metrics["eval_loss"] - on_gpu.metrics["eval_loss"]) < 1e-3

@@ -271,6 +271,7 @@ class HFLocalTrainer(LocalTrainer):
             who = "the aggregator's global test set" if self.rank == 0 else f"client {self.rank}'s test split"
             raise TrainingError(f"{who} is empty: nothing to evaluate (check data_args.test_dataset_size)")
         with shared.lock:
+            self._to_eval_device(shared.model)
             with gathered(_trainable(shared.model), modify=True):
                 load_trainable(shared.model, weights)
             kwargs = {"batch_size": self.cfg.train_args.per_device_eval_batch_size,
@@ -466,6 +467,21 @@ class HFLocalTrainer(LocalTrainer):
         total = steps * targs.comm_round
         warmup = targs.warmup_steps or math.ceil(targs.warmup_ratio * total)
         return get_scheduler(targs.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+    def _to_eval_device(self, model: Any) -> None:
+        """Put a model still on the CPU on this rank's GPU when the run uses GPUs.
+
+        Training moves a client's model there; the aggregator never trains, so without this it
+        would evaluate on the CPU (in every process of its silo).
+        """
+        if self.cfg.train_args.use_cpu or not self.cfg.device_args.using_gpu or not _cuda_available():
+            return
+        import torch
+
+        if next(model.parameters()).device.type != "cpu":
+            return
+        index = self._silo.local_rank if self._silo is not None else torch.cuda.current_device()
+        model.to(torch.device("cuda", index))
 
     @property
     def _world_size(self) -> int:
