@@ -190,6 +190,7 @@ class Client(Role):
         if start.spec.evaluate_global and round_idx >= 1:
             await self._evaluate(weights, round_idx - 1, "global")
         await asyncio.to_thread(self.journal.align, self.trainer, round_idx)
+        self.journal.forget_held_state()  # training moves it on; save_state records the result
         fit_started = time.perf_counter()
         try:
             result, update_extras = await asyncio.to_thread(self._fit, weights, extras, start)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ class ClientJournal:
         self.folder = folder
         self.states = folder / "trainer_state"
         self.sent = folder / "sent" / _SENT_FILE
+        self._held: int | None = None  # the round whose starting state the trainer holds in memory
 
     # -- trainer state ----------------------------------------------------------------------
 
@@ -57,11 +59,12 @@ class ClientJournal:
 
     def align(self, trainer: LocalTrainer, round_idx: int) -> None:
         """Give ``trainer`` the state it had before ``round_idx``: the saved one, else save its current one."""
-        import torch
-
+        if self._held == round_idx:
+            return  # saved from this very trainer after the previous round: nothing to load
         snapshot = self._snapshot(round_idx)
         if snapshot.is_file():
-            trainer.load_state_dict(torch.load(snapshot, weights_only=True))
+            trainer.load_state_dict(_load(snapshot))
+            self._held = round_idx
             return
         self.save_state(trainer, round_idx)
 
@@ -70,6 +73,7 @@ class ClientJournal:
         import torch
 
         state = trainer.state_dict()
+        self._held = round_idx
         if not state:
             return
         self.states.mkdir(parents=True, exist_ok=True)
@@ -80,6 +84,10 @@ class ClientJournal:
         for old in self.states.glob("before_round_*.pt"):
             if int(old.stem.rsplit("_", 1)[1]) < round_idx - 1:
                 old.unlink(missing_ok=True)
+
+    def forget_held_state(self) -> None:
+        """The trainer's state changed outside the journal (it trained): load from disk next time."""
+        self._held = None
 
     # -- sent updates -----------------------------------------------------------------------
 
@@ -108,3 +116,16 @@ class ClientJournal:
     def blobs(update: Update) -> Mapping[str, BlobRef]:
         """Every blob an update names (its delta and its extras)."""
         return {"delta": update.delta_ref, **update.extras}
+
+
+def _load(snapshot: Path) -> Any:
+    """A trainer-state snapshot, unpickled with only tensors, containers and known engine classes allowed."""
+    import torch
+
+    allowed: list[Any] = []
+    if "deepspeed" in sys.modules:  # ZeRO optimizer states carry DeepSpeed's loss scaler objects
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        allowed += [LossScaler, DynamicLossScaler]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(snapshot, weights_only=True)
