@@ -280,6 +280,25 @@ def test_after_a_mid_round_crash_clients_resend_instead_of_training_again(
     assert not events(resumed.output_dir, "rejected")
 
 
+def test_a_round_is_on_disk_before_it_is_reported_done(tmp_path: Path) -> None:
+    from unitedllm.checkpoints import load_resume_point
+    from unitedllm.tracking.metrics import MetricsLog
+
+    cfg = make_config(tmp_path, train_args={"comm_round": 3})
+    out = tmp_path / "durable"
+    seen: list[tuple[int, int | None]] = []
+
+    def check(record: dict[str, Any]) -> None:
+        if record["event"] == "round":  # whoever reads "round r done" may kill the run now and resume after r
+            saved = load_resume_point(out)
+            seen.append((record["round"], saved[0] if saved else None))
+
+    with MetricsLog(out / "metrics.jsonl", listeners=[check]) as metrics:
+        asyncio.run(run_async(cfg, run_id="durable", metrics=metrics,
+                              trainer_factory=lambda _c, rank: LinearTrainer(rank)))
+    assert seen == [(0, 0), (1, 1), (2, 2)]
+
+
 def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, train_args={"comm_round": 4})
     uninterrupted, _ = run_linear(cfg, run_id="whole")

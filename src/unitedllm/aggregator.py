@@ -57,6 +57,7 @@ class RoundSummary:
     eval_loss: float | None = None
     seconds: float = 0.0
     rejected: dict[int, str] = field(default_factory=dict)
+    aggregation_seconds: float = 0.0
 
 
 @dataclass
@@ -140,6 +141,13 @@ class Aggregator(Role):
                 weights, state, summary = await self._run_round(round_idx, weights, encoded, state, optimizer)
                 encoded = await asyncio.to_thread(encode_tensors, weights)
                 await asyncio.to_thread(self._save_resume_point, encoded, state, round_idx)
+                # Logged once the round is safe on disk: a run killed after this line resumes after it.
+                self.metrics.log(
+                    "round", round_idx=round_idx, rank=SERVER_RANK, selected=summary.selected,
+                    aggregated=summary.aggregated, rejected=summary.rejected, train_loss=summary.train_loss,
+                    eval_loss=summary.eval_loss, seconds=summary.seconds,
+                    aggregation_seconds=summary.aggregation_seconds,
+                )
                 summaries.append(summary)
                 if self._on_round is not None:
                     self._on_round(summary)
@@ -217,7 +225,7 @@ class Aggregator(Role):
             round_idx, weights, state, optimizer, arrived, quorum=self.plan.quorum(len(selected)), selected=selected
         )
         agg_seconds = time.perf_counter() - agg_started
-        summary = RoundSummary(round_idx, selected, accepted, rejected=rejected)
+        summary = RoundSummary(round_idx, selected, accepted, rejected=rejected, aggregation_seconds=agg_seconds)
         losses = [(m.metrics.get("train_loss"), m.num_samples) for m in arrived if m.sender in summary.aggregated]
         summary.train_loss = _weighted([(loss, n) for loss, n in losses if loss is not None])
         if cfg.validation_args.is_aggregator_test and self.plan.is_test_round(round_idx):
@@ -232,11 +240,6 @@ class Aggregator(Role):
             target = self.output_dir / f"node_{SERVER_RANK}" / f"round_{round_idx}_after_agg"
             await asyncio.to_thread(self._save_checkpoint, new_weights, target, new_state, round_idx)
         summary.seconds = time.perf_counter() - started
-        self.metrics.log(
-            "round", round_idx=round_idx, rank=SERVER_RANK, selected=selected, aggregated=summary.aggregated,
-            rejected=rejected, train_loss=summary.train_loss, eval_loss=summary.eval_loss,
-            seconds=summary.seconds, aggregation_seconds=agg_seconds,
-        )
         for ref in (global_ref, *extra_refs.values()):
             await self.store.delete(ref)
         return new_weights, new_state, summary
