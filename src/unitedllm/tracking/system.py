@@ -21,20 +21,44 @@ log = logging.getLogger(__name__)
 _GB = 1024**3
 
 
-def _gpu_stats() -> dict[str, float]:
-    # Only look at CUDA if torch is already loaded: the sampler must not pull torch in on its own.
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
-        return {}
-    out: dict[str, float] = {}
-    for index in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(index)
-        out[f"gpu{index}_mem_used_gb"] = (total - free) / _GB
-        out[f"gpu{index}_mem_allocated_gb"] = torch.cuda.memory_allocated(index) / _GB
+_nvml_state: dict[str, Any] = {}
+
+
+def _nvml() -> Any:
+    """The initialised ``pynvml`` module (nvidia-ml-py), or ``None`` without it or without an NVIDIA driver."""
+    if "module" not in _nvml_state:
+        _nvml_state["module"] = None
         try:
-            out[f"gpu{index}_util_percent"] = float(torch.cuda.utilization(index))
-        except Exception as exc:  # noqa: BLE001 - utilization needs pynvml/amdsmi; memory alone is still worth logging
-            log.debug("GPU %d utilisation unavailable: %s", index, exc)
+            nvml = importlib.import_module("pynvml")
+            nvml.nvmlInit()
+        except Exception as exc:  # noqa: BLE001 - not installed, or no driver / library on this machine
+            log.debug("NVML unavailable: %s", exc)
+        else:
+            _nvml_state["module"] = nvml
+    return _nvml_state["module"]
+
+
+def _gpu_stats() -> dict[str, float]:
+    """Memory and utilisation of every GPU of this node (NVML's physical indices).
+
+    NVML reads them from the driver without touching CUDA: asking torch about a GPU would open
+    a CUDA context on it, taking memory on every other rank's device in a multi-GPU silo. Without
+    NVML, only the GPU this process already uses is reported (from torch's allocator).
+    """
+    out: dict[str, float] = {}
+    nvml = _nvml()
+    if nvml is not None:
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            out[f"gpu{index}_mem_used_gb"] = float(memory.used) / _GB
+            out[f"gpu{index}_util_percent"] = float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+    # Only look at CUDA if torch is already loaded and using it: the sampler must not pull either in.
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        index = torch.cuda.current_device()
+        out["process_gpu_mem_allocated_gb"] = torch.cuda.memory_allocated(index) / _GB
+        out["process_gpu_mem_reserved_gb"] = torch.cuda.memory_reserved(index) / _GB
     return out
 
 
