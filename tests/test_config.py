@@ -462,3 +462,28 @@ def test_importing_config_does_not_import_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "False"
+
+
+def test_relative_model_and_data_paths_are_found_next_to_the_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "project"
+    (project / "models" / "tiny").mkdir(parents=True)
+    (project / "data" / "clients").mkdir(parents=True)
+    (project / "data" / "all.jsonl").write_text("{}\n")
+    config = project / "fedml_config.yaml"
+    config.write_text(
+        "model_args:\n  model_name_or_path: models/tiny\n  tokenizer_name_or_path: EleutherAI/pythia-70m\n"
+        "data_args:\n  dataset_path: [data/all.jsonl]\n  client_dataset_path: ['data/clients/{rank}.jsonl']\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(config)
+    assert cfg.model_args.model_name_or_path == str(project / "models" / "tiny")
+    assert cfg.model_args.tokenizer_name_or_path == "EleutherAI/pythia-70m"  # a hub name stays one
+    assert cfg.data_args.dataset_path == [str(project / "data" / "all.jsonl")]
+    assert cfg.data_args.client_dataset_path == [str(project / "data" / "clients" / "{rank}.jsonl")]
+
+    # Not next to the config: left for the current directory (or the hub), as before.
+    config.write_text("model_args:\n  model_name_or_path: examples/models/tiny-gpt-neox\n")
+    assert load_config(config).model_args.model_name_or_path == "examples/models/tiny-gpt-neox"
