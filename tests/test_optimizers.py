@@ -549,6 +549,47 @@ def test_inputs_with_inf_or_nan_are_left_out_without_a_trace(
     clean = ExactSum((BIG,))
     clean.add([xs[4], xs[2], xs[0]], [11, 5, 2])
     assert torch.equal(acc.result(), clean.result())
+    first_refused = ExactSum((BIG,))  # the first input of a fresh sum is stored, not added
+    assert first_refused.add([bad_nan, xs[2], xs[0], xs[4]], [3, 5, 2, 11], check_finite=True) == [0]
+    assert torch.equal(first_refused.result(), clean.result())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_unchecked_nan_is_an_error_not_an_endless_cascade(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _paths(native, monkeypatch)
+    x = torch.ones(1000)
+    x[3] = float("nan")
+    acc = ExactSum((1000,))
+    with pytest.raises(ValueError, match="check_finite=True"):
+        acc.add([torch.ones(1000), x], [1, 1])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_buffers_left_by_earlier_rounds_do_not_leak_into_later_ones(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large accumulators and results reuse earlier rounds' memory: only this round's updates count."""
+    _paths(native, monkeypatch)
+    w0 = {"x": torch.zeros(BIG)}
+    opt = create("FedAvg", ARGS)
+    g = torch.Generator().manual_seed(11)
+
+    def round_of(scale: float) -> dict[str, torch.Tensor]:
+        updates = [
+            ClientUpdate(rank=r, delta={"x": torch.randn(BIG, generator=g) * scale}, num_samples=r)
+            for r in (1, 2, 3)
+        ]
+        return opt.step(w0, updates, {})[0]
+
+    g.manual_seed(11)
+    alone = round_of(1.0)["x"].clone()
+    for _ in range(2):
+        round_of(1e20)  # big values left behind in the freed buffers
+    g.manual_seed(11)
+    again = round_of(1.0)
+    assert torch.equal(again["x"], alone)
 
 
 def test_streaming_round_refuses_an_update_with_nan_in_its_last_tensor(

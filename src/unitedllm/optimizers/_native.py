@@ -98,6 +98,7 @@ typedef struct {
     const uint64_t *skip;    /* per block: bit k set = leave input k out there (NULL: none) */
     uint64_t *nonfinite;     /* per block: bit k set = input k has inf/NaN there and was left
                                 out (NULL: no check) */
+    int32_t fresh;           /* level 0 holds garbage: input 0 is stored into it, not added */
 } fold_args;
 
 static inline int block_finite(const void *x, int32_t dtype, int64_t b, int64_t n) {
@@ -118,12 +119,25 @@ static int64_t add_block(const fold_args *a, int64_t b, int64_t n, int64_t *ovf_
     double *h = a->lev[0] + b;
     int64_t blk = b / BLOCK, novf = 0;
     for (int k = 0; k < a->nx; k++) {
-        if (a->skip && (a->skip[blk] >> k & 1)) continue;
-        if (a->nonfinite && !block_finite(a->xs[k], a->dtypes[k], b, n)) {
-            a->nonfinite[blk] |= 1ull << k;
+        int store = a->fresh && k == 0;
+        int skipped = a->skip && (a->skip[blk] >> k & 1);
+        int bad = !skipped && a->nonfinite && !block_finite(a->xs[k], a->dtypes[k], b, n);
+        if (skipped || bad) {
+            if (bad) a->nonfinite[blk] |= 1ull << k;
+            if (store) memset(h, 0, sizeof(double) * n);
             continue;
         }
         double w = a->ws[k];
+        if (store) {  /* w * x is exact: nothing for level 1 */
+            if (a->dtypes[k] == 0) {
+                const float *x = (const float *)a->xs[k] + b;
+                for (int64_t j = 0; j < n; j++) h[j] = w * (double)x[j];
+            } else {
+                const uint16_t *x = (const uint16_t *)a->xs[k] + b;
+                for (int64_t j = 0; j < n; j++) h[j] = w * bf16_to_double(x[j]);
+            }
+            continue;
+        }
         uint64_t any = 0;
         if (a->dtypes[k] == 0) {
             const float *x = (const float *)a->xs[k] + b;
@@ -228,6 +242,7 @@ class FoldArgs(ctypes.Structure):
         ("lo_used", ctypes.c_void_p),
         ("skip", ctypes.c_void_p),
         ("nonfinite", ctypes.c_void_p),
+        ("fresh", ctypes.c_int32),
     ]
 
 

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from unitedllm.optimizers import _native
-from unitedllm.optimizers._memory import empty_like, zeros_f64
+from unitedllm.optimizers._memory import empty, empty_like, zeros_f64
 
 __all__ = ["MAX_WEIGHT", "ExactSum", "count_nonfinite", "exact_weighted_sum"]
 
@@ -93,6 +93,10 @@ def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array[ctypes.c_void_p]:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
+# inf - inf is NaN, and NaN never rounds away: without this, each level would pass it on.
+_POISONED = "inf or NaN reached the exact sum: add inputs that may hold them with check_finite=True"
+
+
 def _fold_worker(
     k: _native.Kernels, args: _native.FoldArgs, end: int, room: int, _thread: int, nxt: int
 ) -> tuple[int, torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -114,7 +118,10 @@ class ExactSum:
     def __init__(self, shape: torch.Size | Sequence[int]):
         self.shape = torch.Size(shape)
         self.numel = self.shape.numel()
-        self.levels: list[torch.Tensor] = [zeros_f64(self.numel), zeros_f64(self.numel, dense=False)]
+        # Level 0 comes from the buffers earlier rounds left (no page faults) and holds their
+        # garbage until the first fold stores into it; the others are zero pages.
+        self.levels: list[torch.Tensor] = [empty(self.numel, torch.float64), zeros_f64(self.numel)]
+        self._fresh = True
         # One flag per kernel block: level 1 holds something there (the torch path sets all).
         self._lo_used = torch.zeros(-(-self.numel // _native.BLOCK), dtype=torch.uint8)
 
@@ -155,6 +162,7 @@ class ExactSum:
         return sorted(refused)
 
     def _add_torch(self, x: torch.Tensor, w: float) -> None:
+        self._clear_fresh()
         x = x.to(device="cpu")
         if x.dtype == torch.float64:
             terms = list(_two_product(x, w))
@@ -164,13 +172,15 @@ class ExactSum:
             level = 0
             while True:
                 if level == len(self.levels):
-                    self.levels.append(zeros_f64(self.numel, dense=False))
+                    self.levels.append(zeros_f64(self.numel))
                 if level == 1:
                     self._lo_used.fill_(1)
                 t, r = _two_sum(self.levels[level], e)
                 self.levels[level].copy_(t)
                 if not bool(r.any()):
                     break
+                if level >= 1 and not bool(r.isfinite().all()):
+                    raise ValueError(_POISONED)
                 e, level = r, level + 1
 
     def _add_native(
@@ -213,6 +223,7 @@ class ExactSum:
             skip=None if skip is None else skip.data_ptr(),
             nonfinite=None if nonfinite is None else nonfinite.data_ptr(),
         )
+        args.fresh, self._fresh = self._fresh, False
         pending = [(0, self.numel)]
         while pending:
             start, end = pending.pop()
@@ -228,13 +239,21 @@ class ExactSum:
                     if resume_from < resume_to:
                         pending.append((resume_from, resume_to))
 
+    def _clear_fresh(self) -> None:
+        """Zero level 0 if no fold has stored into it yet."""
+        if self._fresh:
+            self.levels[0].zero_()
+            self._fresh = False
+
     def _deepen(self, idx: torch.Tensor, val: torch.Tensor) -> None:
         """Add values that every existing level already passed on into new, deeper levels."""
         k = _native.kernels()
         assert k is not None
+        if not bool(val.isfinite().all()):
+            raise ValueError(_POISONED)
         n = idx.numel()
         while n:
-            self.levels.append(zeros_f64(self.numel, dense=False))
+            self.levels.append(zeros_f64(self.numel))
             nlev = len(self.levels)
             n = int(k.deposit(_pointers(self.levels), nlev - 1, nlev, idx.data_ptr(), val.data_ptr(), n))
 
@@ -243,6 +262,7 @@ class ExactSum:
 
         ``consume=True`` reuses the accumulator's memory for the result.
         """
+        self._clear_fresh()
         hi, lo = self.levels[0], self.levels[1]
         deep: list[int] = []
         cols: list[list[float]] = []
