@@ -90,7 +90,7 @@ def test_unknown_server_optimizer_is_a_config_error() -> None:
 def test_tiny_run_reports_a_finite_loss_below_the_untrained_one_per_method(tmp_path: Path) -> None:
     out = tmp_path / "learning.json"
     proc = _run(
-        "--rounds", "1", "--local-steps", "2", "--batch-size", "2", "--max-seq-length", "64",
+        "--rounds", "1", "--local-steps", "2", "--batch-size", "2", "--max-seq-length", "128",
         "--eval-examples", "12", "--optimizers", "FedAvg,DiLoCo", "--threads", "1", "--out", str(out),
         timeout=900,
     )  # fmt: skip
