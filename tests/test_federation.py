@@ -280,6 +280,14 @@ def test_after_a_mid_round_crash_clients_resend_instead_of_training_again(
     assert not events(resumed.output_dir, "rejected")
 
 
+def test_clients_with_identical_updates_all_count(tmp_path: Path) -> None:
+    # lr 0 (e.g. the first warm-up step): every client sends the same all-zero delta, one shared blob.
+    cfg = make_config(tmp_path, train_args={"comm_round": 2})
+    result, _ = run_linear(cfg, trainer_kwargs={rank: {"lr": 0.0} for rank in (1, 2, 3)})
+    assert not events(result.output_dir, "rejected")
+    assert [e["aggregated"] for e in events(result.output_dir, "round")] == [[1, 2, 3], [1, 2, 3]]
+
+
 def test_a_round_is_on_disk_before_it_is_reported_done(tmp_path: Path) -> None:
     from unitedllm.checkpoints import load_resume_point
     from unitedllm.tracking.metrics import MetricsLog

@@ -320,14 +320,16 @@ class Aggregator(Role):
                 seconds=message.metrics.get("train_seconds"), bytes_received=message.delta_ref.size,
                 metrics=message.metrics,
             )
-            for ref in (message.delta_ref, *message.extras.values()):
-                await self.store.delete(ref)
         if len(accepted) < quorum:
             raise RoundError(
                 f"round {round_idx}: only {len(accepted)} valid update(s) of the {quorum} needed "
                 f"(selected {selected}; rejected {rejected or 'none'}); "
                 f"raise comm_args.round_timeout_s or lower comm_args.min_updates_per_round"
             )
+        # Blobs are content-addressed: two clients with equal updates share one, so they go only now.
+        used = {ref.digest: ref for m in arrived for ref in (m.delta_ref, *m.extras.values())}
+        for ref in used.values():
+            await self.store.delete(ref)
         return accepted, rejected, await asyncio.to_thread(accumulator.finish)
 
     async def _put_round_extras(self, optimizer: Any, state: Mapping[str, torch.Tensor]) -> dict[str, BlobRef]:
