@@ -334,6 +334,15 @@ _PARALLEL_MIN = 4 * CHUNK
 _pool: ThreadPoolExecutor | None = None
 
 
+def _forget_workers() -> None:
+    global _pool
+    _pool = None  # a forked child has the pool but not its threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
+
+
 def _workers() -> ThreadPoolExecutor:
     global _pool
     with _lock:
