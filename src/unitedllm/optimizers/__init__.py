@@ -4,6 +4,13 @@ Built in: FedAvg (and FedProx, which aggregates like it), FedAvgM, FedAdam, FedY
 FedAdagrad, DiLoCo, SCAFFOLD, and the robust FedMedian, TrimmedMean, Krum, MultiKrum.
 """
 
-from unitedllm.optimizers.base import ClientUpdate, RoundAccumulator, ServerOptimizer, available, create, register
+from unitedllm.optimizers.base import (
+    ClientUpdate,
+    RoundAccumulator,
+    ServerOptimizer,
+    available,
+    create,
+    register,
+)
 
 __all__ = ["ClientUpdate", "RoundAccumulator", "ServerOptimizer", "available", "create", "register"]
