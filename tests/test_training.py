@@ -295,3 +295,22 @@ def test_fingerprint_does_not_change_when_the_model_is_saved(tmp_path: Path) -> 
     server.save_model(server.initial_weights(), tmp_path / "final")
     client = HFLocalTrainer(make_cfg(tmp_path), 1, model_cache=cache)
     assert client.base_fingerprint() == before == HFLocalTrainer(make_cfg(tmp_path), 1).base_fingerprint()
+
+
+def test_evaluation_loss_is_the_models_own_loss_on_response_tokens(tmp_path: Path) -> None:
+    from unitedllm.training.evaluation import response_losses
+
+    trainer = HFLocalTrainer(make_cfg(tmp_path), rank=1)
+    test = trainer.test_dataset.select(range(6))
+    model = trainer.model
+    sums = response_losses(model, test, batch_size=4, pad_token_id=trainer.tokenizer.pad_token_id)
+    ours = sum(s for s, _ in sums.values()) / sum(n for _, n in sums.values())
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in test:  # one example at a time: no padding, Hugging Face's own shifted loss
+            labels = torch.tensor([row["labels"]])
+            n = int((labels[:, 1:] != -100).sum())
+            loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss
+            total, count = total + float(loss) * n, count + n
+    assert count == sum(n for _, n in sums.values())
+    assert abs(ours - total / count) < 1e-4

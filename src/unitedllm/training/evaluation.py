@@ -33,17 +33,18 @@ def response_losses(model: Any, dataset: Dataset, *, batch_size: int, pad_token_
                 batch = collate(features)
                 logits = model(
                     input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-                ).logits.float()
-                # Token t predicts token t+1; loss only where the target is a response token.
+                ).logits
+                # Token t predicts token t+1; loss only where the target is a response token. Row by row,
+                # and only over the counted positions: the float32 copy is one row's responses, not the
+                # whole batch × sequence × vocabulary again.
                 targets = batch["labels"][:, 1:].to(device)
-                losses = F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                    ignore_index=IGNORE_INDEX, reduction="none",
-                ).view(targets.shape)
                 counted = targets != IGNORE_INDEX
-                for category, loss_row, mask_row in zip(rows["category"], losses, counted, strict=True):
+                for i, category in enumerate(rows["category"]):
+                    keep = counted[i]
+                    loss = F.cross_entropy(logits[i, :-1][keep].float(), targets[i][keep], reduction="sum")
                     s, n = sums.get(category, (0.0, 0))
-                    sums[category] = (s + float(loss_row[mask_row].sum()), n + int(mask_row.sum()))
+                    sums[category] = (s + float(loss), n + int(keep.sum()))
+                del logits
     finally:
         model.train(was_training)
     return sums
