@@ -464,19 +464,10 @@ class Aggregator(Role):
 
     def _save_init(self, weights: Mapping[str, torch.Tensor]) -> None:
         """``node_0/init``: a randomly initialised base is saved there once, and every adapter points at it."""
-        import shutil
+        from unitedllm.checkpoints import node_dir, save_init
 
-        from unitedllm.checkpoints import atomic_dir
-
-        target = self.output_dir / f"node_{SERVER_RANK}" / "init"
-        save_base = getattr(self.trainer, "save_base", None)
-        if save_base is not None and not self.cfg.model_args.load_pretrained:
-            # Saved in place (not renamed) because adapters record this exact path as their base.
-            shutil.rmtree(target, ignore_errors=True)
-            save_base(target)
-            return
-        with atomic_dir(target) as tmp:
-            self.trainer.save_model(weights, tmp)
+        save_init(self.trainer, node_dir(self.output_dir, SERVER_RANK) / "init", weights,
+                  random_base=not self.cfg.model_args.load_pretrained)
 
     def _save_checkpoint(
         self, weights: Mapping[str, torch.Tensor], target: Path, state: Mapping[str, torch.Tensor], round_idx: int

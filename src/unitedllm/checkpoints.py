@@ -25,6 +25,7 @@ __all__ = [
     "node_dir",
     "read_server_state",
     "round_dir",
+    "save_init",
     "save_resume_point",
     "write_server_state",
 ]
@@ -61,6 +62,23 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_init(
+    trainer: Any, target: Path, weights: Mapping[str, torch.Tensor], *, random_base: bool, adopt: bool = True
+) -> None:
+    """``node_<rank>/init``: the randomly initialised base where there is one, else the initial weights.
+
+    A random base is written in place (not renamed) because LoRA adapters saved later record this
+    exact path as their base; ``adopt`` is passed to the trainer's ``save_base``.
+    """
+    save_base = getattr(trainer, "save_base", None)
+    if save_base is not None and random_base:
+        shutil.rmtree(target, ignore_errors=True)
+        save_base(target, adopt=adopt)
+        return
+    with atomic_dir(target) as tmp:
+        trainer.save_model(weights, tmp)
 
 
 def write_server_state(

@@ -247,16 +247,12 @@ class Client(Role):
 
     def _save_received(self, weights: Mapping[str, torch.Tensor], round_idx: int) -> None:
         """``init`` on the first global model this client sees; ``round_<r-1>_after_agg`` after that."""
-        from unitedllm.checkpoints import node_dir
+        from unitedllm.checkpoints import node_dir, save_init
 
         init = node_dir(self.output_dir, self.rank) / "init"
-        if not init.exists():
-            save_base = getattr(self.trainer, "save_base", None)
-            if round_idx == 0 and save_base is not None and not self.cfg.model_args.load_pretrained:
-                # The randomly initialised base, so this silo's adapters load without the aggregator's files.
-                save_base(init, adopt=False)
-            elif round_idx == 0:
-                self._save(weights, init)
+        if round_idx == 0 and not init.exists():
+            # With a random base, its own copy: this silo's adapters load without the aggregator's files.
+            save_init(self.trainer, init, weights, random_base=not self.cfg.model_args.load_pretrained, adopt=False)
         if round_idx >= 1 and self.plan.should_save(round_idx - 1):
             target = self._checkpoint_dir(round_idx - 1, "after_agg")
             if not target.exists():
