@@ -105,7 +105,7 @@ def _views(data: bytearray) -> dict[str, torch.Tensor]:
         except (KeyError, TypeError, ValueError) as exc:
             raise bad(f"tensor {name!r} has a malformed entry ({exc!r})") from None
         count = math.prod(shape)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if any(d < 0 for d in shape) or not 0 <= begin <= end <= body or end - begin != count * itemsize:
             raise bad(f"tensor {name!r}: offsets {begin}-{end} do not hold shape {shape} of {entry['dtype']}")
         spans.append((begin, end))
