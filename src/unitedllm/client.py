@@ -68,7 +68,8 @@ class Client(Role):
         self.plan = RoundPlan.from_config(cfg)
         from unitedllm.checkpoints import node_dir
 
-        self.journal = ClientJournal(node_dir(self.output_dir, rank))
+        self.folder = node_dir(self.output_dir, rank)  # everything this client keeps: node_<rank>/
+        self.journal = ClientJournal(self.folder)
         self.rounds_resent: list[int] = []
         self.rounds_trained: list[int] = []
         self._newest_round = -1
@@ -77,11 +78,9 @@ class Client(Role):
 
     async def _start(self) -> None:
         if self._metrics is None:
-            from unitedllm.checkpoints import node_dir
             from unitedllm.tracking.metrics import MetricsLog
 
-            path = node_dir(self.output_dir, self.rank) / "metrics.jsonl"
-            self._metrics = self._stack.enter_context(MetricsLog(path))
+            self._metrics = self._stack.enter_context(MetricsLog(self.folder / "metrics.jsonl"))
 
     @property
     def metrics(self) -> MetricsLog:
@@ -138,12 +137,10 @@ class Client(Role):
 
     async def _prepare_algorithm(self) -> None:
         """FedProx/SCAFFOLD: refuse (and tell the aggregator) a trainer that does not apply them."""
-        from unitedllm.checkpoints import node_dir
         from unitedllm.errors import ConfigError
         from unitedllm.training.client_algorithms import ClientAlgorithm
 
-        folder = node_dir(self.output_dir, self.rank) / "scaffold_control"
-        self._algorithm = await asyncio.to_thread(ClientAlgorithm, self.cfg, folder)
+        self._algorithm = await asyncio.to_thread(ClientAlgorithm, self.cfg, self.folder / "scaffold_control")
         try:
             self._algorithm.check(self.trainer)
         except ConfigError as exc:
@@ -247,9 +244,9 @@ class Client(Role):
 
     def _save_received(self, weights: Mapping[str, torch.Tensor], round_idx: int) -> None:
         """``init`` on the first global model this client sees; ``round_<r-1>_after_agg`` after that."""
-        from unitedllm.checkpoints import node_dir, save_init
+        from unitedllm.checkpoints import save_init
 
-        init = node_dir(self.output_dir, self.rank) / "init"
+        init = self.folder / "init"
         if round_idx == 0 and not init.exists():
             # With a random base, its own copy: this silo's adapters load without the aggregator's files.
             save_init(self.trainer, init, weights, random_base=not self.cfg.model_args.load_pretrained, adopt=False)
@@ -288,14 +285,12 @@ class Client(Role):
 
     async def _finish(self, finish: Finish) -> None:
         if finish.final_ref is not None:
-            from unitedllm.checkpoints import node_dir
-
             try:
                 weights = await self._fetch_weights(finish.final_ref)
             except BlobNotFound:
                 log.warning("client %d: the final model was gone before this client fetched it", self.rank)
             else:
-                await asyncio.to_thread(self._save, weights, node_dir(self.output_dir, self.rank) / "final")
+                await asyncio.to_thread(self._save, weights, self.folder / "final")
                 if finish.evaluate_final:
                     # The final model is the aggregate of the last round, so its evaluation is filed there.
                     await self._evaluate(weights, finish.round - 1, "global")
