@@ -12,9 +12,12 @@ measurement in a fresh subprocess so its peak RSS is its own:
 * ``flower``: ``flwr.server.strategy.aggregate.aggregate`` from its own virtual
   environment (created on first use; flwr's pins clash with ours).
 
-Updates are K = min(N, 4) distinct random tensors reused round-robin, so input memory is
-the same for every N and peak RSS shows what the aggregation itself holds. Throughput is
-GB/s of update bytes (N x P x 4 bytes / seconds).
+Updates are N windows of P values over one random buffer, each starting S = min(P, 16M)
+values after the previous one: disjoint when P <= 16M, else overlapping, so input memory
+stays below (P + 16M·N)·4 bytes while no two updates share bytes that could still be in a
+cache when the other reads them (64 MB·N are read in between). Peak RSS minus the inputs
+shows what the aggregation itself holds. Throughput is GB/s of update bytes
+(N x P x 4 bytes / seconds).
 
 On a shared machine one process's timings swing with its neighbours' load, so every
 method runs in ``--trials`` fresh processes, interleaved (the order rotates per trial),
@@ -44,7 +47,7 @@ import venv
 from collections.abc import Callable
 from pathlib import Path
 
-DISTINCT = 4  # >= the engine's FOLD: no pass over the accumulator reads the same bytes twice
+WINDOW_STRIDE = 16 * 2**20  # values between the starts of two updates' windows (64 MB, twice the L3)
 SEED = 1234
 FLOWER_VENV = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unitedllm" / "bench" / "flwr-venv"
@@ -55,16 +58,19 @@ TARGET_VS_FLOOR = 0.5
 TARGET_VS_FLOWER = 3.0
 
 
+def _stride(params: int) -> int:
+    return min(params, WINDOW_STRIDE)
+
+
 def _make_updates(params: int, clients: int) -> list:
-    """K distinct float32 arrays (numpy, same bytes in every environment), reused round-robin."""
+    """N float32 windows over one random buffer (numpy, same bytes in every environment)."""
     import numpy as np
 
+    stride = _stride(params)
     rng = np.random.default_rng(SEED)
-    distinct = [
-        rng.standard_normal(params, dtype=np.float32) * np.float32(1e-3)
-        for _ in range(min(clients, DISTINCT))
-    ]
-    return [distinct[i % len(distinct)] for i in range(clients)]
+    buffer = rng.standard_normal(params + (clients - 1) * stride, dtype=np.float32)
+    buffer *= np.float32(1e-3)
+    return [buffer[i * stride : i * stride + params] for i in range(clients)]
 
 
 def _samples(clients: int) -> list[int]:
@@ -143,7 +149,7 @@ def _time(passes: tuple[Pass, ...]) -> float:
 def _worker(method: str, params: int, clients: int, repeat: int) -> dict:
     """Run one measurement in this process: every timed run's seconds, and memory."""
     updates_np = _make_updates(params, clients)
-    checksum = float(sum(float(u[:4096].astype("float64").sum()) for u in updates_np[:DISTINCT]))
+    checksum = float(sum(float(u[:4096].astype("float64").sum()) for u in updates_np))
     samples = _samples(clients)
     if method == "flower":
         from flwr.server.strategy.aggregate import aggregate
@@ -236,7 +242,7 @@ def _meminfo(key: str) -> float:
 
 def _needed_mb(method: str, params: int, clients: int) -> float:
     update_mb = params * 4 / 2**20
-    inputs = min(clients, DISTINCT) * update_mb
+    inputs = (params + (clients - 1) * _stride(params)) * 4 / 2**20
     extra = {"flower": clients + 2, "exact_stream": 5, "exact_batch": 5, "fp32_add": 2, "read_floor": 1}[
         method
     ]
@@ -369,7 +375,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": _machine(),
         "load_average_before": os.getloadavg(),
-        "settings": {"trials": args.trials, "repeat": args.repeat, "distinct_updates": DISTINCT},
+        "settings": {"trials": args.trials, "repeat": args.repeat, "window_stride": WINDOW_STRIDE},
         "targets": {"vs_floor": TARGET_VS_FLOOR, "vs_flower": TARGET_VS_FLOWER},
         "notes": (
             "gb_per_s = N*P*4 bytes / best seconds (gb_per_s_median: median); vs_* compare best with best "

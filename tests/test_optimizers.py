@@ -61,7 +61,10 @@ def round_updates(round_idx: int, *, with_control: bool = False) -> list[ClientU
         extras = {}
         if with_control:
             extras = control_extras(
-                {name: torch.from_numpy(rng.normal(size=s).astype(np.float32) * 0.1) for name, s in SHAPES.items()}
+                {
+                    name: torch.from_numpy(rng.normal(size=s).astype(np.float32) * 0.1)
+                    for name, s in SHAPES.items()
+                }
             )
         updates.append(ClientUpdate(rank=rank, delta=delta, num_samples=n, extras=extras))
     return updates
@@ -127,7 +130,9 @@ class Reference:
         self.state["v" + name] = v
         return -0.7 * (g + a.server_momentum * v)
 
-    def _adaptive(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs, rule: str) -> np.ndarray:
+    def _adaptive(
+        self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs, rule: str
+    ) -> np.ndarray:
         # Reddi et al. 2021, Algorithm 2, m_{-1} = 0, v_{-1} = τ², η = 1e-2
         d = _mean(updates, name)
         m = self.state.get("m" + name, 0.0) * a.beta1 + (1 - a.beta1) * d
@@ -189,16 +194,32 @@ ALL = sorted(available())
 ARGS = ServerOptimizerArgs(trim_ratio=0.2)
 
 
-def run_rounds(opt_name: str, rounds: range, weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor]):
+def run_rounds(
+    opt_name: str, rounds: range, weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+):
     opt = create(opt_name, ARGS, num_clients=NUM_CLIENTS_TOTAL)
     for r in rounds:
-        weights, state = opt.step(weights, round_updates(r, with_control=opt_name == "SCAFFOLD"), state, round_idx=r)
+        weights, state = opt.step(
+            weights, round_updates(r, with_control=opt_name == "SCAFFOLD"), state, round_idx=r
+        )
     return weights, state
 
 
 def test_every_issue_optimizer_is_registered() -> None:
-    wanted = {"FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "DiLoCo", "FedMedian", "TrimmedMean",
-              "Krum", "MultiKrum", "SCAFFOLD", "FedProx"}
+    wanted = {
+        "FedAvg",
+        "FedAvgM",
+        "FedAdam",
+        "FedYogi",
+        "FedAdagrad",
+        "DiLoCo",
+        "FedMedian",
+        "TrimmedMean",
+        "Krum",
+        "MultiKrum",
+        "SCAFFOLD",
+        "FedProx",
+    }
     assert wanted <= set(ALL)
 
 
@@ -289,7 +310,9 @@ def _attacked_round() -> tuple[dict[str, torch.Tensor], list[ClientUpdate]]:
     g = torch.Generator().manual_seed(7)
     w0 = {n: torch.zeros(s) for n, s in SHAPES.items()}
     updates = [
-        ClientUpdate(rank=r, delta={n: torch.randn(s, generator=g) * 0.01 for n, s in SHAPES.items()}, num_samples=10)
+        ClientUpdate(
+            rank=r, delta={n: torch.randn(s, generator=g) * 0.01 for n, s in SHAPES.items()}, num_samples=10
+        )
         for r in range(1, 5)
     ]
     attacker = {n: torch.randn(s, generator=g) * 1e6 for n, s in SHAPES.items()}
@@ -337,8 +360,14 @@ def _good(rank: int = 1, **over: torch.Tensor) -> dict[str, torch.Tensor]:
         (_good(**{"other": torch.zeros(1)}), "unexpected tensors 'other'"),
         (_good(**{"layer.bias": torch.zeros(6)}), "'layer.bias' has shape (6,), the global model has (64,)"),
         (_good(**{"layer.bias": torch.zeros(64, dtype=torch.int64)}), "updates must be floating point"),
-        (_good(**{"layer.bias": torch.zeros(64, dtype=torch.float64)}), "dtype torch.float64, the global model"),
-        (_good(**{"layer.bias": torch.zeros(64).index_fill(0, torch.tensor([3, 9]), float("nan"))}), "2 non-finite values"),
+        (
+            _good(**{"layer.bias": torch.zeros(64, dtype=torch.float64)}),
+            "dtype torch.float64, the global model",
+        ),
+        (
+            _good(**{"layer.bias": torch.zeros(64).index_fill(0, torch.tensor([3, 9]), float("nan"))}),
+            "2 non-finite values",
+        ),
     ],
 )
 def test_bad_updates_are_refused_with_the_reason(delta: dict[str, torch.Tensor], reason: str) -> None:
@@ -359,7 +388,9 @@ def test_nonfinite_bfloat16_update_is_refused() -> None:
 def test_a_bad_update_does_not_poison_the_round(opt_name: str, caplog: pytest.LogCaptureFixture) -> None:
     w0 = initial_weights()
     good = round_updates(0)
-    bad = ClientUpdate(rank=9, delta=_good(**{"layer.bias": torch.full((64,), float("nan"))}), num_samples=1000)
+    bad = ClientUpdate(
+        rank=9, delta=_good(**{"layer.bias": torch.full((64,), float("nan"))}), num_samples=1000
+    )
     opt = create(opt_name, ARGS)
     with_bad, _ = opt.step(w0, [*good, bad], opt.init_state(w0))
     without, _ = opt.step(w0, good, opt.init_state(w0))
@@ -391,7 +422,9 @@ def test_unset_hyperparameters_take_the_papers_defaults() -> None:
     assert create("DiLoCo", args).hparam("server_learning_rate") == 0.7
     assert create("DiLoCo", args).hparam("nesterov") is True
     assert create("FedAvgM", args).hparam("nesterov") is False
-    assert create("FedAvgM", ServerOptimizerArgs(server_learning_rate=0.5)).hparam("server_learning_rate") == 0.5
+    assert (
+        create("FedAvgM", ServerOptimizerArgs(server_learning_rate=0.5)).hparam("server_learning_rate") == 0.5
+    )
 
 
 # -- low-precision updates and the exact sum ---------------------------------------------------------
@@ -401,8 +434,10 @@ def test_unset_hyperparameters_take_the_papers_defaults() -> None:
 def test_low_precision_updates_are_aggregated_in_wide_precision(dtype: torch.dtype) -> None:
     w0 = {"x": torch.zeros(4096, dtype=dtype)}
     g = torch.Generator().manual_seed(3)
-    updates = [ClientUpdate(rank=r, delta={"x": torch.randn(4096, generator=g).to(dtype)}, num_samples=r * 3)
-               for r in range(1, 9)]
+    updates = [
+        ClientUpdate(rank=r, delta={"x": torch.randn(4096, generator=g).to(dtype)}, num_samples=r * 3)
+        for r in range(1, 9)
+    ]
     new, _ = create("FedAvg", ARGS).step(w0, updates, {})
     exact = sum(u.num_samples * u.delta["x"].double() for u in updates) / sum(u.num_samples for u in updates)
     assert new["x"].dtype == dtype
@@ -436,7 +471,9 @@ def test_exact_sum_is_exact_even_for_extreme_magnitudes() -> None:
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_exact_sum_compiled_and_torch_paths_give_identical_bytes(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exact_sum_compiled_and_torch_paths_give_identical_bytes(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     xs = _extreme_values(5, 2)
     reference = ExactSum((5000,))
     monkeypatch.setenv("UNITEDLLM_NO_NATIVE", "1")
@@ -519,6 +556,62 @@ def test_sum_over_threads_does_not_depend_on_the_thread_count(
     for x, w in zip(xs, [3, 5, 7], strict=True):
         reference.add([x], [w])
     assert torch.equal(reference.result() / 15, results[0])
+
+
+def test_many_wide_updates_over_threads_give_the_bytes_of_one_at_a_time() -> None:
+    """20 inputs in one pass over several chunks on two threads, with deep levels in many blocks."""
+    if _native.kernels() is None:
+        pytest.skip("no C compiler: the compiled kernel is not available")
+    xs = _wide_updates(20, BIG, 12)
+    ws = [3 + 5 * i for i in range(20)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        folded = ExactSum((BIG,))
+        folded.add(xs, ws)
+    finally:
+        torch.set_num_threads(before)
+    assert len(folded.levels) > 2  # the passes stopped for overflows and went on
+    one_by_one = ExactSum((BIG,))
+    for i in reversed(range(20)):
+        one_by_one.add([xs[i]], [ws[i]])
+    assert torch.equal(folded.result(), one_by_one.result())
+
+
+@pytest.mark.parametrize("lr", [1.0, 0.7])
+@pytest.mark.parametrize("native", [True, False])
+def test_fedavg_adds_the_mean_in_one_pass_with_the_bytes_of_apply(
+    native: bool, lr: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FedAvg's fused finish (sum rounded, divided, scaled and added to w at once) changes no byte."""
+    _paths(native, monkeypatch)
+    g = torch.Generator().manual_seed(13)
+    w0 = {"x": torch.randn(BIG, generator=g), "b": torch.randn(7, 3, generator=g).bfloat16()}
+    deltas = _wide_updates(5, BIG, 14)
+    counts = [1, 2, 4, 8, 16]  # powers of two: the planted values below stay exact when divided
+    for i in (5, _native.CHUNK + 7, BIG - 1):  # sums of 1 that only the third level holds
+        for d, v, n in zip(deltas, [2.0**120, 2.0**60, 1.0, -(2.0**120), -(2.0**60)], counts, strict=True):
+            d[i] = v / n
+    updates = [
+        ClientUpdate(
+            rank=r + 1, delta={"x": d, "b": torch.randn(7, 3, generator=g).bfloat16()}, num_samples=n
+        )
+        for r, (d, n) in enumerate(zip(deltas, counts, strict=True))
+    ]
+    opt = create("FedAvg", ServerOptimizerArgs(server_learning_rate=lr))
+    got, _ = opt.step(w0, updates, {})
+    total = sum(u.num_samples for u in updates)
+    expect = {}
+    for name, w in w0.items():
+        acc = ExactSum(w.shape)
+        acc.add([u.delta[name] for u in updates], [u.num_samples for u in updates])
+        assert (len(acc.levels) > 2) == (name == "x")  # deep levels: fixed up outside the kernel
+        mean = acc.result(divide_by=total)
+        expect.update(apply_step({name: w}, {name: mean * lr if lr != 1.0 else mean}))
+    assert got.keys() == expect.keys()
+    for name in got:
+        assert got[name].dtype == w0[name].dtype and torch.equal(got[name], expect[name]), name
+    assert got["x"][5] == torch.tensor(w0["x"][5].item() + lr / 31, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -670,5 +763,3 @@ def test_scaffold_refuses_updates_without_control_deltas() -> None:
     with pytest.raises(UpdateRejected, match="extras: missing tensors 'control/layer.bias'"):
         acc.add(round_updates(0)[0])
     assert math.isclose(len(opt.server_control(opt.init_state(w0))), len(SHAPES))
-
-

@@ -47,6 +47,7 @@ _SOURCE = r"""
 #include <string.h>
 
 #define BLOCK 512
+#define PREFETCH_AHEAD 8192  /* elements; see prefetch_ahead */
 
 /* Every worker claims chunks [c, c + chunk) of [.., end) from *next, which all the
  * workers of one call share, until none is left; chunks are multiples of BLOCK. */
@@ -113,66 +114,95 @@ static inline int block_finite(const void *x, int32_t dtype, int64_t b, int64_t 
     return !bad;
 }
 
-/* Adds every input into one block; lo (level 1) is read only when level 0 leaves an error. */
-static int64_t add_block(const fold_args *a, int64_t b, int64_t n, int64_t *ovf_idx, double *ovf_val) {
+/* Asks for the block PREFETCH_AHEAD elements further along input k, past the chunk's end
+ * too: there it is the same input's part of a chunk folded soon after. The hardware
+ * prefetchers alone fall behind the arithmetic; this doubled the throughput where measured
+ * (bench/README.md), more than prefetching the next input's part of this chunk did.
+ * Prefetches never fault, so reading ahead of an input's end is harmless. */
+static inline void prefetch_ahead(const fold_args *a, int k, int64_t b) {
+    int64_t size = a->dtypes[k] == 0 ? 4 : 2;
+    uintptr_t p = (uintptr_t)a->xs[k] + (uintptr_t)((b + PREFETCH_AHEAD) * size);
+    for (int64_t off = 0; off < BLOCK * size; off += 64) __builtin_prefetch((const void *)(p + off));
+}
+
+/* Adds input k into one block; lo (level 1) is read only when level 0 leaves an error.
+ * Returns how many values even the deepest level could not hold (put in ovf_idx/ovf_val). */
+static int64_t add_input_block(const fold_args *a, int k, int64_t b, int64_t n, int64_t *ovf_idx, double *ovf_val) {
     double ebuf[BLOCK];
     double *h = a->lev[0] + b;
     int64_t blk = b / BLOCK, novf = 0;
-    for (int k = 0; k < a->nx; k++) {
-        int store = a->fresh && k == 0;
-        int skipped = a->skip && (a->skip[blk] >> k & 1);
-        int bad = !skipped && a->nonfinite && !block_finite(a->xs[k], a->dtypes[k], b, n);
-        if (skipped || bad) {
-            if (bad) a->nonfinite[blk] |= 1ull << k;
-            if (store) memset(h, 0, sizeof(double) * n);
-            continue;
-        }
-        double w = a->ws[k];
-        if (store) {  /* w * x is exact: nothing for level 1 */
-            if (a->dtypes[k] == 0) {
-                const float *x = (const float *)a->xs[k] + b;
-                for (int64_t j = 0; j < n; j++) h[j] = w * (double)x[j];
-            } else {
-                const uint16_t *x = (const uint16_t *)a->xs[k] + b;
-                for (int64_t j = 0; j < n; j++) h[j] = w * bf16_to_double(x[j]);
-            }
-            continue;
-        }
-        uint64_t any = 0;
+    int store = a->fresh && k == 0;
+    int skipped = a->skip && (a->skip[blk] >> k & 1);
+    int bad = !skipped && a->nonfinite && !block_finite(a->xs[k], a->dtypes[k], b, n);
+    if (skipped || bad) {
+        if (bad) a->nonfinite[blk] |= 1ull << k;
+        if (store) memset(h, 0, sizeof(double) * n);
+        return 0;
+    }
+    double w = a->ws[k];
+    if (store) {  /* w * x is exact: nothing for level 1 */
         if (a->dtypes[k] == 0) {
             const float *x = (const float *)a->xs[k] + b;
-            TWOSUM_INTO(h, w * (double)x[j])
+            for (int64_t j = 0; j < n; j++) h[j] = w * (double)x[j];
         } else {
             const uint16_t *x = (const uint16_t *)a->xs[k] + b;
-            TWOSUM_INTO(h, w * bf16_to_double(x[j]))
+            for (int64_t j = 0; j < n; j++) h[j] = w * bf16_to_double(x[j]);
         }
-        if (!any) continue;
-        a->lo_used[blk] = 1;
-        double *lo = a->lev[1] + b;
-        any = 0;
-        TWOSUM_INTO(lo, ebuf[j])
-        if (!any) continue;
-        for (int64_t j = 0; j < n; j++) {
-            if (ebuf[j] == 0.0) continue;
-            double left = cascade(a->lev, 2, a->nlev, b + j, ebuf[j]);
-            if (left != 0.0) { ovf_idx[novf] = b + j; ovf_val[novf] = left; novf++; }
-        }
+        return 0;
+    }
+    uint64_t any = 0;
+    if (a->dtypes[k] == 0) {
+        const float *x = (const float *)a->xs[k] + b;
+        TWOSUM_INTO(h, w * (double)x[j])
+    } else {
+        const uint16_t *x = (const uint16_t *)a->xs[k] + b;
+        TWOSUM_INTO(h, w * bf16_to_double(x[j]))
+    }
+    if (!any) return 0;
+    a->lo_used[blk] = 1;
+    double *lo = a->lev[1] + b;
+    any = 0;
+    TWOSUM_INTO(lo, ebuf[j])
+    if (!any) return 0;
+    for (int64_t j = 0; j < n; j++) {
+        if (ebuf[j] == 0.0) continue;
+        double left = cascade(a->lev, 2, a->nlev, b + j, ebuf[j]);
+        if (left != 0.0) { ovf_idx[novf] = b + j; ovf_val[novf] = left; novf++; }
     }
     return novf;
 }
 
-/* Worker adding ws[k] * xs[k][i] exactly into the levels for i < end. What even the
- * deepest level cannot hold goes to the overflow buffers (room for BLOCK * nx values); the
- * worker then stops after that block, puts the rest of its chunk in resume[0..1] and
+/* Folds the inputs into the chunk [c, stop) one input at a time, starting with input k0 at
+ * block b0: the chunk's accumulator stays in cache while every input streams through it
+ * once, so memory traffic is the inputs plus one write of the chunk however many inputs
+ * there are. After a block that overflowed it stops and puts where to go on in resume[0..3]
+ * (chunk start, chunk stop, input, block; input == nx: the chunk is done). */
+int64_t ul_fold_chunk(const fold_args *a, int64_t c, int64_t stop, int32_t k0, int64_t b0,
+                      int64_t *ovf_idx, double *ovf_val, int64_t *resume) {
+    for (int k = k0; k < a->nx; k++) {
+        for (int64_t b = k == k0 ? b0 : c; b < stop; b += BLOCK) {
+            int64_t n = stop - b < BLOCK ? stop - b : BLOCK;
+            prefetch_ahead(a, k, b);
+            int64_t novf = add_input_block(a, k, b, n, ovf_idx, ovf_val);
+            if (novf) {
+                int next_k = b + n < stop ? k : k + 1;
+                resume[0] = c; resume[1] = stop; resume[2] = next_k; resume[3] = b + n < stop ? b + n : c;
+                return novf;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Worker adding ws[k] * xs[k][i] exactly into the levels for i < end, chunk by chunk. What
+ * even the deepest level cannot hold goes to the overflow buffers (room for BLOCK values);
+ * the worker then stops, with where to go on in resume[0..3] (see ul_fold_chunk), and
  * returns the number of overflow values (0 when it found no more work). */
 int64_t ul_exact_add(const fold_args *a, int64_t end, int64_t chunk, int64_t *next,
                      int64_t *ovf_idx, double *ovf_val, int64_t *resume) {
     FOR_EACH_CHUNK(c, stop) {
-        for (int64_t b = c; b < stop; b += BLOCK) {
-            int64_t n = stop - b < BLOCK ? stop - b : BLOCK;
-            int64_t novf = add_block(a, b, n, ovf_idx, ovf_val);
-            if (novf) { resume[0] = b + n; resume[1] = stop; return novf; }
-        }
+        int64_t novf = ul_fold_chunk(a, c, stop, 0, c, ovf_idx, ovf_val, resume);
+        if (novf) return novf;
     }
     return 0;
 }
@@ -200,6 +230,27 @@ void ul_finish(const double *hi, const double *lo, const uint8_t *lo_used, doubl
                 for (int64_t j = 0; j < n; j++) o[j] = (h[j] + l[j]) / divisor;
             } else {
                 for (int64_t j = 0; j < n; j++) o[j] = h[j] / divisor;
+            }
+        }
+    }
+}
+
+/* Worker: out[i] = (float)((double)w[i] + scale * ((hi[i] + lo[i]) / divisor)), the same
+ * roundings as ul_finish, then times scale (skipped when it is 1), then ul_apply_f32, in
+ * one pass: a float32 model plus a scaled mean, without the float64 mean in memory. */
+void ul_finish_apply_f32(const double *hi, const double *lo, const uint8_t *lo_used, double divisor,
+                         double scale, const float *w, float *out, int64_t end, int64_t chunk, int64_t *next) {
+    FOR_EACH_CHUNK(c, stop) {
+        for (int64_t b = c; b < stop; b += BLOCK) {
+            int64_t n = stop - b < BLOCK ? stop - b : BLOCK;
+            const double *h = hi + b, *l = lo + b;
+            const float *x = w + b;
+            float *o = out + b;
+            int used = lo_used[b / BLOCK];
+            for (int64_t j = 0; j < n; j++) {
+                double m = (used ? h[j] + l[j] : h[j]) / divisor;
+                if (scale != 1.0) m = m * scale;
+                o[j] = (float)((double)x[j] + m);
             }
         }
     }
@@ -249,7 +300,7 @@ class FoldArgs(ctypes.Structure):
 class Kernels:
     """ctypes bindings of the compiled kernels.
 
-    The ``*_worker``-style functions (exact_add, finish, apply_f32, count_nonfinite) take
+    The ``*_worker``-style functions (exact_add, finish, finish_apply_f32, apply_f32, count_nonfinite) take
     ``end, chunk, next``: several threads may call one at once with the same ``next``
     counter, and each claims chunks of ``chunk`` elements until none is left.
     """
@@ -258,9 +309,13 @@ class Kernels:
         p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_double
         work = [i64, i64, p]  # end, chunk, next
         self.exact_add = self._bind(lib.ul_exact_add, i64, [ctypes.POINTER(FoldArgs), *work, p, p, p])
+        self.fold_chunk = self._bind(
+            lib.ul_fold_chunk, i64, [ctypes.POINTER(FoldArgs), i64, i64, i32, i64, p, p, p]
+        )
         self.deposit = self._bind(lib.ul_deposit, i64, [p, ctypes.c_int, ctypes.c_int, p, p, i64])
         self.finish = self._bind(lib.ul_finish, None, [p, p, p, f64, p, *work])
         self.apply_f32 = self._bind(lib.ul_apply_f32, None, [p, p, p, *work])
+        self.finish_apply_f32 = self._bind(lib.ul_finish_apply_f32, None, [p, p, p, f64, f64, p, p, *work])
         self.count_nonfinite = self._bind(lib.ul_count_nonfinite, i64, [p, i32, *work])
 
     @staticmethod

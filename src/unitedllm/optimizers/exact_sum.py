@@ -41,10 +41,10 @@ __all__ = ["MAX_WEIGHT", "ExactSum", "count_nonfinite", "exact_weighted_sum"]
 # w * x is exact in float64 when w has at most 29 significant bits and x at most 24.
 MAX_WEIGHT = 2**29
 
-# Inputs the kernel folds per pass over the accumulator: 4 cut its memory traffic per update
-# from 16 to 4 bytes per parameter. Wider passes were slower where measured (bench/README.md):
-# more concurrent input streams than the hardware prefetchers follow.
-FOLD = 4
+# Inputs the kernel folds per pass over the accumulator. It takes them one at a time per
+# cache-sized chunk of the accumulator, so a pass reads each input once and writes the
+# accumulator once however many there are (bench/README.md).
+FOLD = _native.MAX_INPUTS
 
 
 def _native_dtype(dtype: torch.dtype) -> int | None:
@@ -97,15 +97,22 @@ def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array[ctypes.c_void_p]:
 _POISONED = "inf or NaN reached the exact sum: add inputs that may hold them with check_finite=True"
 
 
+def _overflow_room() -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffers for the values one block of one input can pass beyond the deepest level."""
+    return torch.empty(_native.BLOCK, dtype=torch.int64), torch.empty(_native.BLOCK, dtype=torch.float64)
+
+
+Resume = tuple[int, int, int, int]  # chunk start, chunk stop, input, block (see ul_fold_chunk)
+
+
 def _fold_worker(
-    k: _native.Kernels, args: _native.FoldArgs, end: int, room: int, _thread: int, nxt: int
-) -> tuple[int, torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """One thread's share of an exact_add call: overflow count and buffers, and where to resume."""
-    idx = torch.empty(room, dtype=torch.int64)
-    val = torch.empty(room, dtype=torch.float64)
-    resume = (ctypes.c_int64 * 2)()
+    k: _native.Kernels, args: _native.FoldArgs, end: int, _thread: int, nxt: int
+) -> tuple[int, torch.Tensor, torch.Tensor, Resume]:
+    """One thread's share of an exact_add call: overflow count and buffers, and where to go on."""
+    idx, val = _overflow_room()
+    resume = (ctypes.c_int64 * 4)()
     n = int(k.exact_add(ctypes.byref(args), end, _native.CHUNK, nxt, idx.data_ptr(), val.data_ptr(), resume))
-    return n, idx, val, (resume[0], resume[1])
+    return n, idx, val, (resume[0], resume[1], resume[2], resume[3])
 
 
 class ExactSum:
@@ -224,20 +231,30 @@ class ExactSum:
             nonfinite=None if nonfinite is None else nonfinite.data_ptr(),
         )
         args.fresh, self._fresh = self._fresh, False
-        pending = [(0, self.numel)]
-        while pending:
-            start, end = pending.pop()
-            levels = _pointers(self.levels)
+        ranges = [(0, self.numel)]  # left to claim chunk by chunk, on every thread
+        partial: list[Resume] = []  # chunks a worker stopped in for an overflow, finished on this thread
+        while ranges or partial:
+            levels = _pointers(self.levels)  # alive while the kernels run
             args.lev, args.nlev = ctypes.addressof(levels), len(self.levels)
-            work = functools.partial(_fold_worker, k, args, end, _native.BLOCK * nx)
-            results, reached = _native.run_parallel(work, start, end)
+            if partial:
+                c, stop, first, block = partial.pop()
+                if first < nx:
+                    idx, val = _overflow_room()
+                    resume = (ctypes.c_int64 * 4)()
+                    ptrs = idx.data_ptr(), val.data_ptr(), resume
+                    n = int(k.fold_chunk(ctypes.byref(args), c, stop, first, block, *ptrs))
+                    if n:
+                        self._deepen(idx[:n], val[:n])
+                        partial.append((resume[0], resume[1], resume[2], resume[3]))
+                continue
+            start, end = ranges.pop()
+            results, reached = _native.run_parallel(functools.partial(_fold_worker, k, args, end), start, end)
             if reached < end:  # every worker stopped for an overflow before the counter ran out
-                pending.append((reached, end))
-            for n, idx, val, (resume_from, resume_to) in results:
+                ranges.append((reached, end))
+            for n, idx, val, where in results:
                 if n:
                     self._deepen(idx[:n], val[:n])
-                    if resume_from < resume_to:
-                        pending.append((resume_from, resume_to))
+                    partial.append(where)
 
     def _clear_fresh(self) -> None:
         """Zero level 0 if no fold has stored into it yet."""
@@ -257,6 +274,16 @@ class ExactSum:
             nlev = len(self.levels)
             n = int(k.deposit(_pointers(self.levels), nlev - 1, nlev, idx.data_ptr(), val.data_ptr(), n))
 
+    def _deep_elements(self) -> tuple[list[int], list[list[float]]]:
+        """Elements with something beyond level 1: their indices and every level's value there."""
+        if len(self.levels) <= 2:
+            return [], []
+        deeper = self.levels[2] != 0
+        for lv in self.levels[3:]:
+            deeper |= lv != 0
+        idx = deeper.nonzero().view(-1)
+        return idx.tolist(), torch.stack([lv[idx] for lv in self.levels]).T.tolist()
+
     def result(self, *, consume: bool = False, divide_by: float = 1) -> torch.Tensor:
         """The exact sum rounded once to float64, then divided by ``divide_by``.
 
@@ -264,15 +291,7 @@ class ExactSum:
         """
         self._clear_fresh()
         hi, lo = self.levels[0], self.levels[1]
-        deep: list[int] = []
-        cols: list[list[float]] = []
-        if len(self.levels) > 2:  # gather before level 0 may be overwritten below
-            deeper = self.levels[2] != 0
-            for lv in self.levels[3:]:
-                deeper |= lv != 0
-            idx = deeper.nonzero().view(-1)
-            deep = idx.tolist()
-            cols = torch.stack([lv[idx] for lv in self.levels]).T.tolist()
+        deep, cols = self._deep_elements()  # before level 0 may be overwritten below
         out = hi if consume else empty_like(hi)
         k = _native.kernels()
         if k is not None:
@@ -290,6 +309,35 @@ class ExactSum:
         if consume:
             self.levels = []
         return out.view(self.shape)
+
+    def plus_mean(self, w: torch.Tensor, *, divide_by: float, scale: float = 1.0) -> torch.Tensor | None:
+        """``w + scale·(sum / divide_by)`` as float32, in one pass, consuming the sum; None where unsupported.
+
+        The same bytes as ``(w.double() + scale * result(divide_by=divide_by)).float()`` (the
+        multiplication left out when ``scale`` is 1), without the float64 result in memory.
+        Needs the compiled kernel and a contiguous float32 CPU ``w`` of the sum's shape;
+        otherwise returns None and leaves the sum as it was.
+        """
+        k = _native.kernels()
+        if k is None or w.dtype != torch.float32 or w.device.type != "cpu" or w.shape != self.shape:
+            return None
+        w = w.contiguous()
+        self._clear_fresh()
+        deep, cols = self._deep_elements()
+        out = empty_like(w)
+        ptrs = (
+            self.levels[0].data_ptr(), self.levels[1].data_ptr(), self._lo_used.data_ptr(),
+            float(divide_by), float(scale), w.data_ptr(), out.data_ptr(),
+        )  # fmt: skip
+        _native.run_parallel(
+            lambda _t, nxt: k.finish_apply_f32(*ptrs, self.numel, _native.CHUNK, nxt), 0, self.numel
+        )
+        flat_w, flat_out = w.view(-1), out.view(-1)
+        for i, parts in zip(deep, cols, strict=True):
+            mean = math.fsum(parts) / divide_by
+            flat_out[i] = float(flat_w[i]) + (mean * scale if scale != 1.0 else mean)
+        self.levels = []
+        return out
 
 
 def exact_weighted_sum(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -51,6 +51,9 @@ class FedAvg(MeanRuleOptimizer):
     name = "FedAvg"
     defaults = {"server_learning_rate": 1.0}
 
+    def plain_step_scale(self) -> float:
+        return float(self.hparam("server_learning_rate"))
+
     def apply(
         self,
         weights: Mapping[str, torch.Tensor],
@@ -58,8 +61,7 @@ class FedAvg(MeanRuleOptimizer):
         state: Tensors,
         summary: RoundSummary,
     ) -> tuple[Tensors, Tensors]:
-        lr = float(self.hparam("server_learning_rate"))
-        return apply_step(weights, scaled(mean_delta, lr)), state
+        return apply_step(weights, scaled(mean_delta, self.plain_step_scale())), state
 
 
 @register

@@ -91,6 +91,15 @@ class MeanRuleOptimizer(ServerOptimizer):
     ) -> RoundAccumulator:
         return StreamingMeanRound(self, weights, state, round_idx=round_idx)
 
+    def plain_step_scale(self) -> float | None:
+        """For a rule whose step is only ``scale · mean delta`` (no state, no extras): the scale.
+
+        The round then adds the scaled mean to the weights in the pass that rounds the sum
+        (:meth:`ExactSum.plus_mean`): the same bytes as :meth:`apply`, without the float64
+        mean in memory. None (the default) always calls :meth:`apply`.
+        """
+        return None
+
     @abc.abstractmethod
     def apply(
         self,
@@ -157,7 +166,19 @@ class StreamingMeanRound(RoundAccumulator):
 
     def _finish(self) -> tuple[Tensors, Tensors]:
         total = self._total
+        scale = self.optimizer.plain_step_scale()
+        if scale is not None and not self._extras:
+            return {n: self._plus_scaled_mean(n, w, scale) for n, w in self.weights.items()}, self.state
         mean = {n: self._sums.pop(n).result(consume=True, divide_by=total) for n in self.weights}
         extras = {n: self._extra_sums.pop(n).result(consume=True, divide_by=total) for n in self._extras}
         summary = RoundSummary(tuple(sorted(self.accepted)), self._total, extras)
         return self.optimizer.apply(self.weights, mean, self.state, summary)
+
+    def _plus_scaled_mean(self, name: str, w: torch.Tensor, scale: float) -> torch.Tensor:
+        """``w + scale · mean delta`` for one tensor: fused where the kernel can, else composed."""
+        acc = self._sums.pop(name)
+        fused = acc.plus_mean(w, divide_by=self._total, scale=scale)
+        if fused is not None:
+            return fused
+        mean = acc.result(consume=True, divide_by=self._total)
+        return _plus(w, mean if scale == 1.0 else mean * scale)
