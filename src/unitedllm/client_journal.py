@@ -9,19 +9,27 @@ Under ``node_<rank>/``:
   the global model's digest and the extras' digests). A resumed aggregator asks again for the
   round it lost; when the question is the same and the update's blobs are still in the store,
   the client sends the same update again instead of training the round a second time.
+
+Snapshots are read with ``torch.load(weights_only=True)``, so a file on disk never runs code: a
+trainer's ``state_dict`` must hold only tensors, numbers, strings, lists and dicts (see
+:meth:`LocalTrainer.state_dict <unitedllm.training.base.LocalTrainer.state_dict>`). A state that
+could not be read back is refused when it is saved, and an unreadable snapshot is a
+:class:`TrainingError` naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from unitedllm.errors import TrainingError
 from unitedllm.protocol.messages import BlobRef, RoundStart, Update
 
 if TYPE_CHECKING:
@@ -80,6 +88,14 @@ class ClientJournal:
         snapshot = self._snapshot(round_idx)
         tmp = snapshot.with_suffix(".tmp")
         torch.save(state, tmp)
+        try:
+            torch.load(tmp, weights_only=True, mmap=True)  # unpickles the small index; tensors stay on disk
+        except _UNREADABLE as exc:
+            tmp.unlink(missing_ok=True)
+            raise TrainingError(
+                f"{type(trainer).__name__}.state_dict() cannot be kept as a trainer-state snapshot: {_why(exc)};"
+                " convert other objects to those in state_dict and back in load_state_dict"
+            ) from None
         tmp.replace(snapshot)
         for old in self.states.glob("before_round_*.pt"):
             if int(old.stem.rsplit("_", 1)[1]) < round_idx - 1:
@@ -118,14 +134,25 @@ class ClientJournal:
         return {"delta": update.delta_ref, **update.extras}
 
 
+# What torch.load raises for a file it refuses (a class outside its allowlist), a damaged one or an empty one.
+_UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError)
+
+
+def _why(exc: BaseException) -> str:
+    found = re.search(r"GLOBAL (\S+)", str(exc))
+    if found:
+        return f"it holds a {found.group(1)} object, and snapshots hold only tensors, numbers, strings, lists and dicts"
+    return f"it is damaged or not a trainer-state snapshot ({type(exc).__name__})"
+
+
 def _load(snapshot: Path) -> Any:
-    """A trainer-state snapshot, unpickled with only tensors, containers and known engine classes allowed."""
+    """A trainer-state snapshot, unpickled with only tensors, numbers, strings and containers allowed."""
     import torch
 
-    allowed: list[Any] = []
-    if "deepspeed" in sys.modules:  # ZeRO optimizer states carry DeepSpeed's loss scaler objects
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-
-        allowed += [LossScaler, DynamicLossScaler]
-    with torch.serialization.safe_globals(allowed):
+    try:
         return torch.load(snapshot, weights_only=True)
+    except _UNREADABLE as exc:
+        raise TrainingError(
+            f"cannot load the trainer-state snapshot {snapshot}: {_why(exc)}; delete it to start that round"
+            " with a fresh optimizer and schedule, or start the client with a fresh output_dir"
+        ) from None

@@ -11,6 +11,11 @@ Hugging Face's ``Trainer`` starts a new DeepSpeed engine, optimizer and schedule
 round stopped (as the single-process client does), so :class:`ZeroRounds` hands each
 round's engine the previous round's ZeRO optimizer state (moments and step count; the master
 weights come from the freshly loaded global model) and a schedule advanced to where it was.
+
+That state is kept as plain data (tensors, numbers, strings, lists, dicts), so the client's
+journal loads it with ``torch.load(weights_only=True)``: DeepSpeed's loss scaler object becomes
+a dict of its numbers, and what only describes the engine's layout (its ZeRO stage, parameter
+slice map and ZeRO-3 master weights) is left out and taken from the next round's fresh engine.
 """
 
 from __future__ import annotations
@@ -24,12 +29,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ZeroRounds", "gathered", "is_partitioned"]
+__all__ = ["ZeroRounds", "gathered", "is_partitioned", "loss_scaler_state", "restore_loss_scaler"]
 
 log = logging.getLogger(__name__)
 
-# ZeRO-3 keeps its fp32 master weights inside the optimizer state under this key.
-_ZERO3_MASTER_WEIGHTS = "fp32_flat_groups"
+# Keys of a ZeRO optimizer state that describe the engine rather than training progress:
+# ZeRO-3's fp32 master weights (the fresh engine has them from the new global model), the stage
+# and the parameter slice map (both DeepSpeed objects, fixed by the config and the model).
+_FROM_FRESH_ENGINE = ("fp32_flat_groups", "zero_stage", "param_slice_mappings")
+_LOSS_SCALER = "loss_scaler"
+_SCALER_KIND = "kind"
 
 
 def is_partitioned(params: Iterable[torch.nn.Parameter]) -> bool:
@@ -62,6 +71,30 @@ def _cpu_copy(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(_cpu_copy(v) for v in obj)
     return obj
+
+
+def loss_scaler_state(scaler: Any) -> dict[str, Any]:
+    """A DeepSpeed loss scaler as plain data: its class name and its number, string and flag attributes."""
+    plain = {k: v for k, v in vars(scaler).items() if type(v) in (bool, int, float, str, type(None))}
+    return {_SCALER_KIND: type(scaler).__name__, **plain}
+
+
+def restore_loss_scaler(scaler: Any, state: dict[str, Any]) -> None:
+    """Put what :func:`loss_scaler_state` kept back into ``scaler``, a fresh engine's scaler of the same kind."""
+    attrs = dict(state)
+    kind = attrs.pop(_SCALER_KIND, None)
+    if kind != type(scaler).__name__:
+        # The DeepSpeed config changed (fp16 dynamic vs static scaling): the new engine's scaler rules.
+        log.warning("not restoring a saved %s into this engine's %s", kind, type(scaler).__name__)
+        return
+    vars(scaler).update(attrs)
+
+
+def _plain_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
+    plain = {k: v for k, v in state.items() if k not in _FROM_FRESH_ENGINE}
+    if _LOSS_SCALER in plain:
+        plain[_LOSS_SCALER] = loss_scaler_state(plain[_LOSS_SCALER])
+    return plain
 
 
 class ZeroRounds:
@@ -123,11 +156,12 @@ class ZeroRounds:
         import torch.distributed as dist
 
         zero = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper around the ZeRO optimizer
-        state = dict(self._optimizer_state)
         fresh = zero.state_dict()
-        if _ZERO3_MASTER_WEIGHTS in fresh:
-            # Keep the master weights this engine took from the new global model; carry only the moments.
-            state[_ZERO3_MASTER_WEIGHTS] = fresh[_ZERO3_MASTER_WEIGHTS]
+        state = {**{k: fresh[k] for k in _FROM_FRESH_ENGINE if k in fresh}, **self._optimizer_state}
+        if _LOSS_SCALER in fresh:
+            if _LOSS_SCALER in state:
+                restore_loss_scaler(fresh[_LOSS_SCALER], state[_LOSS_SCALER])
+            state[_LOSS_SCALER] = fresh[_LOSS_SCALER]
         world = dist.get_world_size() if dist.is_initialized() else 1
         zero.load_state_dict([state] * world, load_optimizer_states=True, load_from_fp32_weights=False)
 
@@ -143,7 +177,7 @@ class ZeroRounds:
                 shards,
                 len(params),
             )
-        self._optimizer_state = _cpu_copy(self._engine.optimizer.state_dict())
+        self._optimizer_state = _plain_optimizer_state(_cpu_copy(self._engine.optimizer.state_dict()))
         self.steps_done += int(trainer.state.global_step)
 
     def release_engine(self) -> None:
@@ -157,7 +191,7 @@ class ZeroRounds:
         return float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's ZeRO optimizer shard and the schedule position (torch objects)."""
+        """This rank's ZeRO optimizer shard and the schedule position (plain data: see the module docstring)."""
         if self._optimizer_state is None:
             return {}
         return {"zero_optimizer": self._optimizer_state, "steps_done": self.steps_done}

@@ -99,7 +99,13 @@ class LocalTrainer(abc.ABC):
         """Write ``weights`` as a directory ``transformers``/``peft`` can load."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer/schedule state to carry across rounds or checkpoints (empty by default)."""
+        """Optimizer/schedule state to carry across rounds or checkpoints (empty by default).
+
+        It must hold only tensors, numbers, strings, lists, tuples and dicts: the client's journal
+        saves it with ``torch.save`` and reads it back with ``torch.load(weights_only=True)``, which
+        refuses other classes. Convert engine objects to plain values here and back in
+        :meth:`load_state_dict`.
+        """
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - optional

@@ -347,7 +347,7 @@ class HFLocalTrainer(LocalTrainer):
         self.tokenizer.save_pretrained(str(directory))
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer and learning-rate schedule state (torch objects; save with ``torch.save``)."""
+        """Optimizer and learning-rate schedule state (tensors and plain values; save with ``torch.save``)."""
         if self._zero is not None:
             return self._zero.state_dict()
         if self._optimizer is None:
