@@ -324,9 +324,8 @@ def reference_run(cfg: Config, algorithm: str, mu: float = 0.0) -> dict[str, np.
         total = sum(counts.values())
         for k, xk in x.items():
             x[k] = xk + sum(counts[r] * deltas[r][k] for r in selected) / total
-            if algorithm == "SCAFFOLD":
-                fraction = len(selected) / targs.client_num_in_total
-                c[k] = c[k] + fraction * sum(counts[r] * control_deltas[r][k] for r in selected) / total
+            if algorithm == "SCAFFOLD":  # c += (1/N) Σ Δc_i: every client once, whatever its samples
+                c[k] = c[k] + sum(control_deltas[r][k] for r in selected) / targs.client_num_in_total
     return x
 
 
@@ -348,10 +347,12 @@ def test_scaffold_control_variates_round_trip_between_clients_and_server(tmp_pat
     result = run_linear(cfg, "trip")
     _, server_state = _server_state(result.output_dir)
     counts = {r: LinearTrainer(r).n for r in (1, 2, 3)}
+    assert len(set(counts.values())) > 1  # unequal clients: a sample-weighted mean would differ
     mine = {r: ControlVariates(node_dir(result.output_dir, r) / "scaffold_control").before(3) for r in counts}
-    # Everyone took part in every round, so c = Σ_rounds mean(Δc_i) is the sample-weighted mean of the c_i.
+    # Everyone took part in every round, so c = (1/N) Σ_rounds Σ Δc_i is the plain mean of the c_i
+    # (Karimireddy et al.: each client counts once, whatever its sample count).
     for name in result.weights:
-        expected = sum(counts[r] * mine[r][name].double() for r in counts) / sum(counts.values())  # type: ignore[index]
+        expected = sum(mine[r][name].double() for r in counts) / len(counts)  # type: ignore[index]
         torch.testing.assert_close(server_state["control/" + name].double(), expected, rtol=0, atol=1e-6)
         assert expected.abs().max() > 1e-3
 

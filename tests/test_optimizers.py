@@ -183,9 +183,9 @@ class Reference:
         return np.mean([updates[i].delta[name].double().numpy() for i in chosen], axis=0)
 
     def scaffold(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs) -> np.ndarray:
-        # Karimireddy et al. 2020: x += η_g Δx̄, c += |S|/N Δc̄
+        # Karimireddy et al. 2020: x += η_g Δx̄, c += (1/N) Σ Δc_i (each client once: c = mean of all c_i)
         key = "control/" + name
-        c = self.state.get(key, 0.0) + len(updates) / NUM_CLIENTS_TOTAL * _mean(updates, key, "extras")
+        c = self.state.get(key, 0.0) + sum(u.extras[key].double().numpy() for u in updates) / NUM_CLIENTS_TOTAL
         self.state[key] = c
         return _mean(updates, name)
 

@@ -86,6 +86,10 @@ class MeanRuleOptimizer(ServerOptimizer):
         """An update's weight in the mean: its sample count, or 1 with ``sample_weighted: false``."""
         return update.num_samples if self.hparam("sample_weighted") else 1
 
+    def extras_weight(self, update: ClientUpdate) -> int:
+        """An update's weight in the mean of its ``extras`` (the same as in the mean delta unless a rule says)."""
+        return self.client_weight(update)
+
     def begin_round(
         self, weights: Mapping[str, torch.Tensor], state: Tensors, *, round_idx: int | None = None
     ) -> RoundAccumulator:
@@ -130,23 +134,27 @@ class StreamingMeanRound(RoundAccumulator):
         self._sums: dict[str, ExactSum] = {}
         self._extra_sums: dict[str, ExactSum] = {}
         self._total = 0
+        self._extras_total = 0
 
     def _accept(self, updates: Sequence[ClientUpdate]) -> Mapping[int, UpdateRejected]:
         ws = [self.optimizer.client_weight(u) for u in updates]
+        xws = [self.optimizer.extras_weight(u) for u in updates] if self._extras else ws
         live = list(range(len(updates)))
         refused: dict[int, UpdateRejected] = {}
-        folded: list[tuple[ExactSum, Pick]] = []
+        folded: list[tuple[ExactSum, Pick, list[int]]] = []
         for sums, name, shape, pick in self._tensors():
+            weights = ws if sums is self._sums else xws
             acc = sums.get(name) or sums.setdefault(name, ExactSum(shape))
-            found = acc.add([pick(updates[i]) for i in live], [ws[i] for i in live], check_finite=True)
+            found = acc.add([pick(updates[i]) for i in live], [weights[i] for i in live], check_finite=True)
             bad = [live[b] for b in found]
             if bad:  # take these updates back out of the tensors already folded: no trace left
-                for prev, prev_pick in folded:
-                    prev.add([prev_pick(updates[i]) for i in bad], [-ws[i] for i in bad])
+                for prev, prev_pick, prev_weights in folded:
+                    prev.add([prev_pick(updates[i]) for i in bad], [-prev_weights[i] for i in bad])
                 refused.update((updates[i].rank, self._why(updates[i])) for i in bad)
                 live = [i for i in live if i not in bad]
-            folded.append((acc, pick))
+            folded.append((acc, pick, weights))
         self._total += sum(ws[i] for i in live)
+        self._extras_total += sum(xws[i] for i in live)
         return refused
 
     def _tensors(self) -> Iterator[tuple[dict[str, ExactSum], str, torch.Size, Pick]]:
@@ -170,7 +178,9 @@ class StreamingMeanRound(RoundAccumulator):
         if scale is not None and not self._extras:
             return {n: self._plus_scaled_mean(n, w, scale) for n, w in self.weights.items()}, self.state
         mean = {n: self._sums.pop(n).result(consume=True, divide_by=total) for n in self.weights}
-        extras = {n: self._extra_sums.pop(n).result(consume=True, divide_by=total) for n in self._extras}
+        extras = {
+            n: self._extra_sums.pop(n).result(consume=True, divide_by=self._extras_total) for n in self._extras
+        }
         summary = RoundSummary(tuple(sorted(self.accepted)), self._total, extras)
         return self.optimizer.apply(self.weights, mean, self.state, summary)
 

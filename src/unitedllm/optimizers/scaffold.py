@@ -5,8 +5,11 @@ ICML 2020, Algorithm 1:
 
     x ← x + η_g Δx̄,    c ← c + (|S| / N) Δc̄
 
-where Δx̄ and Δc̄ are the means of the clients' model deltas and control-variate deltas
-(sent in ``extras["control/<name>"]``), |S| the clients in the round and N =
+where Δx̄ is the mean of the clients' model deltas (sample-weighted like FedAvg's unless
+``sample_weighted: false``; the paper's clients are equal-sized) and Δc̄ the plain mean of
+their control-variate deltas (sent in ``extras["control/<name>"]``): each client counts
+once, so c stays the average (1/N) Σ c_i of all clients' control variates, as the
+algorithm needs whatever their sample counts. |S| is the clients in the round and N =
 ``client_num_in_total`` (``num_clients`` given to :func:`create`; |S| when not given).
 η_g = ``server_learning_rate`` (default 1). The server control variate is state
 ``control/<name>``; the aggregator sends it to clients with the global weights
@@ -20,7 +23,7 @@ from collections.abc import Mapping
 
 import torch
 
-from unitedllm.optimizers.base import Tensors, register
+from unitedllm.optimizers.base import ClientUpdate, Tensors, register
 from unitedllm.optimizers.client_side import CONTROL_EXTRA, CONTROL_PREFIX
 from unitedllm.optimizers.mean import MeanRuleOptimizer, RoundSummary, apply_step, scaled, state_dtype
 
@@ -33,6 +36,10 @@ class Scaffold(MeanRuleOptimizer):
 
     name = "SCAFFOLD"
     defaults = {"server_learning_rate": 1.0}
+
+    def extras_weight(self, update: ClientUpdate) -> int:
+        """Every client's Δc_i counts once: c = (1/N) Σ c_i, whatever the sample counts."""
+        return 1
 
     def init_state(self, weights: Mapping[str, torch.Tensor]) -> Tensors:
         return {CONTROL_PREFIX + n: torch.zeros(w.shape, dtype=state_dtype(w)) for n, w in weights.items()}
