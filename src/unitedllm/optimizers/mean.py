@@ -179,7 +179,8 @@ class StreamingMeanRound(RoundAccumulator):
             return {n: self._plus_scaled_mean(n, w, scale) for n, w in self.weights.items()}, self.state
         mean = {n: self._sums.pop(n).result(consume=True, divide_by=total) for n in self.weights}
         extras = {
-            n: self._extra_sums.pop(n).result(consume=True, divide_by=self._extras_total) for n in self._extras
+            n: self._extra_sums.pop(n).result(consume=True, divide_by=self._extras_total)
+            for n in self._extras
         }
         summary = RoundSummary(tuple(sorted(self.accepted)), self._total, extras)
         return self.optimizer.apply(self.weights, mean, self.state, summary)
