@@ -185,7 +185,10 @@ class Reference:
     def scaffold(self, name: str, updates: list[ClientUpdate], a: ServerOptimizerArgs) -> np.ndarray:
         # Karimireddy et al. 2020: x += η_g Δx̄, c += (1/N) Σ Δc_i (each client once: c = mean of all c_i)
         key = "control/" + name
-        c = self.state.get(key, 0.0) + sum(u.extras[key].double().numpy() for u in updates) / NUM_CLIENTS_TOTAL
+        c = (
+            self.state.get(key, 0.0)
+            + sum(u.extras[key].double().numpy() for u in updates) / NUM_CLIENTS_TOTAL
+        )
         self.state[key] = c
         return _mean(updates, name)
 
@@ -612,6 +615,57 @@ def test_fedavg_adds_the_mean_in_one_pass_with_the_bytes_of_apply(
     for name in got:
         assert got[name].dtype == w0[name].dtype and torch.equal(got[name], expect[name]), name
     assert got["x"][5] == torch.tensor(w0["x"][5].item() + lr / 31, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("clients", [20, 70])  # 70: more than one kernel call takes
+def test_fedavg_step_in_one_pass_gives_the_bytes_of_streaming(clients: int) -> None:
+    """step() never writes the sum to memory; begin_round/add/finish does: the same bytes either way."""
+    g = torch.Generator().manual_seed(21)
+    w0 = {"x": torch.randn(BIG, generator=g), "b": torch.randn(5, 4, generator=g).bfloat16()}
+    deltas = _wide_updates(clients, BIG, 22)
+    planted = [2.0**120, 2.0**60, 1.0, -(2.0**120), -(2.0**60)]
+    for i, d in enumerate(deltas):  # a sum only the third level holds: that chunk is finished from memory
+        d[_native.CHUNK + 3] = planted[i] if i < len(planted) else 0.0
+    updates = [
+        ClientUpdate(
+            rank=r + 1, delta={"x": d, "b": torch.randn(5, 4, generator=g).bfloat16()}, num_samples=1
+        )
+        for r, d in enumerate(deltas)
+    ]
+    opt = create("FedAvg", ServerOptimizerArgs(server_learning_rate=0.5))
+    one_pass, _ = opt.step(w0, list(reversed(updates)), {})
+    acc = opt.begin_round(w0, {})
+    for u in updates:
+        acc.add(u)
+    streamed, _ = acc.finish()
+    for name in w0:
+        assert torch.equal(one_pass[name], streamed[name]), name
+    assert one_pass["x"][_native.CHUNK + 3] == torch.tensor(w0["x"][_native.CHUNK + 3].item() + 0.5 / clients)
+
+
+def test_fedavg_step_in_one_pass_refuses_updates_with_inf_or_nan(caplog: pytest.LogCaptureFixture) -> None:
+    """Found while folding, even two in the same block: they are refused, logged, and leave no trace."""
+    g = torch.Generator().manual_seed(23)
+    w0 = {"x": torch.randn(BIG, generator=g)}
+    updates = [
+        ClientUpdate(rank=r, delta={"x": torch.randn(BIG, generator=g)}, num_samples=r) for r in range(1, 7)
+    ]
+    bad = {2: float("nan"), 5: float("inf")}
+    poisoned = [
+        ClientUpdate(rank=u.rank, delta={"x": u.delta["x"].clone()}, num_samples=u.num_samples)
+        for u in updates
+    ]
+    for u in poisoned:
+        if u.rank in bad:
+            u.delta["x"][BIG // 2] = bad[u.rank]  # the same block for both
+    opt = create("FedAvg", ARGS)
+    with caplog.at_level("WARNING"):
+        got, _ = opt.step(w0, poisoned, {})
+    clean, _ = opt.step(w0, [u for u in updates if u.rank not in bad], {})
+    assert torch.equal(got["x"], clean["x"])
+    assert "client 2 rejected" in caplog.text and "client 5 rejected" in caplog.text
+    with pytest.raises(RoundError, match="no valid client update"):
+        opt.step(w0, [u for u in poisoned if u.rank in bad], {})
 
 
 @pytest.mark.parametrize("native", [True, False])

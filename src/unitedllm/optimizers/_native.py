@@ -100,6 +100,10 @@ typedef struct {
     uint64_t *nonfinite;     /* per block: bit k set = input k has inf/NaN there and was left
                                 out (NULL: no check) */
     int32_t fresh;           /* level 0 holds garbage: input 0 is stored into it, not added */
+    int32_t late_check;      /* with nonfinite: check inputs other than a stored first one only
+                                in blocks that leave a rounding error (inf and NaN always do), after
+                                adding them; such a block's sum is spoilt, so the caller must throw
+                                the whole sum away when any input is found non-finite */
 } fold_args;
 
 static inline int block_finite(const void *x, int32_t dtype, int64_t b, int64_t n) {
@@ -126,14 +130,18 @@ static inline void prefetch_ahead(const fold_args *a, int k, int64_t b) {
 }
 
 /* Adds input k into one block; lo (level 1) is read only when level 0 leaves an error.
- * Returns how many values even the deepest level could not hold (put in ovf_idx/ovf_val). */
-static int64_t add_input_block(const fold_args *a, int k, int64_t b, int64_t n, int64_t *ovf_idx, double *ovf_val) {
+ * Returns how many values even the deepest level could not hold (put in ovf_idx/ovf_val);
+ * sets *deep when something went to level 2 or deeper. */
+static int64_t add_input_block(const fold_args *a, int k, int64_t b, int64_t n, int64_t *ovf_idx, double *ovf_val,
+                               int *deep) {
     double ebuf[BLOCK];
     double *h = a->lev[0] + b;
     int64_t blk = b / BLOCK, novf = 0;
     int store = a->fresh && k == 0;
+    int late = a->late_check && !store;
+    if (late && a->nonfinite[blk]) return 0;  /* spoilt already: the caller throws the sum away */
     int skipped = a->skip && (a->skip[blk] >> k & 1);
-    int bad = !skipped && a->nonfinite && !block_finite(a->xs[k], a->dtypes[k], b, n);
+    int bad = !skipped && a->nonfinite && !late && !block_finite(a->xs[k], a->dtypes[k], b, n);
     if (skipped || bad) {
         if (bad) a->nonfinite[blk] |= 1ull << k;
         if (store) memset(h, 0, sizeof(double) * n);
@@ -159,11 +167,16 @@ static int64_t add_input_block(const fold_args *a, int k, int64_t b, int64_t n, 
         TWOSUM_INTO(h, w * bf16_to_double(x[j]))
     }
     if (!any) return 0;
+    if (late && !block_finite(a->xs[k], a->dtypes[k], b, n)) {
+        a->nonfinite[blk] |= 1ull << k;
+        return 0;
+    }
     a->lo_used[blk] = 1;
     double *lo = a->lev[1] + b;
     any = 0;
     TWOSUM_INTO(lo, ebuf[j])
     if (!any) return 0;
+    *deep = 1;
     for (int64_t j = 0; j < n; j++) {
         if (ebuf[j] == 0.0) continue;
         double left = cascade(a->lev, 2, a->nlev, b + j, ebuf[j]);
@@ -179,11 +192,12 @@ static int64_t add_input_block(const fold_args *a, int k, int64_t b, int64_t n, 
  * (chunk start, chunk stop, input, block; input == nx: the chunk is done). */
 int64_t ul_fold_chunk(const fold_args *a, int64_t c, int64_t stop, int32_t k0, int64_t b0,
                       int64_t *ovf_idx, double *ovf_val, int64_t *resume) {
+    int deep = 0;
     for (int k = k0; k < a->nx; k++) {
         for (int64_t b = k == k0 ? b0 : c; b < stop; b += BLOCK) {
             int64_t n = stop - b < BLOCK ? stop - b : BLOCK;
             prefetch_ahead(a, k, b);
-            int64_t novf = add_input_block(a, k, b, n, ovf_idx, ovf_val);
+            int64_t novf = add_input_block(a, k, b, n, ovf_idx, ovf_val, &deep);
             if (novf) {
                 int next_k = b + n < stop ? k : k + 1;
                 resume[0] = c; resume[1] = stop; resume[2] = next_k; resume[3] = b + n < stop ? b + n : c;
@@ -238,22 +252,73 @@ void ul_finish(const double *hi, const double *lo, const uint8_t *lo_used, doubl
 /* Worker: out[i] = (float)((double)w[i] + scale * ((hi[i] + lo[i]) / divisor)), the same
  * roundings as ul_finish, then times scale (skipped when it is 1), then ul_apply_f32, in
  * one pass: a float32 model plus a scaled mean, without the float64 mean in memory. */
+static inline void finish_apply_block(const double *h, const double *l, int used, double divisor, double scale,
+                                      const float *x, float *o, int64_t n) {
+    for (int64_t j = 0; j < n; j++) {
+        double m = (used ? h[j] + l[j] : h[j]) / divisor;
+        if (scale != 1.0) m = m * scale;
+        o[j] = (float)((double)x[j] + m);
+    }
+}
+
 void ul_finish_apply_f32(const double *hi, const double *lo, const uint8_t *lo_used, double divisor,
                          double scale, const float *w, float *out, int64_t end, int64_t chunk, int64_t *next) {
     FOR_EACH_CHUNK(c, stop) {
         for (int64_t b = c; b < stop; b += BLOCK) {
             int64_t n = stop - b < BLOCK ? stop - b : BLOCK;
-            const double *h = hi + b, *l = lo + b;
-            const float *x = w + b;
-            float *o = out + b;
-            int used = lo_used[b / BLOCK];
-            for (int64_t j = 0; j < n; j++) {
-                double m = (used ? h[j] + l[j] : h[j]) / divisor;
-                if (scale != 1.0) m = m * scale;
-                o[j] = (float)((double)x[j] + m);
-            }
+            finish_apply_block(hi + b, lo + b, lo_used[b / BLOCK], divisor, scale, w + b, out + b, n);
         }
     }
+}
+
+#define MAX_LEVELS 64  /* float64 levels never need more than ~40 (2098 exponents / 53 bits) */
+
+/* Worker for a whole round of a plain mean step in one pass: every input is folded into this
+ * thread's scratch chunk (level 0 of elements [c, stop) at scratch[0 .. stop - c)), then
+ * out = (float)(w + scale * ((hi + lo) / divisor)) is written for the chunk while it is in
+ * cache (ul_finish_apply_f32's roundings). Level 0 never reaches memory, so the pass moves
+ * the inputs, w and out, and nothing else. A chunk whose fold reaches level 2 spills: its
+ * scratch is copied to the real level 0, its fold goes on there, it is left unfinished and its
+ * start is listed in spilled[] (the caller finishes it once its deep elements are known). An
+ * overflow stops the worker as in ul_exact_add (its chunk has spilled). */
+int64_t ul_fold_finish_f32(const fold_args *a, double *scratch, double divisor, double scale, const float *w,
+                           float *out, int64_t end, int64_t chunk, int64_t *next, int64_t *spilled,
+                           int64_t *nspilled, int64_t *ovf_idx, double *ovf_val, int64_t *resume) {
+    double *lev[MAX_LEVELS];
+    fold_args t = *a;  /* this thread's: its own level 0 */
+    if (a->nlev > MAX_LEVELS) return -1;
+    for (int l = 0; l < a->nlev; l++) lev[l] = a->lev[l];
+    t.lev = lev;
+    t.fresh = 1;
+    FOR_EACH_CHUNK(c, stop) {
+        lev[0] = (double *)((uintptr_t)scratch - (uintptr_t)c * sizeof(double));  /* lev[0][i] = scratch[i - c] */
+        int spill = 0, deep = 0;
+        for (int k = 0; k < t.nx; k++) {
+            for (int64_t b = c; b < stop; b += BLOCK) {
+                int64_t n = stop - b < BLOCK ? stop - b : BLOCK;
+                prefetch_ahead(&t, k, b);
+                int64_t novf = add_input_block(&t, k, b, n, ovf_idx, ovf_val, &deep);
+                if (deep && !spill) {
+                    memcpy(a->lev[0] + c, scratch, sizeof(double) * (stop - c));
+                    lev[0] = a->lev[0];
+                    spilled[(*nspilled)++] = c;
+                    spill = 1;
+                }
+                if (novf) {
+                    int next_k = b + n < stop ? k : k + 1;
+                    resume[0] = c; resume[1] = stop; resume[2] = next_k; resume[3] = b + n < stop ? b + n : c;
+                    return novf;
+                }
+            }
+        }
+        if (spill) continue;
+        for (int64_t b = c; b < stop; b += BLOCK) {
+            int64_t n = stop - b < BLOCK ? stop - b : BLOCK;
+            finish_apply_block(scratch + (b - c), a->lev[1] + b, a->lo_used[b / BLOCK], divisor, scale, w + b,
+                               out + b, n);
+        }
+    }
+    return 0;
 }
 
 /* Worker: out[i] = (float)((double)w[i] + step[i]), the float32 model plus a float64 step. */
@@ -294,6 +359,7 @@ class FoldArgs(ctypes.Structure):
         ("skip", ctypes.c_void_p),
         ("nonfinite", ctypes.c_void_p),
         ("fresh", ctypes.c_int32),
+        ("late_check", ctypes.c_int32),
     ]
 
 
@@ -316,6 +382,9 @@ class Kernels:
         self.finish = self._bind(lib.ul_finish, None, [p, p, p, f64, p, *work])
         self.apply_f32 = self._bind(lib.ul_apply_f32, None, [p, p, p, *work])
         self.finish_apply_f32 = self._bind(lib.ul_finish_apply_f32, None, [p, p, p, f64, f64, p, p, *work])
+        self.fold_finish_f32 = self._bind(
+            lib.ul_fold_finish_f32, i64, [ctypes.POINTER(FoldArgs), p, f64, f64, p, p, *work, p, p, p, p, p]
+        )
         self.count_nonfinite = self._bind(lib.ul_count_nonfinite, i64, [p, i32, *work])
 
     @staticmethod

@@ -29,14 +29,21 @@ import functools
 import math
 import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from unitedllm.optimizers import _native
 from unitedllm.optimizers._memory import empty, empty_like, zeros_f64
 
-__all__ = ["MAX_WEIGHT", "ExactSum", "count_nonfinite", "exact_weighted_sum"]
+__all__ = [
+    "MAX_WEIGHT",
+    "ExactSum",
+    "NonFiniteInputs",
+    "count_nonfinite",
+    "exact_weighted_sum",
+    "mean_step_one_pass",
+]
 
 # w * x is exact in float64 when w has at most 29 significant bits and x at most 24.
 MAX_WEIGHT = 2**29
@@ -105,14 +112,24 @@ def _overflow_room() -> tuple[torch.Tensor, torch.Tensor]:
 Resume = tuple[int, int, int, int]  # chunk start, chunk stop, input, block (see ul_fold_chunk)
 
 
-def _fold_worker(
-    k: _native.Kernels, args: _native.FoldArgs, end: int, _thread: int, nxt: int
-) -> tuple[int, torch.Tensor, torch.Tensor, Resume]:
-    """One thread's share of an exact_add call: overflow count and buffers, and where to go on."""
+Progress = tuple[int, torch.Tensor, torch.Tensor, Resume, list[int]]
+"""What a worker leaves: overflow count and values, where to go on, and chunks it left unfinished."""
+
+
+def _fold_worker(k: _native.Kernels, args: _native.FoldArgs, end: int, _thread: int, nxt: int) -> Progress:
+    """One thread's share of an exact_add call."""
     idx, val = _overflow_room()
     resume = (ctypes.c_int64 * 4)()
     n = int(k.exact_add(ctypes.byref(args), end, _native.CHUNK, nxt, idx.data_ptr(), val.data_ptr(), resume))
-    return n, idx, val, (resume[0], resume[1], resume[2], resume[3])
+    return n, idx, val, (resume[0], resume[1], resume[2], resume[3]), []
+
+
+class NonFiniteInputs(ValueError):
+    """Inputs of a one-pass mean step hold inf or NaN; nothing was returned (retry without them)."""
+
+    def __init__(self, positions: list[int]):
+        super().__init__(f"inputs at positions {positions} hold inf or NaN")
+        self.positions = positions
 
 
 class ExactSum:
@@ -216,7 +233,20 @@ class ExactSum:
         nonfinite: torch.Tensor | None,
     ) -> None:
         k = _native.kernels()
-        assert k is not None and len(inputs) <= _native.MAX_INPUTS
+        assert k is not None
+        args, _alive = self._fold_args(inputs, skip=skip, nonfinite=nonfinite)
+        args.fresh, self._fresh = self._fresh, False
+        self._drive(k, args, len(inputs), lambda end: functools.partial(_fold_worker, k, args, end))
+
+    def _fold_args(
+        self,
+        inputs: list[tuple[torch.Tensor, int, float]],
+        *,
+        skip: torch.Tensor | None,
+        nonfinite: torch.Tensor | None,
+    ) -> tuple[_native.FoldArgs, tuple[object, ...]]:
+        """The kernel's description of a fold, and the ctypes arrays it points into (keep them alive)."""
+        assert len(inputs) <= _native.MAX_INPUTS
         nx = len(inputs)
         xs = _pointers([x for x, _, _ in inputs])
         codes = (ctypes.c_int32 * nx)(*[c for _, c, _ in inputs])
@@ -230,9 +260,23 @@ class ExactSum:
             skip=None if skip is None else skip.data_ptr(),
             nonfinite=None if nonfinite is None else nonfinite.data_ptr(),
         )
-        args.fresh, self._fresh = self._fresh, False
+        return args, (xs, codes, ws)
+
+    def _drive(
+        self,
+        k: _native.Kernels,
+        args: _native.FoldArgs,
+        nx: int,
+        worker: Callable[[int], Callable[[int, int], Progress]],
+    ) -> list[int]:
+        """Run ``worker(end)`` on every thread over [0, numel); returns the chunks left unfinished.
+
+        A worker that passes a value beyond the deepest level stops; the levels are deepened
+        and its chunk is folded to the end here, on this thread (through level 0 in memory).
+        """
         ranges = [(0, self.numel)]  # left to claim chunk by chunk, on every thread
         partial: list[Resume] = []  # chunks a worker stopped in for an overflow, finished on this thread
+        unfinished: list[int] = []
         while ranges or partial:
             levels = _pointers(self.levels)  # alive while the kernels run
             args.lev, args.nlev = ctypes.addressof(levels), len(self.levels)
@@ -248,13 +292,19 @@ class ExactSum:
                         partial.append((resume[0], resume[1], resume[2], resume[3]))
                 continue
             start, end = ranges.pop()
-            results, reached = _native.run_parallel(functools.partial(_fold_worker, k, args, end), start, end)
+            results, reached = _native.run_parallel(worker(end), start, end)
             if reached < end:  # every worker stopped for an overflow before the counter ran out
                 ranges.append((reached, end))
-            for n, idx, val, where in results:
+            for n, idx, val, where, spilled in results:
+                unfinished += spilled
+                if n < 0:
+                    raise RuntimeError(
+                        f"the exact sum needs more than the kernel's levels ({len(self.levels)})"
+                    )
                 if n:
                     self._deepen(idx[:n], val[:n])
                     partial.append(where)
+        return unfinished
 
     def _clear_fresh(self) -> None:
         """Zero level 0 if no fold has stored into it yet."""
@@ -332,12 +382,110 @@ class ExactSum:
         _native.run_parallel(
             lambda _t, nxt: k.finish_apply_f32(*ptrs, self.numel, _native.CHUNK, nxt), 0, self.numel
         )
-        flat_w, flat_out = w.view(-1), out.view(-1)
-        for i, parts in zip(deep, cols, strict=True):
-            mean = math.fsum(parts) / divide_by
-            flat_out[i] = float(flat_w[i]) + (mean * scale if scale != 1.0 else mean)
+        _fix_deep(out, w, deep, cols, divide_by=divide_by, scale=scale)
         self.levels = []
         return out
+
+
+def _fix_deep(
+    out: torch.Tensor,
+    w: torch.Tensor,
+    deep: list[int],
+    cols: list[list[float]],
+    *,
+    divide_by: float,
+    scale: float,
+) -> None:
+    """``out[i] = w[i] + scale·(exact sum / divide_by)`` where the kernel saw only levels 0 and 1."""
+    flat_w, flat_out = w.reshape(-1), out.view(-1)
+    for i, parts in zip(deep, cols, strict=True):
+        mean = math.fsum(parts) / divide_by  # correctly rounded sum of the element's levels
+        flat_out[i] = float(flat_w[i]) + (mean * scale if scale != 1.0 else mean)
+
+
+def mean_step_one_pass(
+    xs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    w: torch.Tensor,
+    *,
+    divide_by: float,
+    scale: float = 1.0,
+) -> torch.Tensor | None:
+    """``w + scale·(Σ weights_k·xs_k / divide_by)`` as float32, every input read once: a whole round.
+
+    The same bytes as folding the inputs into an :class:`ExactSum` and calling
+    :meth:`ExactSum.plus_mean`, but the sum never reaches memory: each thread folds every
+    input into one cache-sized chunk of its own and writes that chunk's result at once, so
+    the pass moves the inputs, ``w`` and the result, nothing else (chunks whose sums need a
+    third level are finished afterwards from memory). Returns None where unsupported (no
+    compiled kernel, ``w`` not float32 on the CPU, an input neither float32, bfloat16 nor
+    float16 on the CPU, more than 64 inputs). Raises :class:`NonFiniteInputs` when inputs
+    hold inf or NaN, found while folding: call again without them.
+    """
+    k = _native.kernels()
+    if (
+        k is None
+        or w.dtype != torch.float32
+        or w.device.type != "cpu"
+        or not 0 < len(xs) <= _native.MAX_INPUTS
+    ):
+        return None
+    inputs: list[tuple[torch.Tensor, int, float]] = []
+    for x, weight in zip(xs, weights, strict=True):
+        weight = float(weight)
+        if x.shape != w.shape:
+            raise ValueError(f"shape {tuple(x.shape)} does not match the weights' {tuple(w.shape)}")
+        if not (weight.is_integer() and abs(weight) <= MAX_WEIGHT):
+            raise ValueError(f"weight {weight} must be an integer of magnitude <= 2**29 for exact sums")
+        x = x.detach()
+        if x.dtype == torch.float16:
+            x = x.float()  # exact; the kernel reads float32 and bfloat16 only
+        code = _native_dtype(x.dtype)
+        if code is None or x.device.type != "cpu":
+            return None
+        inputs.append((x.contiguous().view(-1), code, weight))
+    acc = ExactSum(w.shape)
+    acc._fresh = False  # level 0 in memory is written only where a chunk spills, by a copy
+    w = w.contiguous()
+    out = empty_like(w)
+    nonfinite = torch.zeros(acc._lo_used.numel(), dtype=torch.int64)
+    args, _alive = acc._fold_args(inputs, skip=None, nonfinite=nonfinite)
+    args.late_check = 1  # found after adding, in blocks that leave an error: the sum is thrown away then
+    chunks = -(-acc.numel // _native.CHUNK)
+    ptrs = float(divide_by), float(scale), w.data_ptr(), out.data_ptr()
+
+    def worker(end: int) -> Callable[[int, int], Progress]:
+        def run(_thread: int, nxt: int) -> Progress:
+            scratch = torch.empty(_native.CHUNK, dtype=torch.float64)
+            spilled = torch.empty(chunks, dtype=torch.int64)
+            nspilled = ctypes.c_int64(0)
+            idx, val = _overflow_room()
+            resume = (ctypes.c_int64 * 4)()
+            n = int(
+                k.fold_finish_f32(
+                    ctypes.byref(args), scratch.data_ptr(), *ptrs, end, _native.CHUNK, nxt,
+                    spilled.data_ptr(), ctypes.byref(nspilled), idx.data_ptr(), val.data_ptr(), resume,
+                )
+            )  # fmt: skip
+            where = (resume[0], resume[1], resume[2], resume[3])
+            return n, idx, val, where, spilled[: nspilled.value].tolist()
+
+        return run
+
+    unfinished = acc._drive(k, args, len(inputs), worker)
+    if bool(nonfinite.any()):
+        seen = functools.reduce(operator.or_, nonfinite[nonfinite != 0].tolist(), 0)
+        raise NonFiniteInputs([i for i in range(len(inputs)) if seen >> i & 1])
+    hi, lo = acc.levels[0].data_ptr(), acc.levels[1].data_ptr()
+    for c in unfinished:  # their level 0 is in memory: finish them from there
+        counter = ctypes.c_int64(c)
+        stop = min(c + _native.CHUNK, acc.numel)
+        k.finish_apply_f32(
+            hi, lo, acc._lo_used.data_ptr(), *ptrs, stop, _native.CHUNK, ctypes.addressof(counter)
+        )
+    deep, cols = acc._deep_elements()
+    _fix_deep(out, w, deep, cols, divide_by=divide_by, scale=scale)
+    return out
 
 
 def exact_weighted_sum(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -5,6 +5,11 @@ tensor as it arrives and can then be dropped, so memory is ~8 bytes per paramete
 optimizer state) whatever the number of clients, and the mean is the same bytes whatever
 the arrival order. inf/NaN values are found while folding (no extra pass over the
 update); such an update is taken back out of every tensor and refused.
+
+When every update is at hand at once (:meth:`MeanRuleOptimizer.step`) and the rule's step
+is just a scaled mean (FedAvg), :class:`OnePassMeanRound` reads each update once and never
+writes the sum to memory (:func:`~unitedllm.optimizers.exact_sum.mean_step_one_pass`);
+the bytes are the same as streaming's.
 """
 
 from __future__ import annotations
@@ -16,13 +21,21 @@ from dataclasses import dataclass
 
 import torch
 
-from unitedllm.errors import UpdateRejected
+from unitedllm.errors import RoundError, UpdateRejected
 from unitedllm.optimizers import _native
 from unitedllm.optimizers._memory import empty_like
-from unitedllm.optimizers.base import ClientUpdate, RoundAccumulator, ServerOptimizer, Tensors
-from unitedllm.optimizers.exact_sum import ExactSum
+from unitedllm.optimizers.base import ClientUpdate, RoundAccumulator, ServerOptimizer, Tensors, log
+from unitedllm.optimizers.exact_sum import ExactSum, NonFiniteInputs, mean_step_one_pass
 
-__all__ = ["MeanRuleOptimizer", "RoundSummary", "StreamingMeanRound", "apply_step", "scaled", "state_dtype"]
+__all__ = [
+    "MeanRuleOptimizer",
+    "OnePassMeanRound",
+    "RoundSummary",
+    "StreamingMeanRound",
+    "apply_step",
+    "scaled",
+    "state_dtype",
+]
 
 Pick = Callable[[ClientUpdate], torch.Tensor]
 
@@ -95,6 +108,21 @@ class MeanRuleOptimizer(ServerOptimizer):
     ) -> RoundAccumulator:
         return StreamingMeanRound(self, weights, state, round_idx=round_idx)
 
+    def step(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        updates: Sequence[ClientUpdate],
+        state: Tensors,
+        *,
+        round_idx: int | None = None,
+    ) -> tuple[Tensors, Tensors]:
+        """All of a round's updates at once; a plain scaled-mean rule reads each of them once."""
+        if self.plain_step_scale() is None or self.required_extras(weights):
+            return super().step(weights, updates, state, round_idx=round_idx)
+        acc = OnePassMeanRound(self, weights, state, round_idx=round_idx)
+        acc.add_many(sorted(updates, key=lambda u: u.rank))
+        return acc.finish()
+
     def plain_step_scale(self) -> float | None:
         """For a rule whose step is only ``scale · mean delta`` (no state, no extras): the scale.
 
@@ -165,12 +193,7 @@ class StreamingMeanRound(RoundAccumulator):
             yield self._extra_sums, name, ref.shape, functools.partial(_extra, name)
 
     def _why(self, update: ClientUpdate) -> UpdateRejected:
-        """The full check's reason for an update found holding inf/NaN (it names the tensor and the count)."""
-        try:
-            self.optimizer.check_update(self.weights, update, round_idx=self.round_idx)
-        except UpdateRejected as exc:
-            return exc
-        return UpdateRejected("non-finite values (inf or NaN)", rank=update.rank, round_idx=self.round_idx)
+        return _nonfinite_reason(self, update)
 
     def _finish(self) -> tuple[Tensors, Tensors]:
         total = self._total
@@ -186,10 +209,80 @@ class StreamingMeanRound(RoundAccumulator):
         return self.optimizer.apply(self.weights, mean, self.state, summary)
 
     def _plus_scaled_mean(self, name: str, w: torch.Tensor, scale: float) -> torch.Tensor:
-        """``w + scale · mean delta`` for one tensor: fused where the kernel can, else composed."""
-        acc = self._sums.pop(name)
-        fused = acc.plus_mean(w, divide_by=self._total, scale=scale)
-        if fused is not None:
-            return fused
-        mean = acc.result(consume=True, divide_by=self._total)
-        return _plus(w, mean if scale == 1.0 else mean * scale)
+        return _plus_mean_of(self._sums.pop(name), w, self._total, scale)
+
+
+class OnePassMeanRound(RoundAccumulator):
+    """A plain scaled-mean round (FedAvg) whose updates are all at hand: folded at ``finish``, in one pass.
+
+    ``add`` only checks and keeps the updates (the caller holds them anyway); ``finish``
+    reads each once per tensor and writes the new weights, never the sum. An update found
+    holding inf/NaN is refused then (logged, left out of :attr:`accepted`) and the tensors
+    are computed again without it.
+    """
+
+    optimizer: MeanRuleOptimizer
+    checks_finite = True
+
+    def __init__(
+        self,
+        optimizer: MeanRuleOptimizer,
+        weights: Mapping[str, torch.Tensor],
+        state: Tensors,
+        *,
+        round_idx: int | None = None,
+    ):
+        super().__init__(optimizer, weights, state, round_idx=round_idx)
+        self._updates: list[ClientUpdate] = []
+
+    def _accept(self, updates: Sequence[ClientUpdate]) -> Mapping[int, UpdateRejected]:
+        self._updates += updates
+        return {}
+
+    def _finish(self) -> tuple[Tensors, Tensors]:
+        scale = self.optimizer.plain_step_scale()
+        assert scale is not None
+        live = list(self._updates)
+        while True:
+            try:
+                return {n: self._tensor(n, w, live, scale) for n, w in self.weights.items()}, self.state
+            except NonFiniteInputs as exc:
+                bad = [live[i] for i in exc.positions]
+            for update in bad:
+                log.warning("%s", _nonfinite_reason(self, update))
+                self.accepted.remove(update.rank)
+            live = [u for u in live if u not in bad]
+            if not live:
+                raise RoundError(f"no valid client update to aggregate in round {self.round_idx}")
+
+    def _tensor(self, name: str, w: torch.Tensor, live: list[ClientUpdate], scale: float) -> torch.Tensor:
+        """``w + scale · mean delta`` for one tensor; NonFiniteInputs names updates holding inf/NaN."""
+        xs = [u.delta[name] for u in live]
+        ws = [self.optimizer.client_weight(u) for u in live]
+        total = sum(ws)
+        out = mean_step_one_pass(xs, ws, w, divide_by=total, scale=scale)
+        if out is not None:
+            return out.view(w.shape)
+        acc = ExactSum(w.shape)  # a case the one-pass kernel does not take: the streaming way
+        bad = acc.add(xs, ws, check_finite=True)
+        if bad:
+            raise NonFiniteInputs(bad)
+        return _plus_mean_of(acc, w, total, scale)
+
+
+def _plus_mean_of(acc: ExactSum, w: torch.Tensor, total: int, scale: float) -> torch.Tensor:
+    """``w + scale · (sum / total)`` from a finished sum: fused where the kernel can, else composed."""
+    fused = acc.plus_mean(w, divide_by=total, scale=scale)
+    if fused is not None:
+        return fused
+    mean = acc.result(consume=True, divide_by=total)
+    return _plus(w, mean if scale == 1.0 else mean * scale)
+
+
+def _nonfinite_reason(round_: RoundAccumulator, update: ClientUpdate) -> UpdateRejected:
+    """The full check's reason for an update found holding inf/NaN (it names the tensor and the count)."""
+    try:
+        round_.optimizer.check_update(round_.weights, update, round_idx=round_.round_idx)
+    except UpdateRejected as exc:
+        return exc
+    return UpdateRejected("non-finite values (inf or NaN)", rank=update.rank, round_idx=round_.round_idx)
