@@ -8,7 +8,8 @@ measurement in a fresh subprocess so its peak RSS is its own:
 * ``fp32_add``: a fused in-place ``acc.add_(x, alpha=w)`` in float32 (fast, order-dependent).
 * ``exact_stream``: ``FedAvg.begin_round`` / ``add`` one update at a time / ``finish``,
   validation included: what the aggregator does as updates arrive.
-* ``exact_batch``: ``FedAvg.step`` with all updates at once (folded several per pass).
+* ``exact_batch``: ``FedAvg.step`` with all updates at once (one pass: each update read once,
+  the sum never written to memory), validation included.
 * ``flower``: ``flwr.server.strategy.aggregate.aggregate`` from its own virtual
   environment (created on first use; flwr's pins clash with ours).
 
