@@ -27,8 +27,9 @@ def slow(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def lint(session: nox.Session) -> None:
-    """Static checks: ruff and mypy on src/."""
+    """Static checks: ruff (lint and formatting) and mypy on src/."""
     session.run("ruff", "check", "src", "tests", "bench")
+    session.run("ruff", "format", "--check", "src", "tests", "bench", "noxfile.py")
     session.run("mypy", "src")
 
 

@@ -135,7 +135,9 @@ async def main(params_list: list[int], repeats: int) -> dict[str, Any]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="1e6,1e7,1e8", help="comma-separated update sizes in fp32 parameters")
+    parser.add_argument(
+        "--params", default="1e6,1e7,1e8", help="comma-separated update sizes in fp32 parameters"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="exchanges per size (the median is reported)")
     args = parser.parse_args()
     sizes = [int(float(p)) for p in args.params.split(",")]

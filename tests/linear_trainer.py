@@ -21,8 +21,15 @@ DIM = 8
 class LinearTrainer(LocalTrainer):
     """Fits ``y = x @ w`` by SGD; client ``rank`` sees data from its own true ``w`` (non-IID)."""
 
-    def __init__(self, rank: int, *, seed: int = 0, samples: int | None = None, lr: float = 0.05,
-                 poison: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
+    def __init__(
+        self,
+        rank: int,
+        *,
+        seed: int = 0,
+        samples: int | None = None,
+        lr: float = 0.05,
+        poison: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    ):
         self.rank = rank
         self.seed = seed
         self.lr = lr
@@ -46,8 +53,14 @@ class LinearTrainer(LocalTrainer):
         pred = self.x @ w["linear.weight"] + w["linear.bias"]
         return ((pred - self.y) ** 2).mean()
 
-    def fit(self, weights: Mapping[str, torch.Tensor], *, round_idx: int, max_steps: int,
-            on_step: Callable[[StepEvent], None] | None = None) -> FitResult:
+    def fit(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        *,
+        round_idx: int,
+        max_steps: int,
+        on_step: Callable[[StepEvent], None] | None = None,
+    ) -> FitResult:
         w = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
         steps = max(1, max_steps)
         loss = torch.tensor(0.0)

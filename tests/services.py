@@ -17,16 +17,27 @@ import pytest
 
 from unitedllm.devservices import DevServices, Mosquitto, SeaweedS3
 
-__all__ = ["missing_service_binaries", "start_broker", "start_services", "stop_service", "stop_services", "unique_name"]
+__all__ = [
+    "missing_service_binaries",
+    "start_broker",
+    "start_services",
+    "stop_service",
+    "stop_services",
+    "unique_name",
+]
 
 
 def service_env(mqtt: Any, s3: Any) -> dict[str, str]:
     """UNITEDLLM_* settings for child processes, as an operator would export them."""
     values = {
-        "UNITEDLLM_MQTT_HOST": mqtt.host, "UNITEDLLM_MQTT_PORT": mqtt.port,
-        "UNITEDLLM_MQTT_USERNAME": mqtt.username, "UNITEDLLM_MQTT_PASSWORD": mqtt.password,
-        "UNITEDLLM_S3_ENDPOINT_URL": s3.endpoint_url, "UNITEDLLM_S3_BUCKET": s3.bucket,
-        "UNITEDLLM_S3_ACCESS_KEY_ID": s3.access_key_id, "UNITEDLLM_S3_SECRET_ACCESS_KEY": s3.secret_access_key,
+        "UNITEDLLM_MQTT_HOST": mqtt.host,
+        "UNITEDLLM_MQTT_PORT": mqtt.port,
+        "UNITEDLLM_MQTT_USERNAME": mqtt.username,
+        "UNITEDLLM_MQTT_PASSWORD": mqtt.password,
+        "UNITEDLLM_S3_ENDPOINT_URL": s3.endpoint_url,
+        "UNITEDLLM_S3_BUCKET": s3.bucket,
+        "UNITEDLLM_S3_ACCESS_KEY_ID": s3.access_key_id,
+        "UNITEDLLM_S3_SECRET_ACCESS_KEY": s3.secret_access_key,
         "UNITEDLLM_S3_REGION": s3.region,
     }
     return {k: str(v) for k, v in values.items() if v is not None}

@@ -25,7 +25,9 @@ runner = CliRunner()
 def cli(*args: str | Path) -> tuple[int, str]:
     """Run unitedllm-build in-process; exit code and stdout+stderr."""
     result = runner.invoke(app, [str(a) for a in args])
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), (
+        result.output
+    )
     return result.exit_code, result.output
 
 
@@ -37,8 +39,19 @@ def project(tmp_path: Path) -> Path:
 
 
 def build(project: Path, kind: str = "client", dest: Path | None = None, *extra: str) -> tuple[int, str]:
-    return cli("-t", kind, "-sf", project, "-ep", "launch.py", "-cf", project / "config",
-               "-df", dest or project / "build", *extra)
+    return cli(
+        "-t",
+        kind,
+        "-sf",
+        project,
+        "-ep",
+        "launch.py",
+        "-cf",
+        project / "config",
+        "-df",
+        dest or project / "build",
+        *extra,
+    )
 
 
 def names(zip_path: Path) -> list[str]:
@@ -94,7 +107,9 @@ def test_every_manifest_digest_is_right(project: Path) -> None:
     assert build(project, "client")[0] == 0
     zip_path = project / "build" / "dist-packages" / "client-package.zip"
     raw = read(zip_path, "client-package/manifest.json")
-    jsonschema.validate(json.loads(raw), json.loads((ROOT / "schemas" / "package-manifest.schema.json").read_text()))
+    jsonschema.validate(
+        json.loads(raw), json.loads((ROOT / "schemas" / "package-manifest.schema.json").read_text())
+    )
     manifest = decode_manifest(raw)
     assert manifest.package_type == "client"
     assert manifest.entry_point == "fedml/launch.py"
@@ -118,8 +133,9 @@ def test_signed_manifest_verifies_with_the_secret(project: Path, tmp_path: Path)
     secret = tmp_path / "package.secret"
     secret.write_text("s3cr3t-for-this-project\n")
     assert build(project, "server", None, "--secret-file", str(secret))[0] == 0
-    manifest = decode_manifest(read(project / "build" / "dist-packages" / "server-package.zip",
-                                    "server-package/manifest.json"))
+    manifest = decode_manifest(
+        read(project / "build" / "dist-packages" / "server-package.zip", "server-package/manifest.json")
+    )
     assert signature_matches(manifest, b"s3cr3t-for-this-project")
     assert not signature_matches(manifest, b"another secret")
 
@@ -147,8 +163,18 @@ def test_missing_config_file_is_named(project: Path) -> None:
 
 
 def test_missing_entry_point_is_refused(project: Path) -> None:
-    code, out = cli("-t", "server", "-sf", project, "-ep", "train_nowhere.py", "-cf", project / "config",
-                    "-df", project / "build")
+    code, out = cli(
+        "-t",
+        "server",
+        "-sf",
+        project,
+        "-ep",
+        "train_nowhere.py",
+        "-cf",
+        project / "config",
+        "-df",
+        project / "build",
+    )
     assert code == 2
     assert "train_nowhere.py" in out and "entry point not found" in out
     assert no_package(project)
@@ -160,7 +186,9 @@ def test_entry_point_excluded_by_ignore_is_refused(project: Path) -> None:
     assert no_package(project)
 
 
-@pytest.mark.parametrize("secret_path", [".env", "config/mqtt_config.yaml", "keys/deploy.pem", "notes/id_ed25519"])
+@pytest.mark.parametrize(
+    "secret_path", [".env", "config/mqtt_config.yaml", "keys/deploy.pem", "notes/id_ed25519"]
+)
 def test_secret_file_is_refused(project: Path, secret_path: str) -> None:
     (project / ".gitignore").unlink()  # the template's .gitignore would keep these out already
     path = project / secret_path
@@ -173,7 +201,9 @@ def test_secret_file_is_refused(project: Path, secret_path: str) -> None:
 
 
 def test_private_key_content_is_refused_whatever_the_name(project: Path) -> None:
-    (project / "notes.txt").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n")
+    (project / "notes.txt").write_text(
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n"
+    )
     code, out = build(project)
     assert code == 2 and "notes.txt" in out and "private key" in out
     assert no_package(project)
@@ -204,16 +234,26 @@ def test_secrets_can_be_ignored_or_dropped_with_a_warning(project: Path, tmp_pat
     (project / ".env").write_text("TOKEN=1\n")
     code, out = build(project, "client", tmp_path / "ig", "-ig", ".env")
     assert code == 0, out
-    assert not any(n.endswith(".env") for n in names(tmp_path / "ig" / "dist-packages" / "client-package.zip"))
+    assert not any(
+        n.endswith(".env") for n in names(tmp_path / "ig" / "dist-packages" / "client-package.zip")
+    )
     code, out = build(project, "client", tmp_path / "drop", "--drop-secrets")
     assert code == 0, out
     assert "dropped:" in out and ".env" in out
-    assert not any(n.endswith(".env") for n in names(tmp_path / "drop" / "dist-packages" / "client-package.zip"))
+    assert not any(
+        n.endswith(".env") for n in names(tmp_path / "drop" / "dist-packages" / "client-package.zip")
+    )
 
 
 def test_ignore_globs_and_defaults(project: Path, tmp_path: Path) -> None:
-    for rel in ["weights/model.ckpt", "data/big.bin", "__pycache__/launch.cpython-311.pyc", ".git/HEAD",
-                "old/dist-packages/client-package.zip", "keep/notes.md"]:
+    for rel in [
+        "weights/model.ckpt",
+        "data/big.bin",
+        "__pycache__/launch.cpython-311.pyc",
+        ".git/HEAD",
+        "old/dist-packages/client-package.zip",
+        "keep/notes.md",
+    ]:
         (project / rel).parent.mkdir(parents=True, exist_ok=True)
         (project / rel).write_text("x")
     code, out = build(project, "client", tmp_path / "out", "-ig", "*.ckpt, data")
@@ -235,7 +275,9 @@ def test_validate_prints_ok_or_each_problem(project: Path) -> None:
     config = project / "config" / "fedml_config.yaml"
     code, out = cli("validate", config)
     assert code == 0 and f"OK: {config} is a valid UnitedLLM config" in out
-    code, out = cli("validate", config, "--set", "train_args.comm_round=0", "--set", "train_args.learning_rate=-1")
+    code, out = cli(
+        "validate", config, "--set", "train_args.comm_round=0", "--set", "train_args.learning_rate=-1"
+    )
     assert code == 2
     lines = [line for line in out.splitlines() if line.startswith("train_args.")]
     assert any(line.startswith("train_args.comm_round: ") for line in lines), out
@@ -268,10 +310,19 @@ def test_init_refuses_a_non_empty_folder(tmp_path: Path) -> None:
 def test_init_project_trains_in_one_process(project: Path, tmp_path: Path) -> None:
     """The template config really trains: a 2-round offline run of the project as `init` wrote it."""
     env = {**os.environ, "UNITEDLLM_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run(["bash", "scripts/run_local.sh", "-q", "--run-id", "tpl"], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
+    done = subprocess.run(
+        ["bash", "scripts/run_local.sh", "-q", "--run-id", "tpl"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "finished: 2 rounds" in done.stdout + done.stderr  # the run summary goes to stderr, beside the live display
+    assert (
+        "finished: 2 rounds" in done.stdout + done.stderr
+    )  # the run summary goes to stderr, beside the live display
     assert (project / ".logs" / "UnitedLLM" / "tpl" / "metrics.jsonl").is_file()
 
 
@@ -292,14 +343,23 @@ def test_gitignore_negation_follows_git(project: Path) -> None:
     (project / ".gitignore").write_text(
         "*.bin\n!weights/keep.bin\nlogs/\n!logs/keep.txt\n/notes.md\ncache\n!cache\n\\!literal.txt\n"
     )
-    files = ["weights/keep.bin", "weights/drop.bin", "logs/keep.txt", "notes.md", "docs/notes.md",
-             "cache/data.txt", "!literal.txt"]
+    files = [
+        "weights/keep.bin",
+        "weights/drop.bin",
+        "logs/keep.txt",
+        "notes.md",
+        "docs/notes.md",
+        "cache/data.txt",
+        "!literal.txt",
+    ]
     for rel in files:
         (project / rel).parent.mkdir(parents=True, exist_ok=True)
         (project / rel).write_text("x\n")
     code, out = build(project)
     assert code == 0, out
-    packaged = {n.split("/fedml/", 1)[-1] for n in names(project / "build" / "dist-packages" / "client-package.zip")}
+    packaged = {
+        n.split("/fedml/", 1)[-1] for n in names(project / "build" / "dist-packages" / "client-package.zip")
+    }
     tracked = {rel for rel in files if rel in packaged}
     # What `git add .` would take: a re-included file comes back, but not from inside an ignored folder.
     assert tracked == {"weights/keep.bin", "docs/notes.md", "cache/data.txt"}, sorted(packaged)

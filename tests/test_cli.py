@@ -11,7 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def unitedllm(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "unitedllm", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "unitedllm", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
     )
 

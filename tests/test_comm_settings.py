@@ -14,25 +14,44 @@ from unitedllm.comm.settings import resolve_mqtt, resolve_run_secret, resolve_s3
 from unitedllm.config.types import CommArgs, Config, MqttArgs, S3Args
 from unitedllm.errors import ConfigError
 
-COMPLETE_S3 = S3Args(endpoint_url="http://cfg:8333", bucket="cfg-bucket", access_key_id="cfg-ak", secret_access_key="cfg-sk")
+COMPLETE_S3 = S3Args(
+    endpoint_url="http://cfg:8333", bucket="cfg-bucket", access_key_id="cfg-ak", secret_access_key="cfg-sk"
+)
 
 
 def test_config_alone_is_enough() -> None:
-    comm = CommArgs(mqtt=MqttArgs(host="broker.cfg", port=1884, username="u", password="pw-cfg-123"), s3=COMPLETE_S3)
+    comm = CommArgs(
+        mqtt=MqttArgs(host="broker.cfg", port=1884, username="u", password="pw-cfg-123"), s3=COMPLETE_S3
+    )
     mqtt = resolve_mqtt(comm, env={})
-    assert (mqtt.host, mqtt.port, mqtt.username, mqtt.password, mqtt.tls) == ("broker.cfg", 1884, "u", "pw-cfg-123", False)
+    assert (mqtt.host, mqtt.port, mqtt.username, mqtt.password, mqtt.tls) == (
+        "broker.cfg",
+        1884,
+        "u",
+        "pw-cfg-123",
+        False,
+    )
     s3 = resolve_s3(comm, env={})
     assert (s3.endpoint_url, s3.bucket, s3.access_key_id, s3.secret_access_key) == (
-        "http://cfg:8333", "cfg-bucket", "cfg-ak", "cfg-sk",
+        "http://cfg:8333",
+        "cfg-bucket",
+        "cfg-ak",
+        "cfg-sk",
     )
-    assert "pw-cfg-123" not in repr(mqtt) and "cfg-sk" not in repr(s3), "secrets must not show in reprs or logs"
+    assert "pw-cfg-123" not in repr(mqtt) and "cfg-sk" not in repr(s3), (
+        "secrets must not show in reprs or logs"
+    )
 
 
 def test_env_beats_file_beats_config(tmp_path: Path) -> None:
     mqtt_file = tmp_path / "mqtt_config.yaml"
-    mqtt_file.write_text("BROKER_HOST: broker.file\nBROKER_PORT: 2883\nMQTT_USER: file-user\nMQTT_PWD: file-pwd\nMQTT_KEEPALIVE: 30\n")
+    mqtt_file.write_text(
+        "BROKER_HOST: broker.file\nBROKER_PORT: 2883\nMQTT_USER: file-user\nMQTT_PWD: file-pwd\nMQTT_KEEPALIVE: 30\n"
+    )
     s3_file = tmp_path / "s3_config.yaml"
-    s3_file.write_text("BUCKET_NAME: file-bucket\nCN_S3_AKI: file-ak\nCN_S3_SAK: file-sk\nCN_REGION_NAME: eu-west-1\n")
+    s3_file.write_text(
+        "BUCKET_NAME: file-bucket\nCN_S3_AKI: file-ak\nCN_S3_SAK: file-sk\nCN_REGION_NAME: eu-west-1\n"
+    )
     comm = CommArgs(
         mqtt=MqttArgs(host="broker.cfg", username="cfg-user", password="cfg-pwd"),
         s3=COMPLETE_S3,
@@ -42,11 +61,19 @@ def test_env_beats_file_beats_config(tmp_path: Path) -> None:
     env = {"UNITEDLLM_MQTT_PASSWORD": "env-pwd", "UNITEDLLM_S3_SECRET_ACCESS_KEY": "env-sk"}
     mqtt = resolve_mqtt(comm, env=env)
     assert (mqtt.host, mqtt.port, mqtt.username, mqtt.password, mqtt.keepalive) == (
-        "broker.file", 2883, "file-user", "env-pwd", 30,
+        "broker.file",
+        2883,
+        "file-user",
+        "env-pwd",
+        30,
     )
     s3 = resolve_s3(comm, env=env)
     assert (s3.endpoint_url, s3.bucket, s3.region, s3.access_key_id, s3.secret_access_key) == (
-        "http://cfg:8333", "file-bucket", "eu-west-1", "file-ak", "env-sk",
+        "http://cfg:8333",
+        "file-bucket",
+        "eu-west-1",
+        "file-ak",
+        "env-sk",
     )
 
 
@@ -72,7 +99,9 @@ def test_missing_settings_name_the_key_and_every_way_to_set_it() -> None:
 
 
 def test_bad_values_say_where_they_came_from(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"comm_args\.mqtt\.port: .*'eighty'.*environment variable UNITEDLLM_MQTT_PORT"):
+    with pytest.raises(
+        ConfigError, match=r"comm_args\.mqtt\.port: .*'eighty'.*environment variable UNITEDLLM_MQTT_PORT"
+    ):
         resolve_mqtt(CommArgs(mqtt=MqttArgs(host="h")), env={"UNITEDLLM_MQTT_PORT": "eighty"})
     bad_file = tmp_path / "mqtt.yaml"
     bad_file.write_text("BROKER_HOST: h\nBROKER_PROT: 1883\n")
@@ -83,7 +112,12 @@ def test_bad_values_say_where_they_came_from(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"comm_args\.mqtt\.tls_ca_file: file not found"):
         resolve_mqtt(CommArgs(mqtt=MqttArgs(host="h", tls_ca_file=str(tmp_path / "ca.pem"))), env={})
     with pytest.raises(ConfigError, match=r"comm_args\.s3\.endpoint_url: expected an http"):
-        resolve_s3(CommArgs(s3=S3Args(endpoint_url="s3.example", bucket="b", access_key_id="a", secret_access_key="s")), env={})
+        resolve_s3(
+            CommArgs(
+                s3=S3Args(endpoint_url="s3.example", bucket="b", access_key_id="a", secret_access_key="s")
+            ),
+            env={},
+        )
 
 
 def test_run_secret_env_beats_config_and_is_required_for_mqtt_s3() -> None:

@@ -465,7 +465,8 @@ def test_importing_config_does_not_import_torch() -> None:
 
 
 def test_relative_model_and_data_paths_are_found_next_to_the_config(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     project = tmp_path / "project"
     (project / "models" / "tiny").mkdir(parents=True)
     (project / "data" / "clients").mkdir(parents=True)

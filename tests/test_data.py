@@ -99,7 +99,12 @@ def test_more_clients_than_categories_share_categories(tmp_path: Path) -> None:
 def test_labels_cover_only_the_response(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path)
     tok = load_tokenizer(cfg)
-    record = {"instruction": "Reverse the letters of the word.", "context": "apple", "response": "elppa", "category": "reverse"}
+    record = {
+        "instruction": "Reverse the letters of the word.",
+        "context": "apple",
+        "response": "elppa",
+        "category": "reverse",
+    }
     ds = tokenize_records([record], tok, cfg)
     ids, labels = ds[0]["input_ids"], ds[0]["labels"]
     n_prompt = len(tok(format_prompt(record), add_special_tokens=False)["input_ids"])
@@ -113,24 +118,40 @@ def test_labels_cover_only_the_response(tmp_path: Path) -> None:
 
 def test_long_sequences_are_removed_or_truncated(tmp_path: Path) -> None:
     short = {"instruction": "What is 1 plus 2?", "context": "", "response": "3", "category": "addition"}
-    long = {"instruction": "Say it.", "context": "", "response": " ".join(["apple river"] * 80), "category": "long"}
+    long = {
+        "instruction": "Say it.",
+        "context": "",
+        "response": " ".join(["apple river"] * 80),
+        "category": "long",
+    }
     cfg = make_cfg(tmp_path, data_args={"max_seq_length": 200, "remove_long_seq": True})
     tok = load_tokenizer(cfg)
     kept = tokenize_records([short, long], tok, cfg)
     assert kept["category"] == ["addition"]
 
-    cfg = make_cfg(tmp_path, data_args={"max_seq_length": 200, "remove_long_seq": False, "truncate_long_seq": True})
+    cfg = make_cfg(
+        tmp_path, data_args={"max_seq_length": 200, "remove_long_seq": False, "truncate_long_seq": True}
+    )
     cut = tokenize_records([short, long], tok, cfg)
     assert cut["category"] == ["addition", "long"]
     assert max(len(x) for x in cut["input_ids"]) == 200
     assert len(cut[1]["labels"]) == 200
 
 
-def test_long_sequences_kept_whole_when_neither_rule_is_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_long_sequences_kept_whole_when_neither_rule_is_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # FedML accepts remove_long_seq and truncate_long_seq both false: long examples stay whole, with a warning.
     short = {"instruction": "What is 1 plus 2?", "context": "", "response": "3", "category": "addition"}
-    long = {"instruction": "Say it.", "context": "", "response": " ".join(["apple river"] * 80), "category": "long"}
-    cfg = make_cfg(tmp_path, data_args={"max_seq_length": 200, "remove_long_seq": False, "truncate_long_seq": False})
+    long = {
+        "instruction": "Say it.",
+        "context": "",
+        "response": " ".join(["apple river"] * 80),
+        "category": "long",
+    }
+    cfg = make_cfg(
+        tmp_path, data_args={"max_seq_length": 200, "remove_long_seq": False, "truncate_long_seq": False}
+    )
     with caplog.at_level(logging.WARNING, logger="unitedllm.training.data"):
         whole = tokenize_records([short, long], load_tokenizer(cfg), cfg)
     assert whole["category"] == ["addition", "long"]
@@ -188,13 +209,25 @@ def test_two_files_are_train_and_test(tmp_path: Path) -> None:
 
 def test_client_files_are_expanded_by_rank(tmp_path: Path) -> None:
     for rank in (1, 2):
-        write_jsonl(tmp_path / f"client_{rank}.jsonl", [
-            {"instruction": f"Who are you {i}?", "context": "", "response": f"client {rank}", "category": f"c{rank}"}
-            for i in range(20)
-        ])
+        write_jsonl(
+            tmp_path / f"client_{rank}.jsonl",
+            [
+                {
+                    "instruction": f"Who are you {i}?",
+                    "context": "",
+                    "response": f"client {rank}",
+                    "category": f"c{rank}",
+                }
+                for i in range(20)
+            ],
+        )
     cfg = make_cfg(
         tmp_path,
-        data_args={"dataset": "dolly", "client_dataset_path": [str(tmp_path / "client_{rank}.jsonl")], "test_dataset_size": 4},
+        data_args={
+            "dataset": "dolly",
+            "client_dataset_path": [str(tmp_path / "client_{rank}.jsonl")],
+            "test_dataset_size": 4,
+        },
         train_args={"client_num_in_total": 2},
     )
     train, test = client_records(cfg, 2)
@@ -220,9 +253,14 @@ def test_client_data_is_cached_on_disk(tmp_path: Path) -> None:
     assert sorted((tmp_path / "cache" / "datasets").glob("*.arrow")) == files
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "pythia" / "tokenizer.json").is_file(), reason="shared/data/pythia is absent")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "pythia" / "tokenizer.json").is_file(), reason="shared/data/pythia is absent"
+)
 def test_pythia_tokenizer_dir_without_config_loads(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, model_args={"train_tokenizer_vocab_size": None, "model_name_or_path": str(SHARED_DATA / "pythia")})
+    cfg = make_cfg(
+        tmp_path,
+        model_args={"train_tokenizer_vocab_size": None, "model_name_or_path": str(SHARED_DATA / "pythia")},
+    )
     tok = load_tokenizer(cfg)
     assert tok.eos_token == "<|endoftext|>"
     assert tok.pad_token == tok.eos_token
@@ -233,7 +271,10 @@ def test_pythia_tokenizer_dir_without_config_loads(tmp_path: Path) -> None:
 def test_dolly_file_splits_by_category() -> None:
     path = SHARED_DATA / "dolly" / "databricks-dolly-15k.jsonl"
     cfg = msgspec.convert(
-        {"data_args": {"dataset_path": [str(path)], "test_dataset_size": 200}, "train_args": {"client_num_in_total": 2}},
+        {
+            "data_args": {"dataset_path": [str(path)], "test_dataset_size": 200},
+            "train_args": {"client_num_in_total": 2},
+        },
         Config,
     )
     a, b = client_records(cfg, 1)[0], client_records(cfg, 2)[0]

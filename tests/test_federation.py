@@ -85,7 +85,9 @@ def test_same_seed_gives_identical_final_bytes(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
     a, _ = run_linear(cfg, run_id="a")
     b, _ = run_linear(cfg, run_id="b")
-    assert (a.final_dir / "model.safetensors").read_bytes() == (b.final_dir / "model.safetensors").read_bytes()
+    assert (a.final_dir / "model.safetensors").read_bytes() == (
+        b.final_dir / "model.safetensors"
+    ).read_bytes()
 
 
 def test_client_sampling_is_seeded_and_reproducible() -> None:
@@ -139,8 +141,14 @@ def test_forged_foreign_and_replayed_messages_are_dropped(tmp_path: Path) -> Non
         original_init(self, **kwargs)
         hubs.append(self)
 
-    bogus = Update(run_id="attacked", round=0, sender=1, seq=2**62, num_samples=10**6,
-                   delta_ref=BlobRef(digest="0" * 64, size=1))
+    bogus = Update(
+        run_id="attacked",
+        round=0,
+        sender=1,
+        seq=2**62,
+        num_samples=10**6,
+        delta_ref=BlobRef(digest="0" * 64, size=1),
+    )
     LocalHub.__init__ = capture  # type: ignore[method-assign]
     try:
         trainers: dict[int, LinearTrainer] = {}
@@ -206,8 +214,14 @@ def test_clients_keep_their_own_checkpoints_and_metrics(tmp_path: Path) -> None:
     node = result.output_dir / "node_1"
     saved = sorted(p.name for p in node.iterdir() if p.is_dir())
     assert saved == [
-        "final", "init", "round_0_after_agg", "round_0_before_agg", "round_2_after_agg", "round_2_before_agg",
-        "round_3_before_agg", "sent",
+        "final",
+        "init",
+        "round_0_after_agg",
+        "round_0_before_agg",
+        "round_2_after_agg",
+        "round_2_before_agg",
+        "round_3_before_agg",
+        "sent",
     ]
     final = load_file(str(node / "final" / "model.safetensors"))
     assert all(torch.equal(final[k], result.weights[k]) for k in result.weights)
@@ -222,7 +236,9 @@ def test_clients_keep_their_own_checkpoints_and_metrics(tmp_path: Path) -> None:
         [(r, m) for r in range(4) for m in ("global", "local")]
     )
     # Ranks that do not test keep training records but no evaluations.
-    other = [json.loads(line) for line in (result.output_dir / "node_2" / "metrics.jsonl").read_text().splitlines()]
+    other = [
+        json.loads(line) for line in (result.output_dir / "node_2" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [e["round"] for e in other if e["event"] == "train"] == [0, 1, 2, 3]
     assert not [e for e in other if e["event"] == "eval"]
 
@@ -230,7 +246,9 @@ def test_clients_keep_their_own_checkpoints_and_metrics(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("save_frequency", "rounds"), [(0, [3]), (2, [0, 2, 3]), (-1, [0, 1, 2, 3])])
 def test_save_frequency(tmp_path: Path, save_frequency: int, rounds: list[int]) -> None:
     plan = RoundPlan.from_config(
-        make_config(tmp_path, train_args={"comm_round": 4}, validation_args={"save_frequency": save_frequency})
+        make_config(
+            tmp_path, train_args={"comm_round": 4}, validation_args={"save_frequency": save_frequency}
+        )
     )
     assert [r for r in range(4) if plan.should_save(r)] == rounds
 
@@ -240,7 +258,8 @@ class Crash(Exception):
 
 
 def test_after_a_mid_round_crash_clients_resend_instead_of_training_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = make_config(tmp_path, train_args={"comm_round": 4})
     uninterrupted, _ = run_linear(cfg, run_id="whole")
 
@@ -263,13 +282,23 @@ def test_after_a_mid_round_crash_clients_resend_instead_of_training_again(
     first: dict[int, LinearTrainer] = {}
     monkeypatch.setattr(Aggregator, "_aggregate", die_in_round_2)
     with pytest.raises(Crash):
-        asyncio.run(run_async(cfg, run_id="crashed", trainer_factory=lambda _c, r: first.setdefault(r, LinearTrainer(r))))
+        asyncio.run(
+            run_async(
+                cfg, run_id="crashed", trainer_factory=lambda _c, r: first.setdefault(r, LinearTrainer(r))
+            )
+        )
     assert all(2 in [r for r, _ in first[rank].fits] for rank in (1, 2, 3))
 
     monkeypatch.setattr(Aggregator, "_aggregate", aggregate)
     again: dict[int, LinearTrainer] = {}
-    resumed = asyncio.run(run_async(cfg, run_id="crashed", resume=True,
-                                    trainer_factory=lambda _c, r: again.setdefault(r, LinearTrainer(r))))
+    resumed = asyncio.run(
+        run_async(
+            cfg,
+            run_id="crashed",
+            resume=True,
+            trainer_factory=lambda _c, r: again.setdefault(r, LinearTrainer(r)),
+        )
+    )
     for rank in (1, 2, 3):
         assert [r for r, _ in again[rank].fits] == [3], "round 2 was trained again instead of resent"
         own = (resumed.output_dir / f"node_{rank}" / "metrics.jsonl").read_text().splitlines()
@@ -302,8 +331,11 @@ def test_a_round_is_on_disk_before_it_is_reported_done(tmp_path: Path) -> None:
             seen.append((record["round"], saved[0] if saved else None))
 
     with MetricsLog(out / "metrics.jsonl", listeners=[check]) as metrics:
-        asyncio.run(run_async(cfg, run_id="durable", metrics=metrics,
-                              trainer_factory=lambda _c, rank: LinearTrainer(rank)))
+        asyncio.run(
+            run_async(
+                cfg, run_id="durable", metrics=metrics, trainer_factory=lambda _c, rank: LinearTrainer(rank)
+            )
+        )
     assert seen == [(0, 0), (1, 1), (2, 2)]
 
 

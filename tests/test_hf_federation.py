@@ -27,16 +27,37 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tiny_config(tmp_path: Path) -> Config:
     return msgspec.convert(
         {
-            "data_args": {"dataset": "unitedllm-synthetic", "dataset_name": None, "synthetic_num_examples": 240,
-                          "test_dataset_size": 40, "max_seq_length": 96, "cache_dir": str(tmp_path / "cache")},
-            "model_args": {"model_name_or_path": str(TINY_MODEL), "load_pretrained": False,
-                           "train_tokenizer_vocab_size": 384, "peft_type": "lora", "lora_r": 4, "lora_alpha": 8,
-                           "lora_dropout": 0.0,
-                           "model_config_overrides": {"hidden_size": 32, "intermediate_size": 64,
-                                                      "num_hidden_layers": 1}},
-            "train_args": {"client_num_in_total": 2, "client_num_per_round": 2, "comm_round": 2,
-                           "local_max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 5e-3,
-                           "output_dir": str(tmp_path / "{run_id}")},
+            "data_args": {
+                "dataset": "unitedllm-synthetic",
+                "dataset_name": None,
+                "synthetic_num_examples": 240,
+                "test_dataset_size": 40,
+                "max_seq_length": 96,
+                "cache_dir": str(tmp_path / "cache"),
+            },
+            "model_args": {
+                "model_name_or_path": str(TINY_MODEL),
+                "load_pretrained": False,
+                "train_tokenizer_vocab_size": 384,
+                "peft_type": "lora",
+                "lora_r": 4,
+                "lora_alpha": 8,
+                "lora_dropout": 0.0,
+                "model_config_overrides": {
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 1,
+                },
+            },
+            "train_args": {
+                "client_num_in_total": 2,
+                "client_num_per_round": 2,
+                "comm_round": 2,
+                "local_max_steps": 8,
+                "per_device_train_batch_size": 8,
+                "learning_rate": 5e-3,
+                "output_dir": str(tmp_path / "{run_id}"),
+            },
             "validation_args": {"is_aggregator_test": True},
         },
         Config,
@@ -52,8 +73,9 @@ class Recording(HFLocalTrainer):
 
     def fit(self, weights: Mapping[str, torch.Tensor], *, round_idx: int, **kwargs: Any) -> FitResult:
         result = super().fit(weights, round_idx=round_idx, **kwargs)
-        self.results[round_idx] = FitResult({k: v.clone() for k, v in result.weights.items()},
-                                            result.num_samples, dict(result.metrics))
+        self.results[round_idx] = FitResult(
+            {k: v.clone() for k, v in result.weights.items()}, result.num_samples, dict(result.metrics)
+        )
         return result
 
 

@@ -18,8 +18,14 @@ def _strict(line: str) -> object:
 def test_non_finite_values_are_written_as_null_at_any_depth(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     with MetricsLog(path) as log:
-        log.log("eval", round_idx=0, rank=1, loss=float("nan"),
-                metrics={"eval_loss": float("inf"), "perplexity": 3.0}, per_category={"a": [float("-inf"), 1.0]})
+        log.log(
+            "eval",
+            round_idx=0,
+            rank=1,
+            loss=float("nan"),
+            metrics={"eval_loss": float("inf"), "perplexity": 3.0},
+            per_category={"a": [float("-inf"), 1.0]},
+        )
     record = _strict(path.read_text().strip())
     assert record["loss"] is None  # type: ignore[index]
     assert record["metrics"] == {"eval_loss": None, "perplexity": 3.0}  # type: ignore[index]

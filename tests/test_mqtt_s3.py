@@ -31,7 +31,9 @@ FAST = Backoff(initial=0.2, maximum=1.0)
 MIB = 1024 * 1024
 
 
-def transport(settings: MqttSettings, rank: int, run_id: str, *, clients: int = 2, **kwargs: object) -> MqttTransport:
+def transport(
+    settings: MqttSettings, rank: int, run_id: str, *, clients: int = 2, **kwargs: object
+) -> MqttTransport:
     peers = set(range(1, clients + 1)) if rank == 0 else {0}
     return MqttTransport(settings, rank=rank, run_id=run_id, secret=SECRET, peers=peers, **kwargs)  # type: ignore[arg-type]
 
@@ -69,7 +71,9 @@ def raw_s3(settings: S3Settings) -> Any:
 # -- MQTT ------------------------------------------------------------------------------------
 
 
-async def test_messages_round_trip_between_aggregator_and_client(mqtt_settings: MqttSettings, run_id: str) -> None:
+async def test_messages_round_trip_between_aggregator_and_client(
+    mqtt_settings: MqttSettings, run_id: str
+) -> None:
     async with transport(mqtt_settings, 0, run_id) as agg, transport(mqtt_settings, 1, run_id) as client:
         agg_in, client_in = agg.incoming(), client.incoming()
         await client.send(0, hello(run_id, 1))
@@ -98,14 +102,18 @@ async def test_tls_with_an_unknown_ca_is_refused(services: DevServices, run_id: 
 
     other_ca = make_tls_files(tmp_path / "other").ca_file
     tls = services.mqtt.settings(tls=True)
-    wrong = MqttSettings(host=tls.host, port=tls.port, username=tls.username, password=tls.password, tls_ca_file=str(other_ca))
+    wrong = MqttSettings(
+        host=tls.host, port=tls.port, username=tls.username, password=tls.password, tls_ca_file=str(other_ca)
+    )
     with pytest.raises(CommError, match="could not connect.*certificate"):
         async with transport(wrong, 1, run_id, connect_timeout_s=3):
             pass
 
 
 async def test_wrong_broker_password_is_a_clear_comm_error(mqtt_settings: MqttSettings, run_id: str) -> None:
-    wrong = MqttSettings(host=mqtt_settings.host, port=mqtt_settings.port, username=mqtt_settings.username, password="nope")
+    wrong = MqttSettings(
+        host=mqtt_settings.host, port=mqtt_settings.port, username=mqtt_settings.username, password="nope"
+    )
     started = time.monotonic()
     with pytest.raises(CommError, match=f"refused the login of user '{mqtt_settings.username}'"):
         async with transport(wrong, 1, run_id):
@@ -154,13 +162,18 @@ async def test_clean_close_announces_offline(mqtt_settings: MqttSettings, run_id
         assert await next_presence(stream, 1) == Presence(1, False)
 
 
-async def test_forged_foreign_unknown_and_replayed_frames_are_dropped(mqtt_settings: MqttSettings, run_id: str) -> None:
+async def test_forged_foreign_unknown_and_replayed_frames_are_dropped(
+    mqtt_settings: MqttSettings, run_id: str
+) -> None:
     import aiomqtt
 
     async with transport(mqtt_settings, 0, run_id) as agg:
         stream = agg.incoming()
         topic = to_topic(run_id, 0)
-        genuine = seal(Update(run_id=run_id, round=1, sender=1, seq=10, delta_ref=BlobRef("cd" * 32, 9), num_samples=4), SECRET)
+        genuine = seal(
+            Update(run_id=run_id, round=1, sender=1, seq=10, delta_ref=BlobRef("cd" * 32, 9), num_samples=4),
+            SECRET,
+        )
         frames = [
             seal(hello(run_id, 1), b"not-the-run-secret"),  # forged HMAC
             seal(Hello(run_id="another-run", round=0, sender=1, seq=5), SECRET),  # wrong run id
@@ -187,7 +200,8 @@ async def test_forged_foreign_unknown_and_replayed_frames_are_dropped(mqtt_setti
 
 
 async def test_forged_and_replayed_presence_cannot_mark_a_live_client_gone(
-        mqtt_settings: MqttSettings, run_id: str) -> None:
+    mqtt_settings: MqttSettings, run_id: str
+) -> None:
     import aiomqtt
 
     async with transport(mqtt_settings, 0, run_id) as agg:
@@ -201,7 +215,9 @@ async def test_forged_and_replayed_presence_cannot_mark_a_live_client_gone(
             topic = presence_topic(run_id, 1)
             forged = [
                 b"offline",  # the unsigned form an attacker with broker access would try first
-                seal_presence(b"not-the-run-secret", run_id=run_id, rank=1, online=False, epoch=client._epoch + 1),
+                seal_presence(
+                    b"not-the-run-secret", run_id=run_id, rank=1, online=False, epoch=client._epoch + 1
+                ),
                 seal_presence(SECRET, run_id="another-run", rank=1, online=False, epoch=client._epoch + 1),
                 seal_presence(SECRET, run_id=run_id, rank=1, online=False, epoch=old_epoch),  # replayed
             ]
@@ -229,7 +245,9 @@ async def test_sending_to_a_rank_outside_the_run_fails(mqtt_settings: MqttSettin
             await client.send(2, hello(run_id, 1))
 
 
-async def test_messages_wait_for_a_peer_that_is_not_online_yet(mqtt_settings: MqttSettings, run_id: str) -> None:
+async def test_messages_wait_for_a_peer_that_is_not_online_yet(
+    mqtt_settings: MqttSettings, run_id: str
+) -> None:
     async with transport(mqtt_settings, 1, run_id) as client:
         await client.send(0, hello(run_id, 1))  # the aggregator is not up yet
         await asyncio.sleep(0.5)
@@ -268,7 +286,10 @@ async def test_transport_survives_a_broker_restart_and_delivers_what_was_queued(
     own_broker: Mosquitto, run_id: str
 ) -> None:
     settings = own_broker.settings()
-    async with transport(settings, 0, run_id, backoff=FAST) as agg, transport(settings, 1, run_id, backoff=FAST) as client:
+    async with (
+        transport(settings, 0, run_id, backoff=FAST) as agg,
+        transport(settings, 1, run_id, backoff=FAST) as client,
+    ):
         stream = agg.incoming()
         await client.send(0, hello(run_id, 1))
         assert isinstance(await next_message(stream), Hello)
@@ -277,7 +298,13 @@ async def test_transport_survives_a_broker_restart_and_delivers_what_was_queued(
         for round_idx in (1, 2, 3):
             await client.send(
                 0,
-                Update(run_id=run_id, round=round_idx, sender=1, delta_ref=BlobRef("ef" * 32, 1), num_samples=round_idx),
+                Update(
+                    run_id=run_id,
+                    round=round_idx,
+                    sender=1,
+                    delta_ref=BlobRef("ef" * 32, 1),
+                    num_samples=round_idx,
+                ),
             )
         await asyncio.sleep(1.0)  # both sides notice the loss and start reconnecting
         await own_broker.start()
@@ -293,12 +320,16 @@ async def test_unreachable_broker_fails_within_the_connect_timeout(run_id: str) 
     from unitedllm.devservices import free_port
 
     nowhere = MqttSettings(host="127.0.0.1", port=free_port())
-    with pytest.raises(CommError, match=r"could not connect to the MQTT broker at mqtt://127\.0\.0\.1:\d+ within 2s"):
+    with pytest.raises(
+        CommError, match=r"could not connect to the MQTT broker at mqtt://127\.0\.0\.1:\d+ within 2s"
+    ):
         async with transport(nowhere, 1, run_id, connect_timeout_s=2, backoff=FAST):
             pass
 
 
-async def test_closing_twice_is_harmless(mqtt_settings: MqttSettings, s3_settings: S3Settings, run_id: str) -> None:
+async def test_closing_twice_is_harmless(
+    mqtt_settings: MqttSettings, s3_settings: S3Settings, run_id: str
+) -> None:
     t = transport(mqtt_settings, 1, run_id)
     store = S3BlobStore(s3_settings, run_id=run_id)
     async with t, store:
@@ -317,7 +348,9 @@ async def test_small_blob_round_trips_and_is_content_addressed(s3_settings: S3Se
         ref = await store.put(b"safetensors bytes")
         assert ref.size == 17
         assert await store.get(ref) == b"safetensors bytes"
-        head = raw_s3(s3_settings).head_object(Bucket=s3_settings.bucket, Key=f"unitedllm/{run_id}/{ref.digest}")
+        head = raw_s3(s3_settings).head_object(
+            Bucket=s3_settings.bucket, Key=f"unitedllm/{run_id}/{ref.digest}"
+        )
         assert head["ContentLength"] == 17
         assert await store.put(b"safetensors bytes") == ref  # same bytes, same address
 
@@ -351,7 +384,9 @@ async def test_large_blob_is_read_into_one_buffer(s3_settings: S3Settings, run_i
             tracemalloc.stop()
         assert back == data
         # The blob once, plus the ranges in flight (each read buffer and its copy): not the blob twice.
-        assert peak < size + 2 * 2 * part + 16 * MIB, f"peak {peak / MIB:.0f} MiB for a {size // MIB} MiB blob"
+        assert peak < size + 2 * 2 * part + 16 * MIB, (
+            f"peak {peak / MIB:.0f} MiB for a {size // MIB} MiB blob"
+        )
 
 
 async def test_corrupted_object_is_refused(s3_settings: S3Settings, run_id: str) -> None:
@@ -360,7 +395,9 @@ async def test_corrupted_object_is_refused(s3_settings: S3Settings, run_id: str)
         ref = await store.put(data)
         raw = raw_s3(s3_settings)
         key = store.key_for(ref.digest)
-        raw.put_object(Bucket=s3_settings.bucket, Key=key, Body=b"\x01" * 4095 + b"\x02")  # same size, one bit off
+        raw.put_object(
+            Bucket=s3_settings.bucket, Key=key, Body=b"\x01" * 4095 + b"\x02"
+        )  # same size, one bit off
         with pytest.raises(IntegrityError, match=ref.digest):
             await store.get(ref)
         raw.put_object(Bucket=s3_settings.bucket, Key=key, Body=data + b"tail")  # different size

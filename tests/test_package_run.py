@@ -25,7 +25,7 @@ runner = CliRunner()
 pytest_plugins = ["conftest_services"]  # mqtt_settings / s3_settings for the end-to-end run
 
 # Stands in for launch.py: records how it was started, so tests see what a node would get.
-RECORDER = '''
+RECORDER = """
 import json, os, sys
 from pathlib import Path
 Path(os.environ["RECORD_TO"]).write_text(json.dumps({
@@ -34,7 +34,7 @@ Path(os.environ["RECORD_TO"]).write_text(json.dumps({
     "bootstrapped": Path("bootstrapped.txt").is_file(),
 }))
 sys.exit(int(os.environ.get("EXIT_WITH", "0")))
-'''
+"""
 BOOTSTRAP = 'echo "rank $UNITEDLLM_RANK" > bootstrapped.txt\nexit "${BOOTSTRAP_EXIT:-0}"\n'
 
 
@@ -55,33 +55,67 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (project / "config" / "bootstrap.sh").write_text(BOOTSTRAP)
     built = {}
     for kind in ("server", "client"):
-        code, out = invoke(build_app, "-t", kind, "-sf", project, "-ep", "launch.py", "-cf", project / "config",
-                           "-df", base / "build")
+        code, out = invoke(
+            build_app,
+            "-t",
+            kind,
+            "-sf",
+            project,
+            "-ep",
+            "launch.py",
+            "-cf",
+            project / "config",
+            "-df",
+            base / "build",
+        )
         assert code == 0, out
         built[kind] = base / "build" / "dist-packages" / f"{kind}-package.zip"
     return built
 
 
-def run_cli(package: Path, workdir: Path, rank: int, *extra: str, env: dict[str, str] | None = None
-            ) -> tuple[int, str, dict[str, Any] | None]:
+def run_cli(
+    package: Path, workdir: Path, rank: int, *extra: str, env: dict[str, str] | None = None
+) -> tuple[int, str, dict[str, Any] | None]:
     record = workdir.parent / f"record-{workdir.name}.json"
     old = dict(os.environ)
     os.environ.update({"RECORD_TO": str(record), **(env or {})})
     try:
-        code, out = invoke(package_app, "run", package, "--rank", str(rank), "--run-id", "run-7",
-                           "--workdir", workdir, *extra)
+        code, out = invoke(
+            package_app,
+            "run",
+            package,
+            "--rank",
+            str(rank),
+            "--run-id",
+            "run-7",
+            "--workdir",
+            workdir,
+            *extra,
+        )
     finally:
         os.environ.clear()
         os.environ.update(old)
     return code, out, json.loads(record.read_text()) if record.is_file() else None
 
 
-def test_client_package_starts_with_dynamic_args_after_bootstrap(packages: dict[str, Path], tmp_path: Path) -> None:
-    code, out, record = run_cli(packages["client"], tmp_path / "w", 2, "--", "--set", "train_args.comm_round=1")
+def test_client_package_starts_with_dynamic_args_after_bootstrap(
+    packages: dict[str, Path], tmp_path: Path
+) -> None:
+    code, out, record = run_cli(
+        packages["client"], tmp_path / "w", 2, "--", "--set", "train_args.comm_round=1"
+    )
     assert code == 0, out
     assert record is not None, out
-    assert record["argv"] == ["--cf", "config/fedml_config.yaml", "--rank", "2", "--run_id", "run-7",
-                              "--set", "train_args.comm_round=1"]
+    assert record["argv"] == [
+        "--cf",
+        "config/fedml_config.yaml",
+        "--rank",
+        "2",
+        "--run_id",
+        "run-7",
+        "--set",
+        "train_args.comm_round=1",
+    ]
     assert record["bootstrapped"], "bootstrap must run before the entry point, in the source folder"
     assert Path(record["cwd"]) == (tmp_path / "w" / "client-package" / "fedml").resolve()
     assert record["env"]["UNITEDLLM_RANK"] == "2" and record["env"]["UNITEDLLM_RUN_ID"] == "run-7"
@@ -157,8 +191,11 @@ def test_file_missing_from_manifest_or_zip_is_refused(packages: dict[str, Path],
         archive.writestr("client-package/fedml/backdoor.py", "print('hi')\n")
     with pytest.raises(TamperedPackage, match="backdoor.py: in the zip but not in the manifest"):
         prepare_package(extra, tmp_path / "w1")
-    missing = rewrite(packages["client"], tmp_path / "missing.zip",
-                      lambda i, d: None if i.filename.endswith("bootstrap.sh") else (i, d))
+    missing = rewrite(
+        packages["client"],
+        tmp_path / "missing.zip",
+        lambda i, d: None if i.filename.endswith("bootstrap.sh") else (i, d),
+    )
     with pytest.raises(TamperedPackage, match="bootstrap.sh: listed in the manifest but missing"):
         prepare_package(missing, tmp_path / "w2")
 
@@ -178,7 +215,9 @@ def with_entry(package: Path, target: Path, info: zipfile.ZipInfo, data: bytes) 
         ("client-package\\..\\win.py", "backslash"),
     ],
 )
-def test_zip_slip_entries_are_refused(packages: dict[str, Path], tmp_path: Path, name: str, reason: str) -> None:
+def test_zip_slip_entries_are_refused(
+    packages: dict[str, Path], tmp_path: Path, name: str, reason: str
+) -> None:
     bad = with_entry(packages["client"], tmp_path / "slip.zip", zipfile.ZipInfo(name), b"print('pwned')\n")
     workdir = tmp_path / "deep" / "w"
     with pytest.raises(UnsafePackage, match=reason):
@@ -200,8 +239,12 @@ def test_symlink_entry_is_refused(packages: dict[str, Path], tmp_path: Path) -> 
 
 
 def test_oversized_entry_is_refused(packages: dict[str, Path], tmp_path: Path) -> None:
-    bad = with_entry(packages["client"], tmp_path / "big.zip", zipfile.ZipInfo("client-package/fedml/big.bin"),
-                     bytes(3 * 2**20))
+    bad = with_entry(
+        packages["client"],
+        tmp_path / "big.zip",
+        zipfile.ZipInfo("client-package/fedml/big.bin"),
+        bytes(3 * 2**20),
+    )
     code, out, record = run_cli(bad, tmp_path / "cli", 1, "--max-size-mb", "1")
     assert code == 2 and "big.bin" in out and "over the cap" in out and record is None
     assert not (tmp_path / "cli" / "client-package").exists()
@@ -223,11 +266,29 @@ def test_not_a_package_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PackageError, match="no client-package/manifest.json"):
         prepare_package(plain, tmp_path / "w")
     (tmp_path / "junk.zip").write_bytes(b"not a zip at all")
-    code, out = invoke(package_app, "run", tmp_path / "junk.zip", "--rank", "1", "--run-id", "r",
-                       "--workdir", tmp_path / "w2")
+    code, out = invoke(
+        package_app,
+        "run",
+        tmp_path / "junk.zip",
+        "--rank",
+        "1",
+        "--run-id",
+        "r",
+        "--workdir",
+        tmp_path / "w2",
+    )
     assert code == 2 and "not a readable zip" in out
-    code, out = invoke(package_app, "run", tmp_path / "absent.zip", "--rank", "1", "--run-id", "r",
-                       "--workdir", tmp_path / "w3")
+    code, out = invoke(
+        package_app,
+        "run",
+        tmp_path / "absent.zip",
+        "--rank",
+        "1",
+        "--run-id",
+        "r",
+        "--workdir",
+        tmp_path / "w3",
+    )
     assert code == 2 and "package not found" in out
 
 
@@ -236,8 +297,21 @@ def test_signature_is_checked_when_a_secret_is_given(tmp_path: Path) -> None:
     assert invoke(build_app, "init", project)[0] == 0
     (tmp_path / "right").write_text("right-secret")
     (tmp_path / "wrong").write_text("wrong-secret")
-    code, out = invoke(build_app, "-t", "client", "-sf", project, "-ep", "launch.py", "-cf", project / "config",
-                       "-df", tmp_path / "build", "--secret-file", tmp_path / "right")
+    code, out = invoke(
+        build_app,
+        "-t",
+        "client",
+        "-sf",
+        project,
+        "-ep",
+        "launch.py",
+        "-cf",
+        project / "config",
+        "-df",
+        tmp_path / "build",
+        "--secret-file",
+        tmp_path / "right",
+    )
     assert code == 0, out
     package = tmp_path / "build" / "dist-packages" / "client-package.zip"
     assert prepare_package(package, tmp_path / "ok", secret=b"right-secret").manifest.signature
@@ -260,9 +334,12 @@ def test_rerun_replaces_the_previous_unpack(packages: dict[str, Path], tmp_path:
 
 # ---- end to end: real roles over MQTT_S3, one process per package -------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.services
-def test_server_and_two_client_packages_finish_a_two_round_run(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+def test_server_and_two_client_packages_finish_a_two_round_run(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     try:
         mqtt = request.getfixturevalue("mqtt_settings")
         s3 = request.getfixturevalue("s3_settings")
@@ -272,13 +349,35 @@ def test_server_and_two_client_packages_finish_a_two_round_run(request: pytest.F
     assert invoke(build_app, "init", project)[0] == 0
     assert subprocess.run(["bash", "scripts/build.sh"], cwd=project, check=False).returncode == 0
     dist = project / "build" / "dist-packages"
-    env = {**os.environ, **service_env(mqtt, s3), "UNITEDLLM_RUN_SECRET": "e2e-run-secret",
-           "UNITEDLLM_CACHE": str(tmp_path / "cache")}
-    overrides = ["--", "--set", "train_args.comm_round=2", "--set", f"train_args.output_dir={tmp_path}/out/{{run_id}}"]
+    env = {
+        **os.environ,
+        **service_env(mqtt, s3),
+        "UNITEDLLM_RUN_SECRET": "e2e-run-secret",
+        "UNITEDLLM_CACHE": str(tmp_path / "cache"),
+    }
+    overrides = [
+        "--",
+        "--set",
+        "train_args.comm_round=2",
+        "--set",
+        f"train_args.output_dir={tmp_path}/out/{{run_id}}",
+    ]
 
     def start(package: str, rank: int) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "unitedllm.packaging", "run", str(dist / package), "--rank", str(rank),
-                   "--run-id", "e2e-run", "--workdir", str(tmp_path / f"node{rank}"), *overrides]
+        command = [
+            sys.executable,
+            "-m",
+            "unitedllm.packaging",
+            "run",
+            str(dist / package),
+            "--rank",
+            str(rank),
+            "--run-id",
+            "e2e-run",
+            "--workdir",
+            str(tmp_path / f"node{rank}"),
+            *overrides,
+        ]
         return subprocess.Popen(command, env=env, cwd=tmp_path)
 
     nodes = [start("server-package.zip", 0), start("client-package.zip", 1), start("client-package.zip", 2)]

@@ -47,8 +47,13 @@ class Federation:
     def _start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         sets = [x for o in self.overrides for x in ("--set", o)]
         log = (self.tmp / f"{name}-{len(self.procs)}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "unitedllm", *args, str(CONFIG), "--run-id", self.run_id, *sets],
-                                env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "unitedllm", *args, str(CONFIG), "--run-id", self.run_id, *sets],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         self.procs.append(proc)
         return proc
@@ -90,7 +95,9 @@ class Federation:
             pytest.fail(f"process {proc.args!r} still running after {timeout:g}s\n{self.logs()}")
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.tmp.glob("*.log")))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.tmp.glob("*.log"))
+        )
 
     def kill_all(self) -> None:
         for proc in self.procs:
@@ -100,19 +107,34 @@ class Federation:
 
 
 @pytest.fixture
-def federation(request: pytest.FixtureRequest, tmp_path: Path, run_id: str) -> Iterator[Callable[..., Federation]]:
+def federation(
+    request: pytest.FixtureRequest, tmp_path: Path, run_id: str
+) -> Iterator[Callable[..., Federation]]:
     """A factory of process federations on the session's mosquitto + SeaweedFS; kills leftovers."""
     mqtt = request.getfixturevalue("mqtt_settings")
     s3 = request.getfixturevalue("s3_settings")
     made: list[Federation] = []
 
     def make(*overrides: str, name: str = "mqtt") -> Federation:
-        env = {**os.environ, **service_env(mqtt, s3), "UNITEDLLM_RUN_SECRET": "processes-test-secret",
-               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            **service_env(mqtt, s3),
+            "UNITEDLLM_RUN_SECRET": "processes-test-secret",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         tmp = tmp_path / name
         tmp.mkdir()
-        fed = Federation(tmp, f"{run_id}-{name}", env, [
-            f"train_args.output_dir={tmp}/out/{{run_id}}", f"data_args.cache_dir={tmp_path}/cache", *overrides])
+        fed = Federation(
+            tmp,
+            f"{run_id}-{name}",
+            env,
+            [
+                f"train_args.output_dir={tmp}/out/{{run_id}}",
+                f"data_args.cache_dir={tmp_path}/cache",
+                *overrides,
+            ],
+        )
         made.append(fed)
         return fed
 
@@ -125,11 +147,24 @@ def federation(request: pytest.FixtureRequest, tmp_path: Path, run_id: str) -> I
 
 def run_local(tmp: Path, run_id: str, *overrides: str) -> Path:
     """The same config run in one process with the LOCAL backend; returns its output dir."""
-    sets = [x for o in ("comm_args.backend=LOCAL", f"train_args.output_dir={tmp}/out/{{run_id}}",
-                        f"data_args.cache_dir={tmp}/cache", *overrides) for x in ("--set", o)]
-    done = subprocess.run([sys.executable, "-m", "unitedllm", "run", str(CONFIG), "--run-id", run_id, "-q", *sets],
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          timeout=RUN_LIMIT_S, check=False)
+    sets = [
+        x
+        for o in (
+            "comm_args.backend=LOCAL",
+            f"train_args.output_dir={tmp}/out/{{run_id}}",
+            f"data_args.cache_dir={tmp}/cache",
+            *overrides,
+        )
+        for x in ("--set", o)
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "unitedllm", "run", str(CONFIG), "--run-id", run_id, "-q", *sets],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        timeout=RUN_LIMIT_S,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
     return tmp / "out" / run_id
 
@@ -160,8 +195,10 @@ def compare_adapters(a: Path, b: Path) -> str:
 
 # ---- 1. equivalence ------------------------------------------------------------------------------------
 
+
 def test_processes_over_mqtt_s3_give_the_same_adapter_as_one_local_process(
-        federation: Callable[..., Federation], tmp_path: Path) -> None:
+    federation: Callable[..., Federation], tmp_path: Path
+) -> None:
     fed = federation()
     run_processes(fed)
     local = run_local(tmp_path / "local", "local-equivalence")
@@ -175,7 +212,11 @@ def test_processes_over_mqtt_s3_give_the_same_adapter_as_one_local_process(
 
 # Long enough local training (~5 s a round here) that the kill lands while rank 2 trains round 1;
 # quorum 1 lets rank 1 go on alone.
-SLOW_ROUNDS = ("train_args.local_max_steps=400", "comm_args.min_updates_per_round=1", "comm_args.round_timeout_s=60")
+SLOW_ROUNDS = (
+    "train_args.local_max_steps=400",
+    "comm_args.min_updates_per_round=1",
+    "comm_args.round_timeout_s=60",
+)
 
 
 def kill_rank_2_in_round_1(fed: Federation) -> subprocess.Popen[bytes]:
@@ -210,7 +251,9 @@ def test_client_restarted_in_the_same_round_rejoins(federation: Callable[..., Fe
     assert fed.wait(server) == 0, fed.logs()
     rounds = aggregated(fed)
     assert sorted(rounds) == list(range(5)) and rounds[1] == [1]
-    assert rounds[4] == [1, 2], f"the restarted rank 2 never made it back into a round: {rounds}\n{fed.logs()}"
+    assert rounds[4] == [1, 2], (
+        f"the restarted rank 2 never made it back into a round: {rounds}\n{fed.logs()}"
+    )
     assert fed.wait(rejoined, timeout=60) == 0, fed.logs()
 
 
@@ -222,14 +265,18 @@ def test_client_restarted_rounds_later_rejoins(federation: Callable[..., Federat
     assert fed.wait(server) == 0, fed.logs()
     rounds = aggregated(fed)
     assert rounds[2] == [1]
-    assert rounds[4] == [1, 2], f"the restarted rank 2 never made it back into a round: {rounds}\n{fed.logs()}"
+    assert rounds[4] == [1, 2], (
+        f"the restarted rank 2 never made it back into a round: {rounds}\n{fed.logs()}"
+    )
     assert fed.wait(rejoined, timeout=60) == 0, fed.logs()
 
 
 # ---- 3. the aggregator killed and resumed ------------------------------------------------------------
 
+
 def test_aggregator_killed_after_round_2_of_4_resumes_to_the_same_adapter(
-        federation: Callable[..., Federation], tmp_path: Path) -> None:
+    federation: Callable[..., Federation], tmp_path: Path
+) -> None:
     four_rounds = "train_args.comm_round=4"
     fed = federation(four_rounds, name="resumed")
     server = fed.server()
@@ -242,7 +289,9 @@ def test_aggregator_killed_after_round_2_of_4_resumes_to_the_same_adapter(
     resumed = fed.server("--resume")
     codes = [fed.wait(p) for p in (resumed, *clients)]
     assert codes == [0, 0, 0], fed.logs()
-    assert [e["round"] for e in fed.events("resume")] == [1], "the restarted aggregator resumed after round 2 of 4"
+    assert [e["round"] for e in fed.events("resume")] == [1], (
+        "the restarted aggregator resumed after round 2 of 4"
+    )
     assert aggregated(fed) == {0: [1, 2], 1: [1, 2], 2: [1, 2], 3: [1, 2]}
 
     local = run_local(tmp_path / "local", "local-resume", four_rounds)

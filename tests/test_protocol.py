@@ -18,8 +18,9 @@ SECRET = b"s" * 32
 
 
 def update(**kw: object) -> Update:
-    fields: dict[str, object] = dict(run_id="run", round=0, sender=1, seq=5, num_samples=3,
-                                     delta_ref=BlobRef(digest="a" * 64, size=4))
+    fields: dict[str, object] = dict(
+        run_id="run", round=0, sender=1, seq=5, num_samples=3, delta_ref=BlobRef(digest="a" * 64, size=4)
+    )
     fields.update(kw)
     return Update(**fields)  # type: ignore[arg-type]
 
@@ -58,9 +59,14 @@ def test_guard_drops_garbage_without_raising() -> None:
 
 
 def test_tensor_payload_round_trips_bytes_exactly() -> None:
-    tensors = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(2, dtype=torch.bfloat16)}
+    tensors = {
+        "b": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "a": torch.ones(2, dtype=torch.bfloat16),
+    }
     data = encode_tensors(tensors)
-    assert data == encode_tensors(dict(reversed(list(tensors.items())))), "bytes must not depend on dict order"
+    assert data == encode_tensors(dict(reversed(list(tensors.items())))), (
+        "bytes must not depend on dict order"
+    )
     back = decode_tensors(data)
     assert set(back) == {"a", "b"}
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)
@@ -78,8 +84,12 @@ def _payload(header: dict[str, object], body: bytes) -> bytearray:
 
 def test_bytearray_payload_decodes_to_views_equal_to_safetensors() -> None:
     tensors = {
-        "w": torch.randn(4, 3), "ids": torch.arange(5, dtype=torch.int64), "h": torch.randn(7, dtype=torch.bfloat16),
-        "flag": torch.tensor([True, False]), "empty": torch.empty(0, 2), "scalar": torch.tensor(2.5),
+        "w": torch.randn(4, 3),
+        "ids": torch.arange(5, dtype=torch.int64),
+        "h": torch.randn(7, dtype=torch.bfloat16),
+        "flag": torch.tensor([True, False]),
+        "empty": torch.empty(0, 2),
+        "scalar": torch.tensor(2.5),
     }
     data = bytearray(encode_tensors(tensors))
     views = decode_tensors(data)
@@ -98,12 +108,29 @@ def test_bytearray_payload_decodes_to_views_equal_to_safetensors() -> None:
     [
         (bytearray(b"\x01\x02"), "too short"),
         (bytearray((10**6).to_bytes(8, "little") + b"{}"), "does not fit"),
-        (_payload({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12), "do not hold shape"),
-        (_payload({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8), "do not hold shape"),
-        (_payload({"t": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8), "malformed entry"),
+        (
+            _payload({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, b"\0" * 12),
+            "do not hold shape",
+        ),
+        (
+            _payload({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
+            "do not hold shape",
+        ),
+        (
+            _payload({"t": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8),
+            "malformed entry",
+        ),
         (_payload({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}, b""), "do not hold shape"),
-        (_payload({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                   "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12), "overlap"),
+        (
+            _payload(
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+                },
+                b"\0" * 12,
+            ),
+            "overlap",
+        ),
         (_payload([1, 2], b""), "not a JSON object"),  # type: ignore[arg-type]
         (bytearray((3).to_bytes(8, "little") + b"{x}"), "not JSON"),
     ],

@@ -65,7 +65,9 @@ def test_global_model_beats_isolated_clients_on_categories_they_never_saw(
         seen = set(client.train_dataset["category"])
         weights = server.initial_weights()
         for round_idx in range(cfg.train_args.comm_round):  # the same compute, without the others
-            weights = client.fit(weights, round_idx=round_idx, max_steps=cfg.train_args.local_max_steps).weights
+            weights = client.fit(
+                weights, round_idx=round_idx, max_steps=cfg.train_args.local_max_steps
+            ).weights
         isolated = server.evaluate(weights).per_category
         for category, loss in isolated.items():
             if category not in seen:
@@ -80,7 +82,9 @@ def test_final_adapter_loads_with_peft_onto_the_saved_base(quickstart_run: unite
 
     final = quickstart_run.final_dir
     adapter = json.loads((final / "adapter_config.json").read_text())
-    assert Path(adapter["base_model_name_or_path"]) == (quickstart_run.output_dir / "node_0" / "init").resolve()
+    assert (
+        Path(adapter["base_model_name_or_path"]) == (quickstart_run.output_dir / "node_0" / "init").resolve()
+    )
     base = AutoModelForCausalLM.from_pretrained(adapter["base_model_name_or_path"])
     model = PeftModel.from_pretrained(base, str(final)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(final))
@@ -93,14 +97,35 @@ def test_final_adapter_loads_with_peft_onto_the_saved_base(quickstart_run: unite
 def test_cli_run_prints_progress_and_writes_fedml_layout(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
     proc = subprocess.run(
-        [sys.executable, "-m", "unitedllm", "run", str(QUICKSTART), "--run-id", "cli", "--quiet",
-         "--set", f"train_args.output_dir={tmp_path}/{{run_id}}", "--set", "train_args.comm_round=2",
-         "--set", "train_args.local_max_steps=5", "--set", f"data_args.cache_dir={tmp_path}/cache"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "unitedllm",
+            "run",
+            str(QUICKSTART),
+            "--run-id",
+            "cli",
+            "--quiet",
+            "--set",
+            f"train_args.output_dir={tmp_path}/{{run_id}}",
+            "--set",
+            "train_args.comm_round=2",
+            "--set",
+            "train_args.local_max_steps=5",
+            "--set",
+            f"data_args.cache_dir={tmp_path}/cache",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "round 2/2" in proc.stderr and "final model:" in proc.stderr
     node = tmp_path / "cli" / "node_0"
     assert {"init", "final", "round_0_after_agg", "round_1_after_agg"} <= {p.name for p in node.iterdir()}
-    events = [json.loads(line)["event"] for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(line)["event"] for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert events.count("round") == 2 and "run_end" in events

@@ -51,16 +51,37 @@ class TimedLinearTrainer(LinearTrainer):
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real 4-round, 3-client federation with evaluations and system metrics."""
     root = tmp_path_factory.mktemp("runs")
-    cfg = msgspec.convert({
-        "train_args": {"comm_round": 4, "client_num_in_total": 3, "client_num_per_round": 3, "local_max_steps": 3,
-                       "output_dir": str(root / "{run_id}")},
-        "validation_args": {"is_aggregator_test": True, "test_on_clients": "both", "test_on_client_ranks": [1, 2]},
-        "comm_args": {"round_timeout_s": 30, "join_timeout_s": 30},
-    }, Config)
+    cfg = msgspec.convert(
+        {
+            "train_args": {
+                "comm_round": 4,
+                "client_num_in_total": 3,
+                "client_num_per_round": 3,
+                "local_max_steps": 3,
+                "output_dir": str(root / "{run_id}"),
+            },
+            "validation_args": {
+                "is_aggregator_test": True,
+                "test_on_clients": "both",
+                "test_on_client_ranks": [1, 2],
+            },
+            "comm_args": {"round_timeout_s": 30, "join_timeout_s": 30},
+        },
+        Config,
+    )
     out = root / "rep"
-    with MetricsLog(out / "metrics.jsonl") as metrics, system_metrics(metrics, rank=0, interval_s=0.01) as sampler:
-        asyncio.run(run_async(cfg, run_id="rep", metrics=metrics,
-                              trainer_factory=lambda _cfg, rank: TimedLinearTrainer(rank)))
+    with (
+        MetricsLog(out / "metrics.jsonl") as metrics,
+        system_metrics(metrics, rank=0, interval_s=0.01) as sampler,
+    ):
+        asyncio.run(
+            run_async(
+                cfg,
+                run_id="rep",
+                metrics=metrics,
+                trainer_factory=lambda _cfg, rank: TimedLinearTrainer(rank),
+            )
+        )
         deadline = time.monotonic() + 5
         while sampler is not None and sampler.samples < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -103,10 +124,23 @@ def test_report_of_a_finished_run(finished_run: Path) -> None:
 
 def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", *args],
-        check=True, timeout=120, capture_output=True, text=True,
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            *args,
+        ],
+        check=True,
+        timeout=120,
+        capture_output=True,
+        text=True,
     )
 
 
@@ -123,12 +157,16 @@ window.addEventListener("load", () => {
 </script>"""
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no headless browser at {CHROMIUM} (scripts/test.sh installs it)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason=f"no headless browser at {CHROMIUM} (scripts/test.sh installs it)"
+)
 def test_report_renders_its_plots_in_headless_chromium(finished_run: Path, tmp_path: Path) -> None:
     page = write_report(finished_run)
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("</body>", IMAGE_CHECK + "</body>"))
-    dom = _chromium("--virtual-time-budget=10000", "--dump-dom", probe.as_uri(), profile=tmp_path / "p1").stdout
+    dom = _chromium(
+        "--virtual-time-budget=10000", "--dump-dom", probe.as_uri(), profile=tmp_path / "p1"
+    ).stdout
     found = re.search(r'<pre id="image-check">(.*?)</pre>', dom)
     assert found, f"the page never finished loading in chromium: {dom[-500:]}"
     check = json.loads(html_lib.unescape(found.group(1)))
@@ -176,8 +214,11 @@ def test_run_in_progress_with_a_torn_line_still_renders(finished_run: Path, tmp_
 def test_missing_rounds_and_empty_runs_render(finished_run: Path, tmp_path: Path) -> None:
     gappy = tmp_path / "gappy"
     gappy.mkdir()
-    kept = [line for line in (finished_run / "metrics.jsonl").read_text().splitlines()
-            if '"round": 1,' not in line]
+    kept = [
+        line
+        for line in (finished_run / "metrics.jsonl").read_text().splitlines()
+        if '"round": 1,' not in line
+    ]
     (gappy / "metrics.jsonl").write_text("\n".join(kept) + "\n")
     write_report(gappy)
     assert sorted(load_run(gappy).rounds) == [0, 2, 3]
@@ -221,11 +262,12 @@ def test_report_command(finished_run: Path, tmp_path: Path) -> None:
 
 
 def test_cli_module_imports_no_heavy_packages() -> None:
-    code = ("import sys, unitedllm.report.cli, unitedllm.tracking; "
-            "heavy = [m for m in ('torch', 'matplotlib', 'wandb', 'mlflow') if m in sys.modules]; "
-            "assert not heavy, heavy")
+    code = (
+        "import sys, unitedllm.report.cli, unitedllm.tracking; "
+        "heavy = [m for m in ('torch', 'matplotlib', 'wandb', 'mlflow') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
 
 
 def test_a_clients_own_records_render_as_a_report(finished_run: Path) -> None:

@@ -26,10 +26,17 @@ from unitedllm.tracking.sink import TrackerSink
 def make_config(tmp_path: Path, **tracking: Any) -> Config:
     raw: dict[str, Any] = {
         "train_args": {
-            "comm_round": 3, "client_num_in_total": 2, "client_num_per_round": 2, "local_max_steps": 3,
+            "comm_round": 3,
+            "client_num_in_total": 2,
+            "client_num_per_round": 2,
+            "local_max_steps": 3,
             "output_dir": str(tmp_path / "{run_id}"),
         },
-        "validation_args": {"is_aggregator_test": True, "test_on_clients": "both", "test_on_client_ranks": [1]},
+        "validation_args": {
+            "is_aggregator_test": True,
+            "test_on_clients": "both",
+            "test_on_client_ranks": [1],
+        },
         "comm_args": {"round_timeout_s": 30, "join_timeout_s": 30},
         "tracking_args": {"log_system_metrics": False, **tracking},
     }
@@ -43,8 +50,11 @@ def run_tracked(cfg: Config, run_id: str = "track") -> Path:
         open_trackers(cfg, rank=0, run_id=run_id, output_dir=output_dir) as listeners,
         MetricsLog(output_dir / "metrics.jsonl", listeners=listeners) as metrics,
     ):
-        asyncio.run(run_async(cfg, run_id=run_id, metrics=metrics,
-                              trainer_factory=lambda _cfg, rank: LinearTrainer(rank)))
+        asyncio.run(
+            run_async(
+                cfg, run_id=run_id, metrics=metrics, trainer_factory=lambda _cfg, rank: LinearTrainer(rank)
+            )
+        )
     return output_dir
 
 
@@ -64,13 +74,20 @@ def test_tensorboard_has_round_and_client_scalars(tmp_path: Path) -> None:
     rounds = logged(out, "round")
     assert [e.step for e in server.Scalars("round/train_loss")] == [0, 1, 2]
     assert [e.value for e in server.Scalars("round/train_loss")] == pytest.approx(
-        [r["train_loss"] for r in rounds], rel=1e-6)
+        [r["train_loss"] for r in rounds], rel=1e-6
+    )
 
     client = EventAccumulator(str(out / "tensorboard" / "client_1"))
     client.Reload()
     client_tags = set(client.Tags()["scalars"])
-    assert {"train/loss", "time/comm_s", "comm/bytes_sent", "comm/bytes_received", "eval/loss",
-            "eval_local/loss"} <= client_tags
+    assert {
+        "train/loss",
+        "time/comm_s",
+        "comm/bytes_sent",
+        "comm/bytes_received",
+        "eval/loss",
+        "eval_local/loss",
+    } <= client_tags
     sent = [t for t in logged(out, "train") if t["rank"] == 1]
     assert [e.value for e in client.Scalars("comm/bytes_sent")] == [t["bytes_received"] for t in sent]
 
@@ -86,7 +103,9 @@ def test_tensorboard_missing_names_the_extra(tmp_path: Path, monkeypatch: pytest
     assert "tracking_args.enable_tensorboard" in str(caught.value)
 
 
-def test_wandb_offline_run_is_written_by_the_server_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_offline_run_is_written_by_the_server_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("wandb", reason="wandb (unitedllm[tracking]) is not installed")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -123,7 +142,9 @@ def test_mlflow_file_store_has_metric_history(tmp_path: Path) -> None:
     assert run.data.tags["unitedllm.run_id"] == "track"
     history = client.get_metric_history(run.info.run_id, "round/train_loss")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]
-    assert sorted(m.value for m in history) == pytest.approx(sorted(r["train_loss"] for r in logged(out, "round")))
+    assert sorted(m.value for m in history) == pytest.approx(
+        sorted(r["train_loss"] for r in logged(out, "round"))
+    )
     assert client.get_metric_history(run.info.run_id, "client_2/train/loss")
 
 
@@ -142,8 +163,11 @@ def test_failing_tracker_does_not_stop_the_run(tmp_path: Path, caplog: pytest.Lo
         _BrokenSink() as sink,
         MetricsLog(out / "metrics.jsonl", listeners=[sink]) as metrics,
     ):
-        asyncio.run(run_async(cfg, run_id="b", metrics=metrics,
-                              trainer_factory=lambda _cfg, rank: LinearTrainer(rank)))
+        asyncio.run(
+            run_async(
+                cfg, run_id="b", metrics=metrics, trainer_factory=lambda _cfg, rank: LinearTrainer(rank)
+            )
+        )
     assert len(logged(out, "round")) == 3
     warnings = [r for r in caplog.records if "No space left" in r.getMessage()]
     assert len(warnings) == 1  # warned once, not once per event
@@ -172,7 +196,10 @@ def test_system_sampler_logs_until_closed(tmp_path: Path) -> None:
 
 def test_system_metrics_disabled_logs_nothing(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    with MetricsLog(path) as metrics, system_metrics(metrics, rank=0, enabled=False, interval_s=0.01) as sampler:
+    with (
+        MetricsLog(path) as metrics,
+        system_metrics(metrics, rank=0, enabled=False, interval_s=0.01) as sampler,
+    ):
         time.sleep(0.1)
     assert sampler is None
     assert list(read_metrics(path)) == []
@@ -185,7 +212,9 @@ def test_system_sample_reports_gpu_memory_when_cuda_is_there() -> None:
         pytest.skip("no CUDA device on this machine: GPU system metrics cannot be observed")
     from unitedllm.tracking.system import sample_system
 
-    block = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")  # 256 MiB held during the reading
+    block = torch.empty(
+        256 * 1024 * 1024, dtype=torch.uint8, device="cuda"
+    )  # 256 MiB held during the reading
     reading = sample_system(psutil, psutil.Process(os.getpid()))
     del block
     assert reading["process_gpu_mem_allocated_gb"] >= 0.25

@@ -231,8 +231,12 @@ def test_model_dir_with_only_config_and_tokenizer_builds(tmp_path: Path) -> None
     model_dir.mkdir()
     shutil.copy(TINY_MODEL / "config.json", model_dir / "config.json")
     trained.backend_tokenizer.save(str(model_dir / "tokenizer.json"))
-    (model_dir / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}))
-    cfg = make_cfg(tmp_path, model_args={"model_name_or_path": str(model_dir), "train_tokenizer_vocab_size": None})
+    (model_dir / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"})
+    )
+    cfg = make_cfg(
+        tmp_path, model_args={"model_name_or_path": str(model_dir), "train_tokenizer_vocab_size": None}
+    )
     trainer = HFLocalTrainer(cfg, 1)
     assert trainer.tokenizer.eos_token == "<|endoftext|>" and trainer.tokenizer.pad_token is not None
     result = trainer.fit(trainer.initial_weights(), round_idx=1, max_steps=2)
@@ -251,8 +255,10 @@ def test_bad_client_optimizer_is_a_config_error(tmp_path: Path) -> None:
         trainer.fit(trainer.initial_weights(), round_idx=1, max_steps=1)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "dolly").is_dir() or not (SHARED_DATA / "pythia").is_dir(),
-                    reason="shared/data (Dolly JSONL + Pythia tokenizer/configs) is absent")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "dolly").is_dir() or not (SHARED_DATA / "pythia").is_dir(),
+    reason="shared/data (Dolly JSONL + Pythia tokenizer/configs) is absent",
+)
 def test_real_dolly_pythia_run_trains_a_few_steps(tmp_path: Path) -> None:
     model_dir = tmp_path / "pythia-14m"
     model_dir.mkdir()

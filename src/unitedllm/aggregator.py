@@ -128,7 +128,8 @@ class Aggregator(Role):
 
         cfg = self.cfg
         optimizer = create(
-            cfg.server_optimizer_name, cfg.train_args.server_optimizer_args,
+            cfg.server_optimizer_name,
+            cfg.train_args.server_optimizer_args,
             num_clients=cfg.train_args.client_num_in_total,
         )
         first_round, weights, state = await self._starting_point(optimizer)
@@ -143,16 +144,24 @@ class Aggregator(Role):
                 await asyncio.to_thread(self._save_resume_point, encoded, state, round_idx)
                 # Logged once the round is safe on disk: a run killed after this line resumes after it.
                 self.metrics.log(
-                    "round", round_idx=round_idx, rank=SERVER_RANK, selected=summary.selected,
-                    aggregated=summary.aggregated, rejected=summary.rejected, train_loss=summary.train_loss,
-                    eval_loss=summary.eval_loss, seconds=summary.seconds,
+                    "round",
+                    round_idx=round_idx,
+                    rank=SERVER_RANK,
+                    selected=summary.selected,
+                    aggregated=summary.aggregated,
+                    rejected=summary.rejected,
+                    train_loss=summary.train_loss,
+                    eval_loss=summary.eval_loss,
+                    seconds=summary.seconds,
                     aggregation_seconds=summary.aggregation_seconds,
                 )
                 summaries.append(summary)
                 if self._on_round is not None:
                     self._on_round(summary)
         except BaseException as exc:
-            await self._finish_clients(None, reason=f"aborted: {exc}" if isinstance(exc, Exception) else "aborted")
+            await self._finish_clients(
+                None, reason=f"aborted: {exc}" if isinstance(exc, Exception) else "aborted"
+            )
             raise
         final_dir = self.output_dir / f"node_{SERVER_RANK}" / "final"
         await asyncio.to_thread(self._save_checkpoint, weights, final_dir, state, self.plan.comm_round - 1)
@@ -161,10 +170,14 @@ class Aggregator(Role):
         await self._finish_clients(final_ref, reason="completed", evaluate_final=evaluate_final)
         if evaluate_final:
             await self._await_final_evals()
-        self.metrics.log("run_end", round_idx=self.plan.comm_round - 1, rank=SERVER_RANK, output_dir=str(self.output_dir))
+        self.metrics.log(
+            "run_end", round_idx=self.plan.comm_round - 1, rank=SERVER_RANK, output_dir=str(self.output_dir)
+        )
         return RunResult(self.run_id, self.output_dir, weights, summaries)
 
-    async def _starting_point(self, optimizer: Any) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    async def _starting_point(
+        self, optimizer: Any
+    ) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Round 0 from the initial weights, or (``resume``) the round after the last complete one."""
         from unitedllm.checkpoints import load_resume_point
 
@@ -173,7 +186,9 @@ class Aggregator(Role):
             if saved is not None:
                 last_round, weights, state, _ = saved
                 await asyncio.to_thread(self._save_init, weights)
-                log.info("resuming run %s after round %d of %d", self.run_id, last_round, self.plan.comm_round)
+                log.info(
+                    "resuming run %s after round %d of %d", self.run_id, last_round, self.plan.comm_round
+                )
                 self.metrics.log("resume", round_idx=last_round, rank=SERVER_RANK)
                 return last_round + 1, weights, state
             log.warning("nothing to resume in %s; starting run %s from round 0", self.output_dir, self.run_id)
@@ -185,8 +200,13 @@ class Aggregator(Role):
     def _save_resume_point(self, encoded: bytes, state: Mapping[str, torch.Tensor], round_idx: int) -> None:
         from unitedllm.checkpoints import save_resume_point
 
-        save_resume_point(self.output_dir, round_idx=round_idx, encoded_weights=encoded, optimizer_state=state,
-                          extra={"run_id": self.run_id})
+        save_resume_point(
+            self.output_dir,
+            round_idx=round_idx,
+            encoded_weights=encoded,
+            optimizer_state=state,
+            extra={"run_id": self.run_id},
+        )
 
     async def _run_round(
         self,
@@ -216,24 +236,47 @@ class Aggregator(Role):
                 evaluate_local=self.plan.clients_evaluate_local(round_idx, rank),
             )
             await self.transport.send(
-                rank, RoundStart(run_id=self.run_id, round=round_idx, sender=SERVER_RANK, global_ref=global_ref, spec=spec,
-                                 extras=extra_refs)
+                rank,
+                RoundStart(
+                    run_id=self.run_id,
+                    round=round_idx,
+                    sender=SERVER_RANK,
+                    global_ref=global_ref,
+                    spec=spec,
+                    extras=extra_refs,
+                ),
             )
         arrived = await self._collect(round_idx, selected)
         agg_started = time.perf_counter()
         accepted, rejected, (new_weights, new_state) = await self._aggregate(
-            round_idx, weights, state, optimizer, arrived, quorum=self.plan.quorum(len(selected)), selected=selected
+            round_idx,
+            weights,
+            state,
+            optimizer,
+            arrived,
+            quorum=self.plan.quorum(len(selected)),
+            selected=selected,
         )
         agg_seconds = time.perf_counter() - agg_started
-        summary = RoundSummary(round_idx, selected, accepted, rejected=rejected, aggregation_seconds=agg_seconds)
-        losses = [(m.metrics.get("train_loss"), m.num_samples) for m in arrived if m.sender in summary.aggregated]
+        summary = RoundSummary(
+            round_idx, selected, accepted, rejected=rejected, aggregation_seconds=agg_seconds
+        )
+        losses = [
+            (m.metrics.get("train_loss"), m.num_samples) for m in arrived if m.sender in summary.aggregated
+        ]
         summary.train_loss = _weighted([(loss, n) for loss, n in losses if loss is not None])
         if cfg.validation_args.is_aggregator_test and self.plan.is_test_round(round_idx):
             result = await asyncio.to_thread(self.trainer.evaluate, new_weights)
             summary.eval_loss = result.metrics.get("eval_loss")
             self.metrics.log(
-                "eval", round_idx=round_idx, rank=SERVER_RANK, split="test", model="global",
-                loss=summary.eval_loss, samples=result.num_samples, metrics=result.metrics,
+                "eval",
+                round_idx=round_idx,
+                rank=SERVER_RANK,
+                split="test",
+                model="global",
+                loss=summary.eval_loss,
+                samples=result.num_samples,
+                metrics=result.metrics,
                 per_category=result.per_category,
             )
         if self.plan.should_save(round_idx):
@@ -254,8 +297,12 @@ class Aggregator(Role):
         while len(received) < len(selected):
             missing = [r for r in selected if r not in received]
             if len(received) >= quorum and not any(r in self.online for r in missing):
-                log.warning("round %d: clients %s went offline; aggregating the %d updates that arrived",
-                            round_idx, missing, len(received))
+                log.warning(
+                    "round %d: clients %s went offline; aggregating the %d updates that arrived",
+                    round_idx,
+                    missing,
+                    len(received),
+                )
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -263,7 +310,9 @@ class Aggregator(Role):
                 break
             get = asyncio.ensure_future(self._inbox.get())
             changed = asyncio.ensure_future(self._presence_changed.wait())
-            done, _ = await asyncio.wait({get, changed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {get, changed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
             changed.cancel()
             self._presence_changed.clear()
             if get not in done:
@@ -271,7 +320,9 @@ class Aggregator(Role):
                 continue
             update = get.result()
             if update.round != round_idx:
-                self._reject(update.sender, round_idx, f"update for round {update.round} arrived in round {round_idx}")
+                self._reject(
+                    update.sender, round_idx, f"update for round {update.round} arrived in round {round_idx}"
+                )
             elif update.sender not in selected:
                 self._reject(update.sender, round_idx, "client was not selected for this round")
             elif update.sender in received:
@@ -307,7 +358,9 @@ class Aggregator(Role):
                 delta = await asyncio.to_thread(decode_tensors, data)
                 del data
                 extras = await self._fetch_update_extras(message, weights, optimizer)
-                update = ClientUpdate(rank=message.sender, delta=delta, num_samples=message.num_samples, extras=extras)
+                update = ClientUpdate(
+                    rank=message.sender, delta=delta, num_samples=message.num_samples, extras=extras
+                )
                 await asyncio.to_thread(accumulator.add, update)
             except UnitedLLMError as exc:
                 rejected[message.sender] = str(exc)
@@ -315,9 +368,14 @@ class Aggregator(Role):
                 continue
             accepted.append(message.sender)
             self.metrics.log(
-                "train", round_idx=round_idx, rank=message.sender, split="train",
-                loss=message.metrics.get("train_loss"), samples=message.num_samples,
-                seconds=message.metrics.get("train_seconds"), bytes_received=message.delta_ref.size,
+                "train",
+                round_idx=round_idx,
+                rank=message.sender,
+                split="train",
+                loss=message.metrics.get("train_loss"),
+                samples=message.num_samples,
+                seconds=message.metrics.get("train_seconds"),
+                bytes_received=message.delta_ref.size,
                 metrics=message.metrics,
             )
         if len(accepted) < quorum:
@@ -332,15 +390,19 @@ class Aggregator(Role):
             await self.store.delete(ref)
         return accepted, rejected, await asyncio.to_thread(accumulator.finish)
 
-    async def _put_round_extras(self, optimizer: Any, state: Mapping[str, torch.Tensor]) -> dict[str, BlobRef]:
+    async def _put_round_extras(
+        self, optimizer: Any, state: Mapping[str, torch.Tensor]
+    ) -> dict[str, BlobRef]:
         """Tensors the clients need besides the global weights (SCAFFOLD's c), one blob per group."""
         from unitedllm.optimizers.client_side import SendsRoundExtras
 
         if not isinstance(optimizer, SendsRoundExtras):
             return {}
         groups = optimizer.round_start_extras(state)
-        return {key: await self.store.put(await asyncio.to_thread(encode_tensors, tensors))
-                for key, tensors in groups.items()}
+        return {
+            key: await self.store.put(await asyncio.to_thread(encode_tensors, tensors))
+            for key, tensors in groups.items()
+        }
 
     async def _fetch_update_extras(
         self, message: Update, weights: Mapping[str, torch.Tensor], optimizer: Any
@@ -391,7 +453,9 @@ class Aggregator(Role):
             log.error(reason)
             self._blocked.add(rank)
             self.online.discard(rank)
-            await self.transport.send(rank, Error(run_id=self.run_id, round=-1, sender=SERVER_RANK, message=reason))
+            await self.transport.send(
+                rank, Error(run_id=self.run_id, round=-1, sender=SERVER_RANK, message=reason)
+            )
             return
         self._blocked.discard(rank)
         self.online.add(rank)
@@ -404,8 +468,14 @@ class Aggregator(Role):
         self._eval_reports.append(report)
         self._eval_arrived.set()
         self.metrics.log(
-            "eval", round_idx=report.round, rank=report.sender, split="test", model=report.model,
-            loss=report.metrics.get("eval_loss"), samples=report.num_samples, metrics=report.metrics,
+            "eval",
+            round_idx=report.round,
+            rank=report.sender,
+            split="test",
+            model=report.model,
+            loss=report.metrics.get("eval_loss"),
+            samples=report.num_samples,
+            metrics=report.metrics,
         )
 
     async def _wait_for_clients(self, count: int) -> None:
@@ -424,7 +494,9 @@ class Aggregator(Role):
             except TimeoutError:
                 continue
 
-    async def _finish_clients(self, final_ref: BlobRef | None, *, reason: str, evaluate_final: bool = False) -> None:
+    async def _finish_clients(
+        self, final_ref: BlobRef | None, *, reason: str, evaluate_final: bool = False
+    ) -> None:
         if self._transport is None:
             return
         for rank in range(1, self.cfg.train_args.client_num_in_total + 1):
@@ -432,9 +504,13 @@ class Aggregator(Role):
                 await self.transport.send(
                     rank,
                     Finish(
-                        run_id=self.run_id, round=self.plan.comm_round, sender=SERVER_RANK, final_ref=final_ref,
+                        run_id=self.run_id,
+                        round=self.plan.comm_round,
+                        sender=SERVER_RANK,
+                        final_ref=final_ref,
                         reason=reason,
-                        evaluate_final=evaluate_final and self.plan.clients_evaluate_global(self.plan.comm_round, rank),
+                        evaluate_final=evaluate_final
+                        and self.plan.clients_evaluate_global(self.plan.comm_round, rank),
                     ),
                 )
             except UnitedLLMError as exc:  # a dead link must not stop the others from being told
@@ -466,11 +542,19 @@ class Aggregator(Role):
         """``node_0/init``: a randomly initialised base is saved there once, and every adapter points at it."""
         from unitedllm.checkpoints import node_dir, save_init
 
-        save_init(self.trainer, node_dir(self.output_dir, SERVER_RANK) / "init", weights,
-                  random_base=not self.cfg.model_args.load_pretrained)
+        save_init(
+            self.trainer,
+            node_dir(self.output_dir, SERVER_RANK) / "init",
+            weights,
+            random_base=not self.cfg.model_args.load_pretrained,
+        )
 
     def _save_checkpoint(
-        self, weights: Mapping[str, torch.Tensor], target: Path, state: Mapping[str, torch.Tensor], round_idx: int
+        self,
+        weights: Mapping[str, torch.Tensor],
+        target: Path,
+        state: Mapping[str, torch.Tensor],
+        round_idx: int,
     ) -> None:
         from unitedllm.checkpoints import atomic_dir, write_server_state
 

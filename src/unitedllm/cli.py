@@ -131,8 +131,14 @@ def _run_embedded(cfg: Any, *, run_id: str, quiet: bool, resume: bool) -> Any:
         else:
             with progress:
                 result = asyncio.run(
-                    run_async(cfg, run_id=run_id, metrics=metrics, on_step=progress.on_step,
-                              on_round=progress.on_round, resume=resume)
+                    run_async(
+                        cfg,
+                        run_id=run_id,
+                        metrics=metrics,
+                        on_step=progress.on_step,
+                        on_round=progress.on_round,
+                        resume=resume,
+                    )
                 )
     console.print(progress.summary_table())
     return result
@@ -195,7 +201,9 @@ app.command("report")(report_command)
 
 @app.command("dev-services")
 def dev_services(
-    mqtt_port: Annotated[int | None, typer.Option("--mqtt-port", help="MQTT port (default: a free one).")] = None,
+    mqtt_port: Annotated[
+        int | None, typer.Option("--mqtt-port", help="MQTT port (default: a free one).")
+    ] = None,
     s3_port: Annotated[int | None, typer.Option("--s3-port", help="S3 port (default: a free one).")] = None,
     workdir: Annotated[Path | None, typer.Option("--workdir", help="Keep data and logs here.")] = None,
     no_tls: Annotated[bool, typer.Option("--no-tls", help="No TLS listener for MQTT.")] = False,

@@ -61,8 +61,12 @@ class Client(Role):
         if not 1 <= rank <= total:
             from unitedllm.errors import ConfigError, ConfigProblem
 
-            raise ConfigError(ConfigProblem("--rank", f"{rank} is not a client rank of this run (1..{total})"))
-        super().__init__(cfg, rank=rank, run_id=run_id, trainer=trainer, transport=transport, store=store, hub=hub)
+            raise ConfigError(
+                ConfigProblem("--rank", f"{rank} is not a client rank of this run (1..{total})")
+            )
+        super().__init__(
+            cfg, rank=rank, run_id=run_id, trainer=trainer, transport=transport, store=store, hub=hub
+        )
         self._on_step = on_step
         self._metrics = metrics
         self.plan = RoundPlan.from_config(cfg)
@@ -96,7 +100,11 @@ class Client(Role):
         patience = self.cfg.comm_args.join_timeout_s
         messages = self.transport.incoming()
         while True:
-            timeout = None if server_gone_since is None else max(0.0, server_gone_since + patience - time.monotonic())
+            timeout = (
+                None
+                if server_gone_since is None
+                else max(0.0, server_gone_since + patience - time.monotonic())
+            )
             try:
                 item = await asyncio.wait_for(anext(messages), timeout=timeout)
             except TimeoutError:
@@ -105,7 +113,9 @@ class Client(Role):
                     "(comm_args.join_timeout_s)"
                 ) from None
             except StopAsyncIteration:
-                raise CommError(f"client {self.rank}: the connection closed before the run finished") from None
+                raise CommError(
+                    f"client {self.rank}: the connection closed before the run finished"
+                ) from None
             match item:
                 case Presence(rank=0, online=False):
                     log.warning("client %d: the aggregator went offline; waiting for it to return", self.rank)
@@ -128,8 +138,13 @@ class Client(Role):
     async def _hello(self, fingerprint: str) -> None:
         await self.transport.send(
             SERVER_RANK,
-            Hello(run_id=self.run_id, round=-1, sender=self.rank, capabilities=["safetensors"],
-                  base_fingerprint=fingerprint),
+            Hello(
+                run_id=self.run_id,
+                round=-1,
+                sender=self.rank,
+                capabilities=["safetensors"],
+                base_fingerprint=fingerprint,
+            ),
         )
 
     async def _fetch_weights(self, ref: Any) -> dict[str, torch.Tensor]:
@@ -150,25 +165,38 @@ class Client(Role):
             raise
 
     def _fit(
-        self, weights: Mapping[str, torch.Tensor], extras: Mapping[str, Mapping[str, torch.Tensor]], start: RoundStart
+        self,
+        weights: Mapping[str, torch.Tensor],
+        extras: Mapping[str, Mapping[str, torch.Tensor]],
+        start: RoundStart,
     ) -> tuple[FitResult, dict[str, dict[str, torch.Tensor]]]:
         """Local training with the run's client algorithm; the result and the tensors to send beside the delta."""
         assert self._algorithm is not None, "run() prepares the client algorithm"
         round_idx = start.round
         correction = self._algorithm.begin_round(round_idx, weights, extras)
         if correction is None:
-            result = self.trainer.fit(weights, round_idx=round_idx, max_steps=start.spec.local_max_steps,
-                                      on_step=self._on_step)
+            result = self.trainer.fit(
+                weights, round_idx=round_idx, max_steps=start.spec.local_max_steps, on_step=self._on_step
+            )
         else:
-            result = self.trainer.fit(weights, round_idx=round_idx, max_steps=start.spec.local_max_steps,
-                                      on_step=self._on_step, correction=correction)
+            result = self.trainer.fit(
+                weights,
+                round_idx=round_idx,
+                max_steps=start.spec.local_max_steps,
+                on_step=self._on_step,
+                correction=correction,
+            )
         return result, self._algorithm.finish_round(round_idx, correction, weights)
 
     async def _train_round(self, start: RoundStart) -> None:
         round_idx = start.round
         if round_idx < self._newest_round:
-            log.warning("client %d: ignoring the start of round %d; round %d already began",
-                        self.rank, round_idx, self._newest_round)
+            log.warning(
+                "client %d: ignoring the start of round %d; round %d already began",
+                self.rank,
+                round_idx,
+                self._newest_round,
+            )
             return
         self._newest_round = round_idx
         if await self._resend(start):
@@ -179,8 +207,12 @@ class Client(Role):
             extras = {key: await self._fetch_weights(ref) for key, ref in start.extras.items()}
         except BlobNotFound:
             # A message held while this client was offline can name a round that closed meanwhile.
-            log.warning("client %d: round %d already closed (its global weights are gone); "
-                        "waiting for the next round", self.rank, round_idx)
+            log.warning(
+                "client %d: round %d already closed (its global weights are gone); "
+                "waiting for the next round",
+                self.rank,
+                round_idx,
+            )
             return
         download_seconds = time.perf_counter() - comm_started
         await asyncio.to_thread(self._save_received, weights, round_idx)
@@ -206,16 +238,25 @@ class Client(Role):
         upload_started = time.perf_counter()
         data = await asyncio.to_thread(encode_tensors, delta)
         ref = await self.store.put(data)
-        extra_refs = {key: await self.store.put(await asyncio.to_thread(encode_tensors, tensors))
-                      for key, tensors in update_extras.items()}
+        extra_refs = {
+            key: await self.store.put(await asyncio.to_thread(encode_tensors, tensors))
+            for key, tensors in update_extras.items()
+        }
         metrics = dict(result.metrics)
         metrics.setdefault("train_seconds", time.perf_counter() - fit_started)
         metrics["download_seconds"] = download_seconds
         metrics["upload_seconds"] = time.perf_counter() - upload_started
         metrics["bytes_sent"] = float(ref.size + sum(r.size for r in extra_refs.values()))
         metrics["bytes_received"] = float(start.global_ref.size + sum(r.size for r in start.extras.values()))
-        update = Update(run_id=self.run_id, round=round_idx, sender=self.rank, delta_ref=ref,
-                        num_samples=result.num_samples, metrics=metrics, extras=extra_refs)
+        update = Update(
+            run_id=self.run_id,
+            round=round_idx,
+            sender=self.rank,
+            delta_ref=ref,
+            num_samples=result.num_samples,
+            metrics=metrics,
+            extras=extra_refs,
+        )
         await asyncio.to_thread(self.journal.record, start, update)
         await self.transport.send(SERVER_RANK, update)
         self.rounds_trained.append(round_idx)
@@ -223,9 +264,16 @@ class Client(Role):
 
     def _log_train(self, round_idx: int, result: FitResult, metrics: Mapping[str, float]) -> None:
         self.metrics.log(
-            "train", round_idx=round_idx, rank=self.rank, split="train", loss=metrics.get("train_loss"),
-            samples=result.num_samples, seconds=metrics.get("train_seconds"), bytes_sent=metrics.get("bytes_sent"),
-            bytes_received=metrics.get("bytes_received"), metrics=dict(metrics),
+            "train",
+            round_idx=round_idx,
+            rank=self.rank,
+            split="train",
+            loss=metrics.get("train_loss"),
+            samples=result.num_samples,
+            seconds=metrics.get("train_seconds"),
+            bytes_sent=metrics.get("bytes_sent"),
+            bytes_received=metrics.get("bytes_received"),
+            metrics=dict(metrics),
         )
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -249,7 +297,9 @@ class Client(Role):
         init = self.folder / "init"
         if round_idx == 0 and not init.exists():
             # With a random base, its own copy: this silo's adapters load without the aggregator's files.
-            save_init(self.trainer, init, weights, random_base=not self.cfg.model_args.load_pretrained, adopt=False)
+            save_init(
+                self.trainer, init, weights, random_base=not self.cfg.model_args.load_pretrained, adopt=False
+            )
         if round_idx >= 1 and self.plan.should_save(round_idx - 1):
             target = self._checkpoint_dir(round_idx - 1, "after_agg")
             if not target.exists():
@@ -263,8 +313,11 @@ class Client(Role):
         for ref in self.journal.blobs(update).values():
             if not await self.store.exists(ref):
                 return False  # the aggregator took it before it died: train the round again
-        log.info("client %d: round %d was already trained for this global model; sending the same update again",
-                 self.rank, start.round)
+        log.info(
+            "client %d: round %d was already trained for this global model; sending the same update again",
+            self.rank,
+            start.round,
+        )
         await self.transport.send(SERVER_RANK, update)
         self.rounds_resent.append(start.round)
         self.metrics.log("resent", round_idx=start.round, rank=self.rank, delta=update.delta_ref.digest)
@@ -274,13 +327,25 @@ class Client(Role):
         result = await asyncio.to_thread(self.trainer.evaluate, weights)
         self.evaluations.append((round_idx, model, result.metrics))
         self.metrics.log(
-            "eval", round_idx=round_idx, rank=self.rank, split="test", model=model,
-            loss=result.metrics.get("eval_loss"), samples=result.num_samples, metrics=result.metrics,
+            "eval",
+            round_idx=round_idx,
+            rank=self.rank,
+            split="test",
+            model=model,
+            loss=result.metrics.get("eval_loss"),
+            samples=result.num_samples,
+            metrics=result.metrics,
         )
         await self.transport.send(
             SERVER_RANK,
-            EvalReport(run_id=self.run_id, round=round_idx, sender=self.rank, model=model,
-                       metrics=result.metrics, num_samples=result.num_samples),
+            EvalReport(
+                run_id=self.run_id,
+                round=round_idx,
+                sender=self.rank,
+                model=model,
+                metrics=result.metrics,
+                num_samples=result.num_samples,
+            ),
         )
 
     async def _finish(self, finish: Finish) -> None:

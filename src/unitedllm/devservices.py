@@ -130,7 +130,9 @@ class _Service:
             if self._process.poll() is not None:
                 code = self._process.returncode
                 await self.stop()
-                raise CommError(f"{self.name} exited with code {code} at start; log {self.log_path}:\n{_tail(self.log_path)}")
+                raise CommError(
+                    f"{self.name} exited with code {code} at start; log {self.log_path}:\n{_tail(self.log_path)}"
+                )
             if await self._ready():
                 return
             await asyncio.sleep(0.2)
@@ -210,8 +212,15 @@ def make_tls_files(directory: Path) -> TlsFiles:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -228,7 +237,9 @@ def make_tls_files(directory: Path) -> TlsFiles:
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]),
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
+            ),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -277,7 +288,9 @@ class Mosquitto(_Service):
         self.tls_port = free_port() if tls else None
         self.username = username
         self.password = password or secrets.token_urlsafe(16)
-        self.binary = shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else binary)
+        self.binary = shutil.which(binary) or (
+            f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else binary
+        )
         self.tls_files: TlsFiles | None = None
         self.config_path = workdir / "mosquitto.conf"
 
@@ -291,10 +304,13 @@ class Mosquitto(_Service):
             try:
                 subprocess.run(
                     [tool, "-b", "-c", str(password_file), self.username, self.password],
-                    check=True, capture_output=True,
+                    check=True,
+                    capture_output=True,
                 )
             except (OSError, subprocess.CalledProcessError) as exc:
-                raise CommError(f"mosquitto_passwd failed ({exc}); install it: apt-get install -y mosquitto") from exc
+                raise CommError(
+                    f"mosquitto_passwd failed ({exc}); install it: apt-get install -y mosquitto"
+                ) from exc
             password_file.chmod(0o600)
         lines = [
             "per_listener_settings false",
@@ -332,10 +348,16 @@ class Mosquitto(_Service):
             if self.tls_port is None or self.tls_files is None:
                 raise CommError("this mosquitto has no TLS listener (started with tls=False)")
             return MqttSettings(
-                host=HOST, port=self.tls_port, username=self.username, password=self.password,
-                keepalive=keepalive, tls_ca_file=str(self.tls_files.ca_file),
+                host=HOST,
+                port=self.tls_port,
+                username=self.username,
+                password=self.password,
+                keepalive=keepalive,
+                tls_ca_file=str(self.tls_files.ca_file),
             )
-        return MqttSettings(host=HOST, port=self.port, username=self.username, password=self.password, keepalive=keepalive)
+        return MqttSettings(
+            host=HOST, port=self.port, username=self.username, password=self.password, keepalive=keepalive
+        )
 
 
 # -- SeaweedFS -------------------------------------------------------------------------------
@@ -364,7 +386,9 @@ class SeaweedS3(_Service):
         self.secret_access_key = secret_access_key or secrets.token_urlsafe(24)
         venv_weed = Path(sys.executable).parent / binary
         self.binary = shutil.which(binary) or (str(venv_weed) if venv_weed.exists() else binary)
-        self.ports = {name: free_port(with_grpc=True) for name in ("master", "volume", "filer", "webdav", "admin")}
+        self.ports = {
+            name: free_port(with_grpc=True) for name in ("master", "volume", "filer", "webdav", "admin")
+        }
         self.ports["s3"] = s3_port or free_port(with_grpc=True)
 
     @property
@@ -392,14 +416,22 @@ class SeaweedS3(_Service):
     def _command(self) -> list[str]:
         p = self.ports
         return [
-            self.binary, "mini",
+            self.binary,
+            "mini",
             f"-dir={self.workdir / 'data'}",
-            f"-ip={HOST}", f"-ip.bind={HOST}",
+            f"-ip={HOST}",
+            f"-ip.bind={HOST}",
             "-master.telemetry=false",
             f"-s3.config={self.workdir / 's3.json'}",
-            f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
-            f"-s3.port={p['s3']}", f"-webdav.port={p['webdav']}", f"-admin.port={p['admin']}",
-            "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-master.port={p['master']}",
+            f"-volume.port={p['volume']}",
+            f"-filer.port={p['filer']}",
+            f"-s3.port={p['s3']}",
+            f"-webdav.port={p['webdav']}",
+            f"-admin.port={p['admin']}",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
         ]
 
     def _ports(self) -> list[int]:
@@ -419,11 +451,17 @@ class SeaweedS3(_Service):
             return False
         return status.startswith((b"HTTP/1.1 403", b"HTTP/1.1 200"))
 
-    def settings(self, *, bucket: str = "unitedllm", prefix: str = "unitedllm", multipart_threshold_mb: int = 64) -> S3Settings:
+    def settings(
+        self, *, bucket: str = "unitedllm", prefix: str = "unitedllm", multipart_threshold_mb: int = 64
+    ) -> S3Settings:
         """Settings that use this store with its enforced keys."""
         return S3Settings(
-            endpoint_url=self.endpoint_url, bucket=bucket, access_key_id=self.access_key_id,
-            secret_access_key=self.secret_access_key, prefix=prefix, multipart_threshold_mb=multipart_threshold_mb,
+            endpoint_url=self.endpoint_url,
+            bucket=bucket,
+            access_key_id=self.access_key_id,
+            secret_access_key=self.secret_access_key,
+            prefix=prefix,
+            multipart_threshold_mb=multipart_threshold_mb,
         )
 
 
@@ -516,7 +554,10 @@ def serve(
                 loop.add_signal_handler(signum, stop.set)
         async with dev_services(workdir, tls=tls, mqtt_port=mqtt_port, s3_port=s3_port) as services:
             run_secret = secrets.token_urlsafe(24)
-            print("# mosquitto and SeaweedFS are running on 127.0.0.1; paste this into your config:", file=stream)
+            print(
+                "# mosquitto and SeaweedFS are running on 127.0.0.1; paste this into your config:",
+                file=stream,
+            )
             print(services.config_snippet(run_secret=run_secret), file=stream)
             if services.mqtt.tls_files is not None:
                 print(
@@ -527,7 +568,11 @@ def serve(
             print("# or export these instead:", file=stream)
             for key, value in services.env(run_secret=run_secret).items():
                 print(f"export {key}={value}", file=stream)
-            print(f"# logs: {services.mqtt.log_path}, {services.s3.log_path}; Ctrl-C stops both.", file=stream, flush=True)
+            print(
+                f"# logs: {services.mqtt.log_path}, {services.s3.log_path}; Ctrl-C stops both.",
+                file=stream,
+                flush=True,
+            )
             await stop.wait()
 
     asyncio.run(main())

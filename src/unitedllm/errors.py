@@ -119,6 +119,4 @@ class MissingDependency(UnitedLLMError):
     def __init__(self, package: str, extra: str, purpose: str):
         self.package = package
         self.extra = extra
-        super().__init__(
-            f"{purpose} needs the '{package}' package: pip install 'unitedllm[{extra}]'"
-        )
+        super().__init__(f"{purpose} needs the '{package}' package: pip install 'unitedllm[{extra}]'")

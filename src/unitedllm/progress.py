@@ -57,12 +57,17 @@ class RunProgress:
 
     def on_metric(self, record: dict[str, Any]) -> None:
         if record.get("event") == "rejected":
-            self.console.print(f"[yellow]round {record['round']}: update from client {record['rank']} "
-                               f"refused: {record.get('reason')}[/yellow]")
+            self.console.print(
+                f"[yellow]round {record['round']}: update from client {record['rank']} "
+                f"refused: {record.get('reason')}[/yellow]"
+            )
 
     def _render(self) -> Table:
-        table = Table(title=f"UnitedLLM · {len(self.rows)}/{self.comm_round} rounds · "
-                            f"{time.perf_counter() - self._started:.0f}s", title_justify="left")
+        table = Table(
+            title=f"UnitedLLM · {len(self.rows)}/{self.comm_round} rounds · "
+            f"{time.perf_counter() - self._started:.0f}s",
+            title_justify="left",
+        )
         for column in ("client", "round", "step", "loss"):
             table.add_column(column, justify="right")
         with self._lock:
@@ -78,8 +83,12 @@ class RunProgress:
             table.add_column(column, justify="right")
         for s in self.rows:
             table.add_row(
-                str(s.round_idx), ",".join(map(str, s.aggregated)), _fmt(s.train_loss), _fmt(s.eval_loss),
-                f"{s.seconds:.1f}", str(len(s.rejected)) if s.rejected else "",
+                str(s.round_idx),
+                ",".join(map(str, s.aggregated)),
+                _fmt(s.train_loss),
+                _fmt(s.eval_loss),
+                f"{s.seconds:.1f}",
+                str(len(s.rejected)) if s.rejected else "",
             )
         return table
 
@@ -89,8 +98,11 @@ def _fmt(value: float | None) -> str:
 
 
 def _round_line(s: RoundSummary, total: int) -> str:
-    parts = [f"round {s.round_idx + 1}/{total}", f"clients {','.join(map(str, s.aggregated))}",
-             f"train loss {_fmt(s.train_loss)}"]
+    parts = [
+        f"round {s.round_idx + 1}/{total}",
+        f"clients {','.join(map(str, s.aggregated))}",
+        f"train loss {_fmt(s.train_loss)}",
+    ]
     if s.eval_loss is not None:
         parts.append(f"eval loss {_fmt(s.eval_loss)}")
     parts.append(f"{s.seconds:.1f}s")

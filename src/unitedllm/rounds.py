@@ -47,7 +47,9 @@ class RoundPlan:
     def from_config(cls, cfg: Config) -> RoundPlan:
         v = cfg.validation_args
         total = cfg.train_args.client_num_in_total
-        ranks = frozenset(v.test_on_client_ranks) if v.test_on_client_ranks else frozenset(range(1, total + 1))
+        ranks = (
+            frozenset(v.test_on_client_ranks) if v.test_on_client_ranks else frozenset(range(1, total + 1))
+        )
         return cls(
             comm_round=cfg.train_args.comm_round,
             test_frequency=v.frequency_of_the_test,

@@ -61,12 +61,19 @@ async def run_async(
     hub = None
     if cfg.comm_args.backend == "LOCAL":
         hub = LocalHub(run_id=run_id, secret=secrets.token_bytes(32), ranks=set(range(total + 1)))
-    make = trainer_factory if trainer_factory is not None else await asyncio.to_thread(_default_trainer_factory)
+    make = (
+        trainer_factory if trainer_factory is not None else await asyncio.to_thread(_default_trainer_factory)
+    )
     trainers = {rank: await asyncio.to_thread(make, cfg, rank) for rank in range(total + 1)}
     async with AsyncExitStack() as stack:
         aggregator = await stack.enter_async_context(
             Aggregator(
-                cfg, run_id=run_id, trainer=trainers[SERVER_RANK], hub=hub, metrics=metrics, on_round=on_round,
+                cfg,
+                run_id=run_id,
+                trainer=trainers[SERVER_RANK],
+                hub=hub,
+                metrics=metrics,
+                on_round=on_round,
                 resume=resume,
             )
         )
@@ -94,7 +101,11 @@ def _first_error(error: BaseException) -> BaseException:
 
 
 def run(
-    cfg: Config, *, run_id: str | None = None, trainer_factory: TrainerFactory | None = None, resume: bool = False
+    cfg: Config,
+    *,
+    run_id: str | None = None,
+    trainer_factory: TrainerFactory | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Blocking :func:`run_async` for scripts and notebooks without an event loop."""
     return asyncio.run(run_async(cfg, run_id=run_id, trainer_factory=trainer_factory, resume=resume))

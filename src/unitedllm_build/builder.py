@@ -109,8 +109,15 @@ def _folder(path: Path, flag: str) -> Path:
     return path.resolve()
 
 
-def _walk(folder: Path, rules: IgnoreRules, rules_base: Path, prefix: str, drop_secrets: bool,
-          secrets: list[str], dropped: list[str]) -> dict[str, _Member]:
+def _walk(
+    folder: Path,
+    rules: IgnoreRules,
+    rules_base: Path,
+    prefix: str,
+    drop_secrets: bool,
+    secrets: list[str],
+    dropped: list[str],
+) -> dict[str, _Member]:
     """Files of ``folder`` to package as ``prefix + path``; ignore globs match paths relative to ``rules_base``."""
     members: dict[str, _Member] = {}
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -168,7 +175,9 @@ def _zip_info(name: str, executable: bool) -> zipfile.ZipInfo:
 def _check_entry_point(source: Path, entry_point: str, members: dict[str, _Member]) -> str:
     rel = PurePosixPath(entry_point.replace(os.sep, "/"))
     if rel.is_absolute() or ".." in rel.parts:
-        raise EntryPointMissing(f"-ep {entry_point}: the entry point must be a path inside the source folder {source}")
+        raise EntryPointMissing(
+            f"-ep {entry_point}: the entry point must be a path inside the source folder {source}"
+        )
     if not (source / rel).is_file():
         raise EntryPointMissing(f"-ep {entry_point}: entry point not found in the source folder {source}")
     if rel.suffix not in (".py", ".sh"):
@@ -225,9 +234,15 @@ def build_package(request: BuildRequest) -> BuildResult:
     if config_folder.is_relative_to(source):
         config_rules, config_base = source_rules, source
     else:
-        config_rules, config_base = IgnoreRules.for_folder(config_folder, request.ignore, [dest]), config_folder
-    members.update(_walk(config_folder, config_rules, config_base, "fedml/config/", request.drop_secrets,
-                         secrets, dropped))
+        config_rules, config_base = (
+            IgnoreRules.for_folder(config_folder, request.ignore, [dest]),
+            config_folder,
+        )
+    members.update(
+        _walk(
+            config_folder, config_rules, config_base, "fedml/config/", request.drop_secrets, secrets, dropped
+        )
+    )
     if secrets:
         raise SecretsInPackage(sorted(set(secrets)))
     entry_point = _check_entry_point(source, request.entry_point, members)
@@ -238,7 +253,9 @@ def build_package(request: BuildRequest) -> BuildResult:
     for arcname, member in sorted(members.items()):
         digest, size = _hash(member.source)
         entries.append(FileEntry(path=arcname, sha256=digest, size=size))
-    entries.append(FileEntry(path="conf/fedml.yaml", sha256=hashlib.sha256(conf_yaml).hexdigest(), size=len(conf_yaml)))
+    entries.append(
+        FileEntry(path="conf/fedml.yaml", sha256=hashlib.sha256(conf_yaml).hexdigest(), size=len(conf_yaml))
+    )
     entries.sort(key=lambda e: e.path)
     config_entry = next(e for e in entries if e.path == f"fedml/config/{CONFIG_FILE_NAME}")
     manifest = Manifest(
@@ -271,8 +288,14 @@ def build_package(request: BuildRequest) -> BuildResult:
     return BuildResult(zip_path, manifest, digest, size, dropped)
 
 
-def _write_zip(path: Path, root: str, members: dict[str, _Member], entries: list[FileEntry],
-               conf_yaml: bytes, manifest_bytes: bytes) -> None:
+def _write_zip(
+    path: Path,
+    root: str,
+    members: dict[str, _Member],
+    entries: list[FileEntry],
+    conf_yaml: bytes,
+    manifest_bytes: bytes,
+) -> None:
     expected = {e.path: e.sha256 for e in entries}
     sizes = {e.path: e.size for e in entries}
     generated = {"conf/fedml.yaml": conf_yaml, MANIFEST_NAME: manifest_bytes}
@@ -284,9 +307,14 @@ def _write_zip(path: Path, root: str, members: dict[str, _Member], entries: list
                 continue
             member = members[name]
             digest = hashlib.sha256()
-            with open(member.source, "rb") as src, archive.open(
-                _zip_info(f"{root}/{name}", member.executable), "w", force_zip64=sizes[name] >= zipfile.ZIP64_LIMIT
-            ) as out:
+            with (
+                open(member.source, "rb") as src,
+                archive.open(
+                    _zip_info(f"{root}/{name}", member.executable),
+                    "w",
+                    force_zip64=sizes[name] >= zipfile.ZIP64_LIMIT,
+                ) as out,
+            ):
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)
                     out.write(chunk)

@@ -22,7 +22,7 @@ app = typer.Typer(
     name="unitedllm-build",
     help=(
         "Validate a UnitedLLM config and bundle code + config into server/client packages.\n\n"
-        "unitedllm-build -t server -sf . -ep launch.py -cf config -df build -ig \"build,*.ckpt\""
+        'unitedllm-build -t server -sf . -ep launch.py -cf config -df build -ig "build,*.ckpt"'
     ),
     add_completion=False,
     rich_markup_mode=None,
@@ -61,25 +61,33 @@ def build(
     package_type: Annotated[
         PackageKind | None, typer.Option("--type", "-t", help="Which package: server (rank 0) or client")
     ] = None,
-    source_folder: Annotated[Path, typer.Option("--source_folder", "-sf", help="The source code folder")] = Path("."),
+    source_folder: Annotated[
+        Path, typer.Option("--source_folder", "-sf", help="The source code folder")
+    ] = Path("."),
     entry_point: Annotated[
-        str | None, typer.Option("--entry_point", "-ep", help="Entry point (a .py file) inside the source folder")
+        str | None,
+        typer.Option("--entry_point", "-ep", help="Entry point (a .py file) inside the source folder"),
     ] = None,
     config_folder: Annotated[
-        Path, typer.Option("--config_folder", "-cf", help="Folder holding fedml_config.yaml (and bootstrap.sh)")
+        Path,
+        typer.Option("--config_folder", "-cf", help="Folder holding fedml_config.yaml (and bootstrap.sh)"),
     ] = Path("config"),
     dest_folder: Annotated[
         Path, typer.Option("--dest_folder", "-df", help="Packages go to DEST/dist-packages/")
     ] = Path("build"),
     ignore: Annotated[
-        str | None, typer.Option("--ignore", "-ig", help="Comma-separated globs to leave out, e.g. \"build,*.ckpt\"")
+        str | None,
+        typer.Option("--ignore", "-ig", help='Comma-separated globs to leave out, e.g. "build,*.ckpt"'),
     ] = None,
     drop_secrets: Annotated[
-        bool, typer.Option("--drop-secrets", help="Leave credential files out with a warning instead of refusing")
+        bool,
+        typer.Option("--drop-secrets", help="Leave credential files out with a warning instead of refusing"),
     ] = False,
     secret_file: Annotated[
         Path | None,
-        typer.Option("--secret-file", help=f"Sign the manifest with the secret in this file (or ${SECRET_ENV})"),
+        typer.Option(
+            "--secret-file", help=f"Sign the manifest with the secret in this file (or ${SECRET_ENV})"
+        ),
     ] = None,
 ) -> None:
     """Build DEST/dist-packages/<type>-package.zip after validating the config and the entry point."""

@@ -9,7 +9,9 @@ from unitedllm.errors import ConfigError
 
 __all__ = ["CONFIG_FILE_NAME", "check_config"]
 
-CONFIG_FILE_NAME = "fedml_config.yaml"  # FedML's package layout fixes this name: conf_file config/fedml_config.yaml
+CONFIG_FILE_NAME = (
+    "fedml_config.yaml"  # FedML's package layout fixes this name: conf_file config/fedml_config.yaml
+)
 
 
 def check_config(path: Path, set_options: Sequence[str] = ()) -> None:

@@ -1,11 +1,11 @@
 """Errors of ``unitedllm-build`` (each is a user mistake: the CLI prints it and exits 2).
 
-    UnitedLLMError
-    ├── ConfigError              the config in the config folder is invalid (from unitedllm.errors)
-    └── PackageError             (from unitedllm.packaging)
-        └── BuildError           a package cannot be built from these inputs
-            ├── EntryPointMissing  the entry point is not in the source folder (or is ignored)
-            └── SecretsInPackage   credential files or inline credentials would be packaged
+UnitedLLMError
+├── ConfigError              the config in the config folder is invalid (from unitedllm.errors)
+└── PackageError             (from unitedllm.packaging)
+    └── BuildError           a package cannot be built from these inputs
+        ├── EntryPointMissing  the entry point is not in the source folder (or is ignored)
+        └── SecretsInPackage   credential files or inline credentials would be packaged
 """
 
 from __future__ import annotations

@@ -8,22 +8,72 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-__all__ = ["DEFAULT_IGNORES", "GitignoreRule", "IgnoreRules", "gitignored", "inline_credentials", "looks_secret", "parse_ignore_option"]
+__all__ = [
+    "DEFAULT_IGNORES",
+    "GitignoreRule",
+    "IgnoreRules",
+    "gitignored",
+    "inline_credentials",
+    "looks_secret",
+    "parse_ignore_option",
+]
 
 # FedML's pre-ignore list plus what a Python project and a UnitedLLM run leave behind
 # (.logs holds checkpoints, .unitedllm holds unpacked packages).
 DEFAULT_IGNORES: tuple[str, ...] = (
-    ".git", ".hg", ".svn", "__pycache__", "*.pyc", "*.pyo", ".DS_Store",
-    "dist-packages", "client-package.zip", "server-package.zip",
-    ".venv", "venv", ".nox", ".tox", ".pytest_cache", ".mypy_cache", ".ruff_cache", "*.egg-info",
-    ".logs", ".unitedllm", ".idea", ".vscode",
+    ".git",
+    ".hg",
+    ".svn",
+    "__pycache__",
+    "*.pyc",
+    "*.pyo",
+    ".DS_Store",
+    "dist-packages",
+    "client-package.zip",
+    "server-package.zip",
+    ".venv",
+    "venv",
+    ".nox",
+    ".tox",
+    ".pytest_cache",
+    ".mypy_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    ".logs",
+    ".unitedllm",
+    ".idea",
+    ".vscode",
 )
 
 _SECRET_NAMES: tuple[str, ...] = (
-    ".env", ".env.*", "*.env", "mqtt_config.yaml", "mqtt_config.yml", "s3_config.yaml", "s3_config.yml",
-    "*credentials*", ".netrc", ".pypirc", ".git-credentials", ".htpasswd",
-    "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.ppk", "*.secret", "secrets.*",
-    "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "id_rsa.*", "id_ecdsa.*", "id_ed25519.*",
+    ".env",
+    ".env.*",
+    "*.env",
+    "mqtt_config.yaml",
+    "mqtt_config.yml",
+    "s3_config.yaml",
+    "s3_config.yml",
+    "*credentials*",
+    ".netrc",
+    ".pypirc",
+    ".git-credentials",
+    ".htpasswd",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "*.keystore",
+    "*.ppk",
+    "*.secret",
+    "secrets.*",
+    "id_rsa",
+    "id_dsa",
+    "id_ecdsa",
+    "id_ed25519",
+    "id_rsa.*",
+    "id_ecdsa.*",
+    "id_ed25519.*",
 )
 _SECRET_DIRS: frozenset[str] = frozenset({".ssh", ".aws", ".gnupg", ".docker"})
 _SAFE_SUFFIXES: tuple[str, ...] = (".example", ".sample", ".template", ".pub", ".dist")

@@ -116,4 +116,3 @@ class BlobStore(_Resource):
 
     async def delete(self, ref: BlobRef) -> None:  # noqa: B027 - optional
         """Forget a blob (best effort; stores may keep it)."""
-

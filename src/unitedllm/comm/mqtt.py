@@ -150,7 +150,9 @@ class MqttTransport(Transport):
             await asyncio.gather(self._runner, return_exceptions=True)
         left = sum(len(q) for q in self._outbox.values())
         if left:
-            log.warning("rank %d closed with %d unsent message(s) (their peers never came online)", self.rank, left)
+            log.warning(
+                "rank %d closed with %d unsent message(s) (their peers never came online)", self.rank, left
+            )
         self._inbox.put_nowait(None)
 
     async def flush(self, timeout: float | None = None, *, reachable_only: bool = False) -> bool:
@@ -219,7 +221,9 @@ class MqttTransport(Transport):
             keepalive=s.keepalive,
             timeout=max(10.0, float(s.keepalive)),
             tls_context=tls_context,
-            will=aiomqtt.Will(presence_topic(self.run_id, self.rank), self._presence(False), qos=1, retain=True),
+            will=aiomqtt.Will(
+                presence_topic(self.run_id, self.rank), self._presence(False), qos=1, retain=True
+            ),
         )
 
     async def _maintain(self) -> None:
@@ -295,7 +299,9 @@ class MqttTransport(Transport):
                 self._on_presence(topic.rsplit("/", 1)[-1], bytes(payload))
 
     def _presence(self, online: bool) -> bytes:
-        return seal_presence(self._secret, run_id=self.run_id, rank=self.rank, online=online, epoch=self._epoch)
+        return seal_presence(
+            self._secret, run_id=self.run_id, rank=self.rank, online=online, epoch=self._epoch
+        )
 
     def _on_presence(self, rank_text: str, payload: bytes) -> None:
         try:

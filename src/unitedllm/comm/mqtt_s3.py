@@ -9,4 +9,12 @@ from unitedllm.comm.mqtt import Backoff, MqttTransport, presence_topic, to_topic
 from unitedllm.comm.s3 import S3BlobStore
 from unitedllm.comm.settings import MqttSettings, S3Settings
 
-__all__ = ["Backoff", "MqttSettings", "MqttTransport", "S3BlobStore", "S3Settings", "presence_topic", "to_topic"]
+__all__ = [
+    "Backoff",
+    "MqttSettings",
+    "MqttTransport",
+    "S3BlobStore",
+    "S3Settings",
+    "presence_topic",
+    "to_topic",
+]

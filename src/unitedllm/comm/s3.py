@@ -64,7 +64,9 @@ def _digest(chunks: list[bytes] | list[memoryview]) -> str:
 class S3BlobStore(BlobStore):
     """Blobs of one run in an S3 bucket (created when missing), verified by sha256 on the way out."""
 
-    def __init__(self, settings: S3Settings, *, run_id: str, part_size_mb: int = 64, max_concurrency: int = 4):
+    def __init__(
+        self, settings: S3Settings, *, run_id: str, part_size_mb: int = 64, max_concurrency: int = 4
+    ):
         self.settings = settings
         self.run_id = run_id
         self.part_size = max(_MIN_PART, part_size_mb * MiB)
@@ -94,7 +96,9 @@ class S3BlobStore(BlobStore):
         )
         try:
             self._client = await self._stack.enter_async_context(
-                session.client("s3", endpoint_url=s.endpoint_url, config=boto_config(2 * self.max_concurrency))
+                session.client(
+                    "s3", endpoint_url=s.endpoint_url, config=boto_config(2 * self.max_concurrency)
+                )
             )
             await self._ensure_bucket()
         except BaseException:
@@ -127,7 +131,10 @@ class S3BlobStore(BlobStore):
         except CommError as exc:
             cause = exc.__cause__
             # Another rank may have created it in the meantime.
-            if not (isinstance(cause, ClientError) and _code(cause) in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}):
+            if not (
+                isinstance(cause, ClientError)
+                and _code(cause) in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}
+            ):
                 raise
 
     # -- BlobStore ---------------------------------------------------------------------------
@@ -156,7 +163,9 @@ class S3BlobStore(BlobStore):
         url = self.url_for(ref.digest)
         size = await self._size_of(self.key_for(ref.digest))
         if size is None:
-            raise BlobNotFound(f"blob {ref.digest} not found at {url} (endpoint {self.settings.endpoint_url})")
+            raise BlobNotFound(
+                f"blob {ref.digest} not found at {url} (endpoint {self.settings.endpoint_url})"
+            )
         if size != ref.size:
             raise IntegrityError(ref.digest, f"<{size} bytes, expected {ref.size}>", where=url)
         data = bytearray(size)
@@ -259,8 +268,9 @@ class S3BlobStore(BlobStore):
                     async with answer["Body"] as body:
                         chunk: bytes = await body.read()
                 if len(chunk) != end - start:  # the object changed between HEAD and GET, or a short read
-                    raise IntegrityError(key.rsplit("/", 1)[-1], f"<{len(chunk)} bytes for {start}-{end - 1}>",
-                                         where=url)
+                    raise IntegrityError(
+                        key.rsplit("/", 1)[-1], f"<{len(chunk)} bytes for {start}-{end - 1}>", where=url
+                    )
                 target[start:end] = chunk
 
         if size <= self.threshold:

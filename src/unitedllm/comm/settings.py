@@ -112,7 +112,12 @@ _S3_KEYS = (
     _Key("prefix", "UNITEDLLM_S3_PREFIX", ("prefix",)),
     _Key("access_key_id", "UNITEDLLM_S3_ACCESS_KEY_ID", ("access_key_id", "CN_S3_AKI")),
     _Key("secret_access_key", "UNITEDLLM_S3_SECRET_ACCESS_KEY", ("secret_access_key", "CN_S3_SAK")),
-    _Key("multipart_threshold_mb", "UNITEDLLM_S3_MULTIPART_THRESHOLD_MB", ("multipart_threshold_mb",), _positive),
+    _Key(
+        "multipart_threshold_mb",
+        "UNITEDLLM_S3_MULTIPART_THRESHOLD_MB",
+        ("multipart_threshold_mb",),
+        _positive,
+    ),
 )
 
 
@@ -120,7 +125,9 @@ def _comm(cfg: Config | CommArgs) -> CommArgs:
     return cfg.comm_args if isinstance(cfg, Config) else cfg
 
 
-def _load_file(path_key: str, path: str | None, base_dir: Path | None, keys: tuple[_Key, ...]) -> tuple[dict[str, Any], str | None]:
+def _load_file(
+    path_key: str, path: str | None, base_dir: Path | None, keys: tuple[_Key, ...]
+) -> tuple[dict[str, Any], str | None]:
     """The settings in a FedML-style YAML file, by our lower-case names, and the file's path."""
     if path is None:
         return {}, None
@@ -139,7 +146,9 @@ def _load_file(path_key: str, path: str | None, base_dir: Path | None, keys: tup
         return {}, str(resolved)
     if not isinstance(raw, Mapping):
         raise ConfigError(
-            ConfigProblem(path_key, f"{str(resolved)!r} must hold a mapping of settings, got {type(raw).__name__}")
+            ConfigProblem(
+                path_key, f"{str(resolved)!r} must hold a mapping of settings, got {type(raw).__name__}"
+            )
         )
     by_file_key = {fk: k.name for k in keys for fk in k.file_keys}
     values: dict[str, Any] = {}
@@ -199,23 +208,39 @@ def resolve_mqtt(
 ) -> MqttSettings:
     """The MQTT broker settings of ``cfg`` (env > ``comm_args.mqtt_config_path`` file > ``comm_args.mqtt``)."""
     comm = _comm(cfg)
-    from_file, file_path = _load_file("comm_args.mqtt_config_path", comm.mqtt_config_path, base_dir, _MQTT_KEYS)
+    from_file, file_path = _load_file(
+        "comm_args.mqtt_config_path", comm.mqtt_config_path, base_dir, _MQTT_KEYS
+    )
     values = _resolve(
         "mqtt", _MQTT_KEYS, _struct_dict(comm.mqtt), from_file, file_path, os.environ if env is None else env
     )
     keys = {k.name: k for k in _MQTT_KEYS}
     problems = []
     if not values.get("host"):
-        problems.append(_missing("mqtt", keys["host"], "mqtt_config_path", "the MQTT_S3 backend needs a broker host"))
+        problems.append(
+            _missing("mqtt", keys["host"], "mqtt_config_path", "the MQTT_S3 backend needs a broker host")
+        )
     if values.get("password") is not None and values.get("username") is None:
-        problems.append(_missing("mqtt", keys["username"], "mqtt_config_path", "a password was given without a username"))
+        problems.append(
+            _missing("mqtt", keys["username"], "mqtt_config_path", "a password was given without a username")
+        )
     for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
         if values.get(name) is not None and not Path(values[name]).expanduser().is_file():
             problems.append(ConfigProblem(f"comm_args.mqtt.{name}", f"file not found: {values[name]!r}"))
     if (values.get("tls_cert_file") is None) != (values.get("tls_key_file") is None):
-        problems.append(ConfigProblem("comm_args.mqtt.tls_cert_file", "a client certificate needs both tls_cert_file and tls_key_file"))
+        problems.append(
+            ConfigProblem(
+                "comm_args.mqtt.tls_cert_file",
+                "a client certificate needs both tls_cert_file and tls_key_file",
+            )
+        )
     if values.get("tls_cert_file") is not None and values.get("tls_ca_file") is None:
-        problems.append(ConfigProblem("comm_args.mqtt.tls_ca_file", "a client certificate needs tls_ca_file (TLS is on only with a CA)"))
+        problems.append(
+            ConfigProblem(
+                "comm_args.mqtt.tls_ca_file",
+                "a client certificate needs tls_ca_file (TLS is on only with a CA)",
+            )
+        )
     if problems:
         raise ConfigError(problems)
     return MqttSettings(**values)
@@ -227,7 +252,9 @@ def resolve_s3(
     """The S3 store settings of ``cfg`` (env > ``comm_args.s3_config_path`` file > ``comm_args.s3``)."""
     comm = _comm(cfg)
     from_file, file_path = _load_file("comm_args.s3_config_path", comm.s3_config_path, base_dir, _S3_KEYS)
-    values = _resolve("s3", _S3_KEYS, _struct_dict(comm.s3), from_file, file_path, os.environ if env is None else env)
+    values = _resolve(
+        "s3", _S3_KEYS, _struct_dict(comm.s3), from_file, file_path, os.environ if env is None else env
+    )
     keys = {k.name: k for k in _S3_KEYS}
     problems = []
     for name, why in (
@@ -240,13 +267,19 @@ def resolve_s3(
             problems.append(_missing("s3", keys[name], "s3_config_path", why))
     endpoint = values.get("endpoint_url")
     if endpoint and not str(endpoint).startswith(("http://", "https://")):
-        problems.append(ConfigProblem("comm_args.s3.endpoint_url", f"expected an http:// or https:// URL, got {endpoint!r}"))
+        problems.append(
+            ConfigProblem(
+                "comm_args.s3.endpoint_url", f"expected an http:// or https:// URL, got {endpoint!r}"
+            )
+        )
     if problems:
         raise ConfigError(problems)
     return S3Settings(**values)
 
 
-def resolve_run_secret(cfg: Config | CommArgs, *, required: bool, env: Mapping[str, str] | None = None) -> bytes | None:
+def resolve_run_secret(
+    cfg: Config | CommArgs, *, required: bool, env: Mapping[str, str] | None = None
+) -> bytes | None:
     """The run secret (HMAC key shared by aggregator and clients): ``UNITEDLLM_RUN_SECRET`` > ``comm_args.run_secret``.
 
     ``None`` when unset and not ``required`` (an in-process run makes up its own).

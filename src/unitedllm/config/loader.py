@@ -23,7 +23,14 @@ from unitedllm.config.validation import check_struct, field_hints, normalise_sec
 from unitedllm.config.yamlio import read_yaml_file
 from unitedllm.errors import ConfigError, ConfigProblem
 
-__all__ = ["build_config", "config_digest", "dump_config", "expand_run_id", "load_config", "resolve_local_paths"]
+__all__ = [
+    "build_config",
+    "config_digest",
+    "dump_config",
+    "expand_run_id",
+    "load_config",
+    "resolve_local_paths",
+]
 
 # run_id becomes part of directory names, MQTT topics and S3 keys: keep it to safe characters.
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -140,7 +147,9 @@ def resolve_local_paths(cfg: Config, config_dir: Path) -> Config:
         model,
         model_name_or_path=_beside(model.model_name_or_path, config_dir),
         tokenizer_name_or_path=(
-            None if model.tokenizer_name_or_path is None else _beside(model.tokenizer_name_or_path, config_dir)
+            None
+            if model.tokenizer_name_or_path is None
+            else _beside(model.tokenizer_name_or_path, config_dir)
         ),
     )
     data = msgspec.structs.replace(

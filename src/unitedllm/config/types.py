@@ -55,7 +55,9 @@ class EnvironmentArgs(Section):
 
     bootstrap: Annotated[
         str | None,
-        Meta(description="bash script run once per node before launch; relative: next to the config, else cwd"),
+        Meta(
+            description="bash script run once per node before launch; relative: next to the config, else cwd"
+        ),
     ] = None
     launcher: Annotated[
         Literal["auto", "torch", "deepspeed"],
@@ -67,7 +69,9 @@ class EnvironmentArgs(Section):
     # UnitedLLM additions: a silo that spans several nodes (static rendezvous, as torchrun's flags)
     nnodes: Annotated[PositiveInt, Meta(description="Nodes in one client silo")] = 1
     node_rank: Annotated[NonNegativeInt, Meta(description="This node's index in its silo, 0..nnodes-1")] = 0
-    master_addr: Annotated[str, Meta(description="Address of the silo's node 0 (multi-node silos)")] = "127.0.0.1"
+    master_addr: Annotated[str, Meta(description="Address of the silo's node 0 (multi-node silos)")] = (
+        "127.0.0.1"
+    )
     master_port: Annotated[
         Annotated[int, Meta(ge=1, le=65535)] | None,
         Meta(description="Rendezvous port on node 0 (default: a free port on one node, 29500 on several)"),

@@ -27,7 +27,9 @@ log = logging.getLogger("unitedllm.optimizers")
 _SLICE = 1 << 22
 
 
-def pairwise_sq_distances(weights: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> torch.Tensor:
+def pairwise_sq_distances(
+    weights: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
+) -> torch.Tensor:
     """(n, n) float64 matrix of squared L2 distances between the updates' deltas."""
     n = len(updates)
     dist = torch.zeros(n, n, dtype=torch.float64)
@@ -46,7 +48,9 @@ def krum_scores(dist: torch.Tensor, num_byzantine: int) -> torch.Tensor:
     n = dist.shape[0]
     closest = max(1, n - num_byzantine - 2)
     if n - num_byzantine - 2 < 1 and n > 1:
-        log.warning("Krum with %d updates and num_byzantine=%d: needs n > 2f + 2; using 1 neighbour", n, num_byzantine)
+        log.warning(
+            "Krum with %d updates and num_byzantine=%d: needs n > 2f + 2; using 1 neighbour", n, num_byzantine
+        )
     if n == 1:
         return torch.zeros(1, dtype=torch.float64)
     others = dist[~torch.eye(n, dtype=torch.bool)].view(n, n - 1)

@@ -58,9 +58,15 @@ def validate_update(
             raise reject(f"{name!r} has {bad} non-finite values (inf or NaN)")
 
 
-def validate_num_samples(num_samples: object, *, rank: int | None = None, round_idx: int | None = None) -> None:
+def validate_num_samples(
+    num_samples: object, *, rank: int | None = None, round_idx: int | None = None
+) -> None:
     """Raise UpdateRejected unless ``num_samples`` is an integer in [1, 2**29]."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 1 <= num_samples <= MAX_WEIGHT:
+    if (
+        isinstance(num_samples, bool)
+        or not isinstance(num_samples, int)
+        or not 1 <= num_samples <= MAX_WEIGHT
+    ):
         raise UpdateRejected(
             f"num_samples must be an integer between 1 and {MAX_WEIGHT}, got {num_samples!r}",
             rank=rank,

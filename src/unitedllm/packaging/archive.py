@@ -138,7 +138,14 @@ def unpack(
                         out.write(chunk)
             except FileExistsError as exc:
                 raise UnsafePackage(package, info.filename, "would overwrite another entry") from exc
-            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, RuntimeError, NotImplementedError) as exc:
+            except (
+                zipfile.BadZipFile,
+                zlib.error,
+                EOFError,
+                ValueError,
+                RuntimeError,
+                NotImplementedError,
+            ) as exc:
                 # a CRC mismatch (BadZipFile) or a broken deflate stream: bytes changed after zipping
                 raise PackageError(f"package {package} is corrupt at entry {info.filename!r}: {exc}") from exc
             if info.external_attr >> 16 & 0o111:

@@ -40,16 +40,19 @@ SecretFile = Annotated[
 ]
 
 
-@package_app.command(
-    "run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
-)
+@package_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run_command(
     ctx: typer.Context,
     package: Annotated[Path, typer.Argument(help="server-package.zip or client-package.zip")],
-    rank: Annotated[int, typer.Option("--rank", help="0 for the aggregator (server package), 1..N for clients")],
-    run_id: Annotated[str, typer.Option("--run-id", "--run_id", help="Run id shared by every node of the run")],
+    rank: Annotated[
+        int, typer.Option("--rank", help="0 for the aggregator (server package), 1..N for clients")
+    ],
+    run_id: Annotated[
+        str, typer.Option("--run-id", "--run_id", help="Run id shared by every node of the run")
+    ],
     workdir: Annotated[
-        Path | None, typer.Option("--workdir", help="Where to unpack (default .unitedllm/packages/<run_id>/rank_<N>)")
+        Path | None,
+        typer.Option("--workdir", help="Where to unpack (default .unitedllm/packages/<run_id>/rank_<N>)"),
     ] = None,
     max_size_mb: MaxSize = DEFAULT_MAX_BYTES // 2**20,
     secret_file: SecretFile = None,
@@ -81,7 +84,9 @@ def run_command(
 @package_app.command("verify")
 def verify_command(
     package: Annotated[Path, typer.Argument(help="server-package.zip or client-package.zip")],
-    workdir: Annotated[Path | None, typer.Option("--workdir", help="Where to unpack (default: a temp folder)")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", help="Where to unpack (default: a temp folder)")
+    ] = None,
     max_size_mb: MaxSize = DEFAULT_MAX_BYTES // 2**20,
     secret_file: SecretFile = None,
 ) -> None:
@@ -93,7 +98,10 @@ def verify_command(
     try:
         with tempfile.TemporaryDirectory() as tmp:
             prepared = prepare_package(
-                package, workdir or Path(tmp), secret=read_package_secret(secret_file), max_bytes=max_size_mb * 2**20
+                package,
+                workdir or Path(tmp),
+                secret=read_package_secret(secret_file),
+                max_bytes=max_size_mb * 2**20,
             )
             m = prepared.manifest
             typer.echo(

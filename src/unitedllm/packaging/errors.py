@@ -1,10 +1,10 @@
 """Errors of building and running UnitedLLM packages.
 
-    UnitedLLMError
-    └── PackageError         a package cannot be built or run (CLI exit code 2)
-        ├── UnsafePackage    an archive entry could escape the workdir, is a link, or is too big
-        ├── TamperedPackage  a file does not match the manifest (digest, size, missing or extra)
-        └── BootstrapFailed  ``environment_args.bootstrap`` exited with a non-zero code
+UnitedLLMError
+└── PackageError         a package cannot be built or run (CLI exit code 2)
+    ├── UnsafePackage    an archive entry could escape the workdir, is a link, or is too big
+    ├── TamperedPackage  a file does not match the manifest (digest, size, missing or extra)
+    └── BootstrapFailed  ``environment_args.bootstrap`` exited with a non-zero code
 """
 
 from __future__ import annotations
@@ -44,4 +44,6 @@ class BootstrapFailed(PackageError):
     def __init__(self, script: str, returncode: int):
         self.script = script
         self.returncode = returncode
-        super().__init__(f"bootstrap script {script} exited with code {returncode}; not starting the entry point")
+        super().__init__(
+            f"bootstrap script {script} exited with code {returncode}; not starting the entry point"
+        )

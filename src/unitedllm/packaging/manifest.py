@@ -122,7 +122,6 @@ def render_schema() -> str:
     return json.dumps(manifest_schema(), indent=2, sort_keys=True) + "\n"
 
 
-
 SECRET_ENV = "UNITEDLLM_PACKAGE_SECRET"
 
 

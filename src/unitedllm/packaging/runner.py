@@ -25,7 +25,14 @@ from unitedllm.packaging.archive import DEFAULT_MAX_BYTES, UnpackedFile, unpack
 from unitedllm.packaging.errors import BootstrapFailed, PackageError, TamperedPackage
 from unitedllm.packaging.manifest import MANIFEST_NAME, Manifest, decode_manifest, signature_matches
 
-__all__ = ["PreparedPackage", "default_workdir", "launch_command", "prepare_package", "run_bootstrap", "run_package"]
+__all__ = [
+    "PreparedPackage",
+    "default_workdir",
+    "launch_command",
+    "prepare_package",
+    "run_bootstrap",
+    "run_package",
+]
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +129,9 @@ def prepare_package(
             state = "is not signed" if manifest.signature is None else "has a signature that does not match"
             raise TamperedPackage(package, MANIFEST_NAME, f"{state} under the given package secret")
         if secret is None and manifest.signature is not None:
-            log.warning("package %s is signed but no package secret was given: signature not checked", package)
+            log.warning(
+                "package %s is signed but no package secret was given: signature not checked", package
+            )
         final = workdir / manifest.root
         if final.exists():
             shutil.rmtree(final)  # a previous unpack of this run/rank; never mix old and new files
@@ -148,7 +157,9 @@ def _bootstrap_script(prepared: PreparedPackage) -> Path | None:
     script = env_args.get("bootstrap") if isinstance(env_args, dict) else None
     if not script:
         return None
-    path = _inside(prepared.source_dir, str(script), what="environment_args.bootstrap", package=str(prepared.root))
+    path = _inside(
+        prepared.source_dir, str(script), what="environment_args.bootstrap", package=str(prepared.root)
+    )
     if not path.is_file():
         raise PackageError(
             f"environment_args.bootstrap: {script!r} is not in the package (looked for {path})"
@@ -184,7 +195,9 @@ def run_bootstrap(prepared: PreparedPackage, *, rank: int, run_id: str) -> None:
         raise BootstrapFailed(str(script.relative_to(prepared.source_dir)), result.returncode)
 
 
-def launch_command(prepared: PreparedPackage, *, rank: int, run_id: str, extra_args: Sequence[str] = ()) -> list[str]:
+def launch_command(
+    prepared: PreparedPackage, *, rank: int, run_id: str, extra_args: Sequence[str] = ()
+) -> list[str]:
     """The command line that starts the entry point with the dynamic args filled in."""
     entry = prepared.entry_file
     flags = ["--cf", prepared.manifest.conf_file, "--rank", str(rank), "--run_id", run_id, *extra_args]
@@ -192,7 +205,9 @@ def launch_command(prepared: PreparedPackage, *, rank: int, run_id: str, extra_a
         return [sys.executable, str(entry), *flags]
     if entry.suffix == ".sh":
         return ["bash", str(entry), *flags]
-    raise PackageError(f"entry point {prepared.manifest.entry_point!r}: only .py and .sh entry points can be started")
+    raise PackageError(
+        f"entry point {prepared.manifest.entry_point!r}: only .py and .sh entry points can be started"
+    )
 
 
 def _check_role(manifest: Manifest, rank: int, package: str) -> None:

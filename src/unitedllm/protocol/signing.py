@@ -127,7 +127,9 @@ class PresenceGuard:
         if latest is not None:
             last_epoch, last_online = latest
             if epoch < last_epoch or (epoch == last_epoch and online and not last_online):
-                return self._drop(f"replayed presence of rank {rank} (connection {epoch}, latest {last_epoch})")
+                return self._drop(
+                    f"replayed presence of rank {rank} (connection {epoch}, latest {last_epoch})"
+                )
         self._latest[rank] = (epoch, online)
         return online
 

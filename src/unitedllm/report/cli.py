@@ -14,10 +14,15 @@ __all__ = ["report_command"]
 
 
 def report_command(
-    run_dir: Annotated[Path, typer.Argument(help="The run's output directory (train_args.output_dir), "
-                                                  "e.g. .logs/UnitedLLM/<run_id>.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the report "
-                                                                 "(default: RUN_DIR/report).")] = None,
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="The run's output directory (train_args.output_dir), e.g. .logs/UnitedLLM/<run_id>."
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Where to write the report (default: RUN_DIR/report).")
+    ] = None,
     no_table: Annotated[bool, typer.Option("--no-table", help="Do not print the round table.")] = False,
 ) -> None:
     """Write plots and a self-contained HTML report of a run (finished or still running)."""

@@ -91,7 +91,9 @@ class RunData:
     @property
     def ranks(self) -> list[int]:
         """Every client rank seen in the run."""
-        seen = set(self.joined) | {rank for _, rank in self.clients} | {e.rank for e in self.evals if e.rank > 0}
+        seen = (
+            set(self.joined) | {rank for _, rank in self.clients} | {e.rank for e in self.evals if e.rank > 0}
+        )
         for row in self.rounds.values():
             seen |= set(row.selected)
         return sorted(seen)
@@ -114,7 +116,9 @@ class RunData:
 
     def global_eval(self, round_idx: int) -> tuple[float | None, float | None]:
         """Loss and perplexity of the global model after a round: the aggregator's, else the clients' mean."""
-        points = [e for e in self.evals if e.round == round_idx and e.model == "global" and e.loss is not None]
+        points = [
+            e for e in self.evals if e.round == round_idx and e.model == "global" and e.loss is not None
+        ]
         own = [e for e in points if e.rank == 0]
         if own:
             return own[-1].loss, own[-1].perplexity
@@ -143,7 +147,8 @@ def metrics_path(run_dir: Path) -> Path:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise RunNotFound(
-            str(run_dir), "it has no metrics.jsonl (give the run's train_args.output_dir, e.g. .logs/UnitedLLM/<run_id>)"
+            str(run_dir),
+            "it has no metrics.jsonl (give the run's train_args.output_dir, e.g. .logs/UnitedLLM/<run_id>)",
         )
     return path
 
@@ -227,7 +232,8 @@ def _add(data: RunData, record: dict[str, Any]) -> None:
         comm = [_num(m.get("download_seconds")), _num(m.get("upload_seconds"))]
         known = [c for c in comm if c is not None]
         data.clients[(round_idx, rank)] = ClientRound(
-            round=round_idx, rank=rank,
+            round=round_idx,
+            rank=rank,
             train_loss=_num(record.get("loss", m.get("train_loss"))),
             samples=_num(record.get("samples")),
             train_seconds=_num(m.get("train_seconds", record.get("seconds"))),
@@ -239,8 +245,11 @@ def _add(data: RunData, record: dict[str, Any]) -> None:
     elif event == "eval":
         m = _dict(record.get("metrics"))
         point = EvalPoint(
-            round=round_idx, rank=rank, model=str(record.get("model") or "global"),
-            loss=_num(record.get("loss", m.get("eval_loss"))), perplexity=_num(m.get("perplexity")),
+            round=round_idx,
+            rank=rank,
+            model=str(record.get("model") or "global"),
+            loss=_num(record.get("loss", m.get("eval_loss"))),
+            perplexity=_num(m.get("perplexity")),
             samples=_num(record.get("samples")),
         )
         data.evals.append(point)

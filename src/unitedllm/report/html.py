@@ -26,10 +26,12 @@ figure { margin: 1.5rem 0; } figure img { max-width: 100%; border: 1px solid #ee
 def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]], left: tuple[int, ...] = ()) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join(
-        "<tr>" + "".join(
+        "<tr>"
+        + "".join(
             f'<td class="left">{html.escape(c)}</td>' if i in left else f"<td>{html.escape(c)}</td>"
             for i, c in enumerate(row)
-        ) + "</tr>"
+        )
+        + "</tr>"
         for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -41,34 +43,47 @@ def _client_rows(run: RunData) -> list[tuple[str, ...]]:
         mine = sorted((c for (_, r), c in run.clients.items() if r == rank), key=lambda c: c.round)
         last = mine[-1] if mine else None
         own_evals = [e for e in run.evals if e.rank == rank and e.loss is not None]
-        rows.append((
-            str(rank), str(len(mine)),
-            "-" if last is None or last.train_loss is None else f"{last.train_loss:.4f}",
-            "-" if not own_evals else f"{own_evals[-1].loss:.4f} ({own_evals[-1].model}, round {own_evals[-1].round})",
-            "-" if last is None or last.samples is None else f"{last.samples:.0f}",
-            "-" if last is None or last.tokens_per_second is None else f"{last.tokens_per_second:.0f}",
-        ))
+        rows.append(
+            (
+                str(rank),
+                str(len(mine)),
+                "-" if last is None or last.train_loss is None else f"{last.train_loss:.4f}",
+                "-"
+                if not own_evals
+                else f"{own_evals[-1].loss:.4f} ({own_evals[-1].model}, round {own_evals[-1].round})",
+                "-" if last is None or last.samples is None else f"{last.samples:.0f}",
+                "-" if last is None or last.tokens_per_second is None else f"{last.tokens_per_second:.0f}",
+            )
+        )
     return rows
 
 
 def _figure(plot: Plot) -> str:
     title = html.escape(plot.title)
     if plot.png is None:
-        return f'<figure><figcaption>{title}</figcaption><p class="note">{html.escape(plot.note)}</p></figure>'
+        return (
+            f'<figure><figcaption>{title}</figcaption><p class="note">{html.escape(plot.note)}</p></figure>'
+        )
     data = base64.b64encode(plot.png).decode("ascii")
-    return (f'<figure><img alt="{title}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{title}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{title}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{title}</figcaption></figure>"
+    )
 
 
 def render_html(run: RunData, plots: list[Plot]) -> str:
     """The whole report page; it references no file or network resource."""
     notes = []
     if not run.finished:
-        notes.append("The run has not ended (no run_end event): this is a snapshot of a run in progress "
-                     "or of one that stopped early.")
+        notes.append(
+            "The run has not ended (no run_end event): this is a snapshot of a run in progress "
+            "or of one that stopped early."
+        )
     if run.skipped_lines:
-        notes.append(f"{run.skipped_lines} unreadable line(s) of metrics.jsonl were skipped "
-                     "(a line torn while the run writes it, or a damaged file).")
+        notes.append(
+            f"{run.skipped_lines} unreadable line(s) of metrics.jsonl were skipped "
+            "(a line torn while the run writes it, or a damaged file)."
+        )
     for round_idx, rank, message in run.client_errors:
         notes.append(f"client {rank} reported an error in round {round_idx}: {message}")
     for row in run.finished_rounds():
@@ -76,17 +91,20 @@ def render_html(run: RunData, plots: list[Plot]) -> str:
             notes.append(f"round {row.round}: update from client {who} refused: {reason}")
     note_html = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
     rounds = round_rows(run)
-    round_table = _table(COLUMNS, rounds, left=(1, 2)) if rounds else '<p class="note">no round has started yet</p>'
+    round_table = (
+        _table(COLUMNS, rounds, left=(1, 2)) if rounds else '<p class="note">no round has started yet</p>'
+    )
     client_table = _table(
-        ("client", "rounds trained", "last train loss", "last eval loss", "samples", "tokens/s"), _client_rows(run),
+        ("client", "rounds trained", "last train loss", "last eval loss", "samples", "tokens/s"),
+        _client_rows(run),
         left=(3,),
     )
     title = f"UnitedLLM run {run.run_id}"
     generated = time.strftime("%Y-%m-%d %H:%M:%S")
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p class=\"status\">{html.escape(status_line(run))} · "
+        f'<h1>{html.escape(title)}</h1><p class="status">{html.escape(status_line(run))} · '
         f"report generated {generated}</p>{note_html}"
         f"<h2>Rounds</h2>{round_table}<h2>Clients</h2>{client_table}"
         f"<h2>Plots</h2>{''.join(_figure(p) for p in plots)}"

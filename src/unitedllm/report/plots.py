@@ -21,7 +21,12 @@ if TYPE_CHECKING:
 __all__ = ["Plot", "render_plots"]
 
 _MB = 1024.0 * 1024.0
-_STACK_COLOURS = {"train": "#4C72B0", "communication": "#DD8452", "aggregation": "#55A868", "other": "#B0B0B0"}
+_STACK_COLOURS = {
+    "train": "#4C72B0",
+    "communication": "#DD8452",
+    "aggregation": "#55A868",
+    "other": "#B0B0B0",
+}
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,12 @@ def _eval_loss(run: RunData) -> Plot:
     title = "Eval loss per round"
     points = [e for e in run.evals if e.loss is not None]
     if not points:
-        return Plot("eval_loss", title, None,
-                    "no evaluations yet (enable validation_args.is_aggregator_test or test_on_clients)")
+        return Plot(
+            "eval_loss",
+            title,
+            None,
+            "no evaluations yet (enable validation_args.is_aggregator_test or test_on_clients)",
+        )
 
     def draw(axes: Axes) -> None:
         series: dict[tuple[int, str], list[tuple[int, float]]] = {}
@@ -75,7 +84,9 @@ def _eval_loss(run: RunData) -> Plot:
             elif model == "global":
                 axes.plot(xs, ys, marker="o", label=f"client {rank} (global model)")
             else:
-                axes.plot(xs, ys, marker="x", linestyle="--", label=f"client {rank} (own model, before aggregation)")
+                axes.plot(
+                    xs, ys, marker="x", linestyle="--", label=f"client {rank} (own model, before aggregation)"
+                )
         axes.set_ylabel("eval loss")
         axes.set_title(title)
         _rounds_axis(axes, [e.round for e in points])
@@ -94,10 +105,18 @@ def _train_loss(run: RunData) -> Plot:
     def draw(axes: Axes) -> None:
         for rank in sorted({c.rank for c in clients}):
             values = sorted((c.round, c.train_loss or 0.0) for c in clients if c.rank == rank)
-            axes.plot([r for r, _ in values], [v for _, v in values], marker="o", alpha=0.8, label=f"client {rank}")
+            axes.plot(
+                [r for r, _ in values], [v for _, v in values], marker="o", alpha=0.8, label=f"client {rank}"
+            )
         if weighted:
-            axes.plot([r for r, _ in weighted], [v for _, v in weighted], color="black", linewidth=2.4,
-                      marker="s", label="sample-weighted mean (aggregated clients)")
+            axes.plot(
+                [r for r, _ in weighted],
+                [v for _, v in weighted],
+                color="black",
+                linewidth=2.4,
+                marker="s",
+                label="sample-weighted mean (aggregated clients)",
+            )
         axes.set_ylabel("train loss (last local step)")
         axes.set_title(title)
         _rounds_axis(axes, [c.round for c in clients] + [r for r, _ in weighted])
@@ -137,10 +156,20 @@ def _bytes(run: RunData) -> Plot:
     def draw(axes: Axes) -> None:
         sizes = [run.round_bytes(r) for r in rounds]
         width = 0.4
-        axes.bar([r - width / 2 for r in rounds], [s[0] / _MB for s in sizes], width, label="uploaded by clients",
-                 color="#C44E52")
-        axes.bar([r + width / 2 for r in rounds], [s[1] / _MB for s in sizes], width,
-                 label="downloaded by clients", color="#8172B3")
+        axes.bar(
+            [r - width / 2 for r in rounds],
+            [s[0] / _MB for s in sizes],
+            width,
+            label="uploaded by clients",
+            color="#C44E52",
+        )
+        axes.bar(
+            [r + width / 2 for r in rounds],
+            [s[1] / _MB for s in sizes],
+            width,
+            label="downloaded by clients",
+            color="#8172B3",
+        )
         axes.set_ylabel("MiB")
         axes.set_title(title, fontsize="medium")
         _rounds_axis(axes, rounds)
@@ -159,14 +188,25 @@ def _system(run: RunData) -> Plot | None:
         for rank in sorted({int(s.get("rank", 0)) for s in samples}):
             mine = [s for s in samples if s.get("rank") == rank]
             who = "aggregator" if rank == 0 else f"client {rank}"
-            axes.plot([s["elapsed_s"] for s in mine], [_float(s.get("cpu_percent")) for s in mine],
-                      label=f"{who} CPU %")
-            axes.plot([s["elapsed_s"] for s in mine], [_float(s.get("ram_percent")) for s in mine],
-                      linestyle="--", label=f"{who} RAM %")
+            axes.plot(
+                [s["elapsed_s"] for s in mine],
+                [_float(s.get("cpu_percent")) for s in mine],
+                label=f"{who} CPU %",
+            )
+            axes.plot(
+                [s["elapsed_s"] for s in mine],
+                [_float(s.get("ram_percent")) for s in mine],
+                linestyle="--",
+                label=f"{who} RAM %",
+            )
             gpus = sorted({k for s in mine for k in s if k.startswith("gpu") and k.endswith("_util_percent")})
             for key in gpus:
-                axes.plot([s["elapsed_s"] for s in mine], [_float(s.get(key)) for s in mine], linestyle=":",
-                          label=f"{who} {key.removesuffix('_util_percent').upper()} util %")
+                axes.plot(
+                    [s["elapsed_s"] for s in mine],
+                    [_float(s.get(key)) for s in mine],
+                    linestyle=":",
+                    label=f"{who} {key.removesuffix('_util_percent').upper()} util %",
+                )
         axes.set_xlabel("seconds since sampling started")
         axes.set_ylabel("percent")
         axes.set_title(title)

@@ -13,8 +13,18 @@ if TYPE_CHECKING:
 __all__ = ["COLUMNS", "round_rows", "status_line", "summary_table"]
 
 COLUMNS = (
-    "round", "clients", "refused", "train loss", "eval loss", "ppl",
-    "round s", "train s", "comm s", "agg s", "MiB up", "MiB down",
+    "round",
+    "clients",
+    "refused",
+    "train loss",
+    "eval loss",
+    "ppl",
+    "round s",
+    "train s",
+    "comm s",
+    "agg s",
+    "MiB up",
+    "MiB down",
 )
 _MB = 1024.0 * 1024.0
 
@@ -35,12 +45,22 @@ def round_rows(run: RunData) -> list[tuple[str, ...]]:
         eval_loss, perplexity = run.global_eval(index)
         times = run.time_breakdown(row)
         up, down = run.round_bytes(index)
-        rows.append((
-            str(index), ",".join(map(str, row.aggregated)), ",".join(row.rejected) or "",
-            _fmt(row.train_loss, ".5g"), _fmt(eval_loss, ".5g"), _fmt(perplexity, ".5g"),
-            _fmt(row.seconds, ".2f"), _fmt(times["train"], ".2f"), _fmt(times["communication"], ".2f"),
-            _fmt(row.aggregation_seconds, ".3f"), _fmt(up / _MB, ".2f"), _fmt(down / _MB, ".2f"),
-        ))
+        rows.append(
+            (
+                str(index),
+                ",".join(map(str, row.aggregated)),
+                ",".join(row.rejected) or "",
+                _fmt(row.train_loss, ".5g"),
+                _fmt(eval_loss, ".5g"),
+                _fmt(perplexity, ".5g"),
+                _fmt(row.seconds, ".2f"),
+                _fmt(times["train"], ".2f"),
+                _fmt(times["communication"], ".2f"),
+                _fmt(row.aggregation_seconds, ".3f"),
+                _fmt(up / _MB, ".2f"),
+                _fmt(down / _MB, ".2f"),
+            )
+        )
     return rows
 
 
@@ -67,11 +87,19 @@ def summary_table(run: RunData | Path) -> Table:
     rows = round_rows(run)
     # Twelve columns do not fit a terminal: leave out those with nothing to say (no refusals, no perplexity).
     keep = [i for i, name in enumerate(COLUMNS) if i < 2 or any(r[i] not in ("", "-") for r in rows)]
-    table = Table(title=f"run {run.run_id} · {status_line(run)}", title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False, padding=(0, 1, 0, 0))
+    table = Table(
+        title=f"run {run.run_id} · {status_line(run)}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+    )
     for i in keep:
-        table.add_column(COLUMNS[i].replace(" ", "\n"), justify="left" if COLUMNS[i] in ("clients", "refused") else "right",
-                         no_wrap=COLUMNS[i] != "refused")
+        table.add_column(
+            COLUMNS[i].replace(" ", "\n"),
+            justify="left" if COLUMNS[i] in ("clients", "refused") else "right",
+            no_wrap=COLUMNS[i] != "refused",
+        )
     for cells in rows:
         table.add_row(*(cells[i] for i in keep))
     return table

@@ -61,7 +61,12 @@ class MetricsLog:
 
     def log(self, event: str, *, round_idx: int | None, rank: int, **fields: Any) -> dict[str, Any]:
         """Record one event and return it as written."""
-        record: dict[str, Any] = {"event": event, "round": round_idx, "rank": rank, "time": round(time.time(), 3)}
+        record: dict[str, Any] = {
+            "event": event,
+            "round": round_idx,
+            "rank": rank,
+            "time": round(time.time(), 3),
+        }
         record.update({k: _clean(v) for k, v in fields.items()})
         with self._lock:
             if self._file is not None:

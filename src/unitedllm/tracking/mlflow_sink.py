@@ -24,7 +24,13 @@ class MlflowSink(TrackerSink):
     name = "mlflow"
 
     def __init__(
-        self, *, tracking_uri: str, experiment: str, run_id: str, rank: int, params: dict[str, Any] | None = None
+        self,
+        *,
+        tracking_uri: str,
+        experiment: str,
+        run_id: str,
+        rank: int,
+        params: dict[str, Any] | None = None,
     ):
         super().__init__()
         try:
@@ -40,9 +46,12 @@ class MlflowSink(TrackerSink):
         try:
             self.client = tracking.MlflowClient(tracking_uri=tracking_uri)
             found = self.client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
+            experiment_id = (
+                found.experiment_id if found is not None else self.client.create_experiment(experiment)
+            )
             run = self.client.create_run(
-                experiment_id, run_name=f"{run_id}-{rank_prefix(rank)}",
+                experiment_id,
+                run_name=f"{run_id}-{rank_prefix(rank)}",
                 tags={"unitedllm.run_id": run_id, "unitedllm.rank": str(rank)},
             )
         except Exception as exc:  # MlflowException, or the store's own I/O and driver errors
@@ -58,8 +67,10 @@ class MlflowSink(TrackerSink):
         now_ms = int(time.time() * 1000)
         metrics = [
             self._metric_class(
-                key=_BAD_KEY_CHARS.sub("_", flat_key(s)), value=s.value,
-                timestamp=int(s.wall_time * 1000) if s.wall_time is not None else now_ms, step=s.step,
+                key=_BAD_KEY_CHARS.sub("_", flat_key(s)),
+                value=s.value,
+                timestamp=int(s.wall_time * 1000) if s.wall_time is not None else now_ms,
+                step=s.step,
             )
             for s in scalars
         ]

@@ -45,7 +45,9 @@ class TrackerSink(abc.ABC):
             # A tracker (disk full, W&B service gone) must never fail a federated round: warn once, go on.
             except Exception as exc:  # noqa: BLE001
                 if not self._failed:
-                    log.warning("%s: could not record metrics (%s); the run goes on without it", self.name, exc)
+                    log.warning(
+                        "%s: could not record metrics (%s); the run goes on without it", self.name, exc
+                    )
                 self._failed = True
 
     @abc.abstractmethod

@@ -118,8 +118,12 @@ class SystemSampler:
             log.debug("system metrics reading failed: %s", exc)
             return
         self.metrics.log(
-            "system", round_idx=None, rank=self.rank, sample=self.samples,
-            elapsed_s=round(time.monotonic() - self._started, 3), **reading,
+            "system",
+            round_idx=None,
+            rank=self.rank,
+            sample=self.samples,
+            elapsed_s=round(time.monotonic() - self._started, 3),
+            **reading,
         )
         self.samples += 1
 
@@ -132,9 +136,9 @@ class SystemSampler:
 
 
 @contextmanager
-def system_metrics(metrics: MetricsLog, *, rank: int, enabled: bool = True, interval_s: float = 10.0) -> Iterator[
-    SystemSampler | None
-]:
+def system_metrics(
+    metrics: MetricsLog, *, rank: int, enabled: bool = True, interval_s: float = 10.0
+) -> Iterator[SystemSampler | None]:
     """Sample system metrics into ``metrics`` while the block runs (pass ``tracking_args.log_system_metrics``)."""
     if not enabled:
         yield None

@@ -43,15 +43,32 @@ def open_trackers(cfg: Config, *, rank: int, run_id: str, output_dir: Path) -> I
         if args.enable_wandb and (rank == 0 or not args.wandb_only_server):
             from unitedllm.tracking.wandb_sink import WandbSink
 
-            listeners.append(stack.enter_context(WandbSink(
-                project=args.wandb_project, entity=args.wandb_entity, name=args.wandb_name, mode=args.wandb_mode,
-                run_id=run_id, rank=rank, directory=output_dir, config=_flat_params(cfg),
-            )))
+            listeners.append(
+                stack.enter_context(
+                    WandbSink(
+                        project=args.wandb_project,
+                        entity=args.wandb_entity,
+                        name=args.wandb_name,
+                        mode=args.wandb_mode,
+                        run_id=run_id,
+                        rank=rank,
+                        directory=output_dir,
+                        config=_flat_params(cfg),
+                    )
+                )
+            )
         if args.mlflow_tracking_uri:
             from unitedllm.tracking.mlflow_sink import MlflowSink
 
-            listeners.append(stack.enter_context(MlflowSink(
-                tracking_uri=args.mlflow_tracking_uri, experiment=args.mlflow_experiment, run_id=run_id,
-                rank=rank, params=_flat_params(cfg),
-            )))
+            listeners.append(
+                stack.enter_context(
+                    MlflowSink(
+                        tracking_uri=args.mlflow_tracking_uri,
+                        experiment=args.mlflow_experiment,
+                        run_id=run_id,
+                        rank=rank,
+                        params=_flat_params(cfg),
+                    )
+                )
+            )
         yield listeners

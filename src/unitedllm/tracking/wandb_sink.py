@@ -44,8 +44,14 @@ class WandbSink(TrackerSink):
             kwargs["mode"] = mode
         try:
             self.run = wandb.init(
-                project=project, entity=entity, name=name or f"{run_id}-{rank_prefix(rank)}", group=run_id,
-                job_type=rank_prefix(rank), dir=str(directory), config=config or {}, reinit="create_new",
+                project=project,
+                entity=entity,
+                name=name or f"{run_id}-{rank_prefix(rank)}",
+                group=run_id,
+                job_type=rank_prefix(rank),
+                dir=str(directory),
+                config=config or {},
+                reinit="create_new",
                 **kwargs,
             )
         except Exception as exc:  # wandb raises its own error classes (UsageError, CommError...)

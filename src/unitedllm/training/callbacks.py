@@ -21,7 +21,9 @@ class StepReporter(TrainerCallback):
         self.max_steps = max_steps
         self.on_step = on_step
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
+    ) -> None:
         if not logs or "loss" not in logs:
             return  # the end-of-training summary log has train_loss, not loss
         lr = logs.get("learning_rate")

@@ -124,7 +124,9 @@ def tokenize_records(records: Sequence[Record], tokenizer: PreTrainedTokenizerBa
             ds_logging.enable_progress_bar()
 
 
-def _map(raw: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Config, cache_file: Any, digest: str) -> Dataset:
+def _map(
+    raw: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Config, cache_file: Any, digest: str
+) -> Dataset:
     dargs = cfg.data_args
     mapped = raw.map(
         _encode_batch,
@@ -148,7 +150,9 @@ def _map(raw: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: Config, cache_fi
             log.warning(
                 "%d of %d examples are longer than data_args.max_seq_length (%d) and reach the model uncut "
                 "(data_args.remove_long_seq and truncate_long_seq are both false)",
-                long, len(mapped), dargs.max_seq_length,
+                long,
+                len(mapped),
+                dargs.max_seq_length,
             )
     return mapped
 

@@ -12,7 +12,9 @@ if TYPE_CHECKING:
 __all__ = ["response_losses"]
 
 
-def response_losses(model: Any, dataset: Dataset, *, batch_size: int, pad_token_id: int) -> dict[str, tuple[float, int]]:
+def response_losses(
+    model: Any, dataset: Dataset, *, batch_size: int, pad_token_id: int
+) -> dict[str, tuple[float, int]]:
     """``{category: (summed loss over response tokens, number of response tokens)}`` in dataset order."""
     import torch
     import torch.nn.functional as F

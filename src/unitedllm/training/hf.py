@@ -73,7 +73,12 @@ class HFLocalTrainer(LocalTrainer):
     client_algorithms = frozenset({"FedProx", "SCAFFOLD"})
 
     def __init__(
-        self, cfg: Config, rank: int, *, model_cache: ModelCache | None = None, silo: SiloContext | None = None
+        self,
+        cfg: Config,
+        rank: int,
+        *,
+        model_cache: ModelCache | None = None,
+        silo: SiloContext | None = None,
     ):
         if rank < 0 or rank > cfg.train_args.client_num_in_total:
             raise ConfigError(
@@ -119,11 +124,17 @@ class HFLocalTrainer(LocalTrainer):
         cfg = self.cfg
         margs = msgspec.to_builtins(cfg.model_args)
         dargs = msgspec.to_builtins(cfg.data_args)
-        tok_key = _key("tokenizer", margs, dargs, cfg.common_args.random_seed, cfg.train_args.client_num_in_total)
+        tok_key = _key(
+            "tokenizer", margs, dargs, cfg.common_args.random_seed, cfg.train_args.client_num_in_total
+        )
         tokenizer = self._cache.get_or_create(tok_key, lambda: load_tokenizer(cfg))
         trained = cfg.model_args.train_tokenizer_vocab_size is not None
         model_key = _key(
-            "model", margs, tok_key, cfg.common_args.random_seed, cfg.train_args.model_dtype,
+            "model",
+            margs,
+            tok_key,
+            cfg.common_args.random_seed,
+            cfg.train_args.model_dtype,
             cfg.train_args.gradient_checkpointing,
         )
 
@@ -237,16 +248,22 @@ class HFLocalTrainer(LocalTrainer):
             try:
                 output = trainer.train()
             except (RuntimeError, ValueError) as exc:
-                raise TrainingError(f"local training of client {self.rank} failed in round {round_idx}: {exc}") from exc
+                raise TrainingError(
+                    f"local training of client {self.rank} failed in round {round_idx}: {exc}"
+                ) from exc
             seconds = time.perf_counter() - start
             if self._zero is not None:
                 self._zero.finish_round(trainer)
             with gathered(_trainable(model)):
                 new_weights = trainable_state(model)
         if not math.isfinite(output.training_loss):
-            raise TrainingError(f"client {self.rank} round {round_idx}: training loss is {output.training_loss}")
+            raise TrainingError(
+                f"client {self.rank} round {round_idx}: training loss is {output.training_loss}"
+            )
         targs = self.cfg.train_args
-        seen = steps * targs.per_device_train_batch_size * targs.gradient_accumulation_steps * self._world_size
+        seen = (
+            steps * targs.per_device_train_batch_size * targs.gradient_accumulation_steps * self._world_size
+        )
         tokens = float(trainer.state.num_input_tokens_seen or 0)
         return FitResult(
             weights=new_weights,
@@ -256,7 +273,9 @@ class HFLocalTrainer(LocalTrainer):
                 "train_seconds": seconds,
                 "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
                 "train_samples": float(seen),
-                "learning_rate": self._zero.last_lr() if self._zero else float(self._scheduler.get_last_lr()[0]),
+                "learning_rate": self._zero.last_lr()
+                if self._zero
+                else float(self._scheduler.get_last_lr()[0]),
             },
         )
 
@@ -274,8 +293,10 @@ class HFLocalTrainer(LocalTrainer):
             self._to_eval_device(shared.model)
             with gathered(_trainable(shared.model), modify=True):
                 load_trainable(shared.model, weights)
-            kwargs = {"batch_size": self.cfg.train_args.per_device_eval_batch_size,
-                      "pad_token_id": int(self.tokenizer.pad_token_id)}
+            kwargs = {
+                "batch_size": self.cfg.train_args.per_device_eval_batch_size,
+                "pad_token_id": int(self.tokenizer.pad_token_id),
+            }
             if self._silo is None:
                 sums = response_losses(shared.model, test, **kwargs)
             else:
@@ -307,7 +328,9 @@ class HFLocalTrainer(LocalTrainer):
             if self.cfg.model_args.peft_type == "lora":
                 peft_config = model.peft_config["default"]
                 saved_base = peft_config.base_model_name_or_path
-                base = shared.base_dir.resolve() if shared.base_dir else self.cfg.model_args.model_name_or_path
+                base = (
+                    shared.base_dir.resolve() if shared.base_dir else self.cfg.model_args.model_name_or_path
+                )
                 peft_config.base_model_name_or_path = str(base)
                 # Adapted embeddings / output head are saved in full so the adapter stands alone.
                 targets = set(peft_config.target_modules or ())
@@ -386,8 +409,11 @@ class HFLocalTrainer(LocalTrainer):
         use_cpu = targs.use_cpu or not self.cfg.device_args.using_gpu
         if fp16 and deepspeed is None and (use_cpu or not _cuda_available()):
             # accelerate would drop it silently: fp16 autocast and loss scaling are GPU features.
-            log.warning("train_args.fp16: fp16 mixed precision needs a GPU; training on the CPU in model_dtype "
-                        "(%s) instead (train_args.bf16 is mixed precision that works on the CPU)", targs.model_dtype)
+            log.warning(
+                "train_args.fp16: fp16 mixed precision needs a GPU; training on the CPU in model_dtype "
+                "(%s) instead (train_args.bf16 is mixed precision that works on the CPU)",
+                targs.model_dtype,
+            )
             fp16 = False
         if deepspeed is not None:
             from unitedllm.silo.deepspeed_config import mixed_precision
@@ -428,7 +454,9 @@ class HFLocalTrainer(LocalTrainer):
                 include_num_input_tokens_seen="non_padding",
             )
         except ValueError as exc:
-            raise ConfigError(ConfigProblem("train_args", f"not valid Hugging Face training arguments: {exc}")) from exc
+            raise ConfigError(
+                ConfigProblem("train_args", f"not valid Hugging Face training arguments: {exc}")
+            ) from exc
 
     def _ensure_optimizer(self, model: Any, args: TrainingArguments, steps: int) -> None:
         if self._optimizer is not None:
@@ -456,7 +484,9 @@ class HFLocalTrainer(LocalTrainer):
             {"params": decay, "weight_decay": targs.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        optimizer: torch.optim.Optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+        optimizer: torch.optim.Optimizer = optimizer_cls(
+            [g for g in groups if g["params"]], **optimizer_kwargs
+        )
         return optimizer
 
     def _new_scheduler(self, optimizer: Any, steps: int) -> Any:
@@ -466,7 +496,9 @@ class HFLocalTrainer(LocalTrainer):
         targs = self.cfg.train_args
         total = steps * targs.comm_round
         warmup = targs.warmup_steps or math.ceil(targs.warmup_ratio * total)
-        return get_scheduler(targs.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        return get_scheduler(
+            targs.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total
+        )
 
     def _to_eval_device(self, model: Any) -> None:
         """Put a model still on the CPU on this rank's GPU when the run uses GPUs.
@@ -515,8 +547,11 @@ class HFLocalTrainer(LocalTrainer):
 
         callbacks: list[Any] = [StepReporter(self.rank, round_idx, steps, on_step)] if on_step else []
         kwargs: dict[str, Any] = {
-            "model": model, "args": args, "train_dataset": train,
-            "data_collator": CausalCollator(int(self.tokenizer.pad_token_id)), "callbacks": callbacks,
+            "model": model,
+            "args": args,
+            "train_dataset": train,
+            "data_collator": CausalCollator(int(self.tokenizer.pad_token_id)),
+            "callbacks": callbacks,
         }
         if self._silo is not None and self._silo.deepspeed_config is not None:
             trainer = self._zero_rounds().trainer(**kwargs)

@@ -59,7 +59,10 @@ def load_model_config(cfg: Config) -> PretrainedConfig:
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(
-            ConfigProblem("model_args.model_name_or_path", f"cannot load a model config from {margs.model_name_or_path!r}: {exc}")
+            ConfigProblem(
+                "model_args.model_name_or_path",
+                f"cannot load a model config from {margs.model_name_or_path!r}: {exc}",
+            )
         ) from exc
     for key, value in margs.model_config_overrides.items():
         if not hasattr(config, key):
@@ -78,7 +81,9 @@ def _attn_implementation(cfg: Config) -> str:
         log.info("attention: sdpa (PyTorch scaled dot-product attention)")
         return "sdpa"
     if importlib.util.find_spec("flash_attn") is None:
-        log.warning("model_args.use_flash_attention is set but flash_attn is not installed; using sdpa attention")
+        log.warning(
+            "model_args.use_flash_attention is set but flash_attn is not installed; using sdpa attention"
+        )
         return "sdpa"
     log.info("attention: flash_attention_2 (model_args.use_flash_attention)")
     return "flash_attention_2"
@@ -123,7 +128,9 @@ def _wrap_lora(cfg: Config, model: PreTrainedModel) -> PreTrainedModel:
         return wrapped  # type: ignore[no-any-return]
     except ValueError as exc:
         raise ConfigError(
-            ConfigProblem("model_args.lora_target_modules", f"{targets} do not fit {model.config.model_type}: {exc}")
+            ConfigProblem(
+                "model_args.lora_target_modules", f"{targets} do not fit {model.config.model_type}: {exc}"
+            )
         ) from exc
 
 
@@ -147,7 +154,10 @@ def build_model(
     if gradient_checkpointing:
         config.use_cache = False
     model: Any
-    kwargs: dict[str, Any] = {"attn_implementation": _attn_implementation(cfg), "trust_remote_code": margs.trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "attn_implementation": _attn_implementation(cfg),
+        "trust_remote_code": margs.trust_remote_code,
+    }
     with torch.random.fork_rng(devices=[]):
         # Same seed on every rank: same random base weights and same initial adapters.
         torch.manual_seed(cfg.common_args.random_seed)

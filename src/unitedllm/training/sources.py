@@ -42,7 +42,9 @@ _TEXT_FIELDS = ("instruction", "context", "response", "category")
 
 def _check_record(raw: Any, where: str) -> Record:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a JSON object with 'instruction' and 'response', got {type(raw).__name__}")
+        raise ConfigError(
+            f"{where}: expected a JSON object with 'instruction' and 'response', got {type(raw).__name__}"
+        )
     for key in ("instruction", "response"):
         if not isinstance(raw.get(key), str):
             raise ConfigError(f"{where}: field {key!r} must be a string, got {raw.get(key)!r:.60}")
@@ -91,7 +93,9 @@ def _shuffled(records: list[Record], seed: int, salt: str) -> list[Record]:
     return out
 
 
-def _hold_out(records: list[Record], size: int, cfg: Config, source: str) -> tuple[list[Record], list[Record]]:
+def _hold_out(
+    records: list[Record], size: int, cfg: Config, source: str
+) -> tuple[list[Record], list[Record]]:
     if size >= len(records):
         raise ConfigError(
             ConfigProblem(
@@ -110,7 +114,9 @@ def _hub_pool(cfg: Config) -> tuple[list[Record], list[Record]]:
     try:
         loaded = load_dataset(name, cache_dir=cfg.data_args.cache_dir)
     except Exception as exc:  # datasets raises many unrelated types for "not found / offline"
-        raise ConfigError(ConfigProblem("data_args.dataset_name", f"cannot load dataset {name!r}: {exc}")) from exc
+        raise ConfigError(
+            ConfigProblem("data_args.dataset_name", f"cannot load dataset {name!r}: {exc}")
+        ) from exc
     train = [_check_record(r, f"{name} train[{i}]") for i, r in enumerate(loaded["train"])]
     if "test" in loaded:
         return train, [_check_record(r, f"{name} test[{i}]") for i, r in enumerate(loaded["test"])]
@@ -134,12 +140,18 @@ def _shared_pool(cfg: Config) -> tuple[list[Record], list[Record]]:
                 read_records(paths[1], config_path="data_args.dataset_path[1]"),
             )
         raise ConfigError(
-            ConfigProblem("data_args.dataset_path", f"expected 1 file (split) or 2 files (train, test), got {len(paths)}")
+            ConfigProblem(
+                "data_args.dataset_path",
+                f"expected 1 file (split) or 2 files (train, test), got {len(paths)}",
+            )
         )
     if dargs.dataset_name:
         return _hub_pool(cfg)
     raise ConfigError(
-        ConfigProblem("data_args", "no data: set dataset_path, client_dataset_path, dataset_name or dataset: unitedllm-synthetic")
+        ConfigProblem(
+            "data_args",
+            "no data: set dataset_path, client_dataset_path, dataset_name or dataset: unitedllm-synthetic",
+        )
     )
 
 
@@ -153,7 +165,9 @@ def partition(records: list[Record], *, num_clients: int, rank: int, mode: str, 
         return [r for r in records if r["category"] in mine]
     # Fewer categories than clients: clients take categories in turn and share each one's records.
     cat = categories[(rank - 1) % len(categories)]
-    sharers = [k for k in range(1, num_clients + 1) if (k - 1) % len(categories) == (rank - 1) % len(categories)]
+    sharers = [
+        k for k in range(1, num_clients + 1) if (k - 1) % len(categories) == (rank - 1) % len(categories)
+    ]
     return [r for r in records if r["category"] == cat][sharers.index(rank) :: len(sharers)]
 
 

@@ -57,7 +57,9 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Path) -> P
         )
     if not texts:
         raise ConfigError(
-            ConfigProblem("model_args.train_tokenizer_vocab_size", "no training texts to train a tokenizer on")
+            ConfigProblem(
+                "model_args.train_tokenizer_vocab_size", "no training texts to train a tokenizer on"
+            )
         )
     target = cache_dir / "tokenizers" / _digest(texts, vocab_size)
     if (target / "tokenizer.json").is_file():
@@ -77,7 +79,11 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Path) -> P
     )
     bpe.train_from_iterator(texts, trainer=trainer, length=len(texts))
     tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=PAD_TOKEN
+        tokenizer_object=bpe,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
     )
     # Write to a private dir then rename: ranks in one process or on one disk may race here.
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +106,11 @@ def _load_pretrained_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
 
     margs = cfg.model_args
     source = margs.tokenizer_name_or_path or margs.model_name_or_path
-    where = "model_args.tokenizer_name_or_path" if margs.tokenizer_name_or_path else "model_args.model_name_or_path"
+    where = (
+        "model_args.tokenizer_name_or_path"
+        if margs.tokenizer_name_or_path
+        else "model_args.model_name_or_path"
+    )
     local = Path(source).expanduser()
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -115,9 +125,7 @@ def _load_pretrained_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(local))
         else:
             hint = (
-                " (set model_args.train_tokenizer_vocab_size to train one offline)"
-                if local.is_dir()
-                else ""
+                " (set model_args.train_tokenizer_vocab_size to train one offline)" if local.is_dir() else ""
             )
             raise ConfigError(
                 ConfigProblem(where, f"cannot load a tokenizer from {source!r}: {exc}{hint}")

@@ -22,11 +22,7 @@ __all__ = ["base_fingerprint", "base_state_dict", "load_trainable", "trainable_s
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """CPU copies of the trainable tensors, in the dtype they train in."""
-    return {
-        name: p.detach().to("cpu", copy=True)
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _listed(names: set[str], limit: int = 5) -> str:
@@ -87,7 +83,9 @@ def base_fingerprint(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     if config is not None:
         # Architecture settings matter even when nothing is frozen (``peft_type: none``).
-        settings = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        settings = {
+            k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")
+        }
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}
     for name in sorted(frozen):
