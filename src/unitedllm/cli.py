@@ -63,6 +63,20 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("unitedllm").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("transformers", "datasets", "peft", "httpx", "botocore", "aiobotocore"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # transformers imports DeepSpeed when it is installed, and DeepSpeed then warns that it
+    # found no GPU: noise on a CPU-only machine, kept wherever torch sees a GPU it missed.
+    logging.getLogger("DeepSpeed").addFilter(_DeepSpeedCpuNotice())
+
+
+class _DeepSpeedCpuNotice(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU" warning when torch sees no GPU either."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Setting accelerator to CPU"):
+            return True
+        import torch
+
+        return bool(torch.cuda.is_available())
 
 
 @contextmanager
