@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ClientUpdate",
+    "HoldingRound",
     "RoundAccumulator",
     "ServerOptimizer",
     "Tensors",
@@ -140,6 +141,25 @@ class RoundAccumulator(abc.ABC):
     @abc.abstractmethod
     def _finish(self) -> tuple[Tensors, Tensors]:
         """Compute the round's result from what was accepted."""
+
+
+class HoldingRound(RoundAccumulator):
+    """A round that keeps every accepted update until ``finish`` (for rules that need them all at once)."""
+
+    def __init__(
+        self,
+        optimizer: ServerOptimizer,
+        weights: Mapping[str, torch.Tensor],
+        state: Tensors,
+        *,
+        round_idx: int | None = None,
+    ):
+        super().__init__(optimizer, weights, state, round_idx=round_idx)
+        self._updates: list[ClientUpdate] = []
+
+    def _accept(self, updates: Sequence[ClientUpdate]) -> Mapping[int, UpdateRejected]:
+        self._updates.extend(updates)
+        return {}
 
 
 class ServerOptimizer(abc.ABC):

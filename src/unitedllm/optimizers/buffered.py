@@ -14,8 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from unitedllm.errors import UpdateRejected
-from unitedllm.optimizers.base import ClientUpdate, RoundAccumulator, ServerOptimizer, Tensors
+from unitedllm.optimizers.base import ClientUpdate, HoldingRound, RoundAccumulator, ServerOptimizer, Tensors
 from unitedllm.optimizers.mean import apply_step
 
 __all__ = ["BufferedRound", "RobustOptimizer", "coordinatewise"]
@@ -60,25 +59,10 @@ class RobustOptimizer(ServerOptimizer):
         return apply_step(weights, {n: d.mul_(lr) if lr != 1.0 else d for n, d in agg.items()}), state
 
 
-class BufferedRound(RoundAccumulator):
-    """Keeps every accepted update until ``finish``."""
+class BufferedRound(HoldingRound):
+    """Keeps every accepted update until ``finish``, then hands them to the rule in rank order."""
 
     optimizer: RobustOptimizer
-
-    def __init__(
-        self,
-        optimizer: RobustOptimizer,
-        weights: Mapping[str, torch.Tensor],
-        state: Tensors,
-        *,
-        round_idx: int | None = None,
-    ):
-        super().__init__(optimizer, weights, state, round_idx=round_idx)
-        self._updates: list[ClientUpdate] = []
-
-    def _accept(self, updates: Sequence[ClientUpdate]) -> Mapping[int, UpdateRejected]:
-        self._updates.extend(updates)
-        return {}
 
     def _finish(self) -> tuple[Tensors, Tensors]:
         ordered = sorted(self._updates, key=lambda u: u.rank)

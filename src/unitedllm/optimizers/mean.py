@@ -24,7 +24,14 @@ import torch
 from unitedllm.errors import RoundError, UpdateRejected
 from unitedllm.optimizers import _native
 from unitedllm.optimizers._memory import empty_like
-from unitedllm.optimizers.base import ClientUpdate, RoundAccumulator, ServerOptimizer, Tensors, log
+from unitedllm.optimizers.base import (
+    ClientUpdate,
+    HoldingRound,
+    RoundAccumulator,
+    ServerOptimizer,
+    Tensors,
+    log,
+)
 from unitedllm.optimizers.exact_sum import ExactSum, NonFiniteInputs, mean_step_one_pass
 
 __all__ = [
@@ -212,7 +219,7 @@ class StreamingMeanRound(RoundAccumulator):
         return _plus_mean_of(self._sums.pop(name), w, self._total, scale)
 
 
-class OnePassMeanRound(RoundAccumulator):
+class OnePassMeanRound(HoldingRound):
     """A plain scaled-mean round (FedAvg) whose updates are all at hand: folded at ``finish``, in one pass.
 
     ``add`` only checks and keeps the updates (the caller holds them anyway); ``finish``
@@ -223,21 +230,6 @@ class OnePassMeanRound(RoundAccumulator):
 
     optimizer: MeanRuleOptimizer
     checks_finite = True
-
-    def __init__(
-        self,
-        optimizer: MeanRuleOptimizer,
-        weights: Mapping[str, torch.Tensor],
-        state: Tensors,
-        *,
-        round_idx: int | None = None,
-    ):
-        super().__init__(optimizer, weights, state, round_idx=round_idx)
-        self._updates: list[ClientUpdate] = []
-
-    def _accept(self, updates: Sequence[ClientUpdate]) -> Mapping[int, UpdateRejected]:
-        self._updates += updates
-        return {}
 
     def _finish(self) -> tuple[Tensors, Tensors]:
         scale = self.optimizer.plain_step_scale()
