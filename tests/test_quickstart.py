@@ -122,7 +122,8 @@ def test_cli_run_prints_progress_and_writes_fedml_layout(tmp_path: Path) -> None
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "round 2/2" in proc.stderr and "final model:" in proc.stderr
+    # rounds are numbered as in metrics.jsonl and round_<r>_after_agg, with the count beside them
+    assert "round 1 (2/2)" in proc.stderr and "final model:" in proc.stderr
     if not torch.cuda.is_available():  # DeepSpeed's "no GPU found" notice is noise on a CPU machine
         assert "Setting accelerator to CPU" not in proc.stderr + proc.stdout
     node = tmp_path / "cli" / "node_0"

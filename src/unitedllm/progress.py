@@ -99,7 +99,7 @@ def _fmt(value: float | None) -> str:
 
 def _round_line(s: RoundSummary, total: int) -> str:
     parts = [
-        f"round {s.round_idx + 1}/{total}",
+        f"round {s.round_idx} ({s.round_idx + 1}/{total})",  # round_idx as in metrics, checkpoints, tables
         f"clients {','.join(map(str, s.aggregated))}",
         f"train loss {_fmt(s.train_loss)}",
     ]
