@@ -243,7 +243,8 @@ class OnePassMeanRound(HoldingRound):
             for update in bad:
                 log.warning("%s", _nonfinite_reason(self, update))
                 self.accepted.remove(update.rank)
-            live = [u for u in live if u not in bad]
+            refused = {u.rank for u in bad}  # ranks are unique in a round
+            live = [u for u in live if u.rank not in refused]
             if not live:
                 raise RoundError(f"no valid client update to aggregate in round {self.round_idx}")
 
