@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +253,89 @@ def test_save_frequency(tmp_path: Path, save_frequency: int, rounds: list[int]) 
         )
     )
     assert [r for r in range(4) if plan.should_save(r)] == rounds
+
+
+class WaitsForOthersToBeFolded(LinearTrainer):
+    """A slow client: trains only once the aggregator has folded the other clients' updates."""
+
+    def __init__(self, rank: int, metrics: Path, others: set[int]):
+        super().__init__(rank)
+        self.metrics, self.others = metrics, others
+        self.saw: dict[int, bool] = {}
+
+    def fit(self, weights: Any, *, round_idx: int, max_steps: int, on_step: Any = None) -> Any:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            lines = self.metrics.read_text().splitlines() if self.metrics.exists() else []
+            folded = {
+                e["rank"]
+                for e in map(json.loads, lines)
+                if e["event"] == "train" and e.get("round") == round_idx
+            }
+            if self.others <= folded:
+                break
+            time.sleep(0.05)
+        self.saw[round_idx] = self.others <= folded
+        return super().fit(weights, round_idx=round_idx, max_steps=max_steps, on_step=on_step)
+
+
+def test_updates_are_folded_as_they_arrive_while_others_still_train(tmp_path: Path) -> None:
+    """By the time the slowest client answers, the others' updates are already aggregated."""
+    cfg = make_config(tmp_path, train_args={"comm_round": 2})
+    slow = WaitsForOthersToBeFolded(3, tmp_path / "r1" / "metrics.jsonl", {1, 2})
+
+    def make(_cfg: Config, rank: int) -> LinearTrainer:
+        return slow if rank == 3 else LinearTrainer(rank)
+
+    result = asyncio.run(run_async(cfg, run_id="r1", trainer_factory=make))
+    assert slow.saw == {0: True, 1: True}
+    assert [r.aggregated for r in result.rounds] == [[1, 2, 3], [1, 2, 3]]
+    reference, _ = run_linear(cfg, run_id="reference")
+    for name, value in result.weights.items():
+        assert torch.equal(value, reference.weights[name])  # arrival order changes no byte
+
+
+class Blocked(LinearTrainer):
+    """A client whose training waits until ``release`` is set (or a minute passes)."""
+
+    def __init__(self, rank: int):
+        super().__init__(rank)
+        self.release = threading.Event()
+        self.finished = False
+
+    def fit(self, weights: Any, *, round_idx: int, max_steps: int, on_step: Any = None) -> Any:
+        self.release.wait(60)
+        self.finished = True
+        return super().fit(weights, round_idx=round_idx, max_steps=max_steps, on_step=on_step)
+
+
+def test_a_failing_fold_ends_the_round_at_once_not_at_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_config(tmp_path, comm_args={"round_timeout_s": 120})
+    blocked = Blocked(3)
+    fold = Aggregator._fold_update
+
+    async def broken_fold(self: Aggregator, round_idx: int, round_fold: Any, message: Update) -> None:
+        if message.sender == 1:
+            raise RuntimeError("fold failed")
+        await fold(self, round_idx, round_fold, message)
+
+    finish_clients = Aggregator._finish_clients
+    still_training: list[bool] = []
+
+    async def finish_and_release(self: Aggregator, *args: Any, **kwargs: Any) -> None:
+        still_training.append(not blocked.finished)  # the run is ending while client 3 still trains
+        blocked.release.set()
+        await finish_clients(self, *args, **kwargs)
+
+    monkeypatch.setattr(Aggregator, "_fold_update", broken_fold)
+    monkeypatch.setattr(Aggregator, "_finish_clients", finish_and_release)
+    with pytest.raises(RuntimeError, match="fold failed"):
+        asyncio.run(
+            run_async(cfg, run_id="r1", trainer_factory=lambda _c, r: blocked if r == 3 else LinearTrainer(r))
+        )
+    assert still_training == [True]
 
 
 class Crash(Exception):

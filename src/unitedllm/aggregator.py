@@ -1,16 +1,19 @@
 """The aggregator (rank 0): runs the rounds of a federated run.
 
-Each round it samples clients, publishes the global weights, collects updates until all
-selected clients answered or the deadline passed (then aggregates if the quorum is met),
-checks every update, applies the server optimizer, evaluates and checkpoints.
+Each round it samples clients, publishes the global weights and collects updates until all
+selected clients answered or the deadline passed. Each update is fetched, checked and
+folded into the server optimizer's round as soon as it arrives, while the other clients
+still train (one update in memory at a time); once collecting ends and the quorum is met,
+the round is finished, evaluated and checkpointed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -246,16 +249,12 @@ class Aggregator(Role):
                     extras=extra_refs,
                 ),
             )
-        arrived = await self._collect(round_idx, selected)
+        accumulator = optimizer.begin_round(weights, dict(state), round_idx=round_idx)
+        fold = _RoundFold(weights, accumulator, functools.partial(self._fold_update, round_idx))
+        arrived = await fold.alongside(self._collect(round_idx, selected, on_arrival=fold.submit))
         agg_started = time.perf_counter()
         accepted, rejected, (new_weights, new_state) = await self._aggregate(
-            round_idx,
-            weights,
-            state,
-            optimizer,
-            arrived,
-            quorum=self.plan.quorum(len(selected)),
-            selected=selected,
+            round_idx, fold, arrived, quorum=self.plan.quorum(len(selected)), selected=selected
         )
         agg_seconds = time.perf_counter() - agg_started
         summary = RoundSummary(
@@ -289,8 +288,13 @@ class Aggregator(Role):
 
     # -- collecting updates ------------------------------------------------------------------------
 
-    async def _collect(self, round_idx: int, selected: list[int]) -> list[Update]:
-        """Updates of this round from selected clients, until all answered or the deadline passed."""
+    async def _collect(
+        self, round_idx: int, selected: list[int], *, on_arrival: Callable[[Update], None]
+    ) -> list[Update]:
+        """Updates of this round from selected clients, until all answered or the deadline passed.
+
+        ``on_arrival`` gets each accepted arrival at once (the round folds it while others train).
+        """
         deadline = time.monotonic() + self.cfg.comm_args.round_timeout_s
         quorum = self.plan.quorum(len(selected))
         received: dict[int, Update] = {}
@@ -331,53 +335,21 @@ class Aggregator(Role):
                 # else: the same update again (sent before this aggregator resumed, and once more after)
             else:
                 received[update.sender] = update
+                on_arrival(update)
         return [received[r] for r in sorted(received)]
 
     async def _aggregate(
         self,
         round_idx: int,
-        weights: Mapping[str, torch.Tensor],
-        state: Mapping[str, torch.Tensor],
-        optimizer: Any,
+        fold: _RoundFold,
         arrived: list[Update],
         *,
         quorum: int,
         selected: list[int],
     ) -> tuple[list[int], dict[int, str], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
-        """Fetch, check and fold each update into the round's accumulator, one at a time (streaming)."""
-        from unitedllm.optimizers.base import ClientUpdate
-        from unitedllm.optimizers.validation import validate_num_samples
-
-        accumulator = optimizer.begin_round(weights, dict(state), round_idx=round_idx)
-        accepted: list[int] = []
-        rejected: dict[int, str] = {}
-        for message in arrived:
-            try:
-                validate_num_samples(message.num_samples, rank=message.sender, round_idx=round_idx)
-                data = await self.store.get(message.delta_ref)
-                delta = await asyncio.to_thread(decode_tensors, data)
-                del data
-                extras = await self._fetch_update_extras(message, weights, optimizer)
-                update = ClientUpdate(
-                    rank=message.sender, delta=delta, num_samples=message.num_samples, extras=extras
-                )
-                await asyncio.to_thread(accumulator.add, update)
-            except UnitedLLMError as exc:
-                rejected[message.sender] = str(exc)
-                self._reject(message.sender, round_idx, str(exc))
-                continue
-            accepted.append(message.sender)
-            self.metrics.log(
-                "train",
-                round_idx=round_idx,
-                rank=message.sender,
-                split="train",
-                loss=message.metrics.get("train_loss"),
-                samples=message.num_samples,
-                seconds=message.metrics.get("train_seconds"),
-                bytes_received=message.delta_ref.size,
-                metrics=message.metrics,
-            )
+        """Once collecting is over: wait for the last folds, check the quorum, finish the round."""
+        await fold.drained()
+        accepted, rejected = sorted(fold.accepted), dict(sorted(fold.rejected.items()))  # not arrival order
         if len(accepted) < quorum:
             raise RoundError(
                 f"round {round_idx}: only {len(accepted)} valid update(s) of the {quorum} needed "
@@ -388,7 +360,39 @@ class Aggregator(Role):
         used = {ref.digest: ref for m in arrived for ref in (m.delta_ref, *m.extras.values())}
         for ref in used.values():
             await self.store.delete(ref)
-        return accepted, rejected, await asyncio.to_thread(accumulator.finish)
+        return accepted, rejected, await asyncio.to_thread(fold.accumulator.finish)
+
+    async def _fold_update(self, round_idx: int, fold: _RoundFold, message: Update) -> None:
+        """Fetch, check and fold one arrived update into the round (or reject it, with the reason)."""
+        from unitedllm.optimizers.base import ClientUpdate
+        from unitedllm.optimizers.validation import validate_num_samples
+
+        try:
+            validate_num_samples(message.num_samples, rank=message.sender, round_idx=round_idx)
+            data = await self.store.get(message.delta_ref)
+            delta = await asyncio.to_thread(decode_tensors, data)
+            del data
+            extras = await self._fetch_update_extras(message, fold.weights, fold.accumulator.optimizer)
+            update = ClientUpdate(
+                rank=message.sender, delta=delta, num_samples=message.num_samples, extras=extras
+            )
+            await asyncio.to_thread(fold.accumulator.add, update)
+        except UnitedLLMError as exc:
+            fold.rejected[message.sender] = str(exc)
+            self._reject(message.sender, round_idx, str(exc))
+            return
+        fold.accepted.append(message.sender)
+        self.metrics.log(
+            "train",
+            round_idx=round_idx,
+            rank=message.sender,
+            split="train",
+            loss=message.metrics.get("train_loss"),
+            samples=message.num_samples,
+            seconds=message.metrics.get("train_seconds"),
+            bytes_received=message.delta_ref.size,
+            metrics=message.metrics,
+        )
 
     async def _put_round_extras(
         self, optimizer: Any, state: Mapping[str, torch.Tensor]
@@ -576,3 +580,54 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
         await task
     except (asyncio.CancelledError, Exception):  # the pump's own error was already logged
         pass
+
+
+class _RoundFold:
+    """A round's updates folded one at a time as they arrive, while the other clients still train.
+
+    Streaming keeps one update in memory at a time; by the time the last client answers,
+    only its own update is left to fetch and fold. ``fold_one`` fetches, checks and folds
+    one update into ``accumulator`` (or rejects it), recording the outcome here.
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        accumulator: Any,
+        fold_one: Callable[[_RoundFold, Update], Awaitable[None]],
+    ):
+        self.weights = weights
+        self.accumulator = accumulator
+        self.accepted: list[int] = []
+        self.rejected: dict[int, str] = {}
+        self._fold_one = fold_one
+        self._queue: asyncio.Queue[Update | None] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+
+    def submit(self, message: Update) -> None:
+        """Fold ``message``'s update after those submitted before it."""
+        self._queue.put_nowait(message)
+
+    async def _run(self) -> None:
+        while (message := await self._queue.get()) is not None:
+            await self._fold_one(self, message)
+
+    async def alongside(self, collecting: Awaitable[list[Update]]) -> list[Update]:
+        """Run ``collecting`` while folding what it submits; a failed fold stops both at once."""
+        self._worker = asyncio.ensure_future(self._run())
+        collect = asyncio.ensure_future(collecting)
+        try:
+            await asyncio.wait({collect, self._worker}, return_when=asyncio.FIRST_COMPLETED)
+            if self._worker.done():  # it only ends by failing while collecting goes on
+                self._worker.result()
+            return await collect
+        except BaseException:
+            collect.cancel()
+            self._worker.cancel()
+            raise
+
+    async def drained(self) -> None:
+        """Wait until every submitted update has been folded (or rejected)."""
+        assert self._worker is not None
+        self._queue.put_nowait(None)
+        await self._worker
