@@ -255,6 +255,14 @@ def test_save_frequency(tmp_path: Path, save_frequency: int, rounds: list[int]) 
     assert [r for r in range(4) if plan.should_save(r)] == rounds
 
 
+def _parsed(line: str) -> dict[str, Any]:
+    """A metrics line, or {} for one still being written."""
+    try:
+        return dict(json.loads(line))
+    except ValueError:
+        return {}
+
+
 class WaitsForOthersToBeFolded(LinearTrainer):
     """A slow client: trains only once the aggregator has folded the other clients' updates."""
 
@@ -269,8 +277,8 @@ class WaitsForOthersToBeFolded(LinearTrainer):
             lines = self.metrics.read_text().splitlines() if self.metrics.exists() else []
             folded = {
                 e["rank"]
-                for e in map(json.loads, lines)
-                if e["event"] == "train" and e.get("round") == round_idx
+                for e in map(_parsed, lines)
+                if e.get("event") == "train" and e.get("round") == round_idx
             }
             if self.others <= folded:
                 break
