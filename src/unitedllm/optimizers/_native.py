@@ -190,14 +190,13 @@ static int64_t add_input_block(const fold_args *a, int k, int64_t b, int64_t n, 
  * once, so memory traffic is the inputs plus one write of the chunk however many inputs
  * there are. After a block that overflowed it stops and puts where to go on in resume[0..3]
  * (chunk start, chunk stop, input, block; input == nx: the chunk is done). */
-int64_t ul_fold_chunk(const fold_args *a, int64_t c, int64_t stop, int32_t k0, int64_t b0,
-                      int64_t *ovf_idx, double *ovf_val, int64_t *resume) {
-    int deep = 0;
+static int64_t fold_chunk(const fold_args *a, int64_t c, int64_t stop, int32_t k0, int64_t b0,
+                          int64_t *ovf_idx, double *ovf_val, int64_t *resume, int *deep) {
     for (int k = k0; k < a->nx; k++) {
         for (int64_t b = k == k0 ? b0 : c; b < stop; b += BLOCK) {
             int64_t n = stop - b < BLOCK ? stop - b : BLOCK;
             prefetch_ahead(a, k, b);
-            int64_t novf = add_input_block(a, k, b, n, ovf_idx, ovf_val, &deep);
+            int64_t novf = add_input_block(a, k, b, n, ovf_idx, ovf_val, deep);
             if (novf) {
                 int next_k = b + n < stop ? k : k + 1;
                 resume[0] = c; resume[1] = stop; resume[2] = next_k; resume[3] = b + n < stop ? b + n : c;
@@ -206,6 +205,12 @@ int64_t ul_fold_chunk(const fold_args *a, int64_t c, int64_t stop, int32_t k0, i
         }
     }
     return 0;
+}
+
+int64_t ul_fold_chunk(const fold_args *a, int64_t c, int64_t stop, int32_t k0, int64_t b0,
+                      int64_t *ovf_idx, double *ovf_val, int64_t *resume) {
+    int deep = 0;
+    return fold_chunk(a, c, stop, k0, b0, ovf_idx, ovf_val, resume, &deep);
 }
 
 /* Worker adding ws[k] * xs[k][i] exactly into the levels for i < end, chunk by chunk. What
@@ -277,10 +282,11 @@ void ul_finish_apply_f32(const double *hi, const double *lo, const uint8_t *lo_u
  * thread's scratch chunk (level 0 of elements [c, stop) at scratch[0 .. stop - c)), then
  * out = (float)(w + scale * ((hi + lo) / divisor)) is written for the chunk while it is in
  * cache (ul_finish_apply_f32's roundings). Level 0 never reaches memory, so the pass moves
- * the inputs, w and out, and nothing else. A chunk whose fold reaches level 2 spills: its
- * scratch is copied to the real level 0, its fold goes on there, it is left unfinished and its
- * start is listed in spilled[] (the caller finishes it once its deep elements are known). An
- * overflow stops the worker as in ul_exact_add (its chunk has spilled). */
+ * the inputs, w and out, and nothing else. A chunk whose fold reached level 2 spills: its
+ * scratch is copied to the real level 0, it is left unfinished and its start is listed in
+ * spilled[] (the caller finishes it once its deep elements are known). An overflow spills
+ * its chunk too and stops the worker as in ul_exact_add (the caller goes on from the real
+ * level 0). */
 int64_t ul_fold_finish_f32(const fold_args *a, double *scratch, double divisor, double scale, const float *w,
                            float *out, int64_t end, int64_t chunk, int64_t *next, int64_t *spilled,
                            int64_t *nspilled, int64_t *ovf_idx, double *ovf_val, int64_t *resume) {
@@ -292,26 +298,14 @@ int64_t ul_fold_finish_f32(const fold_args *a, double *scratch, double divisor, 
     t.fresh = 1;
     FOR_EACH_CHUNK(c, stop) {
         lev[0] = (double *)((uintptr_t)scratch - (uintptr_t)c * sizeof(double));  /* lev[0][i] = scratch[i - c] */
-        int spill = 0, deep = 0;
-        for (int k = 0; k < t.nx; k++) {
-            for (int64_t b = c; b < stop; b += BLOCK) {
-                int64_t n = stop - b < BLOCK ? stop - b : BLOCK;
-                prefetch_ahead(&t, k, b);
-                int64_t novf = add_input_block(&t, k, b, n, ovf_idx, ovf_val, &deep);
-                if (deep && !spill) {
-                    memcpy(a->lev[0] + c, scratch, sizeof(double) * (stop - c));
-                    lev[0] = a->lev[0];
-                    spilled[(*nspilled)++] = c;
-                    spill = 1;
-                }
-                if (novf) {
-                    int next_k = b + n < stop ? k : k + 1;
-                    resume[0] = c; resume[1] = stop; resume[2] = next_k; resume[3] = b + n < stop ? b + n : c;
-                    return novf;
-                }
-            }
+        int deep = 0;
+        int64_t novf = fold_chunk(&t, c, stop, 0, c, ovf_idx, ovf_val, resume, &deep);
+        if (deep) {  /* an overflow always went through level 2 first */
+            memcpy(a->lev[0] + c, scratch, sizeof(double) * (stop - c));
+            spilled[(*nspilled)++] = c;
+            if (novf) return novf;
+            continue;
         }
-        if (spill) continue;
         for (int64_t b = c; b < stop; b += BLOCK) {
             int64_t n = stop - b < BLOCK ? stop - b : BLOCK;
             finish_apply_block(scratch + (b - c), a->lev[1] + b, a->lo_used[b / BLOCK], divisor, scale, w + b,
