@@ -96,6 +96,37 @@ def _two_product(a: torch.Tensor, w: float) -> tuple[torch.Tensor, torch.Tensor]
     return p, e
 
 
+def _summand(x: torch.Tensor, weight: float, shape: torch.Size) -> tuple[torch.Tensor, float, int | None]:
+    """``x`` and ``weight`` checked for an exact sum of ``shape``: x detached (float16 widened,
+    exactly), the weight as a float, and x's kernel dtype code (None: the torch path only)."""
+    if x.shape != shape:
+        raise ValueError(f"shape {tuple(x.shape)} does not match the sum's {tuple(shape)}")
+    weight = float(weight)
+    if x.dtype != torch.float64 and not (weight.is_integer() and abs(weight) <= MAX_WEIGHT):
+        raise ValueError(f"weight {weight} must be an integer of magnitude <= 2**29 for exact sums")
+    x = x.detach()
+    if x.dtype == torch.float16:
+        x = x.float()  # exact; the kernel reads float32 and bfloat16 only
+    code = _native_dtype(x.dtype)
+    if code is None or x.device.type != "cpu" or _native.kernels() is None:
+        return x, weight, None
+    return x, weight, code
+
+
+def _flagged(nonfinite: torch.Tensor, count: int) -> list[int]:
+    """Which of ``count`` inputs the kernel's per-block non-finite bit masks name."""
+    seen = functools.reduce(operator.or_, nonfinite[nonfinite != 0].tolist(), 0)
+    return [k for k in range(count) if seen >> k & 1]
+
+
+Resume = tuple[int, int, int, int]  # chunk start, chunk stop, input, block (see ul_fold_chunk)
+
+
+def _where(resume: ctypes.Array[ctypes.c_int64]) -> Resume:
+    """A kernel's resume[0..3] as a Python tuple."""
+    return resume[0], resume[1], resume[2], resume[3]
+
+
 def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array[ctypes.c_void_p]:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
@@ -109,9 +140,6 @@ def _overflow_room() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty(_native.BLOCK, dtype=torch.int64), torch.empty(_native.BLOCK, dtype=torch.float64)
 
 
-Resume = tuple[int, int, int, int]  # chunk start, chunk stop, input, block (see ul_fold_chunk)
-
-
 Progress = tuple[int, torch.Tensor, torch.Tensor, Resume, list[int]]
 """What a worker leaves: overflow count and values, where to go on, and chunks it left unfinished."""
 
@@ -121,7 +149,7 @@ def _fold_worker(k: _native.Kernels, args: _native.FoldArgs, end: int, _thread: 
     idx, val = _overflow_room()
     resume = (ctypes.c_int64 * 4)()
     n = int(k.exact_add(ctypes.byref(args), end, _native.CHUNK, nxt, idx.data_ptr(), val.data_ptr(), resume))
-    return n, idx, val, (resume[0], resume[1], resume[2], resume[3]), []
+    return n, idx, val, _where(resume), []
 
 
 class NonFiniteInputs(ValueError):
@@ -163,19 +191,9 @@ class ExactSum:
             raise ValueError("add() needs one weight per tensor")
         refused: list[int] = []
         native: list[tuple[int, torch.Tensor, int, float]] = []
-        for pos, (x, w) in enumerate(zip(xs, weights, strict=True)):
-            if x.shape != self.shape:
-                raise ValueError(
-                    f"shape {tuple(x.shape)} does not match the accumulator's {tuple(self.shape)}"
-                )
-            w = float(w)
-            if x.dtype != torch.float64 and not (w.is_integer() and abs(w) <= MAX_WEIGHT):
-                raise ValueError(f"weight {w} must be an integer of magnitude <= 2**29 for exact sums")
-            x = x.detach()
-            if x.dtype == torch.float16:
-                x = x.float()  # exact; the kernel reads float32 and bfloat16 only
-            code = _native_dtype(x.dtype)
-            if code is not None and x.device.type == "cpu" and _native.kernels() is not None:
+        for pos, (x_in, w_in) in enumerate(zip(xs, weights, strict=True)):
+            x, w, code = _summand(x_in, w_in, self.shape)
+            if code is not None:
                 native.append((pos, x.contiguous().view(-1), code, w))
             elif check_finite and count_nonfinite(x):
                 refused.append(pos)
@@ -215,8 +233,7 @@ class ExactSum:
         self._fold([(x, c, w) for _, x, c, w in inputs], skip=None, nonfinite=nonfinite)
         if nonfinite is None or not bool(nonfinite.any()):
             return []
-        seen = functools.reduce(operator.or_, nonfinite[nonfinite != 0].tolist(), 0)
-        bad = [k for k in range(len(inputs)) if seen >> k & 1]
+        bad = _flagged(nonfinite, len(inputs))
         # Take back what the refused inputs added in the blocks where they were finite: the
         # sum is exact, so adding -w·x restores it exactly.
         skip = torch.zeros_like(nonfinite)
@@ -289,7 +306,7 @@ class ExactSum:
                     n = int(k.fold_chunk(ctypes.byref(args), c, stop, first, block, *ptrs))
                     if n:
                         self._deepen(idx[:n], val[:n])
-                        partial.append((resume[0], resume[1], resume[2], resume[3]))
+                        partial.append(_where(resume))
                 continue
             start, end = ranges.pop()
             results, reached = _native.run_parallel(worker(end), start, end)
@@ -431,17 +448,9 @@ def mean_step_one_pass(
     ):
         return None
     inputs: list[tuple[torch.Tensor, int, float]] = []
-    for x, weight in zip(xs, weights, strict=True):
-        weight = float(weight)
-        if x.shape != w.shape:
-            raise ValueError(f"shape {tuple(x.shape)} does not match the weights' {tuple(w.shape)}")
-        if not (weight.is_integer() and abs(weight) <= MAX_WEIGHT):
-            raise ValueError(f"weight {weight} must be an integer of magnitude <= 2**29 for exact sums")
-        x = x.detach()
-        if x.dtype == torch.float16:
-            x = x.float()  # exact; the kernel reads float32 and bfloat16 only
-        code = _native_dtype(x.dtype)
-        if code is None or x.device.type != "cpu":
+    for x_in, weight_in in zip(xs, weights, strict=True):
+        x, weight, code = _summand(x_in, weight_in, w.shape)
+        if code is None:
             return None
         inputs.append((x.contiguous().view(-1), code, weight))
     acc = ExactSum(w.shape)
@@ -467,15 +476,13 @@ def mean_step_one_pass(
                     spilled.data_ptr(), ctypes.byref(nspilled), idx.data_ptr(), val.data_ptr(), resume,
                 )
             )  # fmt: skip
-            where = (resume[0], resume[1], resume[2], resume[3])
-            return n, idx, val, where, spilled[: nspilled.value].tolist()
+            return n, idx, val, _where(resume), spilled[: nspilled.value].tolist()
 
         return run
 
     unfinished = acc._drive(k, args, len(inputs), worker)
     if bool(nonfinite.any()):
-        seen = functools.reduce(operator.or_, nonfinite[nonfinite != 0].tolist(), 0)
-        raise NonFiniteInputs([i for i in range(len(inputs)) if seen >> i & 1])
+        raise NonFiniteInputs(_flagged(nonfinite, len(inputs)))
     hi, lo = acc.levels[0].data_ptr(), acc.levels[1].data_ptr()
     for c in unfinished:  # their level 0 is in memory: finish them from there
         counter = ctypes.c_int64(c)
