@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 # An old pip (23.x) ignores extras whose names it does not normalise the way setuptools writes them.
 pip install -q --upgrade "pip>=24"
-pip install -q -e ".[mqtt-s3,tracking,test,dev]"
+pip install -q -e ".[mqtt-s3,serve,platform,build,tracking,test,dev]"
 # DeepSpeed (the deepspeed extra; client silos under its launcher, and the tests run ZeRO-2/3 on the CPU).
 # Without build isolation pip builds it against the torch above instead of pulling a CUDA torch, and
 # DS_BUILD_OPS=0 compiles no CUDA kernels (the CPU ops it needs are built on first use).
