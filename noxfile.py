@@ -15,7 +15,7 @@ nox.options.default_venv_backend = "none"
 @nox.session
 def tests(session: nox.Session) -> None:
     """The default test suite (everything not marked slow), against real mosquitto and SeaweedFS."""
-    session.run("python", "-m", "unitedllm.config.schema", "--check")
+    session.run("python", "-m", "unitedllm.schemas", "--check")
     session.run("pytest", "-m", "not slow", *session.posargs)
 
 
@@ -35,5 +35,5 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def schema(session: nox.Session) -> None:
-    """Regenerate schemas/unitedllm-config.schema.json from the config types."""
-    session.run("python", "-m", "unitedllm.config.schema")
+    """Regenerate every committed JSON Schema under schemas/ from the types."""
+    session.run("python", "-m", "unitedllm.schemas")

@@ -2,13 +2,14 @@
 
 The schema is never written by hand: ``msgspec.json.schema`` derives it from
 :mod:`unitedllm.config.types`, and the committed copy is kept current with
-``python -m unitedllm.config.schema`` (``--check`` exits 1 when it is stale; CI runs it).
+``python -m unitedllm.schemas`` (every committed schema; ``--check`` exits 1 when one is stale, CI
+runs it), which renders it through :func:`unitedllm.schemas.render` so that the bytes do not depend
+on the msgspec version. ``python -m unitedllm.config.schema`` writes or checks this one file.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,8 +50,10 @@ def config_schema() -> dict[str, Any]:
 
 
 def schema_text() -> str:
-    """The schema as it is committed: indented JSON ending with a newline."""
-    return json.dumps(config_schema(), indent=2) + "\n"
+    """The schema as it is committed (normalised by :func:`unitedllm.schemas.render`)."""
+    from unitedllm.schemas import render
+
+    return render(config_schema())
 
 
 def committed_schema_path() -> Path:

@@ -112,14 +112,10 @@ def manifest_schema() -> dict[str, object]:
 
 
 def render_schema() -> str:
-    """The committed text of ``schemas/package-manifest.schema.json``.
+    """The committed text of ``schemas/package-manifest.schema.json`` (``python -m unitedllm.schemas``)."""
+    from unitedllm.schemas import render
 
-    Regenerate with ``python -c "from unitedllm.packaging.manifest import render_schema as r;
-    print(r(), end='')" > schemas/package-manifest.schema.json``.
-    """
-    import json
-
-    return json.dumps(manifest_schema(), indent=2, sort_keys=True) + "\n"
+    return render(manifest_schema())
 
 
 SECRET_ENV = "UNITEDLLM_PACKAGE_SECRET"
