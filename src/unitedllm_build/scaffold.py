@@ -1,9 +1,10 @@
 """``unitedllm-build init``: a ready project (config, bootstrap, launch entry point, run scripts) from the
-package's ``templates/``."""
+repository's ``templates/``, shipped as package data."""
 
 from __future__ import annotations
 
 import shutil
+from importlib.util import find_spec
 from pathlib import Path
 
 from unitedllm_build.errors import BuildError
@@ -14,8 +15,13 @@ PROJECT_TEMPLATE = "project"
 
 
 def templates_dir() -> Path:
-    """Where the templates live: the package's ``templates/`` (package data)."""
-    here = Path(__file__).resolve().parent / "templates"
+    """Where the templates live: ``unitedllm_build/templates`` in a wheel, the checkout's ``templates/``
+    in an editable install (setup.py maps one onto the other)."""
+    spec = find_spec("unitedllm_build.templates")
+    if spec is not None and spec.submodule_search_locations:
+        here = Path(next(iter(spec.submodule_search_locations)))
+    else:
+        here = Path(__file__).resolve().parents[2] / "templates"
     if not (here / PROJECT_TEMPLATE).is_dir():
         raise BuildError(f"UnitedLLM's project templates are missing from {here}; reinstall unitedllm")
     return here
