@@ -103,8 +103,8 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "line"),
     [
-        ({"train_args": {"comm_round": "five"}}, 'train_args.comm_round: expected int >= 1, got "five"'),
-        ({"train_args": {"comm_round": 0}}, "train_args.comm_round: expected int >= 1, got 0"),
+        ({"train_args": {"comm_round": "five"}}, 'train_args.comm_round: expected int >= 1 and <= 1000000000, got "five"'),
+        ({"train_args": {"comm_round": 0}}, "train_args.comm_round: expected int >= 1 and <= 1000000000, got 0"),
         ({"train_args": {"fp16": "maybe"}}, 'train_args.fp16: expected bool, got "maybe"'),
         (
             {"model_args": {"lora_dropout": 1.5}},
@@ -321,8 +321,8 @@ def test_bad_override_path_gets_a_hint_and_bad_override_value_is_attributed() ->
         "train_args.seed",
     ]
     assert "did you mean 'comm_round'?" in problems[0].message
-    assert "is a single value (int >= 1), not a section" in problems[1].message
-    assert problems[2].message == 'expected int, got "abc"'
+    assert "is a single value (int >= 1 and <= 1000000000), not a section" in problems[1].message
+    assert problems[2].message == 'expected int >= 0 and <= 4294967295, got "abc"'
     assert {p.source for p in problems} == {"overrides"}
 
 
@@ -436,7 +436,7 @@ def test_validate_file_reports_schema_and_cross_field_problems(tmp_path: Path) -
     found = {p.path: p.message for p in validate_file(bad)}
     # train_args failed its type checks, so its cross-field check is not run on a half-read section.
     assert found == {
-        "train_args.comm_round": "expected int >= 1, got 0",
+        "train_args.comm_round": "expected int >= 1 and <= 1000000000, got 0",
         "model_args.peft_typ": "unknown key 'peft_typ' in model_args; did you mean 'peft_type'?",
     }
     crossed = write(

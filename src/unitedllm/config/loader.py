@@ -18,9 +18,16 @@ import msgspec
 
 from unitedllm.config.checks import cross_field_problems
 from unitedllm.config.overrides import OVERRIDE_SOURCE, apply_overrides
+from unitedllm.config.redaction import remember_config
 from unitedllm.config.types import Config
-from unitedllm.config.validation import check_struct, field_hints, normalise_sections, render_value
-from unitedllm.config.yamlio import read_yaml_file
+from unitedllm.config.validation import (
+    check_struct,
+    field_hints,
+    normalise_sections,
+    raw_problems,
+    render_value,
+)
+from unitedllm.config.yamlio import MAX_DEPTH, read_yaml_file
 from unitedllm.errors import ConfigError, ConfigProblem
 
 __all__ = [
@@ -60,8 +67,13 @@ def build_config(
         return None, [
             ConfigProblem("", f"a config is a mapping of sections ({names}), got {render_value(raw)}", source)
         ]
+    early = raw_problems(raw, max_depth=MAX_DEPTH)
+    if early:
+        return None, [_with_source(p, source, set()) for p in early]
     data: dict[str, Any] = copy.deepcopy(dict(raw))
     overridden, problems = apply_overrides(data, overrides)
+    if overridden and (late := raw_problems(data, max_depth=MAX_DEPTH)):
+        return None, [_with_source(p, source, overridden) for p in late]
     data = normalise_sections(data)
 
     sections: dict[str, Any] = {}
@@ -120,6 +132,7 @@ def load_config(
     cfg, problems = build_config(raw, source=name, overrides=overrides)
     if problems or cfg is None:
         raise ConfigError(problems, source=name)
+    remember_config(cfg)  # its secrets are masked in every log and tracker of this process from now on
     if name is not None:
         cfg = resolve_local_paths(cfg, Path(name).resolve().parent)
     return expand_run_id(cfg, run_id) if run_id is not None else cfg

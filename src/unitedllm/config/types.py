@@ -29,11 +29,25 @@ __all__ = [
     "ValidationArgs",
 ]
 
-PositiveInt = Annotated[int, Meta(ge=1)]
-NonNegativeInt = Annotated[int, Meta(ge=0)]
-NonNegativeFloat = Annotated[float, Meta(ge=0.0)]
+# Every number has an upper bound too: a value no run could use (a 5,000-digit lora_r, a seed
+# numpy refuses) is a config error naming the key, not a crash deep inside training.
+_MANY = 10**9  # counts of steps, examples, rounds: far beyond any real run
+PositiveInt = Annotated[int, Meta(ge=1, le=_MANY)]
+NonNegativeInt = Annotated[int, Meta(ge=0, le=_MANY)]
+NonNegativeFloat = Annotated[float, Meta(ge=0.0, le=1e9)]
+PositiveFloat = Annotated[float, Meta(gt=0, le=1e9)]
 Probability = Annotated[float, Meta(ge=0.0, lt=1.0)]
-Rank = Annotated[int, Meta(ge=1)]
+Rank = Annotated[int, Meta(ge=1, le=100_000)]
+ClientCount = Annotated[int, Meta(ge=1, le=100_000)]
+Seed = Annotated[int, Meta(ge=0, le=2**32 - 1)]  # numpy's seed range, which Hugging Face's set_seed uses
+Port = Annotated[int, Meta(ge=1, le=65535)]
+Seconds = Annotated[float, Meta(gt=0, le=30 * 24 * 3600.0)]
+LearningRate = Annotated[float, Meta(gt=0, le=1e3)]
+
+#: Marks a config value as a credential: :mod:`unitedllm.config.redaction` masks it before any
+#: tracker, log, report or package sees the config, and the JSON Schema shows it as ``writeOnly``.
+SECRET = Meta(extra={"secret": True}, extra_json_schema={"writeOnly": True})
+SecretStr = Annotated[str, SECRET]
 
 
 class Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=False):
@@ -46,7 +60,7 @@ class CommonArgs(Section):
     training_type: Literal["cross_cloud", "cross_silo", "simulation"] = "cross_cloud"
     scenario: Literal["horizontal", "hierarchical"] = "horizontal"
     use_customized_hierarchical: bool = False
-    random_seed: Annotated[int, Meta(description="Seed for client sampling and initial weights")] = 0
+    random_seed: Annotated[Seed, Meta(description="Seed for client sampling and initial weights")] = 0
     config_version: str = "release"
 
 
@@ -64,16 +78,19 @@ class EnvironmentArgs(Section):
         Meta(description="How a client silo starts: auto, torchrun (torch) or the DeepSpeed launcher"),
     ] = "auto"
     nproc_per_node: Annotated[
-        PositiveInt | None, Meta(description="Processes per node (default: the GPU count, 1 on CPU)")
+        Annotated[int, Meta(ge=1, le=1024)] | None,
+        Meta(description="Processes per node (default: the GPU count, 1 on CPU)"),
     ] = None
     # UnitedLLM additions: a silo that spans several nodes (static rendezvous, as torchrun's flags)
-    nnodes: Annotated[PositiveInt, Meta(description="Nodes in one client silo")] = 1
-    node_rank: Annotated[NonNegativeInt, Meta(description="This node's index in its silo, 0..nnodes-1")] = 0
+    nnodes: Annotated[int, Meta(ge=1, le=100_000, description="Nodes in one client silo")] = 1
+    node_rank: Annotated[
+        int, Meta(ge=0, le=99_999, description="This node's index in its silo, 0..nnodes-1")
+    ] = 0
     master_addr: Annotated[str, Meta(description="Address of the silo's node 0 (multi-node silos)")] = (
         "127.0.0.1"
     )
     master_port: Annotated[
-        Annotated[int, Meta(ge=1, le=65535)] | None,
+        Port | None,
         Meta(description="Rendezvous port on node 0 (default: a free port on one node, 29500 on several)"),
     ] = None
     launcher_args: Annotated[
@@ -91,7 +108,7 @@ class DataArgs(Section):
     test_dataset_size: NonNegativeInt = 200
     remove_long_seq: bool = False
     truncate_long_seq: bool = True
-    max_seq_length: PositiveInt = 1024
+    max_seq_length: Annotated[int, Meta(ge=1, le=2**24)] = 1024
     # UnitedLLM additions
     partition: Annotated[
         Literal["category", "iid"],
@@ -111,15 +128,15 @@ class ModelArgs(Section):
     use_flash_attention: bool = False
     load_pretrained: bool = True
     peft_type: Literal["none", "lora"] = "none"
-    lora_r: PositiveInt = 8
-    lora_alpha: Annotated[float, Meta(gt=0)] = 32.0
+    lora_r: Annotated[int, Meta(ge=1, le=65536)] = 8
+    lora_alpha: Annotated[float, Meta(gt=0, le=1e6)] = 32.0
     lora_dropout: Probability = 0.1
     lora_target_modules: list[str] | None = None
     lora_on_all_modules: bool = False
     # UnitedLLM additions
     tokenizer_name_or_path: str | None = None
     train_tokenizer_vocab_size: Annotated[
-        int | None,
+        Annotated[int, Meta(ge=258, le=2**24)] | None,
         Meta(description="Train a byte-level BPE tokenizer of this size on the training data (offline runs)"),
     ] = None
     model_config_overrides: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -135,7 +152,7 @@ class ServerOptimizerArgs(Section):
 
     # FedAvg, FedAvgM, SCAFFOLD, robust rules: 1.0; FedAdam/FedYogi/FedAdagrad: 1e-2
     # (Reddi et al. tune it per task); DiLoCo: 0.7 (Douillard et al.).
-    server_learning_rate: Annotated[float, Meta(gt=0)] | None = None
+    server_learning_rate: LearningRate | None = None
     # FedAvgM (Hsu et al. 2019) and DiLoCo's outer Nesterov momentum both use 0.9.
     server_momentum: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.9
     # Unset: heavy-ball for FedAvgM, Nesterov for DiLoCo.
@@ -143,15 +160,15 @@ class ServerOptimizerArgs(Section):
     # FedAdam / FedYogi / FedAdagrad (Reddi et al., "Adaptive Federated Optimization").
     beta1: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.9
     beta2: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.99
-    tau: Annotated[float, Meta(gt=0)] = 1e-3
+    tau: Annotated[float, Meta(gt=0, le=1e3)] = 1e-3
     # Mean-based rules weight each client by its sample count (FedAvg); false: plain mean.
     sample_weighted: bool = True
     # Trimmed mean (Yin et al. 2018): fraction of clients cut at each end, per coordinate.
     trim_ratio: Annotated[float, Meta(ge=0.0, lt=0.5)] = 0.1
     # Krum / Multi-Krum (Blanchard et al. 2017): clients assumed Byzantine, and how many
     # best-scored updates to average (unset: 1, i.e. Krum).
-    num_byzantine: NonNegativeInt = 1
-    multi_krum_m: PositiveInt | None = None
+    num_byzantine: Annotated[int, Meta(ge=0, le=100_000)] = 1
+    multi_krum_m: ClientCount | None = None
     # FedProx (Li et al. 2020): weight of the proximal term in each client's local loss.
     proximal_mu: NonNegativeFloat = 0.01
 
@@ -163,25 +180,25 @@ class TrainArgs(Section):
     client_optimizer: str = "adamw_torch"
     server_optimizer: str | None = None
     server_optimizer_args: ServerOptimizerArgs = msgspec.field(default_factory=ServerOptimizerArgs)
-    client_num_in_total: PositiveInt = 2
-    client_num_per_round: PositiveInt = 2
+    client_num_in_total: ClientCount = 2
+    client_num_per_round: ClientCount = 2
     comm_round: PositiveInt = 10
     # Hugging Face settings
     deepspeed: str | None = None
     ddp_find_unused_parameters: bool | None = None
-    seed: int = 42
+    seed: Seed = 42
     fp16: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
-    per_device_train_batch_size: PositiveInt = 8
-    per_device_eval_batch_size: PositiveInt = 8
-    gradient_accumulation_steps: PositiveInt = 1
-    eval_accumulation_steps: PositiveInt | None = None
-    learning_rate: Annotated[float, Meta(gt=0)] = 5e-5
+    per_device_train_batch_size: Annotated[int, Meta(ge=1, le=2**20)] = 8
+    per_device_eval_batch_size: Annotated[int, Meta(ge=1, le=2**20)] = 8
+    gradient_accumulation_steps: Annotated[int, Meta(ge=1, le=2**20)] = 1
+    eval_accumulation_steps: Annotated[int, Meta(ge=1, le=2**20)] | None = None
+    learning_rate: LearningRate = 5e-5
     weight_decay: NonNegativeFloat = 0.0
     adam_beta1: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.9
     adam_beta2: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.999
-    adam_epsilon: Annotated[float, Meta(gt=0)] = 1e-8
+    adam_epsilon: Annotated[float, Meta(gt=0, le=1.0)] = 1e-8
     max_grad_norm: NonNegativeFloat = 1.0
     lr_scheduler_type: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
@@ -189,48 +206,48 @@ class TrainArgs(Section):
     warmup_steps: NonNegativeInt = 0
     warmup_ratio: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
     output_dir: str = ".logs/UnitedLLM/{run_id}"
-    logging_steps: Annotated[float, Meta(gt=0)] = 500
-    eval_steps: Annotated[float, Meta(gt=0)] | None = None
-    save_steps: Annotated[float, Meta(gt=0)] = 500
+    logging_steps: PositiveFloat = 500
+    eval_steps: PositiveFloat | None = None
+    save_steps: PositiveFloat = 500
     save_total_limit: PositiveInt | None = None
     logging_strategy: Literal["no", "steps", "epoch"] = "steps"
     evaluation_strategy: Literal["no", "steps", "epoch"] = "no"
     eval_strategy: Literal["no", "steps", "epoch"] | None = None
     save_strategy: Literal["no", "steps", "epoch"] = "steps"
     save_on_each_node: bool = False
-    dataloader_num_workers: NonNegativeInt = 0
+    dataloader_num_workers: Annotated[int, Meta(ge=0, le=1024)] = 0
     use_cpu: bool = False
     # extra options
     model_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
-    local_num_train_epochs: Annotated[float, Meta(gt=0)] = 1.0
-    local_max_steps: int = -1
+    local_num_train_epochs: Annotated[float, Meta(gt=0, le=1e6)] = 1.0
+    local_max_steps: Annotated[int, Meta(ge=-1, le=_MANY, description="Steps per round; -1: epochs")] = -1
 
 
 class ValidationArgs(Section):
     """``validation_args``: when and where models are evaluated and saved."""
 
-    frequency_of_the_test: PositiveInt = 1
+    frequency_of_the_test: Annotated[int, Meta(ge=1, le=_MANY)] = 1
     test_on_clients: Literal["before_aggregation", "after_aggregation", "no", "both"] = "no"
     is_aggregator_test: bool = False
-    test_on_client_ranks: list[int] = msgspec.field(default_factory=list)
-    save_frequency: int | None = None
+    test_on_client_ranks: list[Annotated[int, Meta(ge=0, le=100_000)]] = msgspec.field(default_factory=list)
+    save_frequency: Annotated[int, Meta(ge=-1, le=_MANY)] | None = None
 
 
 class DeviceArgs(Section):
     """``device_args``: which device trains."""
 
     using_gpu: bool = False
-    gpu_id: NonNegativeInt | None = None
+    gpu_id: Annotated[int, Meta(ge=0, le=1023)] | None = None
 
 
 class MqttArgs(Section):
     """``comm_args.mqtt``: the MQTT broker for control messages."""
 
     host: str | None = None
-    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
+    port: Port = 1883
     username: str | None = None
-    password: str | None = None
-    keepalive: Annotated[int, Meta(ge=5)] = 60
+    password: SecretStr | None = None
+    keepalive: Annotated[int, Meta(ge=5, le=65535)] = 60
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -244,29 +261,29 @@ class S3Args(Section):
     region: str = "us-east-1"
     prefix: str = "unitedllm"
     access_key_id: str | None = None
-    secret_access_key: str | None = None
-    multipart_threshold_mb: PositiveInt = 64
+    secret_access_key: SecretStr | None = None
+    multipart_threshold_mb: Annotated[int, Meta(ge=5, le=5 * 1024)] = 64
 
 
 class CommArgs(Section):
     """``comm_args``: how the aggregator and the clients talk."""
 
     backend: Literal["LOCAL", "MQTT_S3"] = "LOCAL"
-    is_mobile: int = 0
+    is_mobile: Annotated[int, Meta(ge=0, le=1)] = 0
     # UnitedLLM additions
     mqtt: MqttArgs = msgspec.field(default_factory=MqttArgs)
     s3: S3Args = msgspec.field(default_factory=S3Args)
     mqtt_config_path: str | None = None
     s3_config_path: str | None = None
-    run_secret: str | None = None
+    run_secret: SecretStr | None = None
     round_timeout_s: Annotated[
-        float, Meta(gt=0, description="Seconds the aggregator waits for the selected clients' updates")
+        Seconds, Meta(description="Seconds the aggregator waits for the selected clients' updates")
     ] = 3600.0
     join_timeout_s: Annotated[
-        float, Meta(gt=0, description="Seconds the aggregator waits for clients to come online")
+        Seconds, Meta(description="Seconds the aggregator waits for clients to come online")
     ] = 600.0
     min_updates_per_round: Annotated[
-        PositiveInt | None,
+        ClientCount | None,
         Meta(description="Quorum: updates needed to aggregate after the deadline (default: all selected)"),
     ] = None
 

@@ -28,6 +28,7 @@ __all__ = [
     "field_hints",
     "is_section",
     "normalise_sections",
+    "raw_problems",
     "render_value",
     "unknown_key_hint",
     "unknown_key_problem",
@@ -71,6 +72,9 @@ def render_value(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int) and abs(value).bit_length() > 128:
+        # repr of a 5,000-digit int raises; the size is what the user needs to hear anyway
+        return f"an integer of about {int(abs(value).bit_length() * 0.30103) + 1} digits"
     if isinstance(value, (int, float)):
         return repr(value)
     try:
@@ -221,6 +225,45 @@ def unknown_key_problem(path: str, key: Any, cls: type[msgspec.Struct], source: 
     if not hint and others:
         hint = f"; '{key}' belongs in {' or '.join(others)}"
     return ConfigProblem(where, f"unknown key '{key}' in {path}{hint}", source)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def raw_problems(data: Any, *, max_depth: int, source: str | None = None) -> list[ConfigProblem]:
+    """Problems no type can catch in raw config data: nesting deeper than ``max_depth``, control characters.
+
+    Walks without recursion, so a mapping nested thousands deep (from Python, not YAML) is refused
+    rather than exhausting the stack; a NUL in a value (YAML's ``"\\0"`` escape) is refused by path.
+    """
+    problems: list[ConfigProblem] = []
+    stack: list[tuple[str, Any, int]] = [("", data, 0)]
+    while stack:
+        path, value, depth = stack.pop()
+        if depth > max_depth:
+            problems.append(ConfigProblem(path, f"nested more than {max_depth} levels deep", source))
+            continue
+        if isinstance(value, str):
+            found = _CONTROL.search(value)
+            if found is not None:
+                problems.append(
+                    ConfigProblem(
+                        path,
+                        f"control character U+{ord(found.group()):04X} in the value; a config holds plain text",
+                        source,
+                    )
+                )
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                if isinstance(key, str) and _CONTROL.search(key):
+                    problems.append(
+                        ConfigProblem(path, f"control character in the key {render_value(key)}", source)
+                    )
+                    continue
+                stack.append((f"{path}.{key}" if path else str(key), item, depth + 1))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{path}[{i}]", item, depth + 1) for i, item in enumerate(value))
+    return sorted(problems, key=lambda p: p.path)
 
 
 def check_struct(

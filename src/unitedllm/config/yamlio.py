@@ -9,7 +9,9 @@ which is what FedML uses, so a FedML file means the same thing here.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +19,58 @@ import yaml
 
 from unitedllm.errors import ConfigError, ConfigProblem
 
-__all__ = ["parse_yaml_value", "read_yaml_file"]
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "MAX_DEPTH",
+    "MAX_INT_DIGITS",
+    "parse_yaml_text",
+    "parse_yaml_value",
+    "read_yaml_file",
+]
 
 _FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
 
+#: A config is a few KiB of text; anything this big is the wrong file (a dataset, a device).
+MAX_CONFIG_BYTES = 1024 * 1024
+#: Sections nest two or three deep; 3,000 nested brackets would only exhaust the parser's stack.
+MAX_DEPTH = 64
+#: No config number needs more digits than this (the widest bound is 2**32 - 1).
+MAX_INT_DIGITS = 40
+# C0 control characters and DEL, except tab, line feed and carriage return (which YAML uses).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class _TooDeep(yaml.MarkedYAMLError):
+    """Raised while composing a node nested deeper than :data:`MAX_DEPTH`."""
+
 
 class _ConfigLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float and records duplicate keys."""
+    """SafeLoader that reads ``1e-4`` as a float, records duplicate keys and bounds depth and integer size."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.duplicates: list[tuple[str, int, int]] = []
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise _TooDeep(problem=f"nested more than {MAX_DEPTH} levels deep", problem_mark=mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = str(node.value)
+        digits = sum(ch.isdigit() for ch in text)
+        if digits > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                problem=f"an integer of {digits} digits is too large for any config key",
+                problem_mark=node.start_mark,
+            )
+        return super().construct_yaml_int(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first_line: dict[Any, int] = {}
@@ -45,9 +88,29 @@ class _ConfigLoader(yaml.SafeLoader):
 
 
 _ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789"))
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+
+
+def _control_character(text: str, source: str) -> None:
+    """Refuse NUL and other control characters (YAML forbids most; none belongs in a config)."""
+    found = _CONTROL.search(text)
+    if found is None:
+        return
+    line = text.count("\n", 0, found.start()) + 1
+    column = found.start() - (text.rfind("\n", 0, found.start()) + 1) + 1
+    raise ConfigError(
+        ConfigProblem(
+            "",
+            f"control character U+{ord(found.group()):04X} at line {line}, column {column}; "
+            "a config is plain text",
+            source,
+        ),
+        source=source,
+    )
 
 
 def _load(text: str, source: str) -> Any:
+    _control_character(text, source)
     loader = _ConfigLoader(text)
     try:
         data = loader.get_single_data()
@@ -55,11 +118,19 @@ def _load(text: str, source: str) -> Any:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         what = exc.problem or exc.context or "malformed YAML"
-        raise ConfigError(
-            ConfigProblem("", f"YAML syntax error{where}: {what}", source), source=source
-        ) from None
+        kind = (
+            "YAML error"
+            if isinstance(exc, (_TooDeep, yaml.constructor.ConstructorError))
+            else "YAML syntax error"
+        )
+        raise ConfigError(ConfigProblem("", f"{kind}{where}: {what}", source), source=source) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(ConfigProblem("", f"YAML syntax error: {exc}", source), source=source) from None
+        text = " ".join(str(exc).split())
+        raise ConfigError(ConfigProblem("", f"YAML syntax error: {text}", source), source=source) from None
+    except (RecursionError, ValueError, OverflowError) as exc:  # the parser's own limits, as a last guard
+        raise ConfigError(
+            ConfigProblem("", f"cannot read the YAML: {type(exc).__name__}: {exc}", source), source=source
+        ) from None
     finally:
         loader.dispose()
     if loader.duplicates:
@@ -78,12 +149,36 @@ def _load(text: str, source: str) -> Any:
     return data
 
 
+def _read_text(file: Path, source: str) -> str:
+    """The file's text; a device, FIFO or socket (which could block or never end) or a huge file is refused."""
+    # O_NONBLOCK: opening a FIFO with no writer must not hang; fstat then says what it is.
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(source)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(
+                ConfigProblem("", f"{source} is not a regular file (a device, pipe or socket)", source),
+                source=source,
+            )
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            ConfigProblem(
+                "", f"{source} is over {MAX_CONFIG_BYTES // 1024} KiB; a config is a small text file", source
+            ),
+            source=source,
+        )
+    return data.decode("utf-8")
+
+
 def read_yaml_file(path: str | Path) -> Any:
     """The parsed contents of a YAML file; a missing or unreadable file is a ConfigError naming it."""
     source = str(path)
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        text = _read_text(file, source)
     except FileNotFoundError:
         raise ConfigError(
             ConfigProblem("", f"config file not found: {source}", source), source=source
@@ -100,6 +195,11 @@ def read_yaml_file(path: str | Path) -> Any:
         raise ConfigError(
             ConfigProblem("", f"cannot read {source}: {exc.strerror or exc}", source), source=source
         ) from None
+    return _load(text, source)
+
+
+def parse_yaml_text(text: str, *, source: str) -> Any:
+    """The parsed contents of config text already in memory (what :func:`read_yaml_file` does after reading)."""
     return _load(text, source)
 
 
