@@ -180,7 +180,16 @@ def build_model(
             model = AutoModelForCausalLM.from_config(config, **kwargs)  # type: ignore[no-untyped-call]
         model = model.to(torch_dtype(cfg))
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_activation_checkpointing(model)
         if margs.peft_type == "lora":
             model = _wrap_lora(cfg, model)
     return model  # type: ignore[no-any-return]
+
+
+def _enable_activation_checkpointing(model: Any) -> None:
+    """Recompute activations in the backward pass (transformers >= 5.x names it activation checkpointing;
+    older releases only have the gradient-checkpointing name, which newer ones deprecate)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
