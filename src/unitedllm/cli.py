@@ -28,7 +28,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+# soft_wrap: an error stays one line when stderr is a pipe (rich would wrap it at 80 columns for grep).
+console = Console(stderr=True, soft_wrap=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run config (FedML-style YAML).", show_default=False)]
 SetOpt = Annotated[
@@ -46,8 +47,6 @@ def _setup_logging(verbose: bool) -> None:
     import os
     import warnings
 
-    from rich.logging import RichHandler
-
     if not verbose:
         # Library progress bars and deprecation notices would scroll over the live display.
         os.environ.setdefault("TQDM_DISABLE", "1")
@@ -57,7 +56,7 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+        handlers=[_log_handler()],
         force=True,
     )
     logging.getLogger("unitedllm").setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -66,6 +65,22 @@ def _setup_logging(verbose: bool) -> None:
     # transformers imports DeepSpeed when it is installed, and DeepSpeed then warns that it
     # found no GPU: noise on a CPU-only machine, kept wherever torch sees a GPU it missed.
     logging.getLogger("DeepSpeed").addFilter(_DeepSpeedCpuNotice())
+
+
+def _log_handler() -> logging.Handler:
+    """Rich's columns on a terminal; one plain ``LEVEL message`` line per record in a pipe or a file."""
+    from rich.logging import RichHandler
+
+    from unitedllm.config.redaction import SecretFilter
+
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.addFilter(SecretFilter())
+    return handler
 
 
 class _DeepSpeedCpuNotice(logging.Filter):

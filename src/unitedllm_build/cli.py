@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from unitedllm.config.redaction import install_secret_filter
 from unitedllm.errors import ConfigError, UnitedLLMError
 from unitedllm.packaging.manifest import SECRET_ENV, read_package_secret
 
@@ -110,6 +111,7 @@ def build(
     from unitedllm_build.ignore import parse_ignore_option
 
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    install_secret_filter()
     try:
         secret = read_package_secret(secret_file)
         result = build_package(

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from unitedllm.config.redaction import install_secret_filter
 from unitedllm.errors import UnitedLLMError
 from unitedllm.packaging.archive import DEFAULT_MAX_BYTES
 from unitedllm.packaging.manifest import SECRET_ENV, read_package_secret
@@ -64,6 +65,7 @@ def run_command(
     from unitedllm.packaging.runner import run_package  # keeps `unitedllm --help` light
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    install_secret_filter()
     try:
         code = run_package(
             package,

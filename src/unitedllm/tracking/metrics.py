@@ -17,19 +17,23 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from unitedllm.config.redaction import known_secrets, scrub
+
 __all__ = ["MetricsLog", "read_metrics"]
 
 Listener = Callable[[dict[str, Any]], None]
 
 
-def _clean(value: Any) -> Any:
+def _clean(value: Any, secrets: frozenset[str]) -> Any:
     # JSON has no NaN/Infinity; write them as null (at any depth) so every line stays valid JSON.
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, str):  # an error message may quote a credential; the log never does
+        return scrub(value, secrets) if secrets else value
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: _clean(v, secrets) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [_clean(v, secrets) for v in value]
     return value
 
 
@@ -67,7 +71,8 @@ class MetricsLog:
             "rank": rank,
             "time": round(time.time(), 3),
         }
-        record.update({k: _clean(v) for k, v in fields.items()})
+        secrets = frozenset(known_secrets())
+        record.update({k: _clean(v, secrets) for k, v in fields.items()})
         with self._lock:
             if self._file is not None:
                 self._file.write(json.dumps(record, sort_keys=False) + "\n")

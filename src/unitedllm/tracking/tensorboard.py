@@ -22,7 +22,7 @@ class TensorBoardSink(TrackerSink):
 
     name = "tensorboard"
 
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, *, params: dict[str, Any] | None = None, rank: int = 0):
         super().__init__()
         try:
             # Check the package itself: torch.utils.tensorboard's own error would not name our extra.
@@ -34,6 +34,10 @@ class TensorBoardSink(TrackerSink):
         self._writer_class = SummaryWriter
         self.log_dir = log_dir
         self._writers: dict[int, Any] = {}
+        if params:
+            # The (already redacted) config as a Markdown table under TEXT, like the other trackers' params.
+            rows = "\n".join(f"| {key} | {str(value)[:200]} |" for key, value in sorted(params.items()))
+            self._writer(rank).add_text("config", "| key | value |\n|---|---|\n" + rows, global_step=0)
 
     def _writer(self, rank: int) -> Any:
         if rank not in self._writers:

@@ -16,10 +16,11 @@ Listener = Callable[[dict[str, Any]], None]
 
 
 def _flat_params(cfg: Config) -> dict[str, Any]:
-    import msgspec
+    """``section.key -> value`` of the config with every secret masked (trackers may send it off the machine)."""
+    from unitedllm.config.redaction import redacted_config
 
     out: dict[str, Any] = {}
-    for section, values in msgspec.to_builtins(cfg).items():
+    for section, values in redacted_config(cfg).items():
         if isinstance(values, dict):
             for key, value in values.items():
                 out[f"{section}.{key}"] = value
@@ -39,7 +40,11 @@ def open_trackers(cfg: Config, *, rank: int, run_id: str, output_dir: Path) -> I
         if args.enable_tensorboard:
             from unitedllm.tracking.tensorboard import TensorBoardSink
 
-            listeners.append(stack.enter_context(TensorBoardSink(output_dir / "tensorboard")))
+            listeners.append(
+                stack.enter_context(
+                    TensorBoardSink(output_dir / "tensorboard", params=_flat_params(cfg), rank=rank)
+                )
+            )
         if args.enable_wandb and (rank == 0 or not args.wandb_only_server):
             from unitedllm.tracking.wandb_sink import WandbSink
 

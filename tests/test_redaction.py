@@ -1,0 +1,202 @@
+"""Secrets never reach a tracker, log, report or package: one redaction, checked against every real sink.
+
+Credentials written inline in the config (FedML-style configs allow it) go through a real run with
+TensorBoard, W&B (offline) and MLflow (file store) on; afterwards no byte of any file the run wrote
+holds them, and each tracker shows the key masked instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from linear_trainer import LinearTrainer
+
+from unitedllm.config import Config, load_config
+from unitedllm.config.redaction import MASK, redacted_config, scrub, secret_paths
+from unitedllm.report import write_report
+from unitedllm.runner import run_async
+from unitedllm.tracking import MetricsLog, open_trackers
+
+RUN_SECRET = "run-secret-3f9a1c77e0b24d5e"
+MQTT_PASSWORD = "mqtt-pw-8d1e2f3a4b5c"
+S3_SECRET = "s3-sak-Zx81QwErTy77PoLk"
+SECRETS = (RUN_SECRET, MQTT_PASSWORD, S3_SECRET)
+
+
+def _config_data(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "train_args": {
+            "comm_round": 2,
+            "client_num_in_total": 2,
+            "client_num_per_round": 2,
+            "local_max_steps": 2,
+            "output_dir": str(tmp_path / "{run_id}"),
+        },
+        "comm_args": {
+            "round_timeout_s": 30,
+            "join_timeout_s": 30,
+            "run_secret": RUN_SECRET,
+            "mqtt": {"host": "broker.example", "username": "fl", "password": MQTT_PASSWORD},
+            "s3": {"bucket": "b", "access_key_id": "AKIDEXAMPLE", "secret_access_key": S3_SECRET},
+        },
+        "tracking_args": {"log_system_metrics": False},
+    }
+
+
+def _leaks(folder: Path) -> list[str]:
+    """Every file under ``folder`` holding any of the secrets, as ``path: secret``."""
+    found = []
+    for path in folder.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            found += [f"{path}: {s}" for s in SECRETS if s.encode() in data]
+    return found
+
+
+def test_every_credential_field_is_marked_secret() -> None:
+    """A new key named like a credential (password, secret, token, key) must carry the SECRET marker."""
+    marked = {".".join(p) for p in secret_paths()}
+    assert {"comm_args.run_secret", "comm_args.mqtt.password", "comm_args.s3.secret_access_key"} <= marked
+    credential = re.compile(r"(^|_)(password|passwd|secret|token|keys?)(_|$)")
+    not_credential = re.compile(r"_id$|_path$|_file$|^tls_")
+
+    def names(cls: type[msgspec.Struct], prefix: str) -> list[str]:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        out = []
+        for name in cls.__struct_fields__:
+            hint = hints[name]
+            inner = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+            if isinstance(inner, type) and issubclass(inner, msgspec.Struct):
+                out += names(inner, f"{prefix}{name}.")
+            else:
+                out.append(f"{prefix}{name}")
+        return out
+
+    unmarked = [
+        path
+        for path in names(Config, "")
+        if credential.search(path.rsplit(".", 1)[-1])
+        and not not_credential.search(path.rsplit(".", 1)[-1])
+        and path not in marked
+        and not any(m.startswith(path + ".") for m in marked)
+    ]
+    assert unmarked == []
+
+
+def test_redacted_config_masks_every_secret_and_keeps_the_rest(tmp_path: Path) -> None:
+    cfg = load_config(_config_data(tmp_path))
+    shown = redacted_config(cfg)
+    assert shown["comm_args"]["run_secret"] == MASK
+    assert shown["comm_args"]["mqtt"]["password"] == MASK
+    assert shown["comm_args"]["s3"]["secret_access_key"] == MASK
+    assert shown["comm_args"]["mqtt"]["username"] == "fl"
+    assert shown["train_args"]["comm_round"] == 2
+    assert not any(s in repr(shown) for s in SECRETS)
+    # the config itself is untouched: the run still needs its secrets
+    assert cfg.comm_args.run_secret == RUN_SECRET
+    # a loaded config's secrets are masked in any text from now on
+    assert scrub(f"login failed for fl:{MQTT_PASSWORD}@broker") == f"login failed for fl:{MASK}@broker"
+
+
+def test_no_sink_of_a_run_sees_an_inline_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    have_wandb = importlib.util.find_spec("wandb") is not None
+    have_mlflow = importlib.util.find_spec("mlflow") is not None
+    have_tb = importlib.util.find_spec("tensorboard") is not None
+    if not (have_wandb and have_mlflow and have_tb):
+        pytest.skip("the tracking extra (wandb, mlflow, tensorboard) is not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = _config_data(tmp_path)
+    uri = (tmp_path / "mlruns").as_uri()
+    data["tracking_args"].update(
+        enable_tensorboard=True,
+        enable_wandb=True,
+        wandb_project="unitedllm-test",
+        mlflow_tracking_uri=uri,
+        mlflow_experiment="redaction",
+    )
+    cfg = load_config(data, run_id="leak")
+    out = Path(cfg.train_args.output_dir)
+    with (
+        open_trackers(cfg, rank=0, run_id="leak", output_dir=out) as listeners,
+        MetricsLog(out / "metrics.jsonl", listeners=listeners) as metrics,
+    ):
+        # an error message quoting a credential, as a failed login might
+        metrics.log("rejected", round_idx=0, rank=1, reason=f"bad signature under {RUN_SECRET}")
+        asyncio.run(
+            run_async(
+                cfg, run_id="leak", metrics=metrics, trainer_factory=lambda _cfg, rank: LinearTrainer(rank)
+            )
+        )
+    report = write_report(out, out_dir=tmp_path / "report")
+
+    # W&B's offline file is written by its own process a moment after finish() returns
+    (wandb_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + 20
+    while b"round/train_loss" not in wandb_file.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert b"round/train_loss" in wandb_file.read_bytes()
+    assert MASK.encode() in wandb_file.read_bytes()  # the config is there, masked
+
+    assert _leaks(out) == []  # metrics.jsonl, TensorBoard, W&B
+    assert _leaks(tmp_path / "mlruns") == []
+    assert _leaks(report.parent) == []
+    assert "bad signature under " + MASK in (out / "metrics.jsonl").read_text()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("redaction")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    params = run.data.params
+    assert params["comm_args.run_secret"] == MASK
+    assert MASK in params["comm_args.mqtt"] and MQTT_PASSWORD not in params["comm_args.mqtt"]
+    assert params["train_args.comm_round"] == "2"
+
+    tb_files = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert tb_files and any(MASK.encode() in f.read_bytes() for f in tb_files)
+
+
+def test_cli_logs_mask_config_and_environment_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "inline.yaml"
+    config.write_text(
+        textwrap.dedent(f"""\
+            comm_args:
+              run_secret: "{RUN_SECRET}"
+              mqtt:
+                username: fl
+                password: "{MQTT_PASSWORD}"
+            """),
+        encoding="utf-8",
+    )
+    code = textwrap.dedent(f"""\
+        import logging
+        from unitedllm.cli import _setup_logging
+        from unitedllm.config import load_config
+        _setup_logging(False)
+        load_config({str(config)!r})
+        log = logging.getLogger("unitedllm.test")
+        log.warning("connecting as fl:%s with run secret %s", {MQTT_PASSWORD!r}, {RUN_SECRET!r})
+        log.warning("s3 key from the environment: {S3_SECRET}")
+        """)
+    env = {**os.environ, "UNITEDLLM_S3_SECRET_ACCESS_KEY": S3_SECRET}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "connecting as fl:" + MASK in proc.stderr
+    assert "s3 key from the environment: " + MASK in proc.stderr
+    assert not any(s in proc.stderr + proc.stdout for s in SECRETS)
