@@ -249,6 +249,14 @@ from unitedllm.packaging.cli import package_app
 
 app.add_typer(package_app, name="package")
 
+from unitedllm.platform.cli import platform_app
+
+app.add_typer(platform_app, name="platform")
+
+from unitedllm.agent.cli import agent_command
+
+app.command("agent")(agent_command)
+
 
 @app.command()
 def version() -> None:

@@ -1,0 +1,97 @@
+"""A client of the controller's API for scripts, the CLI and ``unitedllm-build push`` (bearer token)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from unitedllm.platform.errors import PlatformError
+
+__all__ = ["PlatformClient", "TOKEN_ENV", "URL_ENV"]
+
+URL_ENV = "UNITEDLLM_PLATFORM_URL"
+TOKEN_ENV = "UNITEDLLM_PLATFORM_TOKEN"
+
+
+class PlatformClient:
+    """JSON calls to one controller; errors come back as PlatformError naming the call and the reason."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, *, timeout_s: float = 60.0):
+        url = url or os.environ.get(URL_ENV)
+        token = token or os.environ.get(TOKEN_ENV)
+        if not url:
+            raise PlatformError(f"no platform URL: give --platform URL or set {URL_ENV}")
+        if not token:
+            raise PlatformError(f"no login: give --token TOKEN or set {TOKEN_ENV}")
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout_s, headers={"authorization": f"Bearer {token}"}
+        )
+
+    def __enter__(self) -> PlatformClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise PlatformError(f"cannot reach the platform at {self.url}: {exc}") from None
+        if response.status_code != 200:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text[:200] or response.reason_phrase
+            raise PlatformError(
+                f"{method} {path}: {message} (HTTP {response.status_code})", status=response.status_code
+            )
+        return response.json()
+
+    def devices(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/devices"))
+
+    def device(self, ref: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/api/devices/{ref}"))
+
+    def enrol_token(self, role: str | None = None) -> str:
+        return str(self._call("POST", "/api/enrol-tokens", json={"role": role})["token"])
+
+    def packages(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/packages"))
+
+    def push(self, package: Path) -> dict[str, Any]:
+        if not package.is_file():
+            raise PlatformError(f"package not found: {package}")
+        with package.open("rb") as fh:
+            return dict(
+                self._call("POST", "/api/packages", files={"file": (package.name, fh, "application/zip")})
+            )
+
+    def launch(self, **fields: Any) -> dict[str, Any]:
+        return dict(self._call("POST", "/api/runs", json=fields))
+
+    def runs(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/runs"))
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/api/runs/{run_id}"))
+
+    def stop(self, run_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/api/runs/{run_id}/stop"))
+
+    def events(self, run_id: str, after: int = 0) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/api/runs/{run_id}/events", params={"after": after}))
+
+    def logs(self, run_id: str, *, after: int = 0, device: str | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"after": after}
+        if device:
+            params["device"] = device
+        return list(self._call("GET", f"/api/runs/{run_id}/logs", params=params))

@@ -1,0 +1,86 @@
+"""``unitedllm platform serve``: open the data folder and database, then serve the API and page."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from unitedllm.platform.api import Notifier, create_app
+from unitedllm.platform.controller import Controller, PlatformFiles
+from unitedllm.platform.db import Database, default_url
+from unitedllm.platform.runs import RunService
+from unitedllm.platform.signing import KeyPair
+from unitedllm.platform.store import PackageStore
+
+__all__ = ["Platform", "open_platform", "serve"]
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_FILE_ENV = "UNITEDLLM_PLATFORM_ADMIN_TOKEN_FILE"
+
+
+@dataclass
+class Platform:
+    controller: Controller
+    runs: RunService
+    notifier: Notifier
+    admin_token: str | None  # set only on the first start, to be shown once
+
+
+def open_platform(data_dir: Path, db_url: str | None = None, *, heartbeat_s: float = 5.0) -> Platform:
+    """Open (or create on first start) the platform key, master secret and database."""
+    from unitedllm.comm.settings import resolve_s3
+    from unitedllm.config.types import CommArgs
+
+    files = PlatformFiles(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    keys, _created = KeyPair.load_or_create(files.key)
+    db = Database(db_url or default_url(data_dir))
+    db.upgrade()
+    store = PackageStore(resolve_s3(CommArgs(backend="MQTT_S3")))
+    controller = Controller(
+        db, keys=keys, master_secret=files.load_master_secret(), store=store, heartbeat_s=heartbeat_s
+    )
+    notifier = Notifier()
+    runs = RunService(controller, notify=notifier.notify)
+    return Platform(controller, runs, notifier, controller.ensure_admin_token())
+
+
+def serve(
+    data_dir: Path,
+    *,
+    db_url: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8800,
+    heartbeat_s: float = 5.0,
+    out: IO[str] | None = None,
+) -> None:
+    """Serve until interrupted. The first start prints the admin token once (or writes it to the
+    file named by ``$UNITEDLLM_PLATFORM_ADMIN_TOKEN_FILE``, for scripts)."""
+    import uvicorn
+
+    from unitedllm.platform.page import add_page
+
+    stream = out or sys.stdout
+    platform = open_platform(data_dir, db_url, heartbeat_s=heartbeat_s)
+    app = create_app(platform.controller, platform.runs, platform.notifier)
+    add_page(app, platform.controller, platform.runs)
+    if platform.admin_token is not None:
+        token_file = os.environ.get(ADMIN_TOKEN_FILE_ENV)
+        if token_file:
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(platform.admin_token)
+            print(f"admin token written to {token_file} (shown nowhere else)", file=stream)
+        else:
+            print(f"admin token (shown once, store it now): {platform.admin_token}", file=stream)
+    print(
+        f"UnitedLLM platform on http://{host}:{port}/ (platform key {platform.controller.keys.fingerprint})",
+        file=stream,
+        flush=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

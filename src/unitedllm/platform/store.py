@@ -1,0 +1,47 @@
+"""Packages in S3, content-addressed: key ``<prefix>/packages/<sha256 of the zip>`` (the run store's code)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from unitedllm.comm.s3 import S3BlobStore
+from unitedllm.comm.settings import S3Settings
+from unitedllm.protocol.messages import BlobRef
+
+__all__ = ["PackageStore"]
+
+T = TypeVar("T")
+
+PACKAGES = "packages"  # the "run id" part of the key: every package lives under one folder
+
+
+class PackageStore:
+    """Puts and gets package zips by digest; every get is checked against the digest by the S3 store."""
+
+    def __init__(self, settings: S3Settings):
+        self.settings = settings
+
+    def location(self, digest: str) -> str:
+        return S3BlobStore(self.settings, run_id=PACKAGES).url_for(digest)
+
+    async def put(self, data: bytes) -> str:
+        async with S3BlobStore(self.settings, run_id=PACKAGES) as store:
+            ref = await store.put(data, codec="zip")
+        return ref.digest
+
+    async def get(self, digest: str, size: int) -> bytes:
+        async with S3BlobStore(self.settings, run_id=PACKAGES) as store:
+            return bytes(await store.get(BlobRef(digest=digest, size=size, codec="zip")))
+
+    def put_sync(self, data: bytes) -> str:
+        return _run(self.put(data))
+
+    def get_sync(self, digest: str, size: int) -> bytes:
+        return _run(self.get(digest, size))
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on a loop of its own: the API calls the store from worker threads."""
+    return asyncio.run(coro)
