@@ -1,5 +1,8 @@
 """Helpers that run the real MQTT broker and S3 store for tests (mosquitto + SeaweedFS on 127.0.0.1).
 
+Whatever a test needs from outside the repository (services, browser, ``../shared/data``) goes
+through :func:`require`: absent, the test skips with the reason, or fails under CI.
+
 The services are plain child processes, so the session fixtures start and stop them with their own
 short ``asyncio.run`` and any test's event loop can use them.
 """
@@ -7,6 +10,7 @@ short ``asyncio.run`` and any test's event loop can use them.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sys
 import uuid
@@ -19,6 +23,9 @@ from unitedllm.devservices import DevServices, Mosquitto, SeaweedS3
 
 __all__ = [
     "missing_service_binaries",
+    "require",
+    "require_shared_data",
+    "requirements_enforced",
     "start_broker",
     "start_services",
     "stop_service",
@@ -58,10 +65,33 @@ def missing_service_binaries() -> str | None:
     return None
 
 
+def requirements_enforced() -> bool:
+    """Whether a missing service, browser or data set fails the run (CI) instead of skipping a test."""
+    return os.environ.get("CI", "").lower() == "true" or os.environ.get("UNITEDLLM_REQUIRE_SERVICES") == "1"
+
+
+def require(missing: str | None) -> None:
+    """Skip the test because of ``missing`` (a reason) or, under CI, fail it: a green CI run ran everything."""
+    if missing is None:
+        return
+    if requirements_enforced():
+        pytest.fail(f"{missing} (required: CI=true or UNITEDLLM_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(missing)
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def require_shared_data(*relative: str) -> Path:
+    """``../shared/data`` (Dolly-15k, Pythia tokenizer/configs) with ``relative`` present in it, else skip/fail."""
+    absent = [name for name in relative if not (SHARED_DATA / name).exists()]
+    require(f"{', '.join(absent)} absent from the shared data at {SHARED_DATA}" if absent else None)
+    return SHARED_DATA
+
+
 def skip_without_services() -> None:
     reason = missing_service_binaries()
-    if reason is not None:
-        pytest.skip(f"real MQTT/S3 services unavailable: {reason}")
+    require(None if reason is None else f"real MQTT/S3 services unavailable: {reason}")
 
 
 def start_services(workdir: Path) -> DevServices:

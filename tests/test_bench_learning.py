@@ -11,14 +11,16 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from services import require_shared_data
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "learning.py"
-SHARED_DATA = REPO.parent / "shared" / "data"
-needs_data = pytest.mark.skipif(
-    not (SHARED_DATA / "dolly" / "databricks-dolly-15k.jsonl").is_file(),
-    reason=f"the shared Dolly data is not at {SHARED_DATA}",
-)
+
+
+@pytest.fixture
+def needs_data() -> None:
+    """The shared Dolly file the bench reads by default (skip without it; fail under CI)."""
+    require_shared_data("dolly/databricks-dolly-15k.jsonl")
 
 
 def _bench() -> ModuleType:
@@ -77,7 +79,7 @@ def test_bad_flags_are_one_line_errors(flags: list[str], message: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
-@needs_data
+@pytest.mark.usefixtures("needs_data")
 def test_unknown_server_optimizer_is_a_config_error() -> None:
     proc = _run("--optimizers", "FedNope", "--centralized", "none")
     assert proc.returncode == 2
@@ -85,7 +87,7 @@ def test_unknown_server_optimizer_is_a_config_error() -> None:
     assert "Traceback" not in proc.stderr
 
 
-@needs_data
+@pytest.mark.usefixtures("needs_data")
 @pytest.mark.slow
 def test_tiny_run_reports_a_finite_loss_below_the_untrained_one_per_method(tmp_path: Path) -> None:
     out = tmp_path / "learning.json"

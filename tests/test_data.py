@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from services import require_shared_data
 
 from unitedllm.config.types import Config
 from unitedllm.errors import ConfigError
@@ -22,8 +23,6 @@ from unitedllm.training.data import (
 from unitedllm.training.sources import client_records, read_records, server_test_records, training_records
 from unitedllm.training.synthetic import CATEGORIES, generate_records
 from unitedllm.training.tokenizer import load_tokenizer, train_tokenizer
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def make_cfg(tmp_path: Path, **sections: dict[str, Any]) -> Config:
@@ -253,13 +252,11 @@ def test_client_data_is_cached_on_disk(tmp_path: Path) -> None:
     assert sorted((tmp_path / "cache" / "datasets").glob("*.arrow")) == files
 
 
-@pytest.mark.skipif(
-    not (SHARED_DATA / "pythia" / "tokenizer.json").is_file(), reason="shared/data/pythia is absent"
-)
 def test_pythia_tokenizer_dir_without_config_loads(tmp_path: Path) -> None:
+    shared = require_shared_data("pythia/tokenizer.json")
     cfg = make_cfg(
         tmp_path,
-        model_args={"train_tokenizer_vocab_size": None, "model_name_or_path": str(SHARED_DATA / "pythia")},
+        model_args={"train_tokenizer_vocab_size": None, "model_name_or_path": str(shared / "pythia")},
     )
     tok = load_tokenizer(cfg)
     assert tok.eos_token == "<|endoftext|>"
@@ -267,9 +264,8 @@ def test_pythia_tokenizer_dir_without_config_loads(tmp_path: Path) -> None:
     assert tok.decode(tok("What is 3 plus 4?")["input_ids"]) == "What is 3 plus 4?"
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "dolly").is_dir(), reason="shared/data/dolly is absent")
 def test_dolly_file_splits_by_category() -> None:
-    path = SHARED_DATA / "dolly" / "databricks-dolly-15k.jsonl"
+    path = require_shared_data("dolly/databricks-dolly-15k.jsonl") / "dolly" / "databricks-dolly-15k.jsonl"
     cfg = msgspec.convert(
         {
             "data_args": {"dataset_path": [str(path)], "test_dataset_size": 200},

@@ -7,6 +7,7 @@ import base64
 import html as html_lib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,15 +18,13 @@ from typing import Any
 
 import msgspec
 import pytest
-import typer
 from linear_trainer import LinearTrainer
 from rich.console import Console
-from typer.testing import CliRunner
+from services import require
 
 from unitedllm.config.types import Config
 from unitedllm.errors import UnitedLLMError
 from unitedllm.report import summary_table, write_report
-from unitedllm.report.cli import report_command
 from unitedllm.report.data import load_run
 from unitedllm.runner import run_async
 from unitedllm.tracking import MetricsLog, read_metrics, system_metrics
@@ -157,10 +156,8 @@ window.addEventListener("load", () => {
 </script>"""
 
 
-@pytest.mark.skipif(
-    not CHROMIUM.exists(), reason=f"no headless browser at {CHROMIUM} (scripts/test.sh installs it)"
-)
 def test_report_renders_its_plots_in_headless_chromium(finished_run: Path, tmp_path: Path) -> None:
+    require(None if CHROMIUM.exists() else f"no headless browser at {CHROMIUM} (scripts/test.sh installs it)")
     page = write_report(finished_run)
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("</body>", IMAGE_CHECK + "</body>"))
@@ -238,27 +235,31 @@ def test_a_directory_without_metrics_is_a_clear_error(tmp_path: Path) -> None:
         write_report(tmp_path / "nope")
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    app.command("report")(report_command)
-
-    @app.callback()
-    def main() -> None:
-        """unitedllm (test mount)."""
-
-    return app
-
-
-def test_report_command(finished_run: Path, tmp_path: Path) -> None:
-    runner = CliRunner()
+def test_unitedllm_report_writes_the_page_and_prints_the_table(finished_run: Path, tmp_path: Path) -> None:
+    """The installed ``unitedllm report`` command, as a user runs it."""
     out = tmp_path / "out"
-    ok = runner.invoke(_app(), ["report", str(finished_run), "--out", str(out)])
-    assert ok.exit_code == 0, ok.output
-    assert "report:" in ok.output and (out / "report.html").is_file()
+    ok = _unitedllm("report", str(finished_run), "--out", str(out))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"report: {out / 'report.html'}" in ok.stdout.replace("\n", "")
+    assert (out / "report.html").is_file() and (out / "train_loss.png").is_file()
+    rows = [line.split() for line in ok.stdout.splitlines() if re.match(r"\s*\d+\s+1,2,3\s", line)]
+    assert [r[0] for r in rows] == ["0", "1", "2", "3"], ok.stdout
 
-    bad = runner.invoke(_app(), ["report", str(tmp_path / "missing")])
-    assert bad.exit_code == 1
-    assert "error:" in bad.output and "missing" in bad.output and "Traceback" not in bad.output
+    bad = _unitedllm("report", str(tmp_path / "missing"))
+    assert bad.returncode == 1
+    text = bad.stdout + bad.stderr
+    assert "error:" in text and "missing" in text and "Traceback" not in text
+
+
+def _unitedllm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "unitedllm", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "120"},
+        check=False,
+    )
 
 
 def test_cli_module_imports_no_heavy_packages() -> None:

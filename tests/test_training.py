@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 import torch
+from services import require_shared_data
 
 from unitedllm.config.types import Config
 from unitedllm.errors import ConfigError, TrainingError
@@ -20,7 +21,6 @@ from unitedllm.training.model_cache import ModelCache
 from unitedllm.training.weights import load_trainable, trainable_state
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_MODEL = ROOT / "examples" / "models" / "tiny-gpt-neox"
 
 
@@ -255,21 +255,18 @@ def test_bad_client_optimizer_is_a_config_error(tmp_path: Path) -> None:
         trainer.fit(trainer.initial_weights(), round_idx=1, max_steps=1)
 
 
-@pytest.mark.skipif(
-    not (SHARED_DATA / "dolly").is_dir() or not (SHARED_DATA / "pythia").is_dir(),
-    reason="shared/data (Dolly JSONL + Pythia tokenizer/configs) is absent",
-)
 def test_real_dolly_pythia_run_trains_a_few_steps(tmp_path: Path) -> None:
+    shared_data = require_shared_data("dolly/databricks-dolly-15k.jsonl", "pythia/pythia-14m/config.json")
     model_dir = tmp_path / "pythia-14m"
     model_dir.mkdir()
     for name in ("tokenizer.json", "special_tokens_map.json"):
-        shutil.copy(SHARED_DATA / "pythia" / name, model_dir / name)
-    shutil.copy(SHARED_DATA / "pythia" / "pythia-14m" / "config.json", model_dir / "config.json")
+        shutil.copy(shared_data / "pythia" / name, model_dir / name)
+    shutil.copy(shared_data / "pythia" / "pythia-14m" / "config.json", model_dir / "config.json")
     cfg = make_cfg(
         tmp_path,
         data_args={
             "dataset": "databricks-dolly",
-            "dataset_path": [str(SHARED_DATA / "dolly" / "databricks-dolly-15k.jsonl")],
+            "dataset_path": [str(shared_data / "dolly" / "databricks-dolly-15k.jsonl")],
             "test_dataset_size": 16,
             "max_seq_length": 128,
             "remove_long_seq": True,
