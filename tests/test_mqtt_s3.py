@@ -438,5 +438,5 @@ async def test_unreachable_s3_endpoint_is_a_comm_error(s3_settings: S3Settings, 
         endpoint_url=f"http://127.0.0.1:{free_port()}", bucket="b-x", access_key_id="a", secret_access_key="b"
     )
     with pytest.raises(CommError, match="cannot reach the S3 endpoint"):
-        async with S3BlobStore(nowhere, run_id=run_id):
+        async with S3BlobStore(nowhere, run_id=run_id, retry_window_s=1.0):
             pass

@@ -1,7 +1,9 @@
 """The aggregator (rank 0): runs the rounds of a federated run.
 
 Each round it samples clients, publishes the global weights and collects updates until all
-selected clients answered or the deadline passed. Each update is fetched, checked and
+selected clients answered or the deadline passed (:mod:`unitedllm.round_collection`). A selected
+client that restarts while its round is open is sent the round's start again when it says hello,
+so it rejoins the round it lost instead of the round waiting out its deadline. Each update is fetched, checked and
 folded into the server optimizer's round as soon as it arrives, while the other clients
 still train (one update in memory at a time); once collecting ends and the quorum is met,
 the round is finished, evaluated and checkpointed.
@@ -13,11 +15,11 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unitedllm.attendance import Attendance
 from unitedllm.comm.base import BlobStore, Presence, Transport
 from unitedllm.errors import RoundError, UnitedLLMError
 from unitedllm.protocol.messages import (
@@ -32,7 +34,8 @@ from unitedllm.protocol.messages import (
 )
 from unitedllm.protocol.payload import decode_tensors, encode_tensors
 from unitedllm.role import SERVER_RANK, Role
-from unitedllm.rounds import RoundPlan, sample_clients
+from unitedllm.round_collection import OpenRound, RoundFold, collect_updates
+from unitedllm.rounds import RoundPlan, RoundSummary, RunResult, sample_clients, weighted_mean
 from unitedllm.tracking.metrics import MetricsLog
 
 if TYPE_CHECKING:
@@ -47,34 +50,6 @@ __all__ = ["Aggregator", "RoundSummary", "RunResult"]
 log = logging.getLogger(__name__)
 # How long the aggregator waits for clients' evaluations of the final model.
 FINAL_EVAL_GRACE_S = 600.0
-
-
-@dataclass
-class RoundSummary:
-    """What happened in one round, as shown in the per-round table."""
-
-    round_idx: int
-    selected: list[int]
-    aggregated: list[int]
-    train_loss: float | None = None
-    eval_loss: float | None = None
-    seconds: float = 0.0
-    rejected: dict[int, str] = field(default_factory=dict)
-    aggregation_seconds: float = 0.0
-
-
-@dataclass
-class RunResult:
-    """The outcome of a run: the final global weights and where everything was written."""
-
-    run_id: str
-    output_dir: Path
-    weights: dict[str, torch.Tensor]
-    rounds: list[RoundSummary]
-
-    @property
-    def final_dir(self) -> Path:
-        return self.output_dir / f"node_{SERVER_RANK}" / "final"
 
 
 class Aggregator(Role):
@@ -103,11 +78,9 @@ class Aggregator(Role):
         self._inbox: asyncio.Queue[Update] = asyncio.Queue()
         self._eval_reports: list[EvalReport] = []
         self._eval_arrived = asyncio.Event()
-        self._presence_changed = asyncio.Event()
-        self.online: set[int] = set()
+        self.attendance = Attendance()
         self.fingerprint: str | None = None
-        self._blocked: set[int] = set()
-        self._greeted: set[int] = set()
+        self._open: OpenRound | None = None  # the round being collected, for clients that rejoin it
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -122,6 +95,11 @@ class Aggregator(Role):
     def metrics(self) -> MetricsLog:
         assert self._metrics is not None, self._entered()
         return self._metrics
+
+    @property
+    def online(self) -> set[int]:
+        """The clients online and admitted right now."""
+        return self.attendance.online
 
     # -- the run -----------------------------------------------------------------------------------
 
@@ -140,7 +118,9 @@ class Aggregator(Role):
         encoded = await asyncio.to_thread(encode_tensors, weights)
         summaries: list[RoundSummary] = []
         try:
-            await self._wait_for_clients(cfg.train_args.client_num_per_round)
+            await self.attendance.wait_for(
+                cfg.train_args.client_num_per_round, timeout_s=cfg.comm_args.join_timeout_s
+            )
             for round_idx in range(first_round, self.plan.comm_round):
                 weights, state, summary = await self._run_round(round_idx, weights, encoded, state, optimizer)
                 encoded = await asyncio.to_thread(encode_tensors, weights)
@@ -231,27 +211,42 @@ class Aggregator(Role):
         self.metrics.log("round_start", round_idx=round_idx, rank=SERVER_RANK, selected=selected)
         global_ref = await self.store.put(encoded)
         extra_refs = await self._put_round_extras(optimizer, state)
-        for rank in selected:
-            spec = TrainSpec(
-                local_max_steps=cfg.train_args.local_max_steps,
-                local_num_train_epochs=cfg.train_args.local_num_train_epochs,
-                evaluate_global=self.plan.clients_evaluate_global(round_idx, rank),
-                evaluate_local=self.plan.clients_evaluate_local(round_idx, rank),
-            )
-            await self.transport.send(
-                rank,
-                RoundStart(
-                    run_id=self.run_id,
-                    round=round_idx,
-                    sender=SERVER_RANK,
-                    global_ref=global_ref,
-                    spec=spec,
-                    extras=extra_refs,
+        starts = {
+            rank: RoundStart(
+                run_id=self.run_id,
+                round=round_idx,
+                sender=SERVER_RANK,
+                global_ref=global_ref,
+                spec=TrainSpec(
+                    local_max_steps=cfg.train_args.local_max_steps,
+                    local_num_train_epochs=cfg.train_args.local_num_train_epochs,
+                    evaluate_global=self.plan.clients_evaluate_global(round_idx, rank),
+                    evaluate_local=self.plan.clients_evaluate_local(round_idx, rank),
                 ),
+                extras=extra_refs,
             )
+            for rank in selected
+        }
+        self._open = OpenRound(round_idx, starts)
+        for rank, start in starts.items():
+            await self.transport.send(rank, start)
         accumulator = optimizer.begin_round(weights, dict(state), round_idx=round_idx)
-        fold = _RoundFold(weights, accumulator, functools.partial(self._fold_update, round_idx))
-        arrived = await fold.alongside(self._collect(round_idx, selected, on_arrival=fold.submit))
+        fold = RoundFold(weights, accumulator, functools.partial(self._fold_update, round_idx))
+        try:
+            arrived = await fold.alongside(
+                collect_updates(
+                    self._open,
+                    inbox=self._inbox,
+                    presence_changed=self.attendance.changed,
+                    online=self.attendance.online,
+                    quorum=self.plan.quorum(len(selected)),
+                    timeout_s=cfg.comm_args.round_timeout_s,
+                    on_arrival=fold.submit,
+                    reject=self._reject,
+                )
+            )
+        finally:
+            self._open = None
         agg_started = time.perf_counter()
         accepted, rejected, (new_weights, new_state) = await self._aggregate(
             round_idx, fold, arrived, quorum=self.plan.quorum(len(selected)), selected=selected
@@ -263,7 +258,7 @@ class Aggregator(Role):
         losses = [
             (m.metrics.get("train_loss"), m.num_samples) for m in arrived if m.sender in summary.aggregated
         ]
-        summary.train_loss = _weighted([(loss, n) for loss, n in losses if loss is not None])
+        summary.train_loss = weighted_mean([(loss, n) for loss, n in losses if loss is not None])
         if cfg.validation_args.is_aggregator_test and self.plan.is_test_round(round_idx):
             result = await asyncio.to_thread(self.trainer.evaluate, new_weights)
             summary.eval_loss = result.metrics.get("eval_loss")
@@ -288,60 +283,10 @@ class Aggregator(Role):
 
     # -- collecting updates ------------------------------------------------------------------------
 
-    async def _collect(
-        self, round_idx: int, selected: list[int], *, on_arrival: Callable[[Update], None]
-    ) -> list[Update]:
-        """Updates of this round from selected clients, until all answered or the deadline passed.
-
-        ``on_arrival`` gets each accepted arrival at once (the round folds it while others train).
-        """
-        deadline = time.monotonic() + self.cfg.comm_args.round_timeout_s
-        quorum = self.plan.quorum(len(selected))
-        received: dict[int, Update] = {}
-        while len(received) < len(selected):
-            missing = [r for r in selected if r not in received]
-            if len(received) >= quorum and not any(r in self.online for r in missing):
-                log.warning(
-                    "round %d: clients %s went offline; aggregating the %d updates that arrived",
-                    round_idx,
-                    missing,
-                    len(received),
-                )
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                log.warning("round %d: deadline passed; missing updates from %s", round_idx, missing)
-                break
-            get = asyncio.ensure_future(self._inbox.get())
-            changed = asyncio.ensure_future(self._presence_changed.wait())
-            done, _ = await asyncio.wait(
-                {get, changed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
-            changed.cancel()
-            self._presence_changed.clear()
-            if get not in done:
-                get.cancel()
-                continue
-            update = get.result()
-            if update.round != round_idx:
-                self._reject(
-                    update.sender, round_idx, f"update for round {update.round} arrived in round {round_idx}"
-                )
-            elif update.sender not in selected:
-                self._reject(update.sender, round_idx, "client was not selected for this round")
-            elif update.sender in received:
-                if received[update.sender].delta_ref != update.delta_ref:
-                    self._reject(update.sender, round_idx, "second update in the same round")
-                # else: the same update again (sent before this aggregator resumed, and once more after)
-            else:
-                received[update.sender] = update
-                on_arrival(update)
-        return [received[r] for r in sorted(received)]
-
     async def _aggregate(
         self,
         round_idx: int,
-        fold: _RoundFold,
+        fold: RoundFold,
         arrived: list[Update],
         *,
         quorum: int,
@@ -362,7 +307,7 @@ class Aggregator(Role):
             await self.store.delete(ref)
         return accepted, rejected, await asyncio.to_thread(fold.accumulator.finish)
 
-    async def _fold_update(self, round_idx: int, fold: _RoundFold, message: Update) -> None:
+    async def _fold_update(self, round_idx: int, fold: RoundFold, message: Update) -> None:
         """Fetch, check and fold one arrived update into the round (or reject it, with the reason)."""
         from unitedllm.optimizers.base import ClientUpdate
         from unitedllm.optimizers.validation import validate_num_samples
@@ -431,11 +376,7 @@ class Aggregator(Role):
         async for item in self.transport.incoming():
             match item:
                 case Presence(rank=rank, online=online):
-                    if online and rank not in self._blocked:
-                        self.online.add(rank)
-                    else:
-                        self.online.discard(rank)
-                    self._presence_changed.set()
+                    self.attendance.presence(rank, online)
                 case Hello(sender=rank, base_fingerprint=fp):
                     await self._greet(rank, fp)
                 case Update():
@@ -455,18 +396,19 @@ class Aggregator(Role):
                 f"{self.fingerprint[:12]}): check model_args and common_args.random_seed on both sides"
             )
             log.error(reason)
-            self._blocked.add(rank)
-            self.online.discard(rank)
+            self.attendance.block(rank)
             await self.transport.send(
                 rank, Error(run_id=self.run_id, round=-1, sender=SERVER_RANK, message=reason)
             )
             return
-        self._blocked.discard(rank)
-        self.online.add(rank)
-        self._presence_changed.set()
-        if rank not in self._greeted:
-            self._greeted.add(rank)
+        if self.attendance.admit(rank):
             self.metrics.log("client_joined", round_idx=None, rank=rank)
+        start = self._open.waiting_for(rank) if self._open is not None else None
+        if start is not None:
+            # A client that restarted mid-round lost the start it was sent; a live one ignores the repeat.
+            log.info("round %d: client %d said hello; sending it the round's start again", start.round, rank)
+            self.metrics.log("round_start_resent", round_idx=start.round, rank=rank)
+            await self.transport.send(rank, start)
 
     def _record_eval(self, report: EvalReport) -> None:
         self._eval_reports.append(report)
@@ -481,22 +423,6 @@ class Aggregator(Role):
             samples=report.num_samples,
             metrics=report.metrics,
         )
-
-    async def _wait_for_clients(self, count: int) -> None:
-        deadline = time.monotonic() + self.cfg.comm_args.join_timeout_s
-        while len(self.online) < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RoundError(
-                    f"only {len(self.online)} of the {count} clients needed are online after "
-                    f"{self.cfg.comm_args.join_timeout_s:g}s (online: {sorted(self.online) or 'none'}); "
-                    "start the clients or raise comm_args.join_timeout_s"
-                )
-            self._presence_changed.clear()
-            try:
-                await asyncio.wait_for(self._presence_changed.wait(), timeout=remaining)
-            except TimeoutError:
-                continue
 
     async def _finish_clients(
         self, final_ref: BlobRef | None, *, reason: str, evaluate_final: bool = False
@@ -522,12 +448,14 @@ class Aggregator(Role):
 
     async def _await_final_evals(self) -> None:
         """Wait (bounded) for the final-model evaluations of the online test clients."""
-        expected = self.plan.test_ranks & self.online
+        expected = self.plan.test_ranks & self.attendance.online
         last = self.plan.comm_round - 1
         deadline = time.monotonic() + min(FINAL_EVAL_GRACE_S, self.cfg.comm_args.round_timeout_s)
         while True:
             got = {r.sender for r in self._eval_reports if r.round == last and r.model == "global"}
-            missing = (expected & self.online) - got  # a client that went offline meanwhile is not waited for
+            missing = (
+                expected & self.attendance.online
+            ) - got  # a client that went offline meanwhile is not waited for
             if not missing:
                 return
             remaining = deadline - time.monotonic()
@@ -560,18 +488,9 @@ class Aggregator(Role):
         state: Mapping[str, torch.Tensor],
         round_idx: int,
     ) -> None:
-        from unitedllm.checkpoints import atomic_dir, write_server_state
+        from unitedllm.checkpoints import save_server_checkpoint
 
-        with atomic_dir(target) as tmp:
-            self.trainer.save_model(weights, tmp)
-            write_server_state(tmp, round_idx=round_idx, optimizer_state=state, extra={"run_id": self.run_id})
-
-
-def _weighted(pairs: list[tuple[float, int]]) -> float | None:
-    total = sum(n for _, n in pairs)
-    if not pairs or total <= 0:
-        return None
-    return sum(v * n for v, n in pairs) / total
+        save_server_checkpoint(self.trainer, weights, target, state, round_idx=round_idx, run_id=self.run_id)
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:
@@ -580,54 +499,3 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
         await task
     except (asyncio.CancelledError, Exception):  # the pump's own error was already logged
         pass
-
-
-class _RoundFold:
-    """A round's updates folded one at a time as they arrive, while the other clients still train.
-
-    Streaming keeps one update in memory at a time; by the time the last client answers,
-    only its own update is left to fetch and fold. ``fold_one`` fetches, checks and folds
-    one update into ``accumulator`` (or rejects it), recording the outcome here.
-    """
-
-    def __init__(
-        self,
-        weights: Mapping[str, torch.Tensor],
-        accumulator: Any,
-        fold_one: Callable[[_RoundFold, Update], Awaitable[None]],
-    ):
-        self.weights = weights
-        self.accumulator = accumulator
-        self.accepted: list[int] = []
-        self.rejected: dict[int, str] = {}
-        self._fold_one = fold_one
-        self._queue: asyncio.Queue[Update | None] = asyncio.Queue()
-        self._worker: asyncio.Task[None] | None = None
-
-    def submit(self, message: Update) -> None:
-        """Fold ``message``'s update after those submitted before it."""
-        self._queue.put_nowait(message)
-
-    async def _run(self) -> None:
-        while (message := await self._queue.get()) is not None:
-            await self._fold_one(self, message)
-
-    async def alongside(self, collecting: Awaitable[list[Update]]) -> list[Update]:
-        """Run ``collecting`` while folding what it submits; a failed fold stops both at once."""
-        self._worker = asyncio.ensure_future(self._run())
-        collect = asyncio.ensure_future(collecting)
-        try:
-            await asyncio.wait({collect, self._worker}, return_when=asyncio.FIRST_COMPLETED)
-            if self._worker.done():  # it only ends by failing while collecting goes on
-                self._worker.result()
-            return await collect
-        except BaseException:
-            collect.cancel()
-            self._worker.cancel()
-            raise
-
-    async def drained(self) -> None:
-        """Wait until every submitted update has been folded (or rejected)."""
-        assert self._worker is not None
-        self._queue.put_nowait(None)
-        await self._worker

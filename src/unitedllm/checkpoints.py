@@ -27,6 +27,7 @@ __all__ = [
     "round_dir",
     "save_init",
     "save_resume_point",
+    "save_server_checkpoint",
     "write_server_state",
 ]
 
@@ -135,3 +136,18 @@ def load_resume_point(
     meta, state = read_server_state(directory)
     weights = decode_tensors((directory / GLOBAL_WEIGHTS_FILE).read_bytes())
     return int(meta["round"]), weights, state, meta
+
+
+def save_server_checkpoint(
+    trainer: Any,
+    weights: Mapping[str, torch.Tensor],
+    target: Path,
+    state: Mapping[str, torch.Tensor],
+    *,
+    round_idx: int,
+    run_id: str,
+) -> None:
+    """The aggregator's model at ``target`` with its optimizer state, written atomically."""
+    with atomic_dir(target) as tmp:
+        trainer.save_model(weights, tmp)
+        write_server_state(tmp, round_idx=round_idx, optimizer_state=state, extra={"run_id": run_id})

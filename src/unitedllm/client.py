@@ -76,6 +76,7 @@ class Client(Role):
         self.journal = ClientJournal(self.folder)
         self.rounds_resent: list[int] = []
         self.rounds_trained: list[int] = []
+        self._answered: dict[int, str] = {}  # round -> digest of the global model this process answered
         self._newest_round = -1
         self.evaluations: list[tuple[int, str, dict[str, float]]] = []
         self._algorithm: ClientAlgorithm | None = None
@@ -92,7 +93,10 @@ class Client(Role):
         return self._metrics
 
     async def run(self) -> str:
-        """Serve rounds until the aggregator finishes the run; returns the aggregator's reason."""
+        """Serve rounds until the aggregator finishes the run; returns the aggregator's reason.
+
+        Raises :class:`RoundError` when the aggregator aborted the run, so this process fails too.
+        """
         await self._prepare_algorithm()
         fingerprint = await asyncio.to_thread(self.trainer.base_fingerprint)
         await self._hello(fingerprint)
@@ -129,6 +133,8 @@ class Client(Role):
                     await self._train_round(item)
                 case Finish():
                     await self._finish(item)
+                    if item.reason != "completed":
+                        raise RoundError(f"client {self.rank}: the aggregator ended the run: {item.reason}")
                     return item.reason
                 case Error(message=text):
                     raise RoundError(f"client {self.rank}: the aggregator refused this client: {text}")
@@ -155,9 +161,10 @@ class Client(Role):
         from unitedllm.errors import ConfigError
         from unitedllm.training.client_algorithms import ClientAlgorithm
 
-        self._algorithm = await asyncio.to_thread(ClientAlgorithm, self.cfg, self.folder / "scaffold_control")
+        algorithm = await asyncio.to_thread(ClientAlgorithm, self.cfg, self.folder / "scaffold_control")
+        self._algorithm = algorithm
         try:
-            self._algorithm.check(self.trainer)
+            algorithm.check(self.trainer)
         except ConfigError as exc:
             await self.transport.send(
                 SERVER_RANK, Error(run_id=self.run_id, round=-1, sender=self.rank, message=str(exc))
@@ -199,7 +206,14 @@ class Client(Role):
             )
             return
         self._newest_round = round_idx
+        if self._answered.get(round_idx) == start.global_ref.digest:
+            # The aggregator repeats a round's start when this client says hello (it may have restarted).
+            log.info(
+                "client %d: round %d was already answered; ignoring its start again", self.rank, round_idx
+            )
+            return
         if await self._resend(start):
+            self._answered[round_idx] = start.global_ref.digest
             return
         comm_started = time.perf_counter()
         try:
@@ -259,6 +273,7 @@ class Client(Role):
         )
         await asyncio.to_thread(self.journal.record, start, update)
         await self.transport.send(SERVER_RANK, update)
+        self._answered[round_idx] = start.global_ref.digest
         self.rounds_trained.append(round_idx)
         self._log_train(round_idx, result, metrics)
 

@@ -12,15 +12,18 @@ An empty ``test_on_client_ranks`` means every client tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
+    import torch
+
     from unitedllm.config.types import Config
 
-__all__ = ["RoundPlan", "sample_clients"]
+__all__ = ["RoundPlan", "RoundSummary", "RunResult", "sample_clients", "weighted_mean"]
 
 
 def sample_clients(round_idx: int, *, total: int, per_round: int, seed: int) -> list[int]:
@@ -94,3 +97,39 @@ class RoundPlan:
     def quorum(self, selected: int) -> int:
         """Updates a round needs before it may aggregate without every selected client."""
         return selected if self.min_updates is None else min(self.min_updates, selected)
+
+
+@dataclass
+class RoundSummary:
+    """What happened in one round, as shown in the per-round table."""
+
+    round_idx: int
+    selected: list[int]
+    aggregated: list[int]
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    seconds: float = 0.0
+    rejected: dict[int, str] = field(default_factory=dict)
+    aggregation_seconds: float = 0.0
+
+
+@dataclass
+class RunResult:
+    """The outcome of a run: the final global weights and where everything was written."""
+
+    run_id: str
+    output_dir: Path
+    weights: dict[str, torch.Tensor]
+    rounds: list[RoundSummary]
+
+    @property
+    def final_dir(self) -> Path:
+        return self.output_dir / "node_0" / "final"  # the aggregator is rank 0
+
+
+def weighted_mean(pairs: list[tuple[float, int]]) -> float | None:
+    """The mean of ``pairs`` (value, weight) weighted by their weights; ``None`` when there is no weight."""
+    total = sum(n for _, n in pairs)
+    if not pairs or total <= 0:
+        return None
+    return sum(v * n for v, n in pairs) / total

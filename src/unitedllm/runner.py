@@ -60,7 +60,9 @@ async def run_async(
     total = cfg.train_args.client_num_in_total
     hub = None
     if cfg.comm_args.backend == "LOCAL":
-        hub = LocalHub(run_id=run_id, secret=secrets.token_bytes(32), ranks=set(range(total + 1)))
+        # One key per client, as the platform issues them over MQTT: no client can speak as another.
+        keys = {rank: secrets.token_bytes(32) for rank in range(1, total + 1)}
+        hub = LocalHub(run_id=run_id, ranks=set(range(total + 1)), keys=keys)
     make = (
         trainer_factory if trainer_factory is not None else await asyncio.to_thread(_default_trainer_factory)
     )

@@ -8,7 +8,6 @@ managers; closing twice is harmless.
 from __future__ import annotations
 
 import abc
-import itertools
 import time
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -70,12 +69,16 @@ class Transport(_Resource):
     def __init__(self, *, rank: int, run_id: str):
         self.rank = rank
         self.run_id = run_id
-        # Start sequence numbers at the wall clock so a restarted process never reuses old ones.
-        self._seq = itertools.count(time.time_ns())
+        self._last_seq = 0
 
     def next_seq(self) -> int:
-        """The sequence number for the next outgoing message."""
-        return next(self._seq)
+        """The sequence number for the next outgoing message: the wall clock in ns, always rising.
+
+        Following the clock means a restarted process never reuses old numbers, and receivers can
+        refuse numbers far ahead of their own clock (a forged one must not silence this rank).
+        """
+        self._last_seq = max(self._last_seq + 1, time.time_ns())
+        return self._last_seq
 
     async def send(self, to: int, message: Message) -> None:
         """Stamp ``message`` with the next sequence number and deliver it to rank ``to``."""

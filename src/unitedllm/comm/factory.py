@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from unitedllm.comm.base import BlobStore, Transport
 from unitedllm.config.types import Config
 from unitedllm.errors import CommError, ConfigError, ConfigProblem
+from unitedllm.protocol.signing import RankKeys
 
 if TYPE_CHECKING:
     from unitedllm.comm.local import LocalHub
@@ -47,12 +48,13 @@ def open_network_backend(
 ) -> tuple[Transport, BlobStore]:
     """MQTT transport + S3 store for ``rank`` of ``run_id``, settings resolved from env > files > config.
 
-    Raises :class:`ConfigError` naming any missing broker host, endpoint, bucket, key or run
-    secret; ``base_dir`` anchors relative ``mqtt_config_path``/``s3_config_path``.
+    Raises :class:`ConfigError` naming any missing broker host, endpoint, bucket, S3 key or rank
+    key (``comm.keys``); ``base_dir`` anchors relative ``mqtt_config_path``/``s3_config_path``.
     """
+    from unitedllm.comm.keys import resolve_rank_keys
     from unitedllm.comm.mqtt import MqttTransport
     from unitedllm.comm.s3 import S3BlobStore
-    from unitedllm.comm.settings import resolve_mqtt, resolve_run_secret, resolve_s3
+    from unitedllm.comm.settings import resolve_mqtt, resolve_s3
 
     ranks = run_ranks(cfg)
     if rank not in ranks:
@@ -62,7 +64,7 @@ def open_network_backend(
     for name, resolve in (
         ("mqtt", lambda: resolve_mqtt(cfg, base_dir=base_dir)),
         ("s3", lambda: resolve_s3(cfg, base_dir=base_dir)),
-        ("secret", lambda: resolve_run_secret(cfg, required=True)),
+        ("keys", lambda: resolve_rank_keys(cfg, rank=rank, base_dir=base_dir)),
     ):
         try:
             resolved[name] = resolve()
@@ -70,9 +72,17 @@ def open_network_backend(
             problems += exc.problems
     if problems:
         raise ConfigError(problems)
-    secret = resolved["secret"]
-    assert isinstance(secret, bytes)
+    keys = resolved["keys"]
+    assert isinstance(keys, RankKeys)
     # The aggregator hears every client; a client hears only the aggregator.
     peers = ranks - {0} if rank == 0 else {0}
-    transport = MqttTransport(resolved["mqtt"], rank=rank, run_id=run_id, secret=secret, peers=peers)  # type: ignore[arg-type]
-    return transport, S3BlobStore(resolved["s3"], run_id=run_id)  # type: ignore[arg-type]
+    window = cfg.comm_args.retry_window_s
+    transport = MqttTransport(
+        resolved["mqtt"],  # type: ignore[arg-type]
+        rank=rank,
+        run_id=run_id,
+        keys=keys,
+        peers=peers,
+        retry_window_s=window,
+    )
+    return transport, S3BlobStore(resolved["s3"], run_id=run_id, retry_window_s=window)  # type: ignore[arg-type]

@@ -7,23 +7,36 @@ exercised by every embedded run.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import secrets
+from collections.abc import AsyncIterator, Mapping
 
 from unitedllm.comm.base import BlobStore, Incoming, Presence, Transport
 from unitedllm.errors import BlobNotFound, CommError
 from unitedllm.protocol.messages import BlobRef, Message
 from unitedllm.protocol.payload import CODEC, ref_for, verify
-from unitedllm.protocol.signing import MessageGuard, seal
+from unitedllm.protocol.signing import MessageGuard, RankKeys, seal
 
 __all__ = ["LocalHub", "LocalTransport", "MemoryBlobStore"]
 
 
 class LocalHub:
-    """The shared medium of one in-process run: a mailbox per rank and the blob dict."""
+    """The shared medium of one in-process run: a mailbox per rank, the blob dict, each rank's key.
 
-    def __init__(self, *, run_id: str, secret: bytes, ranks: set[int]):
+    With ``keys`` (client rank -> key) each client's transport holds only its own key and the
+    aggregator's all of them, as over MQTT; with only ``secret`` every link shares that key.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        ranks: set[int],
+        secret: bytes | None = None,
+        keys: Mapping[int, bytes] | None = None,
+    ):
         self.run_id = run_id
-        self.secret = secret
+        self.secret = secret if secret is not None else secrets.token_bytes(32)
+        self.keys = dict(keys) if keys is not None else None
         self.ranks = ranks
         self.mailboxes: dict[int, asyncio.Queue[bytes | Presence]] = {r: asyncio.Queue() for r in ranks}
         self.blobs: dict[str, bytes] = {}
@@ -34,6 +47,14 @@ class LocalHub:
         for other, box in self.mailboxes.items():
             if other != rank:
                 box.put_nowait(Presence(rank, online))
+
+    def keys_of(self, rank: int) -> RankKeys:
+        """The keys rank ``rank`` holds: all of them for the aggregator, its own for a client."""
+        if self.keys is None:
+            return RankKeys(shared=self.secret)
+        if rank == 0:
+            return RankKeys(self.keys)
+        return RankKeys({rank: self.keys[rank]})
 
     def deliver(self, to: int, frame: bytes) -> None:
         """Queue a raw frame for rank ``to`` (tests use this to inject forged frames)."""
@@ -49,7 +70,10 @@ class LocalTransport(Transport):
     def __init__(self, hub: LocalHub, *, rank: int):
         super().__init__(rank=rank, run_id=hub.run_id)
         self.hub = hub
-        self.guard = MessageGuard(run_id=hub.run_id, secret=hub.secret, valid_senders=hub.ranks - {rank})
+        self.keys = hub.keys_of(rank)
+        # The aggregator hears every client; a client hears only the aggregator (as over MQTT).
+        senders = hub.ranks - {rank} if rank == 0 else {0}
+        self.guard = MessageGuard(run_id=hub.run_id, keys=self.keys, receiver=rank, valid_senders=senders)
 
     async def _open(self) -> None:
         self.hub.announce(self.rank, True)
@@ -58,7 +82,10 @@ class LocalTransport(Transport):
         self.hub.announce(self.rank, False)
 
     async def _send(self, to: int, message: Message) -> None:
-        self.hub.deliver(to, seal(message, self.hub.secret))
+        key = self.keys.link(self.rank, to)
+        if key is None:
+            raise CommError(f"rank {self.rank} holds no key to talk to rank {to}")
+        self.hub.deliver(to, seal(message, key))
 
     async def incoming(self) -> AsyncIterator[Incoming]:
         box = self.hub.mailboxes[self.rank]

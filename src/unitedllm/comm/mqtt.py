@@ -3,11 +3,16 @@
 Topics are namespaced by run: rank ``r`` subscribes to ``unitedllm/<run_id>/to/<r>``, and announces
 itself on ``unitedllm/<run_id>/presence/<r>`` with a retained ``online`` message and an MQTT
 last-will that turns it ``offline`` when the broker loses the connection. Everything is QoS 1.
-Presence payloads are signed with the run secret and carry the connection's epoch, so a forged
-or replayed presence cannot mark a rank online or gone (:class:`PresenceGuard`).
+Frames and presence are signed with the link's key (:class:`RankKeys`: client ``r``'s own key
+for everything between it and the aggregator) and presence carries the connection's epoch, so a
+forged or replayed presence cannot mark a rank online or gone (:class:`PresenceGuard`). Anyone
+with the broker login can still overwrite a retained presence with junk; a rank that sees
+anything but its own current presence on its topic publishes it again, so junk never hides a
+live rank from its peers for longer than one round trip.
 
 The connection is kept by a background task: a lost connection is re-established with
-exponential backoff and the subscriptions restored. Messages sent meanwhile wait in a per-peer
+exponential backoff, the subscriptions restored and the presence published again; after
+``retry_window_s`` without a connection the transport gives up with a :class:`CommError`. Messages sent meanwhile wait in a per-peer
 outbox, and a message for a peer is published only while that peer is known online (its retained
 presence was seen on the current connection), so a broker restart that forgot everyone's session
 cannot swallow it. QoS 1 may deliver a frame twice; the :class:`MessageGuard` drops the repeat.
@@ -28,7 +33,7 @@ from unitedllm.comm.base import Incoming, Presence, Transport
 from unitedllm.comm.settings import MqttSettings
 from unitedllm.errors import CommError, MissingDependency
 from unitedllm.protocol.messages import Message
-from unitedllm.protocol.signing import MessageGuard, PresenceGuard, seal, seal_presence
+from unitedllm.protocol.signing import MessageGuard, PresenceGuard, RankKeys, seal, seal_presence
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -39,6 +44,9 @@ log = logging.getLogger(__name__)
 
 # Session kept by the broker across our reconnects, so QoS 1 messages for us wait there.
 _SESSION_EXPIRY_S = 3600
+# A rank republishes its presence over junk at most this often (an insider flooding junk cannot
+# make it flood the broker in turn).
+_REPAIR_INTERVAL_S = 1.0
 # MQTT reason codes that retrying cannot fix (v3 CONNACK 4/5, v5 134/135).
 _AUTH_FAILURES = {4, 5, 134, 135}
 
@@ -88,23 +96,33 @@ class MqttTransport(Transport):
         *,
         rank: int,
         run_id: str,
-        secret: bytes,
         peers: set[int],
+        keys: RankKeys | None = None,
+        secret: bytes | None = None,
         connect_timeout_s: float = 30.0,
         flush_timeout_s: float = 10.0,
+        retry_window_s: float = 120.0,
         backoff: Backoff = Backoff(),
     ):
         super().__init__(rank=rank, run_id=run_id)
+        if keys is None:
+            if secret is None:
+                raise ValueError("MqttTransport needs keys or a secret")
+            keys = RankKeys(shared=secret)
         self.settings = settings
         self.peers = set(peers) - {rank}
-        self.guard = MessageGuard(run_id=run_id, secret=secret, valid_senders=self.peers)
-        self.presence_guard = PresenceGuard(run_id=run_id, secret=secret)
+        self.keys = keys
+        self.guard = MessageGuard(run_id=run_id, keys=keys, receiver=rank, valid_senders=self.peers)
+        self.presence_guard = PresenceGuard(run_id=run_id, keys=keys, receiver=rank)
         self._epoch = 0  # this rank's current connection, as signed into its presence
         self.connect_timeout_s = connect_timeout_s
         self.flush_timeout_s = flush_timeout_s
+        self.retry_window_s = retry_window_s
         self.backoff = backoff
         self.connections = 0  # successful connects so far; > 1 means it reconnected
-        self._secret = secret
+        self.repairs = 0  # times this rank put its presence back over something else
+        self._own_presence = b""  # the presence this rank last published
+        self._repair = asyncio.Event()
         self._identifier = f"unitedllm-{run_id}-{rank}"
         self._outbox: dict[int, deque[bytes]] = {peer: deque() for peer in self.peers}
         self._reachable: set[int] = set()  # peers seen online on the current connection
@@ -179,7 +197,10 @@ class MqttTransport(Transport):
             raise CommError(f"rank {self.rank}: cannot send to rank {to}, the MQTT transport is closed")
         if to not in self._outbox:
             raise CommError(f"no rank {to} in this run (peers of rank {self.rank}: {sorted(self.peers)})")
-        self._outbox[to].append(seal(message, self._secret))
+        key = self.keys.link(self.rank, to)
+        if key is None:
+            raise CommError(f"rank {self.rank} holds no key to talk to rank {to}")
+        self._outbox[to].append(seal(message, key))
         self._wake.set()
 
     async def incoming(self) -> AsyncIterator[Incoming]:
@@ -231,9 +252,12 @@ class MqttTransport(Transport):
         import aiomqtt
 
         delay = self.backoff.initial
+        down_since: float | None = None
         while not self._closing.is_set():
+            connected = False
             try:
                 async with self._client() as client:
+                    connected, down_since = True, None
                     await self._serve(client)
             except Exception as raised:
                 exc = _leaf(raised)
@@ -242,7 +266,8 @@ class MqttTransport(Transport):
                 if not isinstance(exc, aiomqtt.MqttError | OSError):
                     raise
                 self._last_error = exc
-                if _reason_code(exc) in _AUTH_FAILURES:
+                # Only a refused CONNECT is a login failure (paho's "not connected" is code 4 as well).
+                if not connected and _reason_code(exc) in _AUTH_FAILURES:
                     error = CommError(
                         f"the MQTT broker at {self.settings.address} refused the login of user "
                         f"{self.settings.username!r}: {exc} (check comm_args.mqtt.username/password or "
@@ -253,6 +278,15 @@ class MqttTransport(Transport):
                 if self._connected.is_set():
                     log.warning("rank %d lost the MQTT connection (%s); reconnecting", self.rank, exc)
             self._reachable.clear()
+            now = time.monotonic()
+            down_since = now if down_since is None else down_since
+            if self._connected.is_set() and now - down_since > self.retry_window_s:
+                error = CommError(
+                    f"rank {self.rank}: no connection to the MQTT broker at {self.settings.address} for "
+                    f"{self.retry_window_s:g}s ({self._last_error}); giving up (comm_args.retry_window_s)"
+                )
+                self._inbox.put_nowait(error)
+                raise error
             try:
                 await asyncio.wait_for(self._closing.wait(), delay)
             except TimeoutError:
@@ -261,15 +295,37 @@ class MqttTransport(Transport):
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         """Subscribe, announce, then pump messages both ways until the connection drops or we close."""
+        # Nothing legitimate is ever retained on a rank's inbox: drop whatever someone left there.
+        await client.publish(to_topic(self.run_id, self.rank), b"", qos=1, retain=True)
         await client.subscribe(to_topic(self.run_id, self.rank), qos=1)
         await client.subscribe(presence_topic(self.run_id, "+"), qos=1)
-        await client.publish(presence_topic(self.run_id, self.rank), self._presence(True), qos=1, retain=True)
+        await self._announce(client, True)
         self.connections += 1
         self._connected.set()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._pump_out(client), name="unitedllm-mqtt-send")
             tg.create_task(self._pump_in(client), name="unitedllm-mqtt-receive")
+            tg.create_task(self._repair_presence(client), name="unitedllm-mqtt-presence-repair")
             tg.create_task(self._watch_close(client), name="unitedllm-mqtt-close")
+
+    async def _announce(self, client: aiomqtt.Client, online: bool) -> None:
+        """Publish this rank's retained presence (and remember it, to spot anything else on its topic)."""
+        self._own_presence = self._presence(online)
+        await client.publish(
+            presence_topic(self.run_id, self.rank), self._own_presence, qos=1, retain=True, timeout=10
+        )
+
+    async def _repair_presence(self, client: aiomqtt.Client) -> None:
+        """Put this rank's presence back whenever something else (junk, a stale will) took its topic."""
+        while True:
+            await self._repair.wait()
+            self._repair.clear()
+            if self._closing.is_set():
+                return
+            log.warning("rank %d: its presence topic held something else; publishing it again", self.rank)
+            self.repairs += 1
+            await self._announce(client, True)
+            await asyncio.sleep(_REPAIR_INTERVAL_S)
 
     async def _pump_out(self, client: aiomqtt.Client) -> None:
         """Publish queued frames in order, each peer's only while that peer is online."""
@@ -300,7 +356,12 @@ class MqttTransport(Transport):
 
     def _presence(self, online: bool) -> bytes:
         return seal_presence(
-            self._secret, run_id=self.run_id, rank=self.rank, online=online, epoch=self._epoch
+            self.keys,
+            run_id=self.run_id,
+            rank=self.rank,
+            online=online,
+            epoch=self._epoch,
+            receivers=self.peers,
         )
 
     def _on_presence(self, rank_text: str, payload: bytes) -> None:
@@ -308,7 +369,11 @@ class MqttTransport(Transport):
             rank = int(rank_text)
         except ValueError:
             return
-        if rank == self.rank or rank not in self.peers:
+        if rank == self.rank:
+            if payload != self._own_presence and not self._closing.is_set():
+                self._repair.set()
+            return
+        if rank not in self.peers:
             return
         online = self.presence_guard.admit(rank, payload)
         if online is None:
@@ -325,7 +390,5 @@ class MqttTransport(Transport):
         await self._closing.wait()
         # A peer that is gone would only make closing wait the whole timeout.
         await self.flush(self.flush_timeout_s, reachable_only=True)
-        await client.publish(
-            presence_topic(self.run_id, self.rank), self._presence(False), qos=1, retain=True, timeout=5
-        )
+        await self._announce(client, False)
         raise _Closing

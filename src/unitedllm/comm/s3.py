@@ -1,8 +1,14 @@
 """Tensor payloads in an S3 bucket (the blob half of ``comm_args.backend: MQTT_S3``).
 
 Objects are content-addressed: key ``<prefix>/<run_id>/<sha256>``. A put of a digest that is
-already there is skipped; large payloads go up as parallel multipart uploads and come down as
+already there is skipped only once the stored bytes were read back and match the digest (anyone
+with the S3 login can plant an object at a predictable key; a mismatch is uploaded again); large payloads go up as parallel multipart uploads and come down as
 parallel ranged reads; every download is checked against its digest before anyone decodes it.
+
+Every operation is retried: botocore's ``standard`` retry mode takes care of single failed requests,
+and each whole operation (all of which are idempotent here) is retried with exponential backoff by
+``tenacity`` while the endpoint is unreachable or answers 5xx, for up to ``retry_window_s``, so a
+short S3 outage costs time, not the run. Refusals (403, 404) and digest mismatches are not retried.
 """
 
 from __future__ import annotations
@@ -11,9 +17,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, TypeVar
 
 from unitedllm.comm.base import BlobStore
 from unitedllm.comm.settings import S3Settings
@@ -32,6 +38,20 @@ _MAX_PARTS = 10_000
 _THREAD_HASH_BYTES = 4 * MiB
 _DENIED = {"403", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken"}
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+_RETRYABLE = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
+T = TypeVar("T")
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed S3 operation may succeed when tried again (unreachable, timed out, 5xx)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, IntegrityError) or not isinstance(exc, CommError):
+        return False
+    cause = exc.__cause__
+    if isinstance(cause, ClientError):
+        return _code(cause) in _RETRYABLE
+    return isinstance(cause, BotoCoreError | OSError | TimeoutError)
 
 
 def boto_config(max_pool_connections: int = 16) -> Any:
@@ -65,9 +85,17 @@ class S3BlobStore(BlobStore):
     """Blobs of one run in an S3 bucket (created when missing), verified by sha256 on the way out."""
 
     def __init__(
-        self, settings: S3Settings, *, run_id: str, part_size_mb: int = 64, max_concurrency: int = 4
+        self,
+        settings: S3Settings,
+        *,
+        run_id: str,
+        part_size_mb: int = 64,
+        max_concurrency: int = 4,
+        retry_window_s: float = 120.0,
     ):
         self.settings = settings
+        self.retry_window_s = retry_window_s
+        self.retries = 0  # operations tried again after a transient failure
         self.run_id = run_id
         self.part_size = max(_MIN_PART, part_size_mb * MiB)
         self.threshold = settings.multipart_threshold_mb * MiB
@@ -100,7 +128,7 @@ class S3BlobStore(BlobStore):
                     "s3", endpoint_url=s.endpoint_url, config=boto_config(2 * self.max_concurrency)
                 )
             )
-            await self._ensure_bucket()
+            await self._retrying(self._ensure_bucket)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -144,14 +172,36 @@ class S3BlobStore(BlobStore):
         digest = await self._hash([data]) if len(data) > _THREAD_HASH_BYTES else _digest([data])
         ref = BlobRef(digest=digest, size=len(data), codec=codec)
         key = self.key_for(digest)
-        if await self._size_of(key) == ref.size:
-            return ref  # content-addressed: same digest, same bytes already there
-        if ref.size > self.threshold:
-            await self._put_multipart(key, data)
-        else:
-            with self._mapped("upload", self.url_for(digest)):
-                await self._client.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
+        if await self._retrying(lambda: self._holds(ref)):
+            return ref  # content-addressed, and the stored bytes were checked: nothing to upload
+
+        async def upload() -> None:
+            if ref.size > self.threshold:
+                await self._put_multipart(key, data)
+            else:
+                with self._mapped("upload", self.url_for(digest)):
+                    await self._client.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
+
+        await self._retrying(upload)
         return ref
+
+    async def _holds(self, ref: BlobRef) -> bool:
+        """Whether the store already has exactly ``ref``'s bytes (read back and hashed, never assumed)."""
+        size = await self._size_of(self.key_for(ref.digest))
+        if size is None:
+            return False
+        if size == ref.size:
+            try:
+                await self._get(ref)
+                return True
+            except IntegrityError:
+                pass
+        log.warning(
+            "%s holds other bytes than its digest names (%s bytes); uploading the blob again",
+            self.url_for(ref.digest),
+            size,
+        )
+        return False
 
     async def get(self, ref: BlobRef) -> bytearray:
         """The blob's bytes, read in parallel ranges straight into one buffer and verified.
@@ -160,6 +210,9 @@ class S3BlobStore(BlobStore):
         views on it, so a blob costs its size in memory once.
         """
         self._require_open()
+        return await self._retrying(lambda: self._get(ref))
+
+    async def _get(self, ref: BlobRef) -> bytearray:
         url = self.url_for(ref.digest)
         size = await self._size_of(self.key_for(ref.digest))
         if size is None:
@@ -178,14 +231,47 @@ class S3BlobStore(BlobStore):
 
     async def exists(self, ref: BlobRef) -> bool:
         self._require_open()
-        return await self._size_of(self.key_for(ref.digest)) == ref.size
+        return await self._retrying(lambda: self._size_of(self.key_for(ref.digest))) == ref.size
 
     async def delete(self, ref: BlobRef) -> None:
         self._require_open()
-        with self._mapped("delete", self.url_for(ref.digest)):
-            await self._client.delete_object(Bucket=self.settings.bucket, Key=self.key_for(ref.digest))
+
+        async def delete() -> None:
+            with self._mapped("delete", self.url_for(ref.digest)):
+                await self._client.delete_object(Bucket=self.settings.bucket, Key=self.key_for(ref.digest))
+
+        await self._retrying(delete)
 
     # -- helpers -----------------------------------------------------------------------------
+
+    async def _retrying(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run ``operation`` (idempotent), again with backoff while it fails transiently, up to the retry window."""
+        from tenacity import (
+            AsyncRetrying,
+            retry_if_exception,
+            stop_after_delay,
+            wait_exponential_jitter,
+        )
+
+        def note(state: Any) -> None:
+            self.retries += 1
+            log.warning(
+                "S3 at %s failed (%s); trying again for up to %gs (comm_args.retry_window_s)",
+                self.settings.endpoint_url,
+                state.outcome.exception() if state.outcome is not None else "?",
+                self.retry_window_s,
+            )
+
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_transient),
+            stop=stop_after_delay(self.retry_window_s),
+            wait=wait_exponential_jitter(multiplier=0.5, max=8.0),
+            before_sleep=note,
+            reraise=True,
+        ):
+            with attempt:
+                return await operation()
+        raise AssertionError("unreachable: tenacity either returns or reraises")
 
     def _require_open(self) -> None:
         if self._client is None:

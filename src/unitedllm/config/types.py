@@ -276,6 +276,14 @@ class CommArgs(Section):
     mqtt_config_path: str | None = None
     s3_config_path: str | None = None
     run_secret: SecretStr | None = None
+    rank_keys_path: Annotated[
+        str | None,
+        Meta(description="YAML file mapping client rank to its own HMAC key (UNITEDLLM_RANK_KEY_<r> wins)"),
+    ] = None
+    retry_window_s: Annotated[
+        float,
+        Meta(gt=0, le=86400.0, description="Seconds broker and S3 operations are retried before failing"),
+    ] = 120.0
     round_timeout_s: Annotated[
         Seconds, Meta(description="Seconds the aggregator waits for the selected clients' updates")
     ] = 3600.0

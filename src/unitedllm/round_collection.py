@@ -1,0 +1,150 @@
+"""Collecting one round's updates: who was asked, what arrived, and the fold that runs alongside.
+
+:class:`OpenRound` is the aggregator's record of the round in progress: the start message each
+selected client was sent (so a client that restarts mid-round can be sent it again) and the
+updates accepted so far. :func:`collect_updates` waits for them until every selected client
+answered, the missing ones are all offline with the quorum met, or the deadline passes.
+:class:`RoundFold` folds each accepted update into the server optimizer's round while the other
+clients still train.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from unitedllm.protocol.messages import RoundStart, Update
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["OpenRound", "RoundFold", "collect_updates"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OpenRound:
+    """The round the aggregator is collecting: the start sent to each selected rank, and the updates so far."""
+
+    round_idx: int
+    starts: dict[int, RoundStart]
+    received: dict[int, Update] = field(default_factory=dict)
+
+    @property
+    def selected(self) -> list[int]:
+        return sorted(self.starts)
+
+    def waiting_for(self, rank: int) -> RoundStart | None:
+        """The start message ``rank`` still owes an update for, if any."""
+        return None if rank in self.received else self.starts.get(rank)
+
+
+async def collect_updates(
+    round_: OpenRound,
+    *,
+    inbox: asyncio.Queue[Update],
+    presence_changed: asyncio.Event,
+    online: set[int],
+    quorum: int,
+    timeout_s: float,
+    on_arrival: Callable[[Update], None],
+    reject: Callable[[int, int, str], None],
+) -> list[Update]:
+    """Updates of ``round_`` from its selected clients, until all answered or the deadline passed.
+
+    ``on_arrival`` gets each accepted arrival at once (the round folds it while others train);
+    ``reject(rank, round, reason)`` records refused ones.
+    """
+    round_idx, selected, received = round_.round_idx, round_.selected, round_.received
+    deadline = time.monotonic() + timeout_s
+    while len(received) < len(selected):
+        missing = [r for r in selected if r not in received]
+        if len(received) >= quorum and not any(r in online for r in missing):
+            log.warning(
+                "round %d: clients %s went offline; aggregating the %d updates that arrived",
+                round_idx,
+                missing,
+                len(received),
+            )
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            log.warning("round %d: deadline passed; missing updates from %s", round_idx, missing)
+            break
+        get = asyncio.ensure_future(inbox.get())
+        changed = asyncio.ensure_future(presence_changed.wait())
+        done, _ = await asyncio.wait({get, changed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        changed.cancel()
+        presence_changed.clear()
+        if get not in done:
+            get.cancel()
+            continue
+        update = get.result()
+        if update.round != round_idx:
+            reject(update.sender, round_idx, f"update for round {update.round} arrived in round {round_idx}")
+        elif update.sender not in selected:
+            reject(update.sender, round_idx, "client was not selected for this round")
+        elif update.sender in received:
+            if received[update.sender].delta_ref != update.delta_ref:
+                reject(update.sender, round_idx, "second update in the same round")
+            # else: the same update again (sent before this aggregator resumed, and once more after)
+        else:
+            received[update.sender] = update
+            on_arrival(update)
+    return [received[r] for r in sorted(received)]
+
+
+class RoundFold:
+    """A round's updates folded one at a time as they arrive, while the other clients still train.
+
+    Streaming keeps one update in memory at a time; by the time the last client answers,
+    only its own update is left to fetch and fold. ``fold_one`` fetches, checks and folds
+    one update into ``accumulator`` (or rejects it), recording the outcome here.
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        accumulator: Any,
+        fold_one: Callable[[RoundFold, Update], Awaitable[None]],
+    ):
+        self.weights = weights
+        self.accumulator = accumulator
+        self.accepted: list[int] = []
+        self.rejected: dict[int, str] = {}
+        self._fold_one = fold_one
+        self._queue: asyncio.Queue[Update | None] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+
+    def submit(self, message: Update) -> None:
+        """Fold ``message``'s update after those submitted before it."""
+        self._queue.put_nowait(message)
+
+    async def _run(self) -> None:
+        while (message := await self._queue.get()) is not None:
+            await self._fold_one(self, message)
+
+    async def alongside(self, collecting: Awaitable[list[Update]]) -> list[Update]:
+        """Run ``collecting`` while folding what it submits; a failed fold stops both at once."""
+        self._worker = asyncio.ensure_future(self._run())
+        collect = asyncio.ensure_future(collecting)
+        try:
+            await asyncio.wait({collect, self._worker}, return_when=asyncio.FIRST_COMPLETED)
+            if self._worker.done():  # it only ends by failing while collecting goes on
+                self._worker.result()
+            return await collect
+        except BaseException:
+            collect.cancel()
+            self._worker.cancel()
+            raise
+
+    async def drained(self) -> None:
+        """Wait until every submitted update has been folded (or rejected)."""
+        assert self._worker is not None
+        self._queue.put_nowait(None)
+        await self._worker
