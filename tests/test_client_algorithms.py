@@ -21,16 +21,12 @@ from safetensors.torch import load_file, save_file
 from unitedllm.checkpoints import node_dir
 from unitedllm.config.types import Config
 from unitedllm.errors import ConfigError
-from unitedllm.optimizers.client_side import proximal_term, scaffold_control_update, scaffold_term
+from unitedllm.optimizers.client_hook import LocalCorrection
+from unitedllm.optimizers.fedprox import ProximalCorrection
+from unitedllm.optimizers.scaffold import ControlVariates, ScaffoldCorrection
 from unitedllm.rounds import sample_clients
 from unitedllm.runner import run_async
 from unitedllm.training.base import FitResult, StepEvent
-from unitedllm.training.client_algorithms import (
-    ControlVariates,
-    LocalCorrection,
-    ProximalCorrection,
-    ScaffoldCorrection,
-)
 from unitedllm.training.hf import HFLocalTrainer
 from unitedllm.training.model_cache import ModelCache
 
@@ -45,6 +41,42 @@ def random_like(weights: Mapping[str, torch.Tensor], scale: float, seed: int) ->
 
 
 # -- the corrections are the gradients of the local objectives' extra terms ------------------------
+
+
+def proximal_term(
+    params: Mapping[str, torch.Tensor], global_params: Mapping[str, torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx's μ/2 Σ‖θ − θ_global‖² (Li et al. 2020), differentiable in ``params``."""
+    return sum(((p - global_params[n]).square().sum() for n, p in params.items()), torch.zeros(())) * (mu / 2)
+
+
+def scaffold_term(
+    params: Mapping[str, torch.Tensor],
+    c_server: Mapping[str, torch.Tensor],
+    c_client: Mapping[str, torch.Tensor],
+) -> torch.Tensor:
+    """Σ⟨θ, c − c_i⟩: its gradient turns each g into SCAFFOLD's g − c_i + c (Karimireddy et al. 2020)."""
+    return sum(((p * (c_server[n] - c_client[n])).sum() for n, p in params.items()), torch.zeros(()))
+
+
+def scaffold_control_update(
+    c_client: Mapping[str, torch.Tensor],
+    c_server: Mapping[str, torch.Tensor],
+    global_weights: Mapping[str, torch.Tensor],
+    local_weights: Mapping[str, torch.Tensor],
+    *,
+    num_steps: int,
+    learning_rate: float,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """SCAFFOLD's option II in the paper's weight form: c_i⁺ = c_i − c + (x − y_i)/(K η_l), Δc_i = c_i⁺ − c_i."""
+    scale = 1.0 / (num_steps * learning_rate)
+    new_c, delta_c = {}, {}
+    for name, x in global_weights.items():
+        ci = c_client[name].double()
+        updated = ci - c_server[name].double() + (x.double() - local_weights[name].detach().double()) * scale
+        new_c[name] = updated.to(c_client[name].dtype)
+        delta_c[name] = (updated - ci).to(c_client[name].dtype)
+    return new_c, delta_c
 
 
 def test_corrections_add_the_gradients_of_the_proximal_and_scaffold_terms() -> None:
@@ -230,7 +262,7 @@ def test_hf_fedprox_with_mu_zero_gives_plain_training_bytes(hf_setup: tuple[Path
 class CorrectingLinearTrainer(LinearTrainer):
     """The linear trainer with FedProx/SCAFFOLD support, as a user would add it: one call before each step."""
 
-    client_algorithms = frozenset({"FedProx", "SCAFFOLD"})
+    applies_corrections = True
 
     def fit(  # type: ignore[override]
         self,
@@ -329,13 +361,13 @@ def reference_run(cfg: Config, algorithm: str, mu: float = 0.0) -> dict[str, np.
     return x
 
 
-@pytest.mark.parametrize(("algorithm", "mu"), [("SCAFFOLD", 0.0), ("FedProx", 0.5)])
+@pytest.mark.parametrize(("algorithm", "mu"), [("SCAFFOLD", None), ("FedProx", 0.5)])
 def test_run_matches_the_float64_reference_of_the_algorithm(
-    tmp_path: Path, algorithm: str, mu: float
+    tmp_path: Path, algorithm: str, mu: float | None
 ) -> None:
     cfg = linear_config(tmp_path, algorithm, server_optimizer_args={"proximal_mu": mu})
     result = run_linear(cfg, "ref")
-    expected = reference_run(cfg, algorithm, mu)
+    expected = reference_run(cfg, algorithm, mu or 0.0)
     plain = run_linear(linear_config(tmp_path, "FedAvg"), "plain")
     for name, value in result.weights.items():
         np.testing.assert_allclose(value.double().numpy(), expected[name], rtol=1e-5, atol=1e-5)
@@ -407,10 +439,10 @@ def test_control_variate_store_gives_the_one_before_a_round_and_keeps_two(tmp_pa
 
 @pytest.mark.parametrize(
     ("optimizer", "mu", "named"),
-    [("SCAFFOLD", 0.01, "SCAFFOLD"), ("FedProx", 0.5, "FedProx (proximal_mu 0.5)")],
+    [("SCAFFOLD", None, "SCAFFOLD"), ("FedProx", 0.5, "FedProx (proximal_mu 0.5)")],
 )
 def test_a_trainer_without_the_algorithm_is_refused_naming_it(
-    tmp_path: Path, optimizer: str, mu: float, named: str
+    tmp_path: Path, optimizer: str, mu: float | None, named: str
 ) -> None:
     cfg = linear_config(tmp_path, optimizer, server_optimizer_args={"proximal_mu": mu})
     with pytest.raises(ConfigError) as caught:

@@ -343,10 +343,6 @@ class Aggregator(Role):
         self, optimizer: Any, state: Mapping[str, torch.Tensor]
     ) -> dict[str, BlobRef]:
         """Tensors the clients need besides the global weights (SCAFFOLD's c), one blob per group."""
-        from unitedllm.optimizers.client_side import SendsRoundExtras
-
-        if not isinstance(optimizer, SendsRoundExtras):
-            return {}
         groups = optimizer.round_start_extras(state)
         return {
             key: await self.store.put(await asyncio.to_thread(encode_tensors, tensors))

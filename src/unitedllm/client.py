@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from unitedllm.config.types import Config
     from unitedllm.tracking.metrics import MetricsLog
     from unitedllm.training.base import FitResult, LocalTrainer, StepEvent
-    from unitedllm.training.client_algorithms import ClientAlgorithm
+    from unitedllm.optimizers.client_hook import ClientAlgorithm
 
 __all__ = ["Client"]
 
@@ -159,7 +159,7 @@ class Client(Role):
     async def _prepare_algorithm(self) -> None:
         """FedProx/SCAFFOLD: refuse (and tell the aggregator) a trainer that does not apply them."""
         from unitedllm.errors import ConfigError
-        from unitedllm.training.client_algorithms import ClientAlgorithm
+        from unitedllm.optimizers.client_hook import ClientAlgorithm
 
         algorithm = await asyncio.to_thread(ClientAlgorithm, self.cfg, self.folder / "scaffold_control")
         self._algorithm = algorithm

@@ -181,13 +181,14 @@ def _output_dir(cfg: Config) -> Iterator[ConfigProblem]:
 
 @_check("train_args")
 def _server_optimizer(cfg: Config) -> Iterator[ConfigProblem]:
-    # Imported here: the registry pulls in torch, which `import unitedllm.config` must not.
-    from unitedllm.optimizers import available
+    # The registry names each rule and its own parameters without importing torch.
+    from unitedllm.errors import ConfigError
+    from unitedllm.optimizers import algorithm
 
-    name = cfg.server_optimizer_name
-    names = available()
-    if name.lower() not in {n.lower() for n in names}:
-        key = "server_optimizer" if cfg.train_args.server_optimizer else "federated_optimizer"
-        yield ConfigProblem(
-            f"train_args.{key}", f"unknown server optimizer {name!r}; choose one of {', '.join(names)}"
-        )
+    key = "server_optimizer" if cfg.train_args.server_optimizer else "federated_optimizer"
+    try:
+        alg = algorithm(cfg.server_optimizer_name, path=f"train_args.{key}")
+    except ConfigError as exc:
+        yield from exc.problems
+        return
+    yield from alg.parameter_problems(cfg.train_args.server_optimizer_args)

@@ -38,7 +38,11 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 def config_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a UnitedLLM config file."""
+    from unitedllm.optimizers import algorithms  # torch-free: names and parameter Structs only
+
     generated = msgspec.json.schema(Config)
+    # Each rule's own parameters, chosen by the rule's name (a choice keyed by a sibling field).
+    generated["$defs"]["TrainArgs"]["allOf"] = algorithms.schema_choice()
     return {
         "$schema": SCHEMA_DIALECT,
         "$id": SCHEMA_ID,

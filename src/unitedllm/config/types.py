@@ -144,33 +144,31 @@ class ModelArgs(Section):
     model_revision: str | None = None
 
 
-class ServerOptimizerArgs(Section):
-    """``train_args.server_optimizer_args``: hyper-parameters of the server optimizer.
+#: Server momentum and moment decay rates (FedAvgM, DiLoCo, FedAdam/FedYogi/FedAdagrad).
+Decay = Annotated[float, Meta(ge=0.0, lt=1.0)]
+Tau = Annotated[float, Meta(gt=0, le=1e3)]
+TrimRatio = Annotated[float, Meta(ge=0.0, lt=0.5)]
+ByzantineCount = Annotated[int, Meta(ge=0, le=100_000)]
 
-    A key left unset (null) takes the chosen optimizer's default from its paper.
+
+class ServerOptimizerArgs(Section):
+    """``train_args.server_optimizer_args``: the server optimizer's hyper-parameters, as FedML's flat section.
+
+    Each rule takes only its own keys, and a key left unset (null) takes the rule's default from its
+    paper (:mod:`unitedllm.optimizers.builtin`); a key of another rule is a config error.
     """
 
-    # FedAvg, FedAvgM, SCAFFOLD, robust rules: 1.0; FedAdam/FedYogi/FedAdagrad: 1e-2
-    # (Reddi et al. tune it per task); DiLoCo: 0.7 (Douillard et al.).
     server_learning_rate: LearningRate | None = None
-    # FedAvgM (Hsu et al. 2019) and DiLoCo's outer Nesterov momentum both use 0.9.
-    server_momentum: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.9
-    # Unset: heavy-ball for FedAvgM, Nesterov for DiLoCo.
+    server_momentum: Decay | None = None
     nesterov: bool | None = None
-    # FedAdam / FedYogi / FedAdagrad (Reddi et al., "Adaptive Federated Optimization").
-    beta1: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.9
-    beta2: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.99
-    tau: Annotated[float, Meta(gt=0, le=1e3)] = 1e-3
-    # Mean-based rules weight each client by its sample count (FedAvg); false: plain mean.
-    sample_weighted: bool = True
-    # Trimmed mean (Yin et al. 2018): fraction of clients cut at each end, per coordinate.
-    trim_ratio: Annotated[float, Meta(ge=0.0, lt=0.5)] = 0.1
-    # Krum / Multi-Krum (Blanchard et al. 2017): clients assumed Byzantine, and how many
-    # best-scored updates to average (unset: 1, i.e. Krum).
-    num_byzantine: Annotated[int, Meta(ge=0, le=100_000)] = 1
+    beta1: Decay | None = None
+    beta2: Decay | None = None
+    tau: Tau | None = None
+    sample_weighted: bool | None = None
+    trim_ratio: TrimRatio | None = None
+    num_byzantine: ByzantineCount | None = None
     multi_krum_m: ClientCount | None = None
-    # FedProx (Li et al. 2020): weight of the proximal term in each client's local loss.
-    proximal_mu: NonNegativeFloat = 0.01
+    proximal_mu: NonNegativeFloat | None = None
 
 
 class TrainArgs(Section):

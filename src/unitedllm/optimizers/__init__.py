@@ -1,16 +1,29 @@
-"""Server optimizers: the interface, the registry and the built-in rules.
+"""Federated algorithms: the registry, the server-optimizer interface and the built-in rules.
 
-Built in: FedAvg (and FedProx, which aggregates like it), FedAvgM, FedAdam, FedYogi,
-FedAdagrad, DiLoCo, SCAFFOLD, and the robust FedMedian, TrimmedMean, Krum, MultiKrum.
+Built in (:mod:`unitedllm.optimizers.builtin`): FedAvg, FedProx, SCAFFOLD, FedAvgM, DiLoCo,
+FedAdam, FedYogi, FedAdagrad, and the robust FedMedian, TrimmedMean, Krum, MultiKrum. Importing
+this package does not import torch; a rule loads (with torch) when it is created.
 """
 
+from unitedllm.optimizers import builtin as _builtin  # noqa: F401 - registers the built-in algorithms
+from unitedllm.optimizers.algorithms import Algorithm, RuleParams, algorithm, available, register_algorithm
 from unitedllm.optimizers.base import (
     ClientUpdate,
     RoundAccumulator,
     ServerOptimizer,
-    available,
     create,
     register,
 )
 
-__all__ = ["ClientUpdate", "RoundAccumulator", "ServerOptimizer", "available", "create", "register"]
+__all__ = [
+    "Algorithm",
+    "ClientUpdate",
+    "RoundAccumulator",
+    "RuleParams",
+    "ServerOptimizer",
+    "algorithm",
+    "available",
+    "create",
+    "register",
+    "register_algorithm",
+]

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import torch
 
 from unitedllm.optimizers.base import Tensors
+from unitedllm.optimizers.builtin import AdagradParams
 from unitedllm.optimizers.mean import MeanRuleOptimizer, RoundSummary, apply_step, state_dtype
 
 __all__ = ["AdaptiveOptimizer"]
@@ -28,10 +29,10 @@ __all__ = ["AdaptiveOptimizer"]
 class AdaptiveOptimizer(MeanRuleOptimizer):
     """FedOpt with a per-coordinate second-moment rule supplied by the subclass."""
 
-    defaults = {"server_learning_rate": 1e-2}
+    params: AdagradParams
 
     def init_state(self, weights: Mapping[str, torch.Tensor]) -> Tensors:
-        tau = float(self.hparam("tau"))
+        tau = self.params.tau
         state: Tensors = {}
         for n, w in weights.items():
             state[f"m/{n}"] = torch.zeros(w.shape, dtype=state_dtype(w))
@@ -49,9 +50,9 @@ class AdaptiveOptimizer(MeanRuleOptimizer):
         state: Tensors,
         summary: RoundSummary,
     ) -> tuple[Tensors, Tensors]:
-        lr = float(self.hparam("server_learning_rate"))
-        beta1 = float(self.hparam("beta1"))
-        tau = float(self.hparam("tau"))
+        lr = self.params.server_learning_rate
+        beta1 = self.params.beta1
+        tau = self.params.tau
         new_state = dict(state)
         steps: dict[str, torch.Tensor] = {}
         for name, w in weights.items():

@@ -25,12 +25,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from unitedllm.errors import ConfigError, ConfigProblem, RoundError, UpdateRejected
+from unitedllm.errors import RoundError, UpdateRejected
+from unitedllm.optimizers.algorithms import Algorithm, RuleParams, algorithm, available, register_algorithm
 
 if TYPE_CHECKING:
     import torch
-
-    from unitedllm.config.types import ServerOptimizerArgs
 
 __all__ = [
     "ClientUpdate",
@@ -38,6 +37,7 @@ __all__ = [
     "RoundAccumulator",
     "ServerOptimizer",
     "Tensors",
+    "algorithm",
     "available",
     "create",
     "register",
@@ -163,26 +163,30 @@ class HoldingRound(RoundAccumulator):
 
 
 class ServerOptimizer(abc.ABC):
-    """Turns a round's client updates into the next global weights."""
+    """Turns a round's client updates into the next global weights.
+
+    A rule is registered with its hyper-parameters and client hook as one
+    :class:`~unitedllm.optimizers.algorithms.Algorithm` (the built-ins in
+    :mod:`unitedllm.optimizers.builtin`, your own with :func:`register`).
+    """
 
     name: ClassVar[str]
-    #: Paper defaults for hyper-parameters left unset (None) in ``server_optimizer_args``.
-    defaults: ClassVar[Mapping[str, Any]] = {}
+    #: The hyper-parameters this rule takes (used by :func:`register`; built-ins name theirs at registration).
+    params_type: ClassVar[type[RuleParams]] = RuleParams
+    #: What the rule adds to local training (a ClientHook class or ``"module:Class"``), used by :func:`register`.
+    client_hook: ClassVar[str | type | None] = None
 
-    def __init__(self, args: ServerOptimizerArgs, *, num_clients: int | None = None):
-        self.args = args
+    def __init__(self, params: RuleParams, *, num_clients: int | None = None):
+        self.params = params
         self.num_clients = num_clients
 
     def hparam(self, key: str) -> Any:
-        """``server_optimizer_args.<key>``, or this rule's paper default when unset."""
-        value = getattr(self.args, key, None)
-        if value is None:
-            value = self.defaults.get(key)
-        if value is None:
-            raise ConfigError(
-                ConfigProblem(f"train_args.server_optimizer_args.{key}", f"{self.name} needs a value")
-            )
-        return value
+        """The hyper-parameter ``key`` as this rule uses it (its paper's default when the config left it unset)."""
+        return getattr(self.params, key)
+
+    def round_start_extras(self, state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Groups of named tensors every client of the next round gets beside the weights (SCAFFOLD's c)."""
+        return {}
 
     def init_state(self, weights: Mapping[str, torch.Tensor]) -> Tensors:
         """The optimizer state before the first round (empty for stateless rules)."""
@@ -239,62 +243,25 @@ class ServerOptimizer(abc.ABC):
         return acc.finish()
 
 
-_REGISTRY: dict[str, type[ServerOptimizer]] = {}
-
-
 def register(cls: type[ServerOptimizer]) -> type[ServerOptimizer]:
-    """Class decorator adding a server optimizer under ``cls.name`` (case-insensitive)."""
-    key = cls.name.lower()
-    if key in _REGISTRY:
-        raise ValueError(f"server optimizer {cls.name!r} is already registered")
-    _REGISTRY[key] = cls
+    """Class decorator registering a server rule, with its ``params_type`` and ``client_hook``, under ``cls.name``."""
+    register_algorithm(Algorithm(cls.name, cls.params_type, cls, cls.client_hook))
     return cls
-
-
-_BUILTINS = (
-    "fedavg",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "diloco",
-    "fedmedian",
-    "trimmed_mean",
-    "krum",
-    "scaffold",
-)
-
-
-def _load_builtins() -> None:
-    import importlib
-
-    for module in _BUILTINS:
-        importlib.import_module(f"unitedllm.optimizers.{module}")
-
-
-def available() -> list[str]:
-    """Names of every registered server optimizer."""
-    _load_builtins()
-    return sorted(cls.name for cls in _REGISTRY.values())
 
 
 def create(
     name: str,
-    args: ServerOptimizerArgs,
+    args: Any = None,
     *,
     num_clients: int | None = None,
     path: str = "train_args.server_optimizer",
 ) -> ServerOptimizer:
-    """The server optimizer called ``name``; an unknown name is a ConfigError listing the choices.
+    """The server optimizer called ``name`` with its parameters from ``args``; a ConfigError for a bad name or key.
 
-    ``num_clients`` is ``train_args.client_num_in_total`` (SCAFFOLD scales its control
-    variate by the participating fraction).
+    ``args`` is FedML's flat ``server_optimizer_args`` section, the rule's own parameter Struct, a
+    mapping or None (every parameter at its paper's default). ``num_clients`` is
+    ``train_args.client_num_in_total`` (SCAFFOLD scales its control variate by the participating
+    fraction).
     """
-    _load_builtins()
-    try:
-        cls = _REGISTRY[name.lower()]
-    except KeyError:
-        raise ConfigError(
-            ConfigProblem(path, f"unknown server optimizer {name!r}; choose one of {', '.join(available())}")
-        ) from None
-    return cls(args, num_clients=num_clients)
+    alg = algorithm(name, path=path)
+    return alg.rule_class()(alg.parameters(args), num_clients=num_clients)

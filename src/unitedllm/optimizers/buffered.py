@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar
 
 import torch
 
 from unitedllm.optimizers.base import ClientUpdate, HoldingRound, RoundAccumulator, ServerOptimizer, Tensors
+from unitedllm.optimizers.builtin import RobustParams
 from unitedllm.optimizers.mean import apply_step
 
 __all__ = ["BufferedRound", "RobustOptimizer", "coordinatewise"]
@@ -40,7 +40,7 @@ def coordinatewise(
 class RobustOptimizer(ServerOptimizer):
     """Base of rules that combine all updates at once; the step is ``server_learning_rate`` x the result."""
 
-    defaults: ClassVar[Mapping[str, object]] = {"server_learning_rate": 1.0}
+    params: RobustParams
 
     def begin_round(
         self, weights: Mapping[str, torch.Tensor], state: Tensors, *, round_idx: int | None = None
@@ -54,7 +54,7 @@ class RobustOptimizer(ServerOptimizer):
     def apply(
         self, weights: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], state: Tensors
     ) -> tuple[Tensors, Tensors]:
-        lr = float(self.hparam("server_learning_rate"))
+        lr = self.params.server_learning_rate
         agg = self.combine(weights, updates)
         return apply_step(weights, {n: d.mul_(lr) if lr != 1.0 else d for n, d in agg.items()}), state
 

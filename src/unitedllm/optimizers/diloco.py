@@ -14,15 +14,12 @@ averages workers uniformly; here the mean is sample-weighted unless
 
 from __future__ import annotations
 
-from unitedllm.optimizers.base import register
 from unitedllm.optimizers.fedavgm import FedAvgM
 
 __all__ = ["DiLoCo"]
 
 
-@register
 class DiLoCo(FedAvgM):
-    """Outer Nesterov-momentum SGD on the round's pseudo-gradient: FedAvgM's step with DiLoCo's defaults."""
+    """Outer Nesterov-momentum SGD on the round's pseudo-gradient: FedAvgM's step with DiLoCo's defaults (DiLoCoParams)."""
 
     name = "DiLoCo"
-    defaults = {"server_learning_rate": 0.7, "nesterov": True}

@@ -13,12 +13,10 @@ from __future__ import annotations
 import torch
 
 from unitedllm.optimizers.adaptive import AdaptiveOptimizer
-from unitedllm.optimizers.base import register
 
 __all__ = ["FedAdagrad"]
 
 
-@register
 class FedAdagrad(AdaptiveOptimizer):
     """Server-side Adagrad on the round's mean delta."""
 

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 
 import torch
 
-from unitedllm.optimizers.base import Tensors, register
+from unitedllm.optimizers.base import Tensors
+from unitedllm.optimizers.builtin import MomentumParams
 from unitedllm.optimizers.mean import MeanRuleOptimizer, RoundSummary, apply_step, state_dtype
 
 __all__ = ["FedAvgM", "momentum_step"]
@@ -44,12 +45,11 @@ def momentum_step(
     return apply_step(weights, steps), new_state
 
 
-@register
 class FedAvgM(MeanRuleOptimizer):
     """Weighted mean delta fed to server-side SGD with momentum."""
 
     name = "FedAvgM"
-    defaults = {"server_learning_rate": 1.0, "nesterov": False}
+    params: MomentumParams
 
     def init_state(self, weights: Mapping[str, torch.Tensor]) -> Tensors:
         return {f"momentum/{n}": torch.zeros(w.shape, dtype=state_dtype(w)) for n, w in weights.items()}
@@ -65,7 +65,7 @@ class FedAvgM(MeanRuleOptimizer):
             weights,
             mean_delta,
             state,
-            lr=float(self.hparam("server_learning_rate")),
-            momentum=float(self.hparam("server_momentum")),
-            nesterov=bool(self.hparam("nesterov")),
+            lr=self.params.server_learning_rate,
+            momentum=self.params.server_momentum,
+            nesterov=self.params.nesterov,
         )

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from unitedllm.optimizers.base import ClientUpdate, Tensors, register
+from unitedllm.optimizers.base import ClientUpdate, Tensors
 from unitedllm.optimizers.buffered import RobustOptimizer, coordinatewise
 
 __all__ = ["FedMedian", "median_of_sorted"]
@@ -26,7 +26,6 @@ def median_of_sorted(block: torch.Tensor) -> torch.Tensor:
     return (block[n // 2 - 1] + block[n // 2]) / 2
 
 
-@register
 class FedMedian(RobustOptimizer):
     """Coordinate-wise median of the deltas."""
 

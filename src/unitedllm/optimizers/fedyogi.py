@@ -13,17 +13,17 @@ from __future__ import annotations
 import torch
 
 from unitedllm.optimizers.adaptive import AdaptiveOptimizer
-from unitedllm.optimizers.base import register
+from unitedllm.optimizers.builtin import AdamParams
 
 __all__ = ["FedYogi"]
 
 
-@register
 class FedYogi(AdaptiveOptimizer):
     """Server-side Yogi on the round's mean delta."""
 
     name = "FedYogi"
+    params: AdamParams
 
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
-        beta2 = float(self.hparam("beta2"))
+        beta2 = self.params.beta2
         return v.sub_((1.0 - beta2) * d2 * torch.sign(v - d2))

@@ -16,8 +16,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from unitedllm.optimizers.base import ClientUpdate, Tensors, register
+from unitedllm.optimizers.base import ClientUpdate, Tensors
 from unitedllm.optimizers.buffered import RobustOptimizer
+from unitedllm.optimizers.builtin import KrumParams
 from unitedllm.optimizers.exact_sum import ExactSum
 
 __all__ = ["Krum", "krum_scores", "pairwise_sq_distances"]
@@ -57,18 +58,18 @@ def krum_scores(dist: torch.Tensor, num_byzantine: int) -> torch.Tensor:
     return others.sort(dim=1).values[:, : min(closest, n - 1)].sum(dim=1)
 
 
-@register
 class Krum(RobustOptimizer):
     """Krum (m = 1) or Multi-Krum (m = ``multi_krum_m``)."""
 
     name = "Krum"
+    params: KrumParams
 
     def selected_count(self, n: int) -> int:
         """How many best-scored updates to average: ``multi_krum_m`` (default 1), at most n."""
-        return max(1, min(int(self.args.multi_krum_m or 1), n))
+        return max(1, min(self.params.multi_krum_m or 1, n))
 
     def combine(self, weights: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> Tensors:
-        scores = krum_scores(pairwise_sq_distances(weights, updates), int(self.hparam("num_byzantine")))
+        scores = krum_scores(pairwise_sq_distances(weights, updates), self.params.num_byzantine)
         m = self.selected_count(len(updates))
         # Stable sort on the score keeps rank order among ties (updates arrive sorted by rank).
         chosen = sorted(range(len(updates)), key=lambda i: (float(scores[i]), i))[:m]
@@ -81,12 +82,11 @@ class Krum(RobustOptimizer):
         return out
 
 
-@register
 class MultiKrum(Krum):
     """Multi-Krum: averages ``multi_krum_m`` best-scored updates (default n − f)."""
 
     name = "MultiKrum"
 
     def selected_count(self, n: int) -> int:
-        m = self.args.multi_krum_m or n - int(self.hparam("num_byzantine"))
-        return max(1, min(int(m), n))
+        m = self.params.multi_krum_m or n - self.params.num_byzantine
+        return max(1, min(m, n))

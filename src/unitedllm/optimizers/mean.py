@@ -32,6 +32,7 @@ from unitedllm.optimizers.base import (
     Tensors,
     log,
 )
+from unitedllm.optimizers.builtin import MeanParams
 from unitedllm.optimizers.exact_sum import ExactSum, NonFiniteInputs, mean_step_one_pass
 
 __all__ = [
@@ -102,9 +103,11 @@ def scaled(step: Mapping[str, torch.Tensor], lr: float) -> Mapping[str, torch.Te
 class MeanRuleOptimizer(ServerOptimizer):
     """Base of the rules that turn the weighted mean delta into a step (streaming)."""
 
+    params: MeanParams
+
     def client_weight(self, update: ClientUpdate) -> int:
         """An update's weight in the mean: its sample count, or 1 with ``sample_weighted: false``."""
-        return update.num_samples if self.hparam("sample_weighted") else 1
+        return update.num_samples if self.params.sample_weighted else 1
 
     def extras_weight(self, update: ClientUpdate) -> int:
         """An update's weight in the mean of its ``extras`` (the same as in the mean delta unless a rule says)."""

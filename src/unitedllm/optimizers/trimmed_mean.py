@@ -13,21 +13,22 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from unitedllm.optimizers.base import ClientUpdate, Tensors, register
+from unitedllm.optimizers.base import ClientUpdate, Tensors
 from unitedllm.optimizers.buffered import RobustOptimizer, coordinatewise
+from unitedllm.optimizers.builtin import TrimmedMeanParams
 
 __all__ = ["TrimmedMean"]
 
 
-@register
 class TrimmedMean(RobustOptimizer):
     """Coordinate-wise β-trimmed mean of the deltas."""
 
     name = "TrimmedMean"
+    params: TrimmedMeanParams
 
     def combine(self, weights: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> Tensors:
         n = len(updates)
-        k = math.floor(float(self.hparam("trim_ratio")) * n)
+        k = math.floor(self.params.trim_ratio * n)
 
         def trimmed(block: torch.Tensor) -> torch.Tensor:
             return block[k : n - k].mean(dim=0)

@@ -20,8 +20,8 @@ from unitedllm.training.base import EvalResult, FitResult, LocalTrainer, StepEve
 if TYPE_CHECKING:
     import torch
 
+    from unitedllm.optimizers.client_hook import LocalCorrection
     from unitedllm.silo.distributed import SiloContext
-    from unitedllm.training.client_algorithms import LocalCorrection
 
 __all__ = ["SiloLeader", "check_same_model", "follow", "leader_for"]
 
@@ -45,7 +45,7 @@ def check_same_model(trainer: LocalTrainer, ctx: SiloContext) -> None:
 class SiloLeader(LocalTrainer):
     """Silo rank 0's trainer: runs each call on every rank of the silo and answers with rank 0's result."""
 
-    client_algorithms: ClassVar[frozenset[str]] = frozenset({"FedProx", "SCAFFOLD"})
+    applies_corrections: ClassVar[bool] = True
 
     def __init__(self, inner: LocalTrainer, ctx: SiloContext):
         self.inner = inner
@@ -137,12 +137,12 @@ def _close(trainer: LocalTrainer) -> None:
 
 class _ZeroLeader(SiloLeader):
     # Gradient corrections need whole .grad tensors, which ZeRO keeps in its own partitioned buffers.
-    client_algorithms: ClassVar[frozenset[str]] = frozenset()
+    applies_corrections: ClassVar[bool] = False
 
 
 def leader_for(inner: LocalTrainer, ctx: SiloContext) -> SiloLeader:
     """The leader trainer for this silo's engine (under DDP every rank sees whole, all-reduced gradients)."""
-    if ctx.engine == "deepspeed" or not inner.client_algorithms:
+    if ctx.engine == "deepspeed" or not (inner.applies_corrections or inner.client_algorithms):
         return _ZeroLeader(inner, ctx)
     return SiloLeader(inner, ctx)
 

@@ -7,11 +7,11 @@ Client and Aggregator call them from a worker thread, never on the event loop.
 Weights exchanged here are the *trainable* tensors only (the LoRA adapter with
 ``peft_type: lora``, the whole model with ``peft_type: none``), keyed by stable names.
 
-FedProx and SCAFFOLD change local training: a trainer that supports them lists them in
-:attr:`LocalTrainer.client_algorithms` and, when ``fit`` gets a ``correction``, calls
+Some algorithms change local training (FedProx, SCAFFOLD): a trainer that supports them sets
+:attr:`LocalTrainer.applies_corrections` and, when ``fit`` gets a ``correction``, calls
 ``correction.apply(trainable_params, learning_rate)`` once per optimizer step, just before
-it (:mod:`unitedllm.training.client_algorithms`). A trainer that lists nothing is never
-given one, and a run that needs one refuses to start with it.
+it (:mod:`unitedllm.optimizers.client_hook`). A trainer that does not is never given one,
+and a run that needs one refuses to start with it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import torch
 
-    from unitedllm.training.client_algorithms import LocalCorrection
+    from unitedllm.optimizers.client_hook import LocalCorrection
 
 __all__ = ["EvalResult", "FitResult", "LocalTrainer", "StepEvent"]
 
@@ -63,7 +63,9 @@ class EvalResult:
 class LocalTrainer(abc.ABC):
     """Trains and evaluates one rank's model on its own data."""
 
-    #: Client algorithms (``"FedProx"``, ``"SCAFFOLD"``) whose ``correction`` this trainer's ``fit`` applies.
+    #: Whether ``fit`` applies a ``correction`` (FedProx, SCAFFOLD and any algorithm with a client hook).
+    applies_corrections: ClassVar[bool] = False
+    #: Older form: algorithm names whose correction ``fit`` applies (kept for trainers written against it).
     client_algorithms: ClassVar[frozenset[str]] = frozenset()
 
     @abc.abstractmethod
@@ -86,7 +88,7 @@ class LocalTrainer(abc.ABC):
     ) -> FitResult:
         """Load ``weights``, train locally for this round and return the new trainable weights.
 
-        ``correction`` (only passed to trainers listing its algorithm in :attr:`client_algorithms`)
+        ``correction`` (only passed to trainers with :attr:`applies_corrections`)
         must be applied to the gradients once per optimizer step, just before the step.
         """
 

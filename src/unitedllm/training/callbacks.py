@@ -1,15 +1,20 @@
-"""Report each local optimizer step to the caller (progress bars, tracking) as a :class:`StepEvent`."""
+"""Hugging Face Trainer callbacks: each local step reported as a :class:`StepEvent`, a client algorithm's correction applied."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
 from unitedllm.training.base import StepEvent
 
-__all__ = ["StepReporter"]
+if TYPE_CHECKING:
+    import torch
+
+    from unitedllm.optimizers.client_hook import LocalCorrection
+
+__all__ = ["CorrectionCallback", "StepReporter"]
 
 
 class StepReporter(TrainerCallback):
@@ -37,3 +42,19 @@ class StepReporter(TrainerCallback):
                 learning_rate=None if lr is None else float(lr),
             )
         )
+
+
+class CorrectionCallback(TrainerCallback):
+    """Applies a :class:`LocalCorrection` in a Hugging Face ``Trainer``, after clipping, before each step.
+
+    ``on_pre_optimizer_step`` runs after the Trainer's gradient clipping: ``max_grad_norm`` clips the
+    data-loss gradient only, and the correction is added unclipped, as the local objective prescribes.
+    """
+
+    def __init__(self, params: Mapping[str, torch.Tensor], correction: LocalCorrection):
+        self.params = params
+        self.correction = correction
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        optimizer = kwargs["optimizer"]
+        self.correction.apply(self.params, float(optimizer.param_groups[0]["lr"]))

@@ -38,9 +38,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, TrainingArguments
 
     from unitedllm.config.types import Config
+    from unitedllm.optimizers.client_hook import LocalCorrection
     from unitedllm.silo.distributed import SiloContext
     from unitedllm.silo.zero import ZeroRounds
-    from unitedllm.training.client_algorithms import LocalCorrection
 
 __all__ = ["HFLocalTrainer", "round_seed"]
 
@@ -70,7 +70,7 @@ def _key(*parts: Any) -> str:
 class HFLocalTrainer(LocalTrainer):
     """Local training and evaluation of rank ``rank`` (0 = aggregator: evaluation only) with Hugging Face."""
 
-    client_algorithms = frozenset({"FedProx", "SCAFFOLD"})
+    applies_corrections = True
 
     def __init__(
         self,
@@ -240,7 +240,7 @@ class HFLocalTrainer(LocalTrainer):
                 self._round_args, self._round_steps = args, steps
             trainer = self._hf_trainer(model, args, train, round_idx, steps, on_step)
             if correction is not None:
-                from unitedllm.training.client_algorithms import CorrectionCallback
+                from unitedllm.training.callbacks import CorrectionCallback
 
                 params = {name: p for name, p in model.named_parameters() if p.requires_grad}
                 trainer.add_callback(CorrectionCallback(params, correction))
