@@ -36,6 +36,16 @@ Path(os.environ["RECORD_TO"]).write_text(json.dumps({
 sys.exit(int(os.environ.get("EXIT_WITH", "0")))
 """
 BOOTSTRAP = 'echo "rank $UNITEDLLM_RANK" > bootstrapped.txt\nexit "${BOOTSTRAP_EXIT:-0}"\n'
+# The fixture's packages are signed with this; run_cli gives it to every run.
+PACKAGE_SECRET = "package-secret-for-tests"
+# What each node sets for an MQTT_S3 run; nothing here is contacted (the recorder only records).
+BROKER_ENV = {
+    "UNITEDLLM_MQTT_HOST": "127.0.0.1",
+    "UNITEDLLM_S3_ENDPOINT_URL": "http://127.0.0.1:9",
+    "UNITEDLLM_S3_BUCKET": "b",
+    "UNITEDLLM_S3_ACCESS_KEY_ID": "test-key-id",
+    "UNITEDLLM_S3_SECRET_ACCESS_KEY": "test-secret-key",
+}
 
 
 def invoke(app: Any, *args: str | Path) -> tuple[int, str]:
@@ -53,6 +63,7 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert invoke(build_app, "init", project)[0] == 0
     (project / "launch.py").write_text(RECORDER)
     (project / "config" / "bootstrap.sh").write_text(BOOTSTRAP)
+    (base / "secret").write_text(PACKAGE_SECRET)
     built = {}
     for kind in ("server", "client"):
         code, out = invoke(
@@ -67,6 +78,8 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             project / "config",
             "-df",
             base / "build",
+            "--secret-file",
+            base / "secret",
         )
         assert code == 0, out
         built[kind] = base / "build" / "dist-packages" / f"{kind}-package.zip"
@@ -78,7 +91,11 @@ def run_cli(
 ) -> tuple[int, str, dict[str, Any] | None]:
     record = workdir.parent / f"record-{workdir.name}.json"
     old = dict(os.environ)
-    os.environ.update({"RECORD_TO": str(record), **(env or {})})
+    base = {"RECORD_TO": str(record), "UNITEDLLM_PACKAGE_SECRET": PACKAGE_SECRET, **BROKER_ENV}
+    os.environ.update({**base, **(env or {})})
+    for name, value in (env or {}).items():
+        if value == "":  # an empty value in ``env`` unsets the variable
+            os.environ.pop(name, None)
     try:
         code, out = invoke(
             package_app,
@@ -164,7 +181,7 @@ def test_one_changed_byte_in_a_file_is_refused(packages: dict[str, Path], tmp_pa
 
     bad = rewrite(packages["client"], tmp_path / "tampered.zip", flip)
     with pytest.raises(TamperedPackage, match=r"fedml/launch\.py: sha256 [0-9a-f]{64}, manifest says") as err:
-        prepare_package(bad, tmp_path / "w")
+        prepare_package(bad, tmp_path / "w", secret=PACKAGE_SECRET.encode())
     assert err.value.member == "fedml/launch.py"
     assert not (tmp_path / "w" / "client-package").exists(), "nothing unpacked may remain after a refusal"
     code, out, record = run_cli(bad, tmp_path / "cli", 1)
@@ -181,7 +198,7 @@ def test_one_flipped_byte_in_the_zip_is_refused(packages: dict[str, Path], tmp_p
     bad = tmp_path / "flipped.zip"
     bad.write_bytes(bytes(data))
     with pytest.raises(PackageError):
-        prepare_package(bad, tmp_path / "w")
+        prepare_package(bad, tmp_path / "w", secret=PACKAGE_SECRET.encode())
     assert not (tmp_path / "w" / "client-package").exists()
 
 
@@ -190,14 +207,14 @@ def test_file_missing_from_manifest_or_zip_is_refused(packages: dict[str, Path],
     with zipfile.ZipFile(extra, "a") as archive:
         archive.writestr("client-package/fedml/backdoor.py", "print('hi')\n")
     with pytest.raises(TamperedPackage, match="backdoor.py: in the zip but not in the manifest"):
-        prepare_package(extra, tmp_path / "w1")
+        prepare_package(extra, tmp_path / "w1", secret=PACKAGE_SECRET.encode())
     missing = rewrite(
         packages["client"],
         tmp_path / "missing.zip",
         lambda i, d: None if i.filename.endswith("bootstrap.sh") else (i, d),
     )
     with pytest.raises(TamperedPackage, match="bootstrap.sh: listed in the manifest but missing"):
-        prepare_package(missing, tmp_path / "w2")
+        prepare_package(missing, tmp_path / "w2", secret=PACKAGE_SECRET.encode())
 
 
 def with_entry(package: Path, target: Path, info: zipfile.ZipInfo, data: bytes) -> Path:
@@ -221,7 +238,7 @@ def test_zip_slip_entries_are_refused(
     bad = with_entry(packages["client"], tmp_path / "slip.zip", zipfile.ZipInfo(name), b"print('pwned')\n")
     workdir = tmp_path / "deep" / "w"
     with pytest.raises(UnsafePackage, match=reason):
-        prepare_package(bad, workdir)
+        prepare_package(bad, workdir, secret=PACKAGE_SECRET.encode())
     assert not (tmp_path / "escaped.py").exists() and not (tmp_path / "deep" / "escaped.py").exists()
     assert not Path("/tmp/unitedllm-absolute.py").exists()
     code, out, _ = run_cli(bad, tmp_path / "cli", 1)
@@ -234,7 +251,7 @@ def test_symlink_entry_is_refused(packages: dict[str, Path], tmp_path: Path) -> 
     link.external_attr = (stat.S_IFLNK | 0o777) << 16
     bad = with_entry(packages["client"], tmp_path / "link.zip", link, b"/etc/passwd")
     with pytest.raises(UnsafePackage, match="is a symbolic link"):
-        prepare_package(bad, tmp_path / "w")
+        prepare_package(bad, tmp_path / "w", secret=PACKAGE_SECRET.encode())
     assert not (tmp_path / "w" / "client-package").exists()
 
 
@@ -325,10 +342,10 @@ def test_signature_is_checked_when_a_secret_is_given(tmp_path: Path) -> None:
 
 def test_rerun_replaces_the_previous_unpack(packages: dict[str, Path], tmp_path: Path) -> None:
     workdir = tmp_path / "w"
-    prepare_package(packages["client"], workdir)
+    prepare_package(packages["client"], workdir, secret=PACKAGE_SECRET.encode())
     stale = workdir / "client-package" / "fedml" / "stale.py"
     stale.write_text("left over")
-    prepare_package(packages["client"], workdir)
+    prepare_package(packages["client"], workdir, secret=PACKAGE_SECRET.encode())
     assert not stale.exists()
 
 
@@ -376,6 +393,7 @@ def test_server_and_two_client_packages_finish_a_two_round_run(
             "e2e-run",
             "--workdir",
             str(tmp_path / f"node{rank}"),
+            "--allow-unauthenticated",  # scripts/build.sh signs nothing
             *overrides,
         ]
         return subprocess.Popen(command, env=env, cwd=tmp_path)

@@ -1,6 +1,12 @@
 """Running UnitedLLM packages: verify the manifest, unpack safely, bootstrap, launch the role."""
 
-from unitedllm.packaging.errors import BootstrapFailed, PackageError, TamperedPackage, UnsafePackage
+from unitedllm.packaging.errors import (
+    BootstrapFailed,
+    PackageError,
+    TamperedPackage,
+    UnauthenticatedPackage,
+    UnsafePackage,
+)
 from unitedllm.packaging.manifest import FileEntry, Manifest
 
 __all__ = [
@@ -9,5 +15,6 @@ __all__ = [
     "Manifest",
     "PackageError",
     "TamperedPackage",
+    "UnauthenticatedPackage",
     "UnsafePackage",
 ]

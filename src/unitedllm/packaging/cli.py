@@ -32,6 +32,14 @@ def _fail(exc: UnitedLLMError) -> typer.Exit:
 MaxSize = Annotated[
     int, typer.Option("--max-size-mb", min=1, help="Refuse packages that unpack to more than this many MiB.")
 ]
+AllowUnauthenticated = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unauthenticated",
+        help="Accept a package with no valid signature under a package secret (its files and manifest"
+        " could both have been rewritten).",
+    ),
+]
 SecretFile = Annotated[
     Path | None,
     typer.Option(
@@ -57,8 +65,9 @@ def run_command(
     ] = None,
     max_size_mb: MaxSize = DEFAULT_MAX_BYTES // 2**20,
     secret_file: SecretFile = None,
+    allow_unauthenticated: AllowUnauthenticated = False,
 ) -> None:
-    """Verify every digest, unpack safely, run the bootstrap, then start the entry point.
+    """Verify every digest and the signature, unpack safely, run the bootstrap, then start the entry point.
 
     Arguments after ``--`` go to the entry point (e.g. ``-- --set comm_args.mqtt.host=broker``).
     """
@@ -74,6 +83,7 @@ def run_command(
             workdir=workdir,
             extra_args=list(ctx.args),
             secret=read_package_secret(secret_file),
+            allow_unauthenticated=allow_unauthenticated,
             max_bytes=max_size_mb * 2**20,
         )
     except UnitedLLMError as exc:
@@ -91,8 +101,13 @@ def verify_command(
     ] = None,
     max_size_mb: MaxSize = DEFAULT_MAX_BYTES // 2**20,
     secret_file: SecretFile = None,
+    allow_unauthenticated: AllowUnauthenticated = False,
 ) -> None:
-    """Check a package's safety and every file digest without running anything."""
+    """Check a package's safety, every file digest and its signature without running anything.
+
+    Exit 2 when any check fails, including an unauthenticated package (no valid signature under
+    a package secret) unless --allow-unauthenticated is given; the output says which it is.
+    """
     import tempfile
 
     from unitedllm.packaging.runner import prepare_package
@@ -103,12 +118,19 @@ def verify_command(
                 package,
                 workdir or Path(tmp),
                 secret=read_package_secret(secret_file),
+                allow_unauthenticated=allow_unauthenticated,
                 max_bytes=max_size_mb * 2**20,
             )
             m = prepared.manifest
+            trust = (
+                "signed under the package secret"
+                if prepared.authenticated
+                else "UNAUTHENTICATED: no valid signature under a package secret, so its files and"
+                " manifest could both have been rewritten"
+            )
             typer.echo(
                 f"OK: {package} is a verified {m.package_type} package: {len(m.files)} files,"
-                f" {m.total_size} bytes, entry {m.entry_point}, unitedllm {m.unitedllm_version}"
+                f" {m.total_size} bytes, entry {m.entry_point}, unitedllm {m.unitedllm_version}; {trust}"
             )
     except UnitedLLMError as exc:
         raise _fail(exc) from None

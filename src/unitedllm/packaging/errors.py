@@ -4,6 +4,7 @@ UnitedLLMError
 └── PackageError         a package cannot be built or run (CLI exit code 2)
     ├── UnsafePackage    an archive entry could escape the workdir, is a link, or is too big
     ├── TamperedPackage  a file does not match the manifest (digest, size, missing or extra)
+    ├── UnauthenticatedPackage  no valid signature under a package secret, and no opt-in to run it
     └── BootstrapFailed  ``environment_args.bootstrap`` exited with a non-zero code
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from unitedllm.errors import UnitedLLMError
 
-__all__ = ["BootstrapFailed", "PackageError", "TamperedPackage", "UnsafePackage"]
+__all__ = ["BootstrapFailed", "PackageError", "TamperedPackage", "UnauthenticatedPackage", "UnsafePackage"]
 
 
 class PackageError(UnitedLLMError):
@@ -36,6 +37,27 @@ class TamperedPackage(PackageError):
         self.member = member
         self.reason = reason
         super().__init__(f"package {package} failed verification: {member}: {reason}")
+
+
+class UnauthenticatedPackage(PackageError):
+    """The package's files match its manifest, but nothing shows who wrote the manifest.
+
+    Without a package secret anyone who can replace the zip can rewrite a file and its manifest
+    entry together; only a signature under the secret tells them apart.
+    """
+
+    def __init__(self, package: str, *, signed: bool):
+        self.package = package
+        self.signed = signed
+        why = (
+            "it is signed, but no package secret was given to check the signature"
+            if signed
+            else "it is not signed"
+        )
+        super().__init__(
+            f"package {package} is unauthenticated: {why}; give the secret it was signed with"
+            " (--secret-file or $UNITEDLLM_PACKAGE_SECRET), or pass --allow-unauthenticated to run it anyway"
+        )
 
 
 class BootstrapFailed(PackageError):

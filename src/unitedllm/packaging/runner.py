@@ -21,14 +21,16 @@ from typing import Any
 import msgspec
 import yaml
 
+from unitedllm.errors import ConfigError, ConfigProblem
 from unitedllm.packaging.archive import DEFAULT_MAX_BYTES, UnpackedFile, unpack
-from unitedllm.packaging.errors import BootstrapFailed, PackageError, TamperedPackage
+from unitedllm.packaging.errors import BootstrapFailed, PackageError, TamperedPackage, UnauthenticatedPackage
 from unitedllm.packaging.manifest import MANIFEST_NAME, Manifest, decode_manifest, signature_matches
 
 __all__ = [
     "PreparedPackage",
     "default_workdir",
     "launch_command",
+    "preflight",
     "prepare_package",
     "run_bootstrap",
     "run_package",
@@ -41,10 +43,11 @@ SOURCE_DIR = "fedml"  # FedML's layout: the source tree lives in <type>-package/
 
 @dataclass(frozen=True)
 class PreparedPackage:
-    """A verified, unpacked package ready to start."""
+    """A verified, unpacked package ready to start; ``authenticated``: signed under the given secret."""
 
     root: Path
     manifest: Manifest
+    authenticated: bool = False
 
     @property
     def source_dir(self) -> Path:
@@ -105,40 +108,77 @@ def _verify(package: str, unpacked: list[UnpackedFile], staging: Path) -> Manife
     return manifest
 
 
+def _authenticate(
+    package: str, manifest: Manifest, secret: bytes | None, allow_unauthenticated: bool
+) -> bool:
+    """Whether the manifest is signed under ``secret``; raise unless it is or the caller opted out."""
+    if secret is not None:
+        if not signature_matches(manifest, secret):
+            state = "is not signed" if manifest.signature is None else "has a signature that does not match"
+            raise TamperedPackage(package, MANIFEST_NAME, f"{state} under the given package secret")
+        return True
+    if not allow_unauthenticated:
+        raise UnauthenticatedPackage(package, signed=manifest.signature is not None)
+    log.warning(
+        "package %s is UNAUTHENTICATED (%s): its files match its manifest, but anyone could have"
+        " rewritten both; running it because --allow-unauthenticated was given",
+        package,
+        "signed, but no package secret was given" if manifest.signature else "not signed",
+    )
+    return False
+
+
+def _package_folder(workdir: Path, root: str, package: str) -> Path:
+    """``workdir/root``, refused when it is a link or not a folder (never followed, never removed through)."""
+    final = workdir / root
+    if final.is_symlink():
+        raise PackageError(
+            f"package {package}: {final} is a symbolic link; refusing to replace it (remove the link or"
+            " choose another --workdir)"
+        )
+    if final.exists() and not final.is_dir():
+        raise PackageError(f"package {package}: {final} exists and is not a folder; remove it first")
+    return final
+
+
 def prepare_package(
     zip_path: Path,
     workdir: Path,
     *,
     secret: bytes | None = None,
+    allow_unauthenticated: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> PreparedPackage:
     """Unpack ``zip_path`` into ``workdir`` and check every file against the manifest.
 
-    Nothing lands in ``workdir/<type>-package`` unless every check passes; with ``secret``
-    the manifest must also carry a valid signature under it.
+    Nothing lands in ``workdir/<type>-package`` unless every check passes. The manifest must carry
+    a valid signature under ``secret``; without a secret the package is unauthenticated (its files
+    and manifest could both have been rewritten) and is refused unless ``allow_unauthenticated``.
     """
     package = str(zip_path)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.is_symlink() and not workdir.is_dir():
+        raise PackageError(f"--workdir {workdir} is a dangling symbolic link")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PackageError(f"--workdir {workdir}: cannot create it ({exc.strerror or exc})") from None
     staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=workdir))
     try:
         unpacked = unpack(zip_path, staging, max_bytes=max_bytes)
         if not unpacked:
             raise PackageError(f"package {package} is empty")
         manifest = _verify(package, unpacked, staging)
-        if secret is not None and not signature_matches(manifest, secret):
-            state = "is not signed" if manifest.signature is None else "has a signature that does not match"
-            raise TamperedPackage(package, MANIFEST_NAME, f"{state} under the given package secret")
-        if secret is None and manifest.signature is not None:
-            log.warning(
-                "package %s is signed but no package secret was given: signature not checked", package
-            )
-        final = workdir / manifest.root
-        if final.exists():
-            shutil.rmtree(final)  # a previous unpack of this run/rank; never mix old and new files
-        (staging / manifest.root).rename(final)
+        authenticated = _authenticate(package, manifest, secret, allow_unauthenticated)
+        final = _package_folder(workdir, manifest.root, package)
+        try:
+            if final.exists():
+                shutil.rmtree(final)  # a previous unpack of this run/rank; never mix old and new files
+            (staging / manifest.root).rename(final)
+        except OSError as exc:
+            raise PackageError(f"package {package}: cannot replace {final} ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    prepared = PreparedPackage(final, manifest)
+    prepared = PreparedPackage(final, manifest, authenticated)
     _inside(final, manifest.entry_point, what="entry point", package=package)
     return prepared
 
@@ -210,6 +250,41 @@ def launch_command(
     )
 
 
+def _set_options(extra_args: Sequence[str]) -> list[str]:
+    """The ``--set KEY=VALUE`` overrides among the entry point's arguments."""
+    found: list[str] = []
+    args = list(extra_args)
+    for i, arg in enumerate(args):
+        if arg == "--set" and i + 1 < len(args):
+            found.append(args[i + 1])
+        elif arg.startswith("--set="):
+            found.append(arg.removeprefix("--set="))
+    return found
+
+
+def preflight(prepared: PreparedPackage, *, extra_args: Sequence[str] = ()) -> None:
+    """Check, before the entry point starts, what would only fail inside it with a traceback.
+
+    The package's config (with the ``--set`` overrides) must load, and a run over MQTT_S3 must find
+    its broker and store settings (config, ``comm_args.*_config_path`` files or ``UNITEDLLM_*``
+    variables on this node). Problems raise one :class:`ConfigError` listing each.
+    """
+    from unitedllm.comm.settings import resolve_mqtt, resolve_s3
+    from unitedllm.config import load_config
+
+    cfg = load_config(prepared.conf_path, overrides=_set_options(extra_args))
+    if cfg.comm_args.backend != "MQTT_S3":
+        return
+    problems: list[ConfigProblem] = []
+    for resolve in (resolve_mqtt, resolve_s3):
+        try:
+            resolve(cfg, base_dir=prepared.source_dir)  # the entry point runs there
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems, source=f"{prepared.manifest.conf_file} (in the package)")
+
+
 def _check_role(manifest: Manifest, rank: int, package: str) -> None:
     if rank < 0:
         raise PackageError(f"--rank {rank}: ranks are 0 (aggregator) or 1..N (clients)")
@@ -227,14 +302,18 @@ def run_package(
     workdir: Path | None = None,
     extra_args: Sequence[str] = (),
     secret: bytes | None = None,
+    allow_unauthenticated: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> int:
     """Verify, unpack, bootstrap and start the package; return the entry point's exit code."""
     if not run_id or not run_id.strip():
         raise PackageError("--run-id must not be empty: every node of a run uses the same run id")
     workdir = workdir if workdir is not None else default_workdir(run_id, rank)
-    prepared = prepare_package(zip_path, workdir, secret=secret, max_bytes=max_bytes)
+    prepared = prepare_package(
+        zip_path, workdir, secret=secret, allow_unauthenticated=allow_unauthenticated, max_bytes=max_bytes
+    )
     _check_role(prepared.manifest, rank, str(zip_path))
+    preflight(prepared, extra_args=extra_args)
     run_bootstrap(prepared, rank=rank, run_id=run_id)
     command = launch_command(prepared, rank=rank, run_id=run_id, extra_args=extra_args)
     log.info("starting %s", " ".join(command))
