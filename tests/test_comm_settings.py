@@ -11,7 +11,7 @@ from unitedllm.comm.local import LocalHub, LocalTransport
 from unitedllm.comm.mqtt import MqttTransport
 from unitedllm.comm.s3 import S3BlobStore
 from unitedllm.comm.settings import resolve_mqtt, resolve_run_secret, resolve_s3
-from unitedllm.config.types import CommArgs, Config, MqttArgs, S3Args
+from unitedllm.config.types import CommArgs, Config, MqttArgs, S3Args, TrainArgs
 from unitedllm.errors import ConfigError
 
 COMPLETE_S3 = S3Args(
@@ -152,3 +152,34 @@ def test_open_backend_picks_the_backend_from_the_config(monkeypatch: pytest.Monk
         open_backend(Config(comm_args=CommArgs(backend="MQTT_S3")), rank=1, run_id="r")
     paths = {p.path for p in caught.value.problems}
     assert {"comm_args.mqtt.host", "comm_args.s3.bucket", "comm_args.run_secret"} <= paths
+
+
+def test_rank_keys_env_beats_file_and_a_client_reads_only_its_own(tmp_path: Path) -> None:
+    from unitedllm.comm.keys import resolve_rank_keys
+
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text("1: file-key-1\n2: file-key-2\n3: file-key-3\n")
+    cfg = Config(
+        train_args=TrainArgs(client_num_in_total=3, client_num_per_round=3),
+        comm_args=CommArgs(rank_keys_path=str(keys_file)),
+    )
+    env = {"UNITEDLLM_RANK_KEY_2": "env-key-2"}
+    aggregator = resolve_rank_keys(cfg, rank=0, env=env)
+    assert aggregator.ranks() == {1, 2, 3} and aggregator.shared is None
+    assert aggregator.link(0, 2) == b"env-key-2" and aggregator.link(1, 0) == b"file-key-1"
+    client = resolve_rank_keys(cfg, rank=3, env=env)
+    assert client.ranks() == {3} and client.link(0, 1) is None and client.link(3, 0) == b"file-key-3"
+
+
+def test_shared_run_secret_still_works_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from unitedllm.comm.keys import resolve_rank_keys
+
+    cfg = Config(train_args=TrainArgs(client_num_in_total=2, client_num_per_round=2))
+    with caplog.at_level("WARNING"):
+        keys = resolve_rank_keys(cfg, rank=0, env={"UNITEDLLM_RUN_SECRET": "s3kr1t-value"})
+    assert keys.link(0, 1) == keys.link(2, 0) == b"s3kr1t-value"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "every client is trusted with every rank" in warnings[0]
+    assert "s3kr1t-value" not in warnings[0], "the secret itself never reaches the log"
+    with pytest.raises(ConfigError, match="UNITEDLLM_RANK_KEY_1"):
+        resolve_rank_keys(cfg, rank=1, env={})

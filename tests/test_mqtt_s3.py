@@ -440,3 +440,81 @@ async def test_unreachable_s3_endpoint_is_a_comm_error(s3_settings: S3Settings, 
     with pytest.raises(CommError, match="cannot reach the S3 endpoint"):
         async with S3BlobStore(nowhere, run_id=run_id, retry_window_s=1.0):
             pass
+
+
+# -- an insider with the logins, and outages ------------------------------------------------------
+
+
+async def test_a_planted_same_size_object_is_replaced_not_trusted(
+    s3_settings: S3Settings, run_id: str
+) -> None:
+    data = b"\x07" * 4096
+    async with S3BlobStore(s3_settings, run_id=run_id) as store:
+        from unitedllm.protocol.payload import digest_of
+
+        key = store.key_for(digest_of(data))
+        # Someone with the S3 login plants junk of the same size at the key the upload will use.
+        raw_s3(s3_settings).put_object(Bucket=s3_settings.bucket, Key=key, Body=b"\x00" * 4096)
+        ref = await store.put(data)
+        assert await store.get(ref) == data, "the upload repaired the planted object"
+        assert await store.put(data) == ref  # the genuine object is found, checked and kept
+
+
+async def test_junk_retained_on_a_presence_topic_does_not_hide_a_live_rank(
+    mqtt_settings: MqttSettings, run_id: str
+) -> None:
+    import aiomqtt
+
+    s = mqtt_settings
+    async with transport(mqtt_settings, 0, run_id) as agg:
+        async with aiomqtt.Client(s.host, s.port, username=s.username, password=s.password) as raw:
+            # After the aggregator announced itself, junk takes its retained presence, and junk
+            # waits on the inbox of the client that is about to start.
+            await raw.publish(presence_topic(run_id, 0), b"junk", qos=1, retain=True)
+            await raw.publish(to_topic(run_id, 1), b"retained junk frame", qos=1, retain=True)
+        async with transport(mqtt_settings, 1, run_id) as client:
+            stream = client.incoming()
+            assert await next_presence(stream, 0, timeout=15) == Presence(0, True)
+            await client.send(0, hello(run_id, 1))
+            assert isinstance(await next_message(agg.incoming(), timeout=15), Hello)
+            assert agg.repairs >= 1, "the aggregator put its presence back over the junk"
+            assert not client.guard.dropped, "the retained junk on the inbox was cleared before subscribing"
+
+
+async def test_transport_gives_up_after_the_retry_window(own_broker: Mosquitto, run_id: str) -> None:
+    settings = own_broker.settings()
+    async with transport(settings, 1, run_id, backoff=FAST, retry_window_s=2.0) as client:
+        stream = client.incoming()
+        await own_broker.stop()
+        with pytest.raises(CommError, match=r"no connection to the MQTT broker .* for 2s.*retry_window_s"):
+            await asyncio.wait_for(next_message(stream, timeout=60), 60)
+    await own_broker.start()
+
+
+async def test_a_short_s3_outage_costs_time_not_the_upload(s3_settings: S3Settings, run_id: str) -> None:
+    import threading
+    from urllib.parse import urlsplit
+
+    from faults.proxy import FaultyProxy
+
+    target = urlsplit(s3_settings.endpoint_url)
+    assert target.hostname is not None and target.port is not None
+    with FaultyProxy(target.hostname, target.port) as proxy:
+        through = S3Settings(
+            endpoint_url=f"http://127.0.0.1:{proxy.port}",
+            bucket=s3_settings.bucket,
+            access_key_id=s3_settings.access_key_id,
+            secret_access_key=s3_settings.secret_access_key,
+            region=s3_settings.region,
+        )
+        data = os.urandom(64 * 1024)
+        async with S3BlobStore(through, run_id=run_id, retry_window_s=60) as store:
+            proxy.down()
+            back = threading.Timer(3.0, proxy.up)
+            back.start()
+            try:
+                ref = await store.put(data)
+            finally:
+                back.join()
+            assert store.retries >= 1, "the outage was noticed and retried"
+            assert await store.get(ref) == data

@@ -170,3 +170,75 @@ def test_new_fields_have_defaults_for_older_peers() -> None:
 
     msg = msgspec.msgpack.decode(raw, type=Message)
     assert isinstance(msg, Hello) and msg.capabilities == [] and msg.base_fingerprint is None
+
+
+# ---- per-rank keys and bounded sequence numbers --------------------------------------------------
+
+KEY_1, KEY_2 = b"1" * 32, b"2" * 32
+
+
+def test_a_client_cannot_speak_as_another_rank() -> None:
+    from unitedllm.protocol.messages import Finish
+    from unitedllm.protocol.signing import RankKeys
+
+    aggregator = MessageGuard(
+        run_id="run", keys=RankKeys({1: KEY_1, 2: KEY_2}), receiver=0, valid_senders={1, 2}
+    )
+    assert aggregator.admit(seal(update(sender=1, seq=10), KEY_1)) is not None
+    # Client 1 holds only its own key: an update "from rank 2" signed with it is refused.
+    assert aggregator.admit(seal(update(sender=2, seq=11), KEY_1)) is None
+    assert aggregator.admit(seal(update(sender=2, seq=12), KEY_2)) is not None
+    # Nor can client 1 tell client 2 the run is over: client 2 checks the aggregator's frames with its own key.
+    client_2 = MessageGuard(run_id="run", keys=RankKeys({2: KEY_2}), receiver=2, valid_senders={0})
+    forged_finish = Finish(run_id="run", round=3, sender=0, seq=13, reason="completed")
+    assert client_2.admit(seal(forged_finish, KEY_1)) is None
+    assert client_2.admit(seal(forged_finish, KEY_2)) is not None
+    assert "HMAC" in " | ".join(aggregator.dropped + client_2.dropped)
+
+
+def test_a_forged_far_future_seq_cannot_silence_a_rank() -> None:
+    import time
+
+    guard = MessageGuard(run_id="run", secret=SECRET, valid_senders={1})
+    assert guard.admit(seal(update(seq=2**63 - 1), SECRET)) is None, "a max-seq frame must be refused"
+    assert "ahead of this clock" in guard.dropped[-1]
+    assert guard.admit(seal(update(seq=time.time_ns()), SECRET)) is not None, (
+        "the real rank still gets through"
+    )
+
+
+def test_transport_sequence_numbers_follow_the_clock() -> None:
+    import time
+
+    hub = LocalHub(run_id="run", ranks={0, 1}, keys={1: KEY_1})
+    from unitedllm.comm.local import LocalTransport
+
+    transport = LocalTransport(hub, rank=1)
+    before = time.time_ns()
+    first, second = transport.next_seq(), transport.next_seq()
+    assert before <= first < second <= time.time_ns() + 1000
+
+
+def test_presence_of_the_aggregator_is_checked_by_clients_with_their_own_key() -> None:
+    from unitedllm.protocol.signing import PresenceGuard, RankKeys, seal_presence
+
+    all_keys = RankKeys({1: KEY_1, 2: KEY_2})
+    payload = seal_presence(all_keys, run_id="run", rank=0, online=True, epoch=5, receivers={1, 2})
+    for rank, key in ((1, KEY_1), (2, KEY_2)):
+        assert (
+            PresenceGuard(run_id="run", keys=RankKeys({rank: key}), receiver=rank).admit(0, payload) is True
+        )
+    # Client 1 cannot mark client 2 offline for the aggregator: it does not hold rank 2's key.
+    forged = seal_presence(RankKeys({2: KEY_1}), run_id="run", rank=2, online=False, epoch=9)
+    aggregator = PresenceGuard(run_id="run", keys=all_keys, receiver=0)
+    assert aggregator.admit(2, forged) is None
+    assert aggregator.admit(2, seal_presence(all_keys, run_id="run", rank=2, online=False, epoch=9)) is False
+
+
+def test_in_process_clients_hold_only_their_own_key() -> None:
+    from unitedllm.comm.local import LocalTransport
+
+    hub = LocalHub(run_id="run", ranks={0, 1, 2}, keys={1: KEY_1, 2: KEY_2})
+    assert LocalTransport(hub, rank=1).keys.ranks() == {1}
+    assert LocalTransport(hub, rank=0).keys.ranks() == {1, 2}
+    assert LocalTransport(hub, rank=1).keys.link(0, 2) is None, "client 1 cannot sign as rank 2"
