@@ -27,7 +27,8 @@ import yaml
 from unitedllm.packaging.manifest import MANIFEST_NAME, FileEntry, Manifest, encode_manifest, sign_manifest
 from unitedllm_build.config_check import CONFIG_FILE_NAME, check_config
 from unitedllm_build.errors import BuildError, EntryPointMissing, SecretsInPackage
-from unitedllm_build.ignore import IgnoreRules, inline_credentials, looks_secret
+from unitedllm_build.ignore import IgnoreRules
+from unitedllm_build.secret_scan import SecretAllowList, inline_credentials, scan_file
 
 __all__ = ["BuildRequest", "BuildResult", "build_package", "fedml_yaml"]
 
@@ -50,6 +51,7 @@ class BuildRequest:
     ignore: tuple[str, ...] = ()
     drop_secrets: bool = False
     secret: bytes | None = None
+    allow_secrets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ def _walk(
     rules_base: Path,
     prefix: str,
     drop_secrets: bool,
+    allow: SecretAllowList,
     secrets: list[str],
     dropped: list[str],
 ) -> dict[str, _Member]:
@@ -140,16 +143,16 @@ def _walk(
             if path.is_symlink():
                 log.warning("skipping symlink %s (packages hold no links)", path)
                 continue
-            reason = looks_secret(rel, path)
-            if reason:
+            arcname = f"{prefix}{path.relative_to(folder).as_posix()}"
+            findings = scan_file(path, arcname.removeprefix("fedml/"), allow)
+            if findings:
                 if drop_secrets:
-                    log.warning("not packaging %s: %s", path, reason)
+                    log.warning("not packaging %s: %s", path, findings[0].kind)
                     dropped.append(str(path))
                 else:
-                    secrets.append(f"{path} ({reason})")
+                    secrets.extend(str(f) for f in findings)
                 continue
             mode = path.stat().st_mode
-            arcname = f"{prefix}{path.relative_to(folder).as_posix()}"
             members[arcname] = _Member(arcname, path, bool(mode & stat.S_IXUSR))
     return members
 
@@ -224,10 +227,11 @@ def build_package(request: BuildRequest) -> BuildResult:
     dest = request.dest_folder.resolve()
     dist = dest / "dist-packages"
     root = f"{request.package_type}-package"
-    secrets = [f"{config_path}: {key}" for key in inline_credentials(config)]
+    allow = SecretAllowList(request.allow_secrets)
+    secrets = [f"{config_path}: {key} is written inline" for key in inline_credentials(config)]
     dropped: list[str] = []
     source_rules = IgnoreRules.for_folder(source, request.ignore, [dest])
-    members = _walk(source, source_rules, source, "fedml/", request.drop_secrets, secrets, dropped)
+    members = _walk(source, source_rules, source, "fedml/", request.drop_secrets, allow, secrets, dropped)
     # the config folder lands in fedml/config/, replacing whatever the source tree had there;
     # inside the source folder it follows the source's ignore rules (.gitignore included)
     members = {k: v for k, v in members.items() if not k.startswith("fedml/config/")}
@@ -240,7 +244,14 @@ def build_package(request: BuildRequest) -> BuildResult:
         )
     members.update(
         _walk(
-            config_folder, config_rules, config_base, "fedml/config/", request.drop_secrets, secrets, dropped
+            config_folder,
+            config_rules,
+            config_base,
+            "fedml/config/",
+            request.drop_secrets,
+            allow,
+            secrets,
+            dropped,
         )
     )
     if secrets:

@@ -90,6 +90,14 @@ def build(
             "--secret-file", help=f"Sign the manifest with the secret in this file (or ${SECRET_ENV})"
         ),
     ] = None,
+    allow_secret: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-secret",
+            help="A secret-scan finding that is a false positive: PATH or PATH:LINE as the finding shows it"
+            " (globs allowed; repeatable)",
+        ),
+    ] = None,
 ) -> None:
     """Build DEST/dist-packages/<type>-package.zip after validating the config and the entry point."""
     if ctx.invoked_subcommand is not None:
@@ -124,6 +132,7 @@ def build(
                 ignore=tuple(parse_ignore_option(ignore)),
                 drop_secrets=drop_secrets,
                 secret=secret,
+                allow_secrets=tuple(allow_secret or ()),
             )
         )
     except UnitedLLMError as exc:

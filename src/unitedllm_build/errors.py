@@ -32,6 +32,7 @@ class SecretsInPackage(BuildError):
         super().__init__(
             "refusing to package credentials (packages are uploaded and shared):\n"
             f"{listing}\n"
-            "Keep them on each node instead (comm_args.mqtt_config_path / s3_config_path), exclude them"
-            " with -ig, or pass --drop-secrets to leave them out with a warning."
+            "Keep them on each node instead (comm_args.mqtt_config_path / s3_config_path, UNITEDLLM_*"
+            " variables), exclude them with -ig, pass --drop-secrets to leave those files out with a"
+            " warning, or, for a false positive, --allow-secret PATH[:LINE]."
         )

@@ -1,9 +1,8 @@
-"""Which files of a project go into a package: ignore globs, .gitignore defaults, and secrets never packaged."""
+"""Which files of a project go into a package: ignore globs and .gitignore defaults (secrets: :mod:`.secret_scan`)."""
 
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -13,8 +12,6 @@ __all__ = [
     "GitignoreRule",
     "IgnoreRules",
     "gitignored",
-    "inline_credentials",
-    "looks_secret",
     "parse_ignore_option",
 ]
 
@@ -44,41 +41,6 @@ DEFAULT_IGNORES: tuple[str, ...] = (
     ".idea",
     ".vscode",
 )
-
-_SECRET_NAMES: tuple[str, ...] = (
-    ".env",
-    ".env.*",
-    "*.env",
-    "mqtt_config.yaml",
-    "mqtt_config.yml",
-    "s3_config.yaml",
-    "s3_config.yml",
-    "*credentials*",
-    ".netrc",
-    ".pypirc",
-    ".git-credentials",
-    ".htpasswd",
-    "*.pem",
-    "*.key",
-    "*.p12",
-    "*.pfx",
-    "*.jks",
-    "*.keystore",
-    "*.ppk",
-    "*.secret",
-    "secrets.*",
-    "id_rsa",
-    "id_dsa",
-    "id_ecdsa",
-    "id_ed25519",
-    "id_rsa.*",
-    "id_ecdsa.*",
-    "id_ed25519.*",
-)
-_SECRET_DIRS: frozenset[str] = frozenset({".ssh", ".aws", ".gnupg", ".docker"})
-_SAFE_SUFFIXES: tuple[str, ...] = (".example", ".sample", ".template", ".pub", ".dist")
-_PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
-_SCAN_LIMIT = 256 * 1024  # credential files are small; do not read big files twice
 
 
 def parse_ignore_option(value: str | None) -> list[str]:
@@ -175,41 +137,3 @@ class IgnoreRules:
         if self.ignored_by_user(rel) or any(_matches(rel, p) for p in DEFAULT_IGNORES):
             return True
         return gitignored(self.gitignore, rel, absolute.is_dir())
-
-
-def looks_secret(rel: PurePosixPath, absolute: Path) -> str | None:
-    """Why the file at ``rel`` looks like a credential, or None."""
-    name = rel.name.lower()
-    if any(part in _SECRET_DIRS for part in rel.parts[:-1]):
-        return "inside a credentials folder"
-    if not name.endswith(_SAFE_SUFFIXES):
-        for pattern in _SECRET_NAMES:
-            if fnmatch.fnmatchcase(name, pattern):
-                return f"credential file name ({pattern})"
-    try:
-        if absolute.stat().st_size <= _SCAN_LIMIT and _PRIVATE_KEY.search(absolute.read_bytes()):
-            return "holds a private key"
-    except OSError:
-        return None
-    return None
-
-
-# YAML paths in a UnitedLLM config whose values are credentials: they belong in files on each node
-_CREDENTIAL_KEYS: tuple[tuple[str, ...], ...] = (
-    ("comm_args", "mqtt", "password"),
-    ("comm_args", "s3", "access_key_id"),
-    ("comm_args", "s3", "secret_access_key"),
-    ("comm_args", "run_secret"),
-)
-
-
-def inline_credentials(config: object) -> list[str]:
-    """YAML paths of credentials written straight into a parsed config (``comm_args.mqtt.password``, ...)."""
-    found: list[str] = []
-    for path in _CREDENTIAL_KEYS:
-        node: object = config
-        for key in path:
-            node = node.get(key) if isinstance(node, dict) else None
-        if node not in (None, ""):
-            found.append(".".join(path))
-    return found
