@@ -4,7 +4,6 @@ repository's ``templates/``, shipped as package data."""
 from __future__ import annotations
 
 import shutil
-from importlib.util import find_spec
 from pathlib import Path
 
 from unitedllm_build.errors import BuildError
@@ -15,13 +14,9 @@ PROJECT_TEMPLATE = "project"
 
 
 def templates_dir() -> Path:
-    """Where the templates live: ``unitedllm_build/templates`` in a wheel, the checkout's ``templates/``
-    in an editable install (setup.py maps one onto the other)."""
-    spec = find_spec("unitedllm_build.templates")
-    if spec is not None and spec.submodule_search_locations:
-        here = Path(next(iter(spec.submodule_search_locations)))
-    else:
-        here = Path(__file__).resolve().parents[2] / "templates"
+    """Where the templates live: ``unitedllm_build/templates`` (package data in a wheel; in a checkout, a
+    link to the repository's ``templates/``)."""
+    here = Path(__file__).resolve().parent / "templates"
     if not (here / PROJECT_TEMPLATE).is_dir():
         raise BuildError(f"UnitedLLM's project templates are missing from {here}; reinstall unitedllm")
     return here
