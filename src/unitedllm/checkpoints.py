@@ -73,11 +73,10 @@ def save_init(
     A random base is written in place (not renamed) because LoRA adapters saved later record this
     exact path as their base; ``adopt`` is passed to the trainer's ``save_base``.
     """
-    save_base = getattr(trainer, "save_base", None)
-    if save_base is not None and random_base:
+    if random_base:
         shutil.rmtree(target, ignore_errors=True)
-        save_base(target, adopt=adopt)
-        return
+        if trainer.save_base(target, adopt=adopt):
+            return
     with atomic_dir(target) as tmp:
         trainer.save_model(weights, tmp)
 

@@ -91,10 +91,10 @@ class SiloLeader(LocalTrainer):
         self.ctx.broadcast_tensors(weights)
         self.inner.save_model(weights, directory)
 
-    def save_base(self, directory: Path, *, adopt: bool = True) -> None:
+    def save_base(self, directory: Path, *, adopt: bool = True) -> bool:
         """Every rank takes part (ZeRO-3 gathers the base); only rank 0 writes (see ``HFLocalTrainer.save_base``)."""
         self._announce("save_base", directory=str(directory), adopt=adopt)
-        self.inner.save_base(directory, adopt=adopt)  # type: ignore[attr-defined]
+        return self.inner.save_base(directory, adopt=adopt)
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's optimizer state (ZeRO keeps a shard per rank), in silo rank order."""
@@ -126,13 +126,7 @@ class SiloLeader(LocalTrainer):
             self._announce(ABORT if failed else STOP)
         except RuntimeError as exc:  # a follower is gone already; the launcher ends the rest
             log.debug("silo: could not reach the followers: %s", exc)
-        _close(self.inner)
-
-
-def _close(trainer: LocalTrainer) -> None:
-    close = getattr(trainer, "close", None)
-    if callable(close):
-        close()
+        self.inner.close()
 
 
 class _ZeroLeader(SiloLeader):
@@ -153,7 +147,7 @@ def follow(trainer: LocalTrainer, ctx: SiloContext) -> bool:
         command, kwargs = ctx.broadcast_object()
         log.debug("silo rank %d: %s", ctx.rank, command)
         if command in (STOP, ABORT):
-            _close(trainer)
+            trainer.close()
             return bool(command == STOP)
         if command == "fit":
             weights = ctx.broadcast_tensors()
@@ -163,7 +157,7 @@ def follow(trainer: LocalTrainer, ctx: SiloContext) -> bool:
         elif command == "save_model":
             trainer.save_model(ctx.broadcast_tensors(), Path(kwargs["directory"]))
         elif command == "save_base":
-            trainer.save_base(Path(kwargs["directory"]), adopt=kwargs["adopt"])  # type: ignore[attr-defined]
+            trainer.save_base(Path(kwargs["directory"]), adopt=kwargs["adopt"])
         elif command == "state_dict":
             ctx.gather_objects(trainer.state_dict())
         elif command == "load_state_dict":

@@ -69,6 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
     from unitedllm.config import load_config
     from unitedllm.launch import serve_in_process
     from unitedllm.silo.distributed import open_silo
+    from unitedllm.silo.execution import execution_for
     from unitedllm.silo.group import check_same_model, follow, leader_for
     from unitedllm.silo.launcher import role_name
     from unitedllm.training.hf import HFLocalTrainer
@@ -77,7 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose, ctx.rank)
     who = role_name(args.rank)
     cfg = load_config(args.config, overrides=args.overrides, run_id=args.run_id)
-    trainer = HFLocalTrainer(cfg, args.rank, silo=ctx)
+    trainer = HFLocalTrainer(cfg, args.rank, execution=execution_for(ctx))
     check_same_model(trainer, ctx)
     if not ctx.is_leader:
         if follow(trainer, ctx):

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+
+from unitedllm.training.execution import MakeOptimizer, MakeScheduler, OptimizerRounds
 
 if TYPE_CHECKING:
     import torch
@@ -97,24 +99,26 @@ def _plain_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
     return plain
 
 
-class ZeroRounds:
+class ZeroRounds(OptimizerRounds):
     """One DeepSpeed client's optimizer and schedule across rounds, one HF ``Trainer`` per round.
 
-    ``make_optimizer(model)`` builds the torch optimizer (DeepSpeed wraps it in ZeRO);
-    ``make_scheduler(optimizer)`` builds the learning-rate schedule of the whole run.
+    ``make_optimizer(model, args)`` builds the torch optimizer (DeepSpeed wraps it in ZeRO);
+    ``make_scheduler(optimizer, steps)`` builds the learning-rate schedule of the whole run.
     """
 
-    def __init__(
-        self,
-        make_optimizer: Callable[[Any], torch.optim.Optimizer],
-        make_scheduler: Callable[[Any], Any],
-    ):
+    def __init__(self, make_optimizer: MakeOptimizer, make_scheduler: MakeScheduler):
         self._make_optimizer = make_optimizer
         self._make_scheduler = make_scheduler
         self._optimizer_state: dict[str, Any] | None = None
         self.steps_done = 0
         self._engine: Any = None
         self.scheduler: Any = None
+        self._args: Any = None
+        self._steps = 0
+
+    def begin_round(self, model: Any, args: Any, steps: int) -> None:
+        """Remember the round's arguments: the engine builds the optimizer when the round's ``Trainer`` starts."""
+        self._args, self._steps = args, steps
 
     def trainer(self, **kwargs: Any) -> Any:
         """A Hugging Face ``Trainer`` for this round that continues this client's optimizer and schedule."""
@@ -127,7 +131,9 @@ class ZeroRounds:
                 if self.optimizer is None:
                     # The previous round's engine still owns ZeRO-3's module hooks: retire it first.
                     rounds.release_engine()
-                    self.optimizer = rounds._make_optimizer(model if model is not None else self.model)
+                    self.optimizer = rounds._make_optimizer(
+                        model if model is not None else self.model, rounds._args
+                    )
                 return self.optimizer
 
             def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
@@ -141,7 +147,7 @@ class ZeroRounds:
         return _RoundTrainer(**kwargs)
 
     def _schedule(self, optimizer: Any) -> Any:
-        scheduler = self._make_scheduler(optimizer)
+        scheduler = self._make_scheduler(optimizer, self._steps)
         with warnings.catch_warnings():
             # Advancing a fresh schedule to where the last round left it, before any optimizer step.
             warnings.simplefilter("ignore", UserWarning)
@@ -180,6 +186,10 @@ class ZeroRounds:
         self._optimizer_state = _plain_optimizer_state(_cpu_copy(self._engine.optimizer.state_dict()))
         self.steps_done += int(trainer.state.global_step)
 
+    def close(self) -> None:
+        """Remove the last engine's hooks from the model (closing twice is harmless)."""
+        self.release_engine()
+
     def release_engine(self) -> None:
         """Remove the last engine's hooks from the model (closing twice is harmless)."""
         if self._engine is not None and hasattr(self._engine, "destroy"):
@@ -196,7 +206,7 @@ class ZeroRounds:
             return {}
         return {"zero_optimizer": self._optimizer_state, "steps_done": self.steps_done}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` gave; applied when the next round's engine starts."""
         self._optimizer_state = state.get("zero_optimizer")
         self.steps_done = int(state.get("steps_done", 0))

@@ -100,6 +100,15 @@ class LocalTrainer(abc.ABC):
     def save_model(self, weights: Mapping[str, torch.Tensor], directory: Path) -> None:
         """Write ``weights`` as a directory ``transformers``/``peft`` can load."""
 
+    def save_base(self, directory: Path, *, adopt: bool = True) -> bool:
+        """Write the frozen base model as built (a random initialisation) to ``directory``; whether it did.
+
+        A trainer whose model has no separate base (the default) writes nothing and returns False;
+        the initial weights are then saved with :meth:`save_model`. ``adopt``: later adapters saved
+        by this trainer point at this copy (False: only when no base was saved before).
+        """
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         """Optimizer/schedule state to carry across rounds or checkpoints (empty by default).
 
@@ -112,3 +121,6 @@ class LocalTrainer(abc.ABC):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - optional
         """Restore what :meth:`state_dict` returned."""
+
+    def close(self) -> None:  # noqa: B027 - nothing to release by default
+        """Release what the trainer holds (scratch files, engines); closing twice is harmless."""

@@ -17,8 +17,13 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from unitedllm.training.sources import Record, client_records, server_test_records, training_records
-from unitedllm.training.tokenizer import cache_root
+from unitedllm.training.sources import (
+    Record,
+    cache_root,
+    client_records,
+    server_test_records,
+    training_records,
+)
 
 if TYPE_CHECKING:
     import torch

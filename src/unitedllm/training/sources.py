@@ -17,6 +17,7 @@ out evenly. Every split is deterministic in ``common_args.random_seed``, so all 
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from unitedllm.config.types import Config
 
 __all__ = [
+    "cache_root",
     "Record",
     "client_records",
     "partition",
@@ -35,6 +37,14 @@ __all__ = [
     "server_test_records",
     "training_records",
 ]
+
+
+def cache_root(cfg: Config) -> Path:
+    """Where UnitedLLM caches tokenizers and tokenized datasets: ``data_args.cache_dir`` or ~/.cache."""
+    if cfg.data_args.cache_dir:
+        return Path(cfg.data_args.cache_dir).expanduser()
+    return Path(os.environ.get("UNITEDLLM_CACHE", "~/.cache/unitedllm")).expanduser()
+
 
 Record = dict[str, str]
 _TEXT_FIELDS = ("instruction", "context", "response", "category")

@@ -8,7 +8,6 @@ every re-run) gets byte-identical token ids without retraining.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -16,24 +15,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from unitedllm.errors import ConfigError, ConfigProblem
+from unitedllm.training.sources import cache_root
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from unitedllm.config.types import Config
 
-__all__ = ["EOS_TOKEN", "PAD_TOKEN", "cache_root", "load_tokenizer", "train_tokenizer"]
+__all__ = ["EOS_TOKEN", "PAD_TOKEN", "load_tokenizer", "train_tokenizer"]
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
 _MIN_VOCAB = 256 + 2  # the byte alphabet plus our two special tokens
-
-
-def cache_root(cfg: Config) -> Path:
-    """Where UnitedLLM caches tokenizers and tokenized datasets: ``data_args.cache_dir`` or ~/.cache."""
-    if cfg.data_args.cache_dir:
-        return Path(cfg.data_args.cache_dir).expanduser()
-    return Path(os.environ.get("UNITEDLLM_CACHE", "~/.cache/unitedllm")).expanduser()
 
 
 def _digest(texts: Sequence[str], vocab_size: int) -> str:
