@@ -41,6 +41,13 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug lo
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue the run from its last complete round (same --run-id).")
 ]
+FreshOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fresh-if-missing",
+        help="With --resume: start the run from round 0 when it has no checkpoint (otherwise refused).",
+    ),
+]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -129,6 +136,7 @@ def run(
     run_id: Annotated[str | None, typer.Option("--run-id", help="Run id (default: a new UUID).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress display.")] = False,
     resume: ResumeOpt = False,
+    fresh_if_missing: FreshOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the aggregator and every client in this process (offline-capable)."""
@@ -140,10 +148,48 @@ def run(
             raise ConfigError("--resume needs the --run-id of the run to continue")
         run_id = run_id or new_run_id()
         cfg = _load(config, set_, run_id)
+        _warn_ignored(cfg, "run")
+        resume = _resume_or_fresh(cfg, run_id, resume=resume, fresh=fresh_if_missing)
         result = _run_embedded(cfg, run_id=run_id, quiet=quiet, resume=resume)
         console.print(f"run [bold]{run_id}[/bold] finished: {len(result.rounds)} rounds")
         console.print(f"final model: {result.final_dir}")
         console.print(f"metrics:     {result.output_dir / 'metrics.jsonl'}")
+
+
+def _warn_ignored(cfg: Any, mode: Any) -> None:
+    """One warning per config key that this command does not use."""
+    from unitedllm.config.modes import ignored_keys
+
+    for path, why in ignored_keys(cfg, mode):
+        logging.getLogger("unitedllm").warning("%s is ignored: %s", path, why)
+
+
+def _resume_or_fresh(cfg: Any, run_id: str, *, resume: bool, fresh: bool) -> bool:
+    """Whether to resume: refuse ``--resume`` of a run with no checkpoint unless ``--fresh-if-missing``."""
+    from unitedllm.checkpoints import RESUME_DIR, SERVER_STATE_FILE, node_dir
+    from unitedllm.errors import ConfigProblem
+
+    if fresh and not resume:
+        raise ConfigError(ConfigProblem("--fresh-if-missing", "only has a meaning with --resume"))
+    if not resume:
+        return False
+    checkpoint = node_dir(run_output_dir(cfg, run_id), 0) / RESUME_DIR
+    if (checkpoint / SERVER_STATE_FILE).is_file():
+        return True
+    if fresh:
+        logging.getLogger("unitedllm").warning(
+            "run %s has no checkpoint in %s; starting it from round 0 (--fresh-if-missing)",
+            run_id,
+            checkpoint,
+        )
+        return False
+    raise ConfigError(
+        ConfigProblem(
+            "--resume",
+            f"run {run_id} has no checkpoint to resume ({checkpoint} holds none); check --run-id and"
+            " train_args.output_dir, or add --fresh-if-missing to start it from round 0",
+        )
+    )
 
 
 def _run_embedded(cfg: Any, *, run_id: str, quiet: bool, resume: bool) -> Any:
@@ -179,6 +225,7 @@ def server(
     run_id: RunIdOpt,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
+    fresh_if_missing: FreshOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the aggregator (rank 0) of a run whose clients are separate processes.
@@ -190,6 +237,9 @@ def server(
     with _user_errors():
         from unitedllm.silo import serve_silo
 
+        cfg = _load(config, set_, run_id)
+        _warn_ignored(cfg, "server")
+        resume = _resume_or_fresh(cfg, run_id, resume=resume, fresh=fresh_if_missing)
         reason = serve_silo(
             config, rank=0, run_id=run_id, overrides=list(set_ or []), verbose=verbose, resume=resume
         )
@@ -226,6 +276,11 @@ def client(
 from unitedllm.report.cli import report_command
 
 app.command("report")(report_command)
+
+from unitedllm.serving.cli import export_command, serve_command
+
+app.command("export")(export_command)
+app.command("serve")(serve_command)
 
 
 @app.command("dev-services")
