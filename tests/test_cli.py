@@ -57,3 +57,27 @@ def test_local_backend_cannot_serve_separate_processes(tmp_path: Path) -> None:
 def test_client_rank_outside_the_run_is_refused() -> None:
     proc = unitedllm("client", "examples/mqtt_s3.yaml", "--rank", "9", "--run-id", "x")
     assert proc.returncode == 2 and "9" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_without_a_checkpoint_is_refused_and_ignored_keys_are_named_once(tmp_path: Path) -> None:
+    proc = unitedllm(
+        "run",
+        "examples/quickstart.yaml",
+        "--run-id",
+        "never-ran",
+        "--resume",
+        "--set",
+        f"train_args.output_dir={tmp_path}/{{run_id}}",
+        "--set",
+        "environment_args.bootstrap=config/bootstrap.sh",
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "run never-ran has no checkpoint to resume" in proc.stderr
+    assert "--fresh-if-missing" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("environment_args.bootstrap is ignored") == 1
+    assert not (tmp_path / "never-ran" / "node_0").exists(), "nothing may start"
+
+
+def test_fresh_if_missing_only_goes_with_resume() -> None:
+    proc = unitedllm("run", "examples/quickstart.yaml", "--fresh-if-missing")
+    assert proc.returncode == 2 and "--fresh-if-missing: only has a meaning with --resume" in proc.stderr
