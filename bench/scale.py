@@ -1,0 +1,227 @@
+"""Rounds with many clients: one aggregator and N lightweight clients over real mosquitto and SeaweedFS.
+
+Each client is a real :class:`unitedllm.Client` with its own MQTT connection, its own S3 blobs and a
+tiny least-squares trainer (a few hundred floats), so what is measured is the federation itself:
+connections, presence, topic fan-out, signing, blob traffic and the aggregator's round loop. The
+clients share one process (and one S3 connection pool); the aggregator runs in a process of its own,
+so its CPU time and memory are its alone. The broker's message count is taken by a monitor that
+subscribes to the run's topics.
+
+    python bench/scale.py                          # N = 10, 100, 500; 3 rounds each
+    python bench/scale.py --clients 10,50 --rounds 2 --out scale.json
+
+Prints one JSON document on stdout (or to ``--out``): per N, the wall time of each round as the
+aggregator recorded it (``metrics.jsonl``), the aggregator's CPU seconds and peak RSS, the client
+process's RSS per client, and the messages the broker carried per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import unitedllm
+from unitedllm.devservices import DevServices, dev_services
+from unitedllm.training.base import EvalResult, FitResult, LocalTrainer
+
+DIM = 64
+
+
+class TinyTrainer(LocalTrainer):
+    """One SGD step of least squares on 32 private points: an update of DIM + 1 floats."""
+
+    def __init__(self, rank: int):
+        gen = torch.Generator().manual_seed(rank)
+        self.x = torch.randn(32, DIM, generator=gen)
+        self.y = self.x @ (torch.ones(DIM) + 0.01 * rank)
+
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        return {"w": torch.zeros(DIM), "b": torch.zeros(1)}
+
+    def base_fingerprint(self) -> str:
+        return f"scale-bench-{DIM}"
+
+    def fit(
+        self, weights: Mapping[str, torch.Tensor], *, round_idx: int, max_steps: int, on_step: Any = None
+    ) -> FitResult:
+        w = weights["w"].clone()
+        grad = 2 * self.x.T @ (self.x @ w + weights["b"] - self.y) / len(self.y)
+        return FitResult({"w": w - 0.01 * grad, "b": weights["b"].clone()}, len(self.y), {})
+
+    def evaluate(self, weights: Mapping[str, torch.Tensor]) -> EvalResult:
+        loss = float(((self.x @ weights["w"] + weights["b"] - self.y) ** 2).mean())
+        return EvalResult({"eval_loss": loss}, len(self.y))
+
+    def save_model(self, weights: Mapping[str, torch.Tensor], directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(dict(weights), str(directory / "model.safetensors"))
+
+
+def config(n: int, rounds: int, output_dir: Path) -> dict[str, Any]:
+    return {
+        "common_args": {"random_seed": 0},
+        "model_args": {"model_name_or_path": "scale-bench", "peft_type": "none"},
+        "train_args": {
+            "client_num_in_total": n,
+            "client_num_per_round": n,
+            "comm_round": rounds,
+            "local_max_steps": 1,
+            "output_dir": str(output_dir),
+        },
+        "validation_args": {"is_aggregator_test": False, "test_on_clients": "no"},
+        "comm_args": {"backend": "MQTT_S3", "round_timeout_s": 300, "join_timeout_s": 300},
+    }
+
+
+def rank_keys(n: int) -> dict[str, str]:
+    return {f"UNITEDLLM_RANK_KEY_{rank}": secrets.token_hex(32) for rank in range(n + 1)}
+
+
+async def run_clients(cfg: Any, n: int, run_id: str) -> None:
+    async def one(rank: int) -> None:
+        async with unitedllm.Client(cfg, rank=rank, run_id=run_id, trainer=TinyTrainer(rank)) as client:
+            await client.run()
+
+    async with asyncio.TaskGroup() as group:
+        for rank in range(1, n + 1):
+            group.create_task(one(rank), name=f"client-{rank}")
+
+
+async def count_messages(services: DevServices, run_id: str, counter: list[int], stop: asyncio.Event) -> None:
+    import aiomqtt
+
+    settings = services.mqtt.settings()
+    async with aiomqtt.Client(
+        settings.host, settings.port, username=settings.username, password=settings.password
+    ) as monitor:
+        await monitor.subscribe(f"unitedllm/{run_id}/#", qos=1)
+        async for _ in monitor.messages:
+            counter[0] += 1
+            if stop.is_set():
+                break
+
+
+async def measure(services: DevServices, n: int, rounds: int, workdir: Path) -> dict[str, Any]:
+    run_id = f"scale-{n}-{secrets.token_hex(4)}"
+    output_dir = workdir / run_id
+    raw = config(n, rounds, output_dir)
+    cfg = unitedllm.load_config(raw, run_id=run_id)
+    keys = rank_keys(n)
+    env = {**os.environ, **services.env(), **keys}
+    client_env = {**services.env(), **keys}
+    os.environ.update(client_env)  # this process holds every client rank's key (they are all here)
+    config_file = workdir / f"{run_id}.json"
+    config_file.write_text(json.dumps(raw))
+    counter = [0]
+    stop = asyncio.Event()
+    monitor = asyncio.create_task(count_messages(services, run_id, counter, stop))
+    started = time.perf_counter()
+    aggregator = subprocess.Popen(
+        [sys.executable, __file__, "--role", "aggregator", "--config", str(config_file), "--run-id", run_id],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    rss_before = _rss_mib()
+    await run_clients(cfg, n, run_id)
+    out, _ = await asyncio.to_thread(aggregator.communicate)
+    wall = time.perf_counter() - started
+    stop.set()
+    monitor.cancel()
+    if aggregator.returncode != 0:
+        raise SystemExit(f"aggregator for N={n} exited {aggregator.returncode}")
+    usage = json.loads(out.strip().splitlines()[-1])
+    round_seconds = [
+        e["seconds"]
+        for e in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())
+        if e.get("event") == "round" and "seconds" in e
+    ]
+    return {
+        "clients": n,
+        "rounds": rounds,
+        "wall_s": round(wall, 2),
+        "round_s": [round(s, 3) for s in round_seconds],
+        "aggregator_cpu_s": usage["cpu_s"],
+        "aggregator_peak_rss_mib": usage["peak_rss_mib"],
+        "client_process_rss_mib_per_client": round((_rss_mib() - rss_before) / n, 3),
+        "broker_messages_per_round": round(counter[0] / rounds, 1),
+    }
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def aggregator_main(config_file: Path, run_id: str) -> None:
+    cfg = unitedllm.load_config(json.loads(config_file.read_text()), run_id=run_id)
+
+    async def main() -> None:
+        async with unitedllm.Aggregator(cfg, run_id=run_id, trainer=TinyTrainer(0)) as aggregator:
+            await aggregator.run()
+
+    asyncio.run(main())
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(
+        json.dumps(
+            {
+                "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+                "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+            }
+        )
+    )
+
+
+async def bench(clients: list[int], rounds: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="unitedllm-scale-") as tmp:
+        async with dev_services(Path(tmp) / "services", tls=False) as services:
+            rows = [await measure(services, n, rounds, Path(tmp)) for n in clients]
+    return {
+        "bench": "scale",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", default="10,100,500", help="comma-separated client counts")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--role", choices=["bench", "aggregator"], default="bench", help=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--run-id", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "aggregator":
+        aggregator_main(args.config, args.run_id)
+        return
+    result = asyncio.run(bench([int(n) for n in args.clients.split(",")], args.rounds))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
