@@ -1,0 +1,143 @@
+"""Process federations for fault tests: nodes as real processes on real mosquitto + SeaweedFS.
+
+Each node is ``python -m faults.node`` (the linear trainer, so a run takes seconds); every rank
+gets its own key the way the platform hands them out (the aggregator all of them, a client only
+its own). :func:`reference_model` runs the same config undisturbed in one process, for the
+byte-for-byte comparison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+TESTS = Path(__file__).resolve().parents[1]
+RUN_LIMIT_S = 150
+MODEL = Path("node_0") / "final" / "model.safetensors"
+
+Event = dict[str, Any]
+
+
+def run_config(tmp: Path, *, clients: int = 2, rounds: int = 3, **comm: Any) -> dict[str, Any]:
+    """A small linear-trainer run over MQTT_S3 (connection settings come from the environment)."""
+    return {
+        "train_args": {
+            "client_num_in_total": clients,
+            "client_num_per_round": clients,
+            "comm_round": rounds,
+            "local_max_steps": 4,
+            "output_dir": str(tmp / "out" / "{run_id}"),
+        },
+        "validation_args": {"is_aggregator_test": False, "test_on_clients": "no"},
+        "tracking_args": {"log_system_metrics": False},
+        "comm_args": {"backend": "MQTT_S3", "round_timeout_s": 120, "join_timeout_s": 60, **comm},
+    }
+
+
+class Federation:
+    """A run's nodes as processes, each logging to a file; whatever is left is killed at the end."""
+
+    def __init__(self, tmp: Path, run_id: str, raw: Mapping[str, Any], env: Mapping[str, str]):
+        self.tmp = tmp
+        self.run_id = run_id
+        self.config = tmp / "run.yaml"
+        self.config.write_text(yaml.safe_dump(dict(raw)))
+        self.clients = int(raw["train_args"]["client_num_in_total"])
+        self.keys = {rank: f"key-of-rank-{rank}-{run_id}" for rank in range(1, self.clients + 1)}
+        self.env = {
+            **os.environ,
+            **env,
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.env.pop("UNITEDLLM_RUN_SECRET", None)
+        self.output_dir = Path(str(raw["train_args"]["output_dir"]).replace("{run_id}", run_id))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def node(self, rank: int, *extra: str, sleep_s: float = 0.0) -> subprocess.Popen[bytes]:
+        keys = self.keys if rank == 0 else {rank: self.keys[rank]}
+        env = {**self.env, "FAULT_FIT_SLEEP_S": str(sleep_s)}
+        env.update({f"UNITEDLLM_RANK_KEY_{r}": key for r, key in keys.items()})
+        log = (self.tmp / f"rank{rank}-{len(self.procs)}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "faults.node", str(self.config), str(rank), self.run_id, *extra],
+            env=env,
+            cwd=TESTS,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def events(self, kind: str | None = None) -> list[Event]:
+        path = self.output_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        found = []
+        for line in path.read_text().splitlines():
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written right now
+                continue
+        return [e for e in found if kind is None or e.get("event") == kind]
+
+    def wait_for(self, predicate: Callable[[Event], bool], timeout: float = RUN_LIMIT_S) -> Event:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if predicate(event):
+                    return event
+            if self.procs and all(p.poll() is not None for p in self.procs):
+                break
+            time.sleep(0.05)
+        pytest.fail(f"no matching metrics event within {timeout:g}s\n{self.logs()}")
+
+    def wait(self, proc: subprocess.Popen[bytes], timeout: float = RUN_LIMIT_S) -> int:
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{proc.args!r} still running after {timeout:g}s\n{self.logs()}")
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted(self.tmp.glob("*.log"))
+        )
+
+    def aggregated(self) -> dict[int, list[int]]:
+        return {e["round"]: e["aggregated"] for e in self.events("round")}
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                self.kill(proc)
+
+
+def reference_model(tmp: Path, raw: Mapping[str, Any]) -> bytes:
+    """The final model of the same run, undisturbed, in one process (LOCAL backend)."""
+    from linear_trainer import LinearTrainer
+
+    from unitedllm.config import load_config
+    from unitedllm.runner import run_async
+
+    local = {**raw, "comm_args": {"backend": "LOCAL"}}
+    local["train_args"] = {**raw["train_args"], "output_dir": str(tmp / "reference" / "{run_id}")}
+    cfg = load_config(local, run_id="reference")
+    result = asyncio.run(run_async(cfg, run_id="reference", trainer_factory=lambda _c, r: LinearTrainer(r)))
+    return (result.final_dir / "model.safetensors").read_bytes()
