@@ -36,8 +36,9 @@ MAX_CONFIG_BYTES = 1024 * 1024
 MAX_DEPTH = 64
 #: No config number needs more digits than this (the widest bound is 2**32 - 1).
 MAX_INT_DIGITS = 40
-# C0 control characters and DEL, except tab, line feed and carriage return (which YAML uses).
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Characters YAML does not allow in a stream: C0 and C1 controls except tab, LF, CR and NEL, DEL,
+# surrogates, U+FFFE/U+FFFF (PyYAML's own list, checked here so the error names line and column).
+_CONTROL = yaml.reader.Reader.NON_PRINTABLE
 
 
 class _TooDeep(yaml.MarkedYAMLError):
@@ -111,7 +112,11 @@ def _control_character(text: str, source: str) -> None:
 
 def _load(text: str, source: str) -> Any:
     _control_character(text, source)
-    loader = _ConfigLoader(text)
+    try:
+        loader = _ConfigLoader(text)
+    except yaml.YAMLError as exc:  # the reader's own checks (a BOM in the middle, say)
+        what = " ".join(str(exc).split())
+        raise ConfigError(ConfigProblem("", f"YAML error: {what}", source), source=source) from None
     try:
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
