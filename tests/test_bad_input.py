@@ -35,6 +35,7 @@ HOSTILE: dict[str, tuple[str, str]] = {
         "model_args:\n  train_tokenizer_vocab_size: 99999999999999999999\n",
         "model_args.train_tokenizer_vocab_size: expected int >= 258",
     ),
+    "c1_control_char": ("data_args:\n  dataset: a\x80b\n", "control character U+0080 at line 2, column 13"),
     "yaml_syntax": ("train_args:\n  comm_round: [1, 2\n", "YAML syntax error at line"),
 }
 

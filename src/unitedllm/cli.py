@@ -326,5 +326,5 @@ def main() -> None:
     try:
         app()
     except ConfigError as exc:  # raised while parsing options
-        console.print(f"error: {exc.render()}")
+        console.print(f"error: {_escape(exc.render())}")
         sys.exit(2)
