@@ -32,6 +32,7 @@ from unitedllm.tracking import MetricsLog, open_trackers
 RUN_SECRET = "run-secret-3f9a1c77e0b24d5e"
 MQTT_PASSWORD = "mqtt-pw-8d1e2f3a4b5c"
 S3_SECRET = "s3-sak-Zx81QwErTy77PoLk"
+RANK_KEY = "rank-2-key-77c1e09b5a"  # a per-rank HMAC key, from UNITEDLLM_RANK_KEY_2
 SECRETS = (RUN_SECRET, MQTT_PASSWORD, S3_SECRET)
 
 
@@ -191,12 +192,14 @@ def test_cli_logs_mask_config_and_environment_secrets(tmp_path: Path) -> None:
         log = logging.getLogger("unitedllm.test")
         log.warning("connecting as fl:%s with run secret %s", {MQTT_PASSWORD!r}, {RUN_SECRET!r})
         log.warning("s3 key from the environment: {S3_SECRET}")
+        log.warning("rank 2 signs with {RANK_KEY}")
         """)
-    env = {**os.environ, "UNITEDLLM_S3_SECRET_ACCESS_KEY": S3_SECRET}
+    env = {**os.environ, "UNITEDLLM_S3_SECRET_ACCESS_KEY": S3_SECRET, "UNITEDLLM_RANK_KEY_2": RANK_KEY}
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=False
     )
     assert proc.returncode == 0, proc.stderr
     assert "connecting as fl:" + MASK in proc.stderr
     assert "s3 key from the environment: " + MASK in proc.stderr
+    assert "rank 2 signs with " + MASK in proc.stderr and RANK_KEY not in proc.stderr
     assert not any(s in proc.stderr + proc.stdout for s in SECRETS)

@@ -133,3 +133,15 @@ def test_unitedllm_variables_from_the_environment_are_fine(project: Path) -> Non
     )
     code, out = build(project)
     assert code == 0, out
+
+
+def test_a_file_named_by_rank_keys_path_is_refused_whatever_its_name(project: Path) -> None:
+    config = project / "config" / "fedml_config.yaml"
+    config.write_text(
+        config.read_text().replace("comm_args:\n", "comm_args:\n  rank_keys_path: ranks.yaml\n", 1)
+    )
+    (project / "config" / "ranks.yaml").write_text("1: k1\n2: k2\n")  # too short for any scanner
+    code, out = build(project)
+    assert code == 2 and "config/ranks.yaml: named by comm_args.rank_keys_path" in out, out
+    assert "k1" not in out.replace("rank_keys", "")
+    assert not packaged(project)

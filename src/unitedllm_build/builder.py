@@ -210,6 +210,27 @@ def _check_bootstrap(config: object, members: dict[str, _Member], config_path: P
         )
 
 
+# Config keys naming files that hold credentials: those files stay on each node.
+_CREDENTIAL_FILE_KEYS = ("mqtt_config_path", "s3_config_path", "rank_keys_path")
+
+
+def _credential_files_named_by(config: object, members: dict[str, _Member]) -> list[str]:
+    """Packaged files that ``comm_args.*_config_path`` / ``rank_keys_path`` name, whatever they are called."""
+    comm = config.get("comm_args") if isinstance(config, dict) else None
+    found = []
+    for key in _CREDENTIAL_FILE_KEYS:
+        value = comm.get(key) if isinstance(comm, dict) else None
+        if not isinstance(value, str) or not value or PurePosixPath(value).is_absolute():
+            continue
+        rel = PurePosixPath(value)
+        # relative paths are resolved from the config's folder or the source folder when the package runs
+        for candidate in (f"fedml/config/{rel.as_posix()}", f"fedml/{rel.as_posix()}"):
+            if candidate in members:
+                shown = candidate.removeprefix("fedml/")
+                found.append(f"{shown}: named by comm_args.{key}, so it holds credentials")
+    return found
+
+
 def build_package(request: BuildRequest) -> BuildResult:
     """Validate the inputs, then write the package zip; nothing is written when any check fails."""
     source = _folder(request.source_folder, "-sf/--source_folder")
@@ -254,6 +275,7 @@ def build_package(request: BuildRequest) -> BuildResult:
             dropped,
         )
     )
+    secrets += _credential_files_named_by(config, members)
     if secrets:
         raise SecretsInPackage(sorted(set(secrets)))
     entry_point = _check_entry_point(source, request.entry_point, members)
