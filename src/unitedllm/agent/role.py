@@ -98,6 +98,7 @@ class RoleRunner:
             self._finish(FAILED, None, "the role ended while its agent was down, leaving no exit code")
             return
         self.current = RUNNING
+        log.info("run %s: re-attached to rank %d's running role", self.run_id, self.rank)
         self._report(RUNNING, detail="agent restarted and re-attached to the running role")
         self._watch()
 

@@ -14,14 +14,19 @@ import sys
 from pathlib import Path
 
 
+def _note(_signum: int, _frame: object) -> None:
+    """Outlive the stop signal; the command gets it too and ends."""
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
         print("usage: python -m unitedllm.agent.role_wrapper EXIT_FILE -- COMMAND...", file=sys.stderr)
         return 2
     exit_file = Path(argv[0])
     # The group's SIGTERM reaches the command directly; this wrapper waits to record the outcome.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A handler, not SIG_IGN: an ignored signal would stay ignored in the command after exec.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _note)
     child = subprocess.Popen(argv[2:])
     code = child.wait()
     partial = exit_file.with_suffix(".tmp")

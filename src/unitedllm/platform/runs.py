@@ -133,27 +133,38 @@ class RunService:
             members = list(s.scalars(select(RunMember).where(RunMember.run_id == run_id)))
             targets = []
             for member in members:
-                if member.state == QUEUED:
-                    member.state = KILLED  # never started: nothing to stop
+                if member.state in TERMINAL:
+                    continue
+                if member.state == QUEUED and self._withdraw_start(s, member.device_id, run_id):
+                    # Never picked up: nothing runs, so the member ends now.
+                    member.state = KILLED
                     s.add(
                         StateEvent(run_id=run_id, device_id=member.device_id, rank=member.rank, state=KILLED)
                     )
                     self._release(s, member.device_id)
-                    for pending in s.scalars(
-                        select(Command).where(
-                            Command.device_id == member.device_id,
-                            Command.run_id == run_id,
-                            Command.acked_at.is_(None),
-                        )
-                    ):
-                        pending.acked_at = time.time()  # withdrawn
-                elif member.state not in TERMINAL:
-                    s.add(self._command(member.device_id, run_id, "stop"))
-                    targets.append(member.device_id)
+                # Always sent, even after a withdrawal: the agent may hold the start command already.
+                s.add(self._command(member.device_id, run_id, "stop"))
+                targets.append(member.device_id)
             self._settle(s, run)
         for device_id in targets:
             self.notify(device_id)
         return self.run(run_id)
+
+    def _withdraw_start(self, s: Any, device_id: str, run_id: str) -> bool:
+        """Withdraw a start command not yet acknowledged; whether there was one."""
+        pending = list(
+            s.scalars(
+                select(Command).where(
+                    Command.device_id == device_id,
+                    Command.run_id == run_id,
+                    Command.kind == "start",
+                    Command.acked_at.is_(None),
+                )
+            )
+        )
+        for command in pending:
+            command.acked_at = time.time()
+        return bool(pending)
 
     # -- the agent's side ----------------------------------------------------------------
 
