@@ -15,11 +15,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unitedllm.errors import UnitedLLMError
+
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
     "SERVER_STATE_FILE",
+    "OutputWriteError",
     "atomic_dir",
     "load_resume_point",
     "node_dir",
@@ -48,8 +51,11 @@ def round_dir(output_dir: Path, rank: int, round_idx: int, stage: str) -> Path:
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise OutputWriteError(target, exc) from None
     try:
         yield tmp
         if target.exists():
@@ -60,9 +66,27 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_failure(exc):
+            raise OutputWriteError(target, exc) from None
         raise
+
+
+class OutputWriteError(UnitedLLMError):
+    """A checkpoint could not be written (disk full, read-only, not a directory); nothing complete was replaced."""
+
+    def __init__(self, target: Path, cause: BaseException):
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        self.target = target
+        super().__init__(f"cannot write the checkpoint {target}: {reason}")
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """An OSError, or the I/O error safetensors reports in its own exception type."""
+    if isinstance(exc, OSError):
+        return True
+    return type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc)
 
 
 def save_init(
@@ -75,8 +99,13 @@ def save_init(
     """
     if random_base:
         shutil.rmtree(target, ignore_errors=True)
-        if trainer.save_base(target, adopt=adopt):
-            return
+        try:
+            if trainer.save_base(target, adopt=adopt):
+                return
+        except Exception as exc:
+            if _is_write_failure(exc):
+                raise OutputWriteError(target, exc) from None
+            raise
     with atomic_dir(target) as tmp:
         trainer.save_model(weights, tmp)
 

@@ -115,7 +115,28 @@ def _user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         console.print("interrupted")
         raise typer.Exit(130) from None
+    except OSError as exc:  # a full, read-only or misplaced output dir: what and where, no traceback
+        console.print(f"[bold red]error:[/bold red] {_escape(_os_error_line(exc))}")
+        raise typer.Exit(1) from None
 
+
+def _os_error_line(exc: OSError) -> str:
+    """``exc`` as one line naming the file, e.g. ``cannot write /out/run/metrics.jsonl: No space left on device``."""
+    import errno
+
+    reason = exc.strerror or str(exc)
+    where = exc.filename if exc.filename is not None else None
+    if exc.errno in {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.EISDIR,
+    }:
+        return f"cannot write {where}: {reason}" if where else f"cannot write the output: {reason}"
+    return f"{reason}: {where}" if where else reason
 
 def _escape(text: str) -> str:
     from rich.markup import escape
