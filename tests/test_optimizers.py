@@ -487,6 +487,59 @@ def test_exact_sum_compiled_and_torch_paths_give_identical_bytes(
     assert torch.equal(reference.result(), other.result())
 
 
+@pytest.mark.parametrize(
+    ("machine", "flags", "level"),
+    [
+        ("x86_64", "fpu sse2 ssse3 sse4_1 sse4_2 popcnt cx16 lahf_lm", "x86-64-v2"),
+        (
+            "x86_64",
+            "ssse3 sse4_1 sse4_2 popcnt cx16 lahf_lm avx avx2 bmi1 bmi2 f16c fma abm movbe xsave",
+            "x86-64-v3",
+        ),
+        ("x86_64", "avx512f avx512bw avx512cd avx512dq avx512vl", "x86-64"),  # v4 needs the lower levels too
+        ("x86_64", "", "x86-64"),
+        ("aarch64", "fp asimd", None),
+    ],
+)
+def test_the_kernel_is_built_for_a_named_level_never_for_this_exact_cpu(
+    machine: str, flags: str, level: str | None
+) -> None:
+    assert _native.isa_level(machine, flags.split()) == level
+    built = _native.build_flags(level)
+    assert not any("native" in f for f in built)
+    assert (f"-march={level}" in built) if level else not any(f.startswith("-march") for f in built)
+
+
+def test_the_kernel_source_is_a_c_file_shipped_with_the_package() -> None:
+    from importlib import resources
+
+    text = resources.files("unitedllm.optimizers").joinpath("exact_sum.c").read_text()
+    assert "ul_exact_add" in text and "#define BLOCK 512" in text
+
+
+def test_a_baseline_build_and_the_torch_path_give_the_bytes_of_this_cpus_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A library built for the baseline (what any CPU of the architecture may load) sums the same bytes."""
+    if _native.kernels() is None:
+        pytest.skip("no C compiler: the compiled kernel is not available")
+    xs = _wide_updates(9, 3 * _native.CHUNK + 17, seed=5)
+    ws = list(range(1, 10))
+
+    def summed() -> bytes:
+        acc = ExactSum(xs[0].shape)
+        acc.add(xs, ws)
+        return acc.result(divide_by=sum(ws)).numpy().tobytes()
+
+    this_cpu = summed()
+    baseline = _native._build(None, cache=tmp_path)
+    assert baseline is not None and list(tmp_path.glob("exact_sum-baseline-*.so"))
+    monkeypatch.setattr(_native, "_loaded", baseline)
+    assert summed() == this_cpu
+    monkeypatch.setenv("UNITEDLLM_NO_NATIVE", "1")
+    assert summed() == this_cpu
+
+
 def test_streaming_round_does_not_keep_updates() -> None:
     """Mean-based rounds hold an accumulator, not the updates: memory does not grow with clients."""
     w0 = {"x": torch.zeros(10_000)}

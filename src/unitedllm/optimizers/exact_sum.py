@@ -41,7 +41,6 @@ __all__ = [
     "ExactSum",
     "NonFiniteInputs",
     "count_nonfinite",
-    "exact_weighted_sum",
     "mean_step_one_pass",
 ]
 
@@ -493,15 +492,6 @@ def mean_step_one_pass(
     deep, cols = acc._deep_elements()
     _fix_deep(out, w, deep, cols, divide_by=divide_by, scale=scale)
     return out
-
-
-def exact_weighted_sum(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Σ w_k·x_k computed exactly and rounded once to float64; independent of the order of ``xs``."""
-    if not xs:
-        raise ValueError("nothing to sum")
-    acc = ExactSum(xs[0].shape)
-    acc.add(xs, weights)
-    return acc.result()
 
 
 def native_enabled() -> bool:
