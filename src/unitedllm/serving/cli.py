@@ -24,7 +24,7 @@ def _user_errors() -> Iterator[None]:
 
     from unitedllm.errors import ConfigError, UnitedLLMError
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # one line per problem, however long
     try:
         yield
     except ConfigError as exc:
