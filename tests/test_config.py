@@ -103,8 +103,14 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "line"),
     [
-        ({"train_args": {"comm_round": "five"}}, 'train_args.comm_round: expected int >= 1 and <= 1000000000, got "five"'),
-        ({"train_args": {"comm_round": 0}}, "train_args.comm_round: expected int >= 1 and <= 1000000000, got 0"),
+        (
+            {"train_args": {"comm_round": "five"}},
+            'train_args.comm_round: expected int >= 1 and <= 1000000000, got "five"',
+        ),
+        (
+            {"train_args": {"comm_round": 0}},
+            "train_args.comm_round: expected int >= 1 and <= 1000000000, got 0",
+        ),
         ({"train_args": {"fp16": "maybe"}}, 'train_args.fp16: expected bool, got "maybe"'),
         (
             {"model_args": {"lora_dropout": 1.5}},
