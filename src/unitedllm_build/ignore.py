@@ -1,15 +1,22 @@
-"""Which files of a project go into a package: ignore globs and .gitignore defaults (secrets: :mod:`.secret_scan`)."""
+"""Which files of a project go into a package: ignore globs and .gitignore defaults (secrets: :mod:`.secret_scan`).
+
+Every pattern (the defaults, the user's ``-ig`` globs, the folder's ``.gitignore``) follows git's
+rules as ``pathspec`` implements them, the matcher formatters and linters use: a pattern without a
+slash matches at any depth, a leading or inner slash anchors it at the folder, a trailing slash
+names folders only, ``!`` re-includes, the last matching line wins, and nothing inside an ignored
+folder comes back.
+"""
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import pathspec
+
 __all__ = [
     "DEFAULT_IGNORES",
-    "GitignoreRule",
     "IgnoreRules",
     "gitignored",
     "parse_ignore_option",
@@ -50,68 +57,27 @@ def parse_ignore_option(value: str | None) -> list[str]:
     return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
 
 
-def _matches(rel: PurePosixPath, pattern: str) -> bool:
-    if "/" in pattern:
-        # anchored at the folder root, like .gitignore patterns with a slash
-        anchored = pattern.lstrip("/")
-        return fnmatch.fnmatchcase(rel.as_posix(), anchored) or any(
-            fnmatch.fnmatchcase(PurePosixPath(*rel.parts[: i + 1]).as_posix(), anchored)
-            for i in range(len(rel.parts) - 1)
-        )
-    return any(fnmatch.fnmatchcase(part, pattern) for part in rel.parts)
+def _spec(lines: Iterable[str]) -> pathspec.GitIgnoreSpec:
+    return pathspec.GitIgnoreSpec.from_lines(list(lines))
 
 
-@dataclass(frozen=True)
-class GitignoreRule:
-    """One line of a ``.gitignore``: a glob, whether it re-includes (``!``), whether it names folders only."""
-
-    pattern: str
-    negated: bool = False
-    dir_only: bool = False
-
-    def matches(self, rel: PurePosixPath, is_dir: bool) -> bool:
-        """Whether the rule names ``rel`` itself (its folders are checked one by one by the caller)."""
-        if self.dir_only and not is_dir:
-            return False
-        if "/" in self.pattern:  # anchored at the folder of the .gitignore
-            return fnmatch.fnmatchcase(rel.as_posix(), self.pattern.lstrip("/"))
-        return fnmatch.fnmatchcase(rel.name, self.pattern)
-
-
-def _gitignore_rules(folder: Path) -> list[GitignoreRule]:
-    path = folder / ".gitignore"
-    if not path.is_file():
-        return []
-    rules: list[GitignoreRule] = []
-    for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        negated = line.startswith("!")
-        if negated:
-            line = line[1:]
-        elif line.startswith("\\!"):
-            line = line[1:]
-        dir_only = line.endswith("/")
-        line = line.rstrip("/")
-        if line:
-            rules.append(GitignoreRule(line, negated=negated, dir_only=dir_only))
-    return rules
-
-
-def gitignored(rules: Iterable[GitignoreRule], rel: PurePosixPath, is_dir: bool) -> bool:
-    """Git's answer for ``rel``: the last matching rule wins, and nothing inside an ignored folder comes back."""
-    rules = list(rules)
-    for depth in range(1, len(rel.parts) + 1):
-        prefix = PurePosixPath(*rel.parts[:depth])
-        folder = depth < len(rel.parts) or is_dir
-        state = False
-        for rule in rules:
-            if rule.matches(prefix, folder):
-                state = not rule.negated
-        if state:
+def gitignored(spec: pathspec.GitIgnoreSpec, rel: PurePosixPath, is_dir: bool) -> bool:
+    """Git's answer for ``rel`` under ``spec``: it or a folder above it is ignored (folders can't be re-entered)."""
+    parts = rel.parts
+    for depth in range(1, len(parts) + 1):
+        path = "/".join(parts[:depth])
+        if spec.match_file(path + "/" if depth < len(parts) or is_dir else path):
             return True
     return False
+
+
+def _gitignore(folder: Path) -> pathspec.GitIgnoreSpec:
+    path = folder / ".gitignore"
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    return _spec(lines)
+
+
+_DEFAULTS = _spec(DEFAULT_IGNORES)
 
 
 @dataclass
@@ -119,21 +85,25 @@ class IgnoreRules:
     """Ignore globs for one folder: defaults, the folder's .gitignore, and the user's ``-ig`` globs."""
 
     user: list[str] = field(default_factory=list)
-    gitignore: list[GitignoreRule] = field(default_factory=list)
+    gitignore: pathspec.GitIgnoreSpec = field(default_factory=lambda: _spec(()))
     excluded_dirs: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._user = _spec(self.user)
 
     @classmethod
     def for_folder(cls, folder: Path, user: Iterable[str], excluded_dirs: Iterable[Path] = ()) -> IgnoreRules:
-        return cls(list(user), _gitignore_rules(folder), [p.resolve() for p in excluded_dirs])
+        return cls(list(user), _gitignore(folder), [p.resolve() for p in excluded_dirs])
 
-    def ignored_by_user(self, rel: PurePosixPath) -> bool:
+    def ignored_by_user(self, rel: PurePosixPath, is_dir: bool = False) -> bool:
         """Whether the user's ``-ig`` globs exclude ``rel`` (an explicit choice, so secrets there are fine)."""
-        return any(_matches(rel, p) for p in self.user)
+        return gitignored(self._user, rel, is_dir)
 
     def ignored(self, rel: PurePosixPath, absolute: Path) -> bool:
         """Whether ``rel`` (relative to the folder) stays out of the package."""
         if any(absolute == d or absolute.is_relative_to(d) for d in self.excluded_dirs):
             return True
-        if self.ignored_by_user(rel) or any(_matches(rel, p) for p in DEFAULT_IGNORES):
+        is_dir = absolute.is_dir()
+        if self.ignored_by_user(rel, is_dir) or gitignored(_DEFAULTS, rel, is_dir):
             return True
-        return gitignored(self.gitignore, rel, absolute.is_dir())
+        return gitignored(self.gitignore, rel, is_dir)
