@@ -36,6 +36,10 @@ HOSTILE: dict[str, tuple[str, str]] = {
         "model_args.train_tokenizer_vocab_size: expected int >= 258",
     ),
     "c1_control_char": ("data_args:\n  dataset: a\x80b\n", "control character U+0080 at line 2, column 13"),
+    "vocab_override_too_big": (
+        "model_args:\n  model_config_overrides:\n    vocab_size: 1000000000000\n",
+        "model_args.model_config_overrides.vocab_size: an integer of 13 digits is too large",
+    ),
     "yaml_syntax": ("train_args:\n  comm_round: [1, 2\n", "YAML syntax error at line"),
 }
 
@@ -110,7 +114,7 @@ def test_dev_zero_and_a_fifo_are_refused_at_once(tmp_path: Path) -> None:
     for source in (Path("/dev/zero"), fifo):
         proc = unitedllm("run", str(source))  # would hang reading forever without the check
         assert proc.returncode == 2, proc.stderr
-        assert "is not a regular file" in proc.stderr and "Traceback" not in proc.stderr
+        assert "not a regular file" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_oversized_config_file_is_refused(tmp_path: Path) -> None:

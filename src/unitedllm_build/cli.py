@@ -185,6 +185,9 @@ def init(
     typer.echo(f"  cd {directory}")
     typer.echo("  unitedllm-build validate config/fedml_config.yaml")
     typer.echo("  bash scripts/build.sh            # build/dist-packages/{server,client}-package.zip")
+    typer.echo(
+        f"  export {SECRET_ENV}=...      # before building: signs the packages, and package run checks it"
+    )
     typer.echo("  unitedllm package run build/dist-packages/server-package.zip --rank 0 --run-id $RUN_ID")
 
 

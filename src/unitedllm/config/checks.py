@@ -127,6 +127,29 @@ def _client_dataset_paths(cfg: Config) -> Iterator[ConfigProblem]:
     )
 
 
+# model_config_overrides go to the model's config as they are; no size, layer or head count there
+# needs more than 32 bits, and a bigger one would only fail (or exhaust memory) inside the model build.
+_OVERRIDE_INT_LIMIT = 2**31 - 1
+
+
+@_check("model_args")
+def _override_numbers(cfg: Config) -> Iterator[ConfigProblem]:
+    stack: list[tuple[str, object]] = [
+        ("model_args.model_config_overrides", cfg.model_args.model_config_overrides)
+    ]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > _OVERRIDE_INT_LIMIT:
+            digits = len(str(abs(value))) if abs(value).bit_length() < 1000 else "hundreds of"
+            yield ConfigProblem(
+                path, f"an integer of {digits} digits is too large (limit {_OVERRIDE_INT_LIMIT})"
+            )
+
+
 @_check("model_args")
 def _lora_targets(cfg: Config) -> Iterator[ConfigProblem]:
     targets = cfg.model_args.lora_target_modules

@@ -164,15 +164,15 @@ def _read_text(file: Path, source: str) -> str:
             raise IsADirectoryError(source)
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError(
-                ConfigProblem("", f"{source} is not a regular file (a device, pipe or socket)", source),
+                ConfigProblem(
+                    "", "not a regular file (a device, pipe or socket); a config is a YAML text file", source
+                ),
                 source=source,
             )
         data = handle.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(
-            ConfigProblem(
-                "", f"{source} is over {MAX_CONFIG_BYTES // 1024} KiB; a config is a small text file", source
-            ),
+            ConfigProblem("", f"over {MAX_CONFIG_BYTES // 1024} KiB; a config is a small text file", source),
             source=source,
         )
     return data.decode("utf-8")
