@@ -128,3 +128,11 @@ def test_dev_services_port_over_65535_is_a_clear_error() -> None:
     proc = unitedllm("dev-services", "--mqtt-port", "70000")
     assert proc.returncode == 2
     assert "--mqtt-port: 70000 is not a TCP port" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_usage_error_is_one_plain_line_when_piped() -> None:
+    option = "--no-such-option-" + "x" * 90  # longer than the 80 columns rich would wrap at
+    proc = unitedllm("run", option, "config.yaml")
+    assert proc.returncode == 2
+    assert f"Error: No such option: {option}" in proc.stderr.splitlines()
+    assert "╭" not in proc.stderr

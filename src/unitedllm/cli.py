@@ -138,6 +138,7 @@ def _os_error_line(exc: OSError) -> str:
         return f"cannot write {where}: {reason}" if where else f"cannot write the output: {reason}"
     return f"{reason}: {where}" if where else reason
 
+
 def _escape(text: str) -> str:
     from rich.markup import escape
 
@@ -344,6 +345,9 @@ def version() -> None:
 
 def main() -> None:
     """Entry point of the ``unitedllm`` script."""
+    if not console.is_terminal:
+        # click's one-line "Error: ..." instead of rich's 80-column box when stderr is a pipe or a file
+        app.rich_markup_mode = None
     try:
         app()
     except ConfigError as exc:  # raised while parsing options
