@@ -136,3 +136,25 @@ def test_usage_error_is_one_plain_line_when_piped() -> None:
     assert proc.returncode == 2
     assert f"Error: No such option: {option}" in proc.stderr.splitlines()
     assert "╭" not in proc.stderr
+
+
+def test_every_number_in_the_schema_has_both_bounds() -> None:
+    from unitedllm.config import config_schema
+
+    unbounded: list[str] = []
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            if node.get("type") in ("integer", "number"):
+                low = "minimum" in node or "exclusiveMinimum" in node
+                high = "maximum" in node or "exclusiveMaximum" in node
+                if not (low and high):
+                    unbounded.append(path)
+            for key, value in node.items():
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+
+    walk(config_schema(), "$")
+    assert unbounded == []
