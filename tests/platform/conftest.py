@@ -187,7 +187,10 @@ def agents(
             agent = AgentProcess(name, role, root / name, platform_env, controller.url)
             agent.start(client.enrol_token(role))
             made[name] = agent
-        wait_until("three agents online", lambda: sum(d["online"] for d in client.devices()) >= 3)
+        wait_until(
+            "three agents online",
+            lambda: {"agg", "c1", "c2"} <= {d["name"] for d in client.devices() if d["online"]},
+        )
     try:
         yield made
     finally:

@@ -27,7 +27,7 @@ from unitedllm.platform.auth import ADMIN, ROLES, hash_token, new_token
 from unitedllm.platform.db import Database
 from unitedllm.platform.errors import PackageRefused, PlatformError
 from unitedllm.platform.models import ApiToken, Device, EnrolToken, Package
-from unitedllm.platform.states import IDLE, OFFLINE
+from unitedllm.platform.states import OFFLINE
 from unitedllm.platform.store import PackageStore
 
 __all__ = ["Controller", "PlatformFiles"]
@@ -231,7 +231,7 @@ class Controller:
                 )
                 prepared = prepare_package(zip_path, Path(tmp) / "unpacked", **options)
             except (PackageError, zipfile.BadZipFile) as exc:
-                raise PackageRefused(f"{filename}: {exc}") from None
+                raise PackageRefused(str(exc).replace(str(zip_path), filename), status=422) from None
             manifest = msgspec.to_builtins(prepared.manifest)
         digest = hashlib.sha256(data).hexdigest()
         with self.db.session() as s:
@@ -269,11 +269,18 @@ class Controller:
             return package_view(package)
 
     def package_bytes(self, digest: str) -> bytes:
-        info = self.package(digest)
-        return self.store.get_sync(info["digest"], info["size"])
+        """The stored zip; bytes that no longer match the digest are refused, never served."""
+        from unitedllm.errors import CommError, IntegrityError
 
-    def is_idle(self, device: Device) -> bool:
-        return device.run_id is None and device.state in (IDLE, *("FINISHED", "FAILED", "KILLED"))
+        info = self.package(digest)
+        try:
+            return self.store.get_sync(info["digest"], info["size"])
+        except IntegrityError as exc:
+            raise PackageRefused(
+                f"package {digest[:12]}: the stored bytes changed ({exc})", status=502
+            ) from None
+        except CommError as exc:
+            raise PlatformError(f"package {digest[:12]}: the store failed: {exc}", status=502) from None
 
 
 def package_view(package: Package) -> dict[str, Any]:
