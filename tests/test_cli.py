@@ -81,3 +81,23 @@ def test_resume_without_a_checkpoint_is_refused_and_ignored_keys_are_named_once(
 def test_fresh_if_missing_only_goes_with_resume() -> None:
     proc = unitedllm("run", "examples/quickstart.yaml", "--fresh-if-missing")
     assert proc.returncode == 2 and "--fresh-if-missing: only has a meaning with --resume" in proc.stderr
+
+
+def test_fresh_if_missing_starts_a_run_that_has_no_checkpoint(tmp_path: Path) -> None:
+    # The aggregator of a LOCAL config stops right after the resume decision, so the test stays fast.
+    proc = unitedllm(
+        "server",
+        "examples/quickstart.yaml",
+        "--run-id",
+        "first-time",
+        "--resume",
+        "--fresh-if-missing",
+        "--set",
+        f"train_args.output_dir={tmp_path}/{{run_id}}",
+        "--set",
+        "environment_args.bootstrap=config/bootstrap.sh",
+    )
+    assert "run first-time has no checkpoint" in proc.stderr and "starting it from round 0" in proc.stderr
+    assert "has no checkpoint to resume" not in proc.stderr  # not refused
+    assert proc.stderr.count("environment_args.bootstrap is ignored: the aggregator runs no bootstrap") == 1
+    assert proc.returncode == 2 and "comm_args.backend" in proc.stderr  # then LOCAL stops it, as before
