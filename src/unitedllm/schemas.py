@@ -27,6 +27,7 @@ __all__ = ["COMMITTED", "committed_dir", "normalise", "render", "stale_schemas",
 COMMITTED: dict[str, str] = {
     "unitedllm-config.schema.json": "unitedllm.config.schema:config_schema",
     "package-manifest.schema.json": "unitedllm.packaging.manifest:manifest_schema",
+    "metrics-event.schema.json": "unitedllm.tracking.events:events_schema",
 }
 
 

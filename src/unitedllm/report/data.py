@@ -2,17 +2,32 @@
 
 Works on a finished run and on one still writing: a torn last line is skipped (and counted),
 rounds that have started but not ended are marked running, missing rounds are simply absent.
+Lines are decoded as the typed events of :mod:`unitedllm.tracking.events`; each table field is
+read from the one event field that holds it, and stays empty where the run did not record it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from unitedllm.tracking.errors import RunNotFound
+from unitedllm.tracking.events import (
+    ClientErrorEvent,
+    ClientJoinedEvent,
+    EvalEvent,
+    MetricEvent,
+    RoundEvent,
+    RoundStartEvent,
+    RunEndEvent,
+    SystemEvent,
+    TrainEvent,
+    decode_event,
+)
 
 __all__ = ["ClientRound", "EvalPoint", "RoundRow", "RunData", "load_run", "metrics_path"]
 
@@ -157,20 +172,18 @@ def load_run(run_dir: Path) -> RunData:
     """Parse a run directory's metrics; raises :class:`RunNotFound` when there is none."""
     path = metrics_path(run_dir)
     data = RunData(run_dir=path.parent)
-    with path.open(encoding="utf-8", errors="replace") as fh:
+    with path.open("rb") as fh:
         for line in fh:
             line = line.strip()
             if not line:
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                event = decode_event(line)
+            except msgspec.DecodeError:
                 data.skipped_lines += 1  # a torn last line while the run writes, or a damaged file
                 continue
-            if isinstance(record, dict):
-                _add(data, record)
-            else:
-                data.skipped_lines += 1
+            if event is not None:  # None: an event this version does not know
+                _add(data, event, line)
     if not data.rounds:
         _rounds_from_clients(data)
     return data
@@ -187,69 +200,57 @@ def _rounds_from_clients(data: RunData) -> None:
         row.eval_loss = data.global_eval(round_idx)[0]
 
 
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _add(data: RunData, record: dict[str, Any]) -> None:
-    event, round_idx, rank = record.get("event"), _int(record.get("round")), _int(record.get("rank"))
-    when = _num(record.get("time"))
-    if when is not None:
+def _add(data: RunData, event: MetricEvent, line: bytes) -> None:
+    when = event.time
+    if when is not None and math.isfinite(when):
         data.first_time = when if data.first_time is None else min(data.first_time, when)
         data.last_time = when if data.last_time is None else max(data.last_time, when)
-    if rank is None:
-        return
-    if event == "client_joined":
-        data.joined.add(rank)
-    elif event == "run_end":
-        data.finished = True
-    elif event == "client_error":
-        data.client_errors.append((round_idx, rank, str(record.get("message", ""))))
-    elif event == "system":
-        data.system.append(record)
-    elif round_idx is None:
-        return
-    elif event == "round_start":
-        row = data.rounds.setdefault(round_idx, RoundRow(round_idx))
-        row.selected = [r for r in record.get("selected") or [] if isinstance(r, int)]
-    elif event == "round":
-        row = data.rounds.setdefault(round_idx, RoundRow(round_idx))
-        row.selected = [r for r in record.get("selected") or row.selected if isinstance(r, int)]
-        row.aggregated = [r for r in record.get("aggregated") or [] if isinstance(r, int)]
-        rejected = record.get("rejected") or {}
-        row.rejected = {str(k): str(v) for k, v in rejected.items()} if isinstance(rejected, dict) else {}
-        row.train_loss = _num(record.get("train_loss"))
-        row.eval_loss = _num(record.get("eval_loss"))
-        row.seconds = _num(record.get("seconds"))
-        row.aggregation_seconds = _num(record.get("aggregation_seconds"))
-        row.finished = True
-    elif event == "train":
-        m = _dict(record.get("metrics"))
-        comm = [_num(m.get("download_seconds")), _num(m.get("upload_seconds"))]
-        known = [c for c in comm if c is not None]
-        data.clients[(round_idx, rank)] = ClientRound(
-            round=round_idx,
-            rank=rank,
-            train_loss=_num(record.get("loss", m.get("train_loss"))),
-            samples=_num(record.get("samples")),
-            train_seconds=_num(m.get("train_seconds", record.get("seconds"))),
-            comm_seconds=sum(known) if known else None,
-            bytes_sent=_num(m.get("bytes_sent", record.get("bytes_received"))),
-            bytes_received=_num(m.get("bytes_received")),
-            tokens_per_second=_num(m.get("tokens_per_second")),
-        )
-    elif event == "eval":
-        m = _dict(record.get("metrics"))
-        point = EvalPoint(
-            round=round_idx,
-            rank=rank,
-            model=str(record.get("model") or "global"),
-            loss=_num(record.get("loss", m.get("eval_loss"))),
-            perplexity=_num(m.get("perplexity")),
-            samples=_num(record.get("samples")),
-        )
-        data.evals.append(point)
+    round_idx, rank = event.round, event.rank
+    match event:
+        case ClientJoinedEvent():
+            data.joined.add(rank)
+        case RunEndEvent():
+            data.finished = True
+        case ClientErrorEvent(message=message):
+            data.client_errors.append((round_idx, rank, message))
+        case SystemEvent():
+            data.system.append(msgspec.json.decode(line))  # with the per-GPU readings the Struct leaves out
+        case RoundStartEvent(selected=selected) if round_idx is not None:
+            data.rounds.setdefault(round_idx, RoundRow(round_idx)).selected = list(selected)
+        case RoundEvent() if round_idx is not None:
+            row = data.rounds.setdefault(round_idx, RoundRow(round_idx))
+            row.selected = list(event.selected) or row.selected
+            row.aggregated = list(event.aggregated)
+            row.rejected = {str(k): v for k, v in event.rejected.items()}
+            row.train_loss = _num(event.train_loss)
+            row.eval_loss = _num(event.eval_loss)
+            row.seconds = _num(event.seconds)
+            row.aggregation_seconds = _num(event.aggregation_seconds)
+            row.finished = True
+        case TrainEvent() if round_idx is not None:
+            m = event.metrics
+            comm = [_num(m.get("download_seconds")), _num(m.get("upload_seconds"))]
+            known = [c for c in comm if c is not None]
+            data.clients[(round_idx, rank)] = ClientRound(
+                round=round_idx,
+                rank=rank,
+                train_loss=_num(event.loss),
+                samples=_num(event.samples),
+                train_seconds=_num(event.seconds),
+                comm_seconds=sum(known) if known else None,
+                # The client's own upload and download, as it measured them (both views write them in metrics).
+                bytes_sent=_num(m.get("bytes_sent")),
+                bytes_received=_num(m.get("bytes_received")),
+                tokens_per_second=_num(m.get("tokens_per_second")),
+            )
+        case EvalEvent() if round_idx is not None:
+            data.evals.append(
+                EvalPoint(
+                    round=round_idx,
+                    rank=rank,
+                    model=event.model,
+                    loss=_num(event.loss),
+                    perplexity=_num(event.metrics.get("perplexity")),
+                    samples=_num(event.samples),
+                )
+            )

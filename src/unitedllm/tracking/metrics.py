@@ -1,14 +1,16 @@
 """The run's metrics log: one JSON object per line in ``<output_dir>/metrics.jsonl``.
 
 Every event carries ``event`` (``train``, ``eval``, ``round``, ``rejected``...), ``round``,
-``rank`` and a wall-clock ``time``; the rest depends on the event (``split``, ``loss``,
-``samples``, ``seconds``...). The file is appended to and flushed per line, so a run in
+``rank`` and a wall-clock ``time``; the rest depends on the event. The events are the tagged
+union of :mod:`unitedllm.tracking.events`: each line is checked against its Struct before it is
+written, and readers decode it with :func:`~unitedllm.tracking.events.decode_event`. The file is appended to and flushed per line, so a run in
 progress can be read at any time and a resumed run continues the same file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -17,9 +19,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import msgspec
+
 from unitedllm.config.redaction import known_secrets, scrub
+from unitedllm.tracking.events import EVENT_TYPES
 
 __all__ = ["MetricsLog", "read_metrics"]
+
+log = logging.getLogger(__name__)
 
 Listener = Callable[[dict[str, Any]], None]
 
@@ -73,6 +80,7 @@ class MetricsLog:
         }
         secrets = frozenset(known_secrets())
         record.update({k: _clean(v, secrets) for k, v in fields.items()})
+        _check(record)
         with self._lock:
             if self._file is not None:
                 self._file.write(json.dumps(record, sort_keys=False) + "\n")
@@ -80,6 +88,26 @@ class MetricsLog:
         for listener in self.listeners:
             listener(record)
         return record
+
+
+def _check(record: dict[str, Any]) -> None:
+    """Warn (once per event) when a record is not what :mod:`unitedllm.tracking.events` declares.
+
+    It is still written: a metrics line must never stop a run, and readers skip what they cannot read.
+    """
+    event = record["event"]
+    cls = EVENT_TYPES.get(event)
+    try:
+        if cls is None:
+            raise ValueError("it is not declared in unitedllm.tracking.events")
+        msgspec.convert(record, cls)
+    except (ValueError, msgspec.ValidationError) as exc:
+        if event not in _warned:
+            _warned.add(event)
+            log.warning("metrics event %r does not match its declared type: %s", event, exc)
+
+
+_warned: set[str] = set()
 
 
 def read_metrics(path: Path) -> Iterator[dict[str, Any]]:
