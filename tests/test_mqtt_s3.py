@@ -455,7 +455,9 @@ async def test_a_planted_same_size_object_is_replaced_not_trusted(
         key = store.key_for(digest_of(data))
         # Someone with the S3 login plants junk of the same size at the key the upload will use.
         raw_s3(s3_settings).put_object(Bucket=s3_settings.bucket, Key=key, Body=b"\x00" * 4096)
+        assert not await store.exists(BlobRef(digest_of(data), 4096)), "a same-size object is not the blob"
         ref = await store.put(data)
+        assert await store.exists(ref)
         assert await store.get(ref) == data, "the upload repaired the planted object"
         assert await store.put(data) == ref  # the genuine object is found, checked and kept
 

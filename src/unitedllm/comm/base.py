@@ -108,7 +108,7 @@ class BlobStore(_Resource):
         """
 
     async def exists(self, ref: BlobRef) -> bool:
-        """Whether the store still holds ``ref`` (stores override this with a cheaper lookup)."""
+        """Whether the store still holds exactly ``ref``'s bytes, checked against the digest."""
         from unitedllm.errors import BlobNotFound
 
         try:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Mapping
 from unitedllm.comm.base import BlobStore, Incoming, Presence, Transport
 from unitedllm.errors import BlobNotFound, CommError
 from unitedllm.protocol.messages import BlobRef, Message
-from unitedllm.protocol.payload import CODEC, ref_for, verify
+from unitedllm.protocol.payload import CODEC, digest_of, ref_for, verify
 from unitedllm.protocol.signing import MessageGuard, RankKeys, seal
 
 __all__ = ["LocalHub", "LocalTransport", "MemoryBlobStore"]
@@ -120,7 +120,7 @@ class MemoryBlobStore(BlobStore):
 
     async def exists(self, ref: BlobRef) -> bool:
         data = self.hub.blobs.get(ref.digest)
-        return data is not None and len(data) == ref.size
+        return data is not None and len(data) == ref.size and digest_of(data) == ref.digest
 
     async def delete(self, ref: BlobRef) -> None:
         self.hub.blobs.pop(ref.digest, None)

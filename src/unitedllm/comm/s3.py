@@ -230,8 +230,9 @@ class S3BlobStore(BlobStore):
         return data
 
     async def exists(self, ref: BlobRef) -> bool:
+        """Whether the bucket holds exactly ``ref``'s bytes (read back and hashed: a planted object is not it)."""
         self._require_open()
-        return await self._retrying(lambda: self._size_of(self.key_for(ref.digest))) == ref.size
+        return await self._retrying(lambda: self._holds(ref))
 
     async def delete(self, ref: BlobRef) -> None:
         self._require_open()
