@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from linear_trainer import LinearTrainer
 from safetensors.torch import load_file
 
 from unitedllm.aggregator import Aggregator
-from unitedllm.comm.local import LocalHub
+from unitedllm.comm.local import LocalHub, LocalTransport
 from unitedllm.config.types import Config
 from unitedllm.errors import RoundError
 from unitedllm.protocol.messages import BlobRef, Update
@@ -131,36 +132,46 @@ def test_round_without_quorum_fails_clearly_instead_of_hanging(tmp_path: Path) -
         run_linear(cfg, trainer_kwargs={3: {"poison": nan_weights}})
 
 
-def test_forged_foreign_and_replayed_messages_are_dropped(tmp_path: Path) -> None:
-    """Frames injected into the aggregator's mailbox never count; the run still finishes correctly."""
+def test_forged_foreign_and_unknown_sender_messages_are_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Frames injected into the aggregator's mailbox never count; the run still finishes correctly.
+
+    (A replayed frame, captured off the wire, is in test_refusals.py.)
+    """
     cfg = make_config(tmp_path)
     clean, _ = run_linear(cfg, run_id="clean")
 
-    hubs: list[LocalHub] = []
+    hubs: list[tuple[LocalHub, asyncio.AbstractEventLoop]] = []
     original_init = LocalHub.__init__
 
     def capture(self: LocalHub, **kwargs: Any) -> None:
         original_init(self, **kwargs)
-        hubs.append(self)
+        hubs.append((self, asyncio.get_running_loop()))
 
     bogus = Update(
         run_id="attacked",
         round=0,
         sender=1,
-        seq=2**62,
+        seq=0,
         num_samples=10**6,
         delta_ref=BlobRef(digest="0" * 64, size=1),
     )
     LocalHub.__init__ = capture  # type: ignore[method-assign]
+    caplog.set_level(logging.WARNING, logger="unitedllm")
     try:
         trainers: dict[int, LinearTrainer] = {}
 
         def make(_cfg: Config, rank: int) -> LinearTrainer:
             trainers[rank] = LinearTrainer(rank)
             if rank == 0:  # hub exists by now: inject before any round starts
-                hub = hubs[-1]
+                hub, loop = hubs[-1]
                 hub.deliver(0, seal(bogus, b"not the run secret"))  # forged HMAC
-                hub.deliver(0, seal(msgspec.structs.replace(bogus, run_id="other-run"), hub.secret))
+                # Correctly signed by rank 1's own link, but for another run.
+                foreign = LocalTransport(hub, rank=1).send(
+                    0, msgspec.structs.replace(bogus, run_id="other-run")
+                )
+                asyncio.run_coroutine_threadsafe(foreign, loop).result(timeout=60)
                 hub.deliver(0, seal(msgspec.structs.replace(bogus, sender=9), hub.secret))  # not in run
             return trainers[rank]
 
@@ -169,6 +180,9 @@ def test_forged_foreign_and_replayed_messages_are_dropped(tmp_path: Path) -> Non
         LocalHub.__init__ = original_init  # type: ignore[method-assign]
     for name in clean.weights:
         assert torch.equal(clean.weights[name], attacked.weights[name])
+    dropped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropped message")]
+    assert len(dropped) == 3, dropped
+    assert "HMAC" in dropped[0] and "'other-run'" in dropped[1] and "rank 9" in dropped[2], dropped
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from services import require
 
 from unitedllm.config.types import ServerOptimizerArgs
 from unitedllm.errors import ConfigError, RoundError, UpdateRejected
@@ -475,6 +476,8 @@ def test_exact_sum_is_exact_even_for_extreme_magnitudes() -> None:
 def test_exact_sum_compiled_and_torch_paths_give_identical_bytes(
     native: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if native:
+        _require_kernel()  # else both sides would be the torch path, and the test would prove nothing
     xs = _extreme_values(5, 2)
     reference = ExactSum((5000,))
     monkeypatch.setenv("UNITEDLLM_NO_NATIVE", "1")
@@ -521,8 +524,7 @@ def test_a_baseline_build_and_the_torch_path_give_the_bytes_of_this_cpus_build(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A library built for the baseline (what any CPU of the architecture may load) sums the same bytes."""
-    if _native.kernels() is None:
-        pytest.skip("no C compiler: the compiled kernel is not available")
+    _require_kernel()
     xs = _wide_updates(9, 3 * _native.CHUNK + 17, seed=5)
     ws = list(range(1, 10))
 
@@ -561,9 +563,14 @@ def test_streaming_round_does_not_keep_updates() -> None:
 BIG = 5 * _native.CHUNK + 123
 
 
+def _require_kernel() -> None:
+    """The compiled kernel, or a loud skip (a failure under CI): never a torch-only pass."""
+    require(None if _native.kernels() is not None else "no C compiler: the compiled kernel is not available")
+
+
 def _paths(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if native and _native.kernels() is None:
-        pytest.skip("no C compiler: the compiled kernel is not available")
+    if native:
+        _require_kernel()
     if not native:
         monkeypatch.setenv("UNITEDLLM_NO_NATIVE", "1")
 
@@ -614,8 +621,7 @@ def test_sum_over_threads_does_not_depend_on_the_thread_count(
 
 def test_many_wide_updates_over_threads_give_the_bytes_of_one_at_a_time() -> None:
     """20 inputs in one pass over several chunks on two threads, with deep levels in many blocks."""
-    if _native.kernels() is None:
-        pytest.skip("no C compiler: the compiled kernel is not available")
+    _require_kernel()
     xs = _wide_updates(20, BIG, 12)
     ws = [3 + 5 * i for i in range(20)]
     before = torch.get_num_threads()

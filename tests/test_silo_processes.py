@@ -290,17 +290,18 @@ def test_a_dead_follower_ends_the_whole_silo_with_an_error(make_run: Any) -> Non
     run = make_run("train_args.local_max_steps=2000", "comm_args.round_timeout_s=300")
     run.start("server", "server")
     client = run.start("client", "client", "--rank", "1", silo=[*SILO, *ENGINES["torchrun"]])
+    # Round 0 has started and both silo ranks are up: the follower dies with the run under way.
     deadline = time.monotonic() + LIMIT_S
-    while not run.events("round_start") and time.monotonic() < deadline and client.poll() is None:
-        time.sleep(0.2)
-    time.sleep(3)  # into round 0's local training
-    ranks = _silo_ranks(client.pid)
+    ranks: dict[int, int] = {}
+    while time.monotonic() < deadline and client.poll() is None:
+        ranks = _silo_ranks(client.pid) if run.events("round_start") else {}
+        if sorted(ranks) == [0, 1]:
+            break
+        time.sleep(0.05)
     assert sorted(ranks) == [0, 1], run.logs()
     os.kill(ranks[1], signal.SIGKILL)
-    killed = time.monotonic()
-    code = run.wait("client", timeout=120)
+    code = run.wait("client", timeout=120)  # a silo that hangs after losing a rank fails here
     assert code != 0, run.logs()
-    assert time.monotonic() - killed < 90, "the silo hung after losing a rank"
     log = run.log("client")
     assert "client 1: the torch silo exited with code" in log, log[-3000:]
     assert "Traceback (most recent call last)" not in log.split("the torch silo exited")[-1]
