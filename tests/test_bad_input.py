@@ -33,7 +33,7 @@ HOSTILE: dict[str, tuple[str, str]] = {
     ),
     "vocab_too_big": (
         "model_args:\n  train_tokenizer_vocab_size: 99999999999999999999\n",
-        "model_args.train_tokenizer_vocab_size: expected int >= 258",
+        "model_args.train_tokenizer_vocab_size: expected int >= 1 and <= 16777216",
     ),
     "c1_control_char": ("data_args:\n  dataset: a\x80b\n", "control character U+0080 at line 2, column 13"),
     "vocab_override_too_big": (

@@ -136,7 +136,7 @@ class ModelArgs(Section):
     # UnitedLLM additions
     tokenizer_name_or_path: str | None = None
     train_tokenizer_vocab_size: Annotated[
-        Annotated[int, Meta(ge=258, le=2**24)] | None,
+        Annotated[int, Meta(ge=1, le=2**24)] | None,  # the tokenizer trainer needs >= 258 and says so
         Meta(description="Train a byte-level BPE tokenizer of this size on the training data (offline runs)"),
     ] = None
     model_config_overrides: dict[str, Any] = msgspec.field(default_factory=dict)
