@@ -8,9 +8,10 @@ with defaults only, so older peers still decode newer messages.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -27,12 +28,17 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 
+#: A blob's sha256 in lowercase hex: it is also the blob's key in the store, so nothing else may pass.
+Digest = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+ByteCount = Annotated[int, Meta(ge=0)]
+Rank = Annotated[int, Meta(ge=0)]
+
 
 class BlobRef(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     """Where a tensor payload lives: its sha256 (hex), size in bytes and codec."""
 
-    digest: str
-    size: int
+    digest: Digest
+    size: ByteCount
     codec: str = "safetensors"
 
 
@@ -40,7 +46,7 @@ class TrainSpec(msgspec.Struct, frozen=True, kw_only=True):
     """What the aggregator asks of a client for one round."""
 
     local_max_steps: int
-    local_num_train_epochs: float
+    local_num_train_epochs: Annotated[float, Meta(gt=0)]
     evaluate_global: bool = False
     evaluate_local: bool = False
 
@@ -50,9 +56,9 @@ class _Envelope(msgspec.Struct, kw_only=True, tag_field="kind"):
 
     run_id: str
     round: int
-    sender: int
-    seq: int = 0
-    version: int = PROTOCOL_VERSION
+    sender: Rank
+    seq: Annotated[int, Meta(ge=0)] = 0
+    version: Annotated[int, Meta(ge=1)] = PROTOCOL_VERSION
 
 
 class Hello(_Envelope, tag="hello"):
@@ -86,7 +92,7 @@ class EvalReport(_Envelope, tag="eval_report"):
 
     model: str
     metrics: dict[str, float]
-    num_samples: int = 0
+    num_samples: Annotated[int, Meta(ge=0)] = 0
 
 
 class Finish(_Envelope, tag="finish"):
