@@ -191,6 +191,29 @@ def init(
     typer.echo("  unitedllm package run build/dist-packages/server-package.zip --rank 0 --run-id $RUN_ID")
 
 
+@app.command("push")
+def push(
+    package: Annotated[Path, typer.Argument(help="server-package.zip or client-package.zip")],
+    platform: Annotated[
+        str | None, typer.Option("--platform", help="Platform URL (or $UNITEDLLM_PLATFORM_URL)")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="Admin token (or $UNITEDLLM_PLATFORM_TOKEN)")
+    ] = None,
+) -> None:
+    """Upload a package to a UnitedLLM platform, which verifies it, stores it by digest and signs it."""
+    from unitedllm.platform.client import PlatformClient
+
+    try:
+        with PlatformClient(platform, token) as client:
+            info = client.push(package)
+    except UnitedLLMError as exc:
+        raise _fail(exc) from None
+    typer.echo(
+        f"pushed {package}: {info['kind']} package {info['digest']} ({info['size']} bytes), signed by the platform"
+    )
+
+
 def main() -> None:
     """Entry point of the ``unitedllm-build`` script."""
     app()

@@ -199,22 +199,28 @@ def agents(
 
 
 @pytest.fixture(scope="module")
-def sleeper_packages(tmp_path_factory: pytest.TempPathFactory, controller: Controller) -> dict[str, str]:
-    """Digests of pushed sleeper server and client packages."""
+def sleeper_zips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Sleeper server and client packages, built by ``unitedllm-build``."""
     project = tmp_path_factory.mktemp("sleeper") / "proj"
     build = str(Path(sys.executable).parent / "unitedllm-build")
     subprocess.run([build, "init", str(project)], check=True, capture_output=True)
     (project / "launch.py").write_text(SLEEPER)
-    digests = {}
+    for kind in ("server", "client"):
+        subprocess.run(
+            [build, "-t", kind, "-sf", str(project), "-ep", "launch.py", "-cf", str(project / "config"),
+             "-df", str(project / "build"), "-ig", "build,scripts"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    return {
+        kind: project / "build" / "dist-packages" / f"{kind}-package.zip" for kind in ("server", "client")
+    }
+
+
+@pytest.fixture(scope="module")
+def sleeper_packages(controller: Controller, sleeper_zips: dict[str, Path]) -> dict[str, str]:
+    """Digests of the sleeper packages, pushed to the controller."""
     with controller.client() as client:
-        for kind in ("server", "client"):
-            subprocess.run(
-                [build, "-t", kind, "-sf", str(project), "-ep", "launch.py", "-cf", str(project / "config"),
-                 "-df", str(project / "build"), "-ig", "build,scripts"],
-                check=True, capture_output=True,
-            )  # fmt: skip
-            digests[kind] = client.push(project / "build" / "dist-packages" / f"{kind}-package.zip")["digest"]
-    return digests
+        return {kind: str(client.push(path)["digest"]) for kind, path in sleeper_zips.items()}
 
 
 def launch(
