@@ -17,7 +17,7 @@ def test_a_missing_requirement_fails_under_ci(monkeypatch: pytest.MonkeyPatch, e
     monkeypatch.setattr(services, "missing_service_binaries", lambda: "weed is not installed")
     with pytest.raises(pytest.fail.Exception, match="real MQTT/S3 services unavailable: weed"):
         services.skip_without_services()
-    with pytest.raises(pytest.fail.Exception, match="no-such-set absent from the shared data"):
+    with pytest.raises(pytest.fail.Exception, match="no-such-set/file.jsonl absent from the shared data"):
         services.require_shared_data("no-such-set/file.jsonl")
 
 
