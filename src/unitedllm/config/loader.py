@@ -18,6 +18,7 @@ import msgspec
 
 from unitedllm.config.checks import cross_field_problems
 from unitedllm.config.overrides import OVERRIDE_SOURCE, apply_overrides
+from unitedllm.config.paths import resolve_config_paths
 from unitedllm.config.redaction import remember_config
 from unitedllm.config.types import Config
 from unitedllm.config.validation import (
@@ -138,39 +139,9 @@ def load_config(
     return expand_run_id(cfg, run_id) if run_id is not None else cfg
 
 
-def _beside(value: str, config_dir: Path) -> str:
-    """``value`` as the path next to the config file when that exists, else unchanged.
-
-    A relative model or data path is looked up next to the config file first, then (unchanged)
-    in the current directory; a hub name (``EleutherAI/pythia-70m``) exists in neither and stays.
-    A ``{rank}`` template counts as existing when its folder does.
-    """
-    path = Path(value)
-    if not value or path.is_absolute():
-        return value
-    candidate = config_dir / path
-    probe = candidate.parent if "{rank}" in candidate.name else candidate
-    return str(candidate) if "{rank}" not in str(probe) and probe.exists() else value
-
-
 def resolve_local_paths(cfg: Config, config_dir: Path) -> Config:
-    """``cfg`` with relative model, tokenizer and data paths that exist next to the config made absolute."""
-    model, data = cfg.model_args, cfg.data_args
-    model = msgspec.structs.replace(
-        model,
-        model_name_or_path=_beside(model.model_name_or_path, config_dir),
-        tokenizer_name_or_path=(
-            None
-            if model.tokenizer_name_or_path is None
-            else _beside(model.tokenizer_name_or_path, config_dir)
-        ),
-    )
-    data = msgspec.structs.replace(
-        data,
-        dataset_path=[_beside(p, config_dir) for p in data.dataset_path],
-        client_dataset_path=[_beside(p, config_dir) for p in data.client_dataset_path],
-    )
-    return msgspec.structs.replace(cfg, model_args=model, data_args=data)
+    """``cfg`` with relative local paths that exist next to the config made absolute (:mod:`.paths`)."""
+    return resolve_config_paths(cfg, config_dir)
 
 
 def dump_config(cfg: Config) -> dict[str, Any]:

@@ -157,13 +157,15 @@ def plan_for(cfg: Config, *, rank: int, gpus: int) -> LaunchPlan:
 
 def resolve_config_path(value: str, *, config_dir: Path | None, key: str) -> Path:
     """``value`` as an existing file: absolute, else next to the config file, else in the current directory."""
+    from unitedllm.config.paths import beside_config
+
+    found = Path(beside_config(value, config_dir) if config_dir else value).expanduser()
+    if found.is_file():
+        return found.resolve()
     path = Path(value).expanduser()
     candidates = (
         [path] if path.is_absolute() else [*([config_dir / path] if config_dir else []), Path.cwd() / path]
     )
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate.resolve()
     looked = " and ".join(str(c) for c in candidates)
     raise ConfigError(ConfigProblem(key, f"{value!r} is not a file (looked for {looked})"))
 
