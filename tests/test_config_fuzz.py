@@ -4,7 +4,7 @@ Inputs are YAML text (random, and real configs with mutated values or characters
 mappings built from the real section and key names with hostile values (huge and negative
 integers, NaN and infinities, control characters, deep nesting, wrong types). Each case must
 either load or raise :class:`ConfigError`; the per-case deadline only catches hangs. The default
-run tries a few thousand cases; ``nox -s slow`` runs over 100,000.
+run tries a few thousand cases; ``nox -s slow`` runs 100,000 (about 25 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -155,14 +155,14 @@ def test_config_mapping_loads_or_is_a_config_error(data: dict[Any, Any]) -> None
 
 @pytest.mark.slow
 @given(st.data())
-@_settings(60_000)
+@_settings(50_000)
 def test_yaml_text_fuzz_long(data: st.DataObject) -> None:
     _check_text(data)
 
 
 @pytest.mark.slow
 @given(config_mappings())
-@_settings(60_000)
+@_settings(50_000)
 def test_config_mapping_fuzz_long(data: dict[Any, Any]) -> None:
     _load_mapping(data)
 
