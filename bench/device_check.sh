@@ -6,7 +6,8 @@
 #   bash bench/device_check.sh        # from the repository root; results go to $OUT (else bench/out)
 #
 # Writes environment.txt (nvidia-smi, versions), gpu_throughput.json/.log, and pytest_gpu.log
-# from the GPU-only tests (tests that skip without CUDA; there is no gpu marker).
+# from the GPU-only tests (tests that skip without CUDA; there is no gpu marker), and serving.json/.log
+# (bench/serving.py --engine-only: our serving engine vs sequential generate and vLLM, where installed).
 #
 # The device image has python3 with torch, transformers, peft, accelerate, tokenizers, PyYAML
 # and rich, but not msgspec, datasets, dill or multiprocess: when .whl/ holds wheels for them
@@ -46,5 +47,10 @@ bench_status=${PIPESTATUS[0]}
 # The GPU-only tests (skipped on CPU machines): the aggregator evaluates on the GPU.
 timeout 120 "$PYTHON" -m pytest tests/test_silo_precision.py -k gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log"
 test_status=${PIPESTATUS[0]}
-echo "device_check: bench exit $bench_status, GPU tests exit $test_status"
-[ "$bench_status" -eq 0 ] && [ "$test_status" -eq 0 ]
+# Serving: the transformers engine (dynamic batching, LoRA) vs sequential generate and, where vLLM
+# is installed, vLLM on the same pythia-160m-shaped model, adapter and prompts (tokens/s).
+timeout 180 "$PYTHON" bench/serving.py --engine-only --shape pythia-160m --requests 32 --max-tokens 64 \
+    --levels 1,8,32 --out "$OUT/serving.json" 2>&1 | tee "$OUT/serving.log"
+serving_status=${PIPESTATUS[0]}
+echo "device_check: bench exit $bench_status, GPU tests exit $test_status, serving exit $serving_status"
+[ "$bench_status" -eq 0 ] && [ "$test_status" -eq 0 ] && [ "$serving_status" -eq 0 ]
