@@ -60,6 +60,7 @@ class LinearTrainer(LocalTrainer):
         round_idx: int,
         max_steps: int,
         on_step: Callable[[StepEvent], None] | None = None,
+        correction: object = None,  # never given: this trainer applies no client-side correction
     ) -> FitResult:
         w = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
         steps = max(1, max_steps)
