@@ -203,3 +203,20 @@ def test_cli_logs_mask_config_and_environment_secrets(tmp_path: Path) -> None:
     assert "s3 key from the environment: " + MASK in proc.stderr
     assert "rank 2 signs with " + MASK in proc.stderr and RANK_KEY not in proc.stderr
     assert not any(s in proc.stderr + proc.stdout for s in SECRETS)
+
+
+def test_an_entry_point_without_logging_setup_still_masks_config_secrets(tmp_path: Path) -> None:
+    """A package's own launch.py may never configure logging: Python's last-resort handler prints then."""
+    config = tmp_path / "inline.yaml"
+    config.write_text(f'comm_args:\n  run_secret: "{RUN_SECRET}"\n', encoding="utf-8")
+    code = textwrap.dedent(f"""\
+        import logging
+        from unitedllm.config import load_config
+        load_config({str(config)!r})
+        logging.getLogger("unitedllm.aggregator").warning("frame signed with %s refused", {RUN_SECRET!r})
+        """)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"frame signed with {MASK} refused" in proc.stderr and RUN_SECRET not in proc.stderr

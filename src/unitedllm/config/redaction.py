@@ -29,6 +29,7 @@ from unitedllm.config.types import Config
 __all__ = [
     "MASK",
     "SecretFilter",
+    "install_record_scrubber",
     "install_secret_filter",
     "is_secret_hint",
     "known_secrets",
@@ -180,12 +181,52 @@ def remember_config(cfg: Config | Mapping[str, Any]) -> None:
 
 
 def remember_secret(value: str | bytes | None) -> None:
-    """Mask ``value`` wherever :func:`scrub` runs in this process (a key read from a file, say)."""
+    """Mask ``value`` wherever :func:`scrub` runs in this process (a key read from a file, say).
+
+    From the first remembered secret on, every log record of the process is scrubbed as it is
+    made (:func:`install_record_scrubber`), whichever handler writes it.
+    """
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if value:
         with _lock:
             _remembered.add(value)
+        install_record_scrubber()
+
+
+_scrubber_installed = False
+
+
+def install_record_scrubber() -> None:
+    """Scrub every log record this process makes, before any handler (or Python's last-resort one) sees it.
+
+    A handler filter only covers the handlers it is put on; an entry point that never configures
+    logging still prints warnings through Python's last-resort handler. Installed once, chaining
+    the record factory already in place.
+    """
+    global _scrubber_installed
+    with _lock:
+        if _scrubber_installed:
+            return
+        _scrubber_installed = True
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        _scrub_record(record)
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
+def _scrub_record(record: logging.LogRecord) -> None:
+    try:
+        message = record.getMessage()
+    except (TypeError, ValueError):  # a malformed record: leave it to the handler to report
+        return
+    cleaned = scrub(message)
+    if cleaned != message:
+        record.msg, record.args = cleaned, None
 
 
 def _environment_secrets(environ: Mapping[str, str]) -> set[str]:
@@ -217,13 +258,7 @@ class SecretFilter(logging.Filter):
     """A logging filter that masks every known secret in a record's message before any handler writes it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except (TypeError, ValueError):  # a malformed record: leave it to the handler to report
-            return True
-        cleaned = scrub(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
+        _scrub_record(record)
         if record.exc_text:
             record.exc_text = scrub(record.exc_text)
         return True
