@@ -86,7 +86,7 @@ class Aggregator(Role):
 
     async def _start(self) -> None:
         if self._metrics is None:
-            self._metrics = self._stack.enter_context(MetricsLog(self.output_dir / "metrics.jsonl"))
+            self._metrics = self._stack.enter_context(MetricsLog(self.layout.metrics(SERVER_RANK)))
         self.fingerprint = await asyncio.to_thread(self.trainer.base_fingerprint)
         pump = asyncio.create_task(self._pump(), name="aggregator-inbox")
         self._stack.push_async_callback(_cancel, pump)
@@ -146,7 +146,7 @@ class Aggregator(Role):
                 None, reason=f"aborted: {exc}" if isinstance(exc, Exception) else "aborted"
             )
             raise
-        final_dir = self.output_dir / f"node_{SERVER_RANK}" / "final"
+        final_dir = self.layout.final(SERVER_RANK)
         await asyncio.to_thread(self._save_checkpoint, weights, final_dir, state, self.plan.comm_round - 1)
         final_ref = await self.store.put(encoded)
         evaluate_final = self.plan.clients_evaluate_global(self.plan.comm_round)
@@ -274,7 +274,7 @@ class Aggregator(Role):
                 per_category=result.per_category,
             )
         if self.plan.should_save(round_idx):
-            target = self.output_dir / f"node_{SERVER_RANK}" / f"round_{round_idx}_after_agg"
+            target = self.layout.round_dir(round_idx, rank=SERVER_RANK, stage="after_agg")
             await asyncio.to_thread(self._save_checkpoint, new_weights, target, new_state, round_idx)
         summary.seconds = time.perf_counter() - started
         for ref in (global_ref, *extra_refs.values()):
@@ -468,11 +468,11 @@ class Aggregator(Role):
 
     def _save_init(self, weights: Mapping[str, torch.Tensor]) -> None:
         """``node_0/init``: a randomly initialised base is saved there once, and every adapter points at it."""
-        from unitedllm.checkpoints import node_dir, save_init
+        from unitedllm.checkpoints import save_init
 
         save_init(
             self.trainer,
-            node_dir(self.output_dir, SERVER_RANK) / "init",
+            self.layout.init(SERVER_RANK),
             weights,
             random_base=not self.cfg.model_args.load_pretrained,
         )

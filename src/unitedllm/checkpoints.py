@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unitedllm.errors import UnitedLLMError
+from unitedllm.run_layout import RunLayout
 
 if TYPE_CHECKING:
     import torch
@@ -40,12 +41,12 @@ OPTIMIZER_STATE_FILE = "server_optimizer.safetensors"
 
 def node_dir(output_dir: Path, rank: int) -> Path:
     """The folder of one rank's checkpoints (``node_0`` is the aggregator)."""
-    return output_dir / f"node_{rank}"
+    return RunLayout(output_dir).node(rank)
 
 
 def round_dir(output_dir: Path, rank: int, round_idx: int, stage: str) -> Path:
     """``node_<rank>/round_<r>_<stage>`` where stage is ``before_agg`` or ``after_agg``."""
-    return node_dir(output_dir, rank) / f"round_{round_idx}_{stage}"
+    return RunLayout(output_dir).round_dir(round_idx, rank=rank, stage=stage)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -131,7 +132,6 @@ def read_server_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.
     return meta, state
 
 
-RESUME_DIR = "last"
 GLOBAL_WEIGHTS_FILE = "global.safetensors"
 
 
@@ -147,7 +147,7 @@ def save_resume_point(
 
     ``encoded_weights`` is the global model's payload (:func:`~unitedllm.protocol.payload.encode_tensors`).
     """
-    with atomic_dir(node_dir(output_dir, 0) / RESUME_DIR) as tmp:
+    with atomic_dir(RunLayout(output_dir).resume_point) as tmp:
         (tmp / GLOBAL_WEIGHTS_FILE).write_bytes(encoded_weights)
         write_server_state(tmp, round_idx=round_idx, optimizer_state=optimizer_state, extra=extra)
 
@@ -158,7 +158,7 @@ def load_resume_point(
     """The last complete round, global weights, optimizer state and metadata; ``None`` when nothing was saved."""
     from unitedllm.protocol.payload import decode_tensors
 
-    directory = node_dir(output_dir, 0) / RESUME_DIR
+    directory = RunLayout(output_dir).resume_point
     if not (directory / SERVER_STATE_FILE).is_file():
         return None
     meta, state = read_server_state(directory)

@@ -188,14 +188,15 @@ def _warn_ignored(cfg: Any, mode: Any) -> None:
 
 def _resume_or_fresh(cfg: Any, run_id: str, *, resume: bool, fresh: bool) -> bool:
     """Whether to resume: refuse ``--resume`` of a run with no checkpoint unless ``--fresh-if-missing``."""
-    from unitedllm.checkpoints import RESUME_DIR, SERVER_STATE_FILE, node_dir
+    from unitedllm.checkpoints import SERVER_STATE_FILE
     from unitedllm.errors import ConfigProblem
+    from unitedllm.run_layout import RunLayout
 
     if fresh and not resume:
         raise ConfigError(ConfigProblem("--fresh-if-missing", "only has a meaning with --resume"))
     if not resume:
         return False
-    checkpoint = node_dir(run_output_dir(cfg, run_id), 0) / RESUME_DIR
+    checkpoint = RunLayout(run_output_dir(cfg, run_id)).resume_point
     if (checkpoint / SERVER_STATE_FILE).is_file():
         return True
     if fresh:
@@ -265,7 +266,9 @@ def server(
         reason = serve_silo(
             config, rank=0, run_id=run_id, overrides=list(set_ or []), verbose=verbose, resume=resume
         )
-        final = run_output_dir(_load(config, set_, run_id), run_id) / "node_0" / "final"
+        from unitedllm.run_layout import RunLayout
+
+        final = RunLayout(run_output_dir(_load(config, set_, run_id), run_id)).final()
         console.print(f"run {run_id} finished ({reason}); final model: {final}")
 
 

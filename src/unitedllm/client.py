@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 
     from unitedllm.comm.local import LocalHub
     from unitedllm.config.types import Config
+    from unitedllm.optimizers.client_hook import ClientAlgorithm
     from unitedllm.tracking.metrics import MetricsLog
     from unitedllm.training.base import FitResult, LocalTrainer, StepEvent
-    from unitedllm.optimizers.client_hook import ClientAlgorithm
 
 __all__ = ["Client"]
 
@@ -70,9 +70,7 @@ class Client(Role):
         self._on_step = on_step
         self._metrics = metrics
         self.plan = RoundPlan.from_config(cfg)
-        from unitedllm.checkpoints import node_dir
-
-        self.folder = node_dir(self.output_dir, rank)  # everything this client keeps: node_<rank>/
+        self.folder = self.layout.node(rank)  # everything this client keeps: node_<rank>/
         self.journal = ClientJournal(self.folder)
         self.rounds_resent: list[int] = []
         self.rounds_trained: list[int] = []
@@ -85,7 +83,7 @@ class Client(Role):
         if self._metrics is None:
             from unitedllm.tracking.metrics import MetricsLog
 
-            self._metrics = self._stack.enter_context(MetricsLog(self.folder / "metrics.jsonl"))
+            self._metrics = self._stack.enter_context(MetricsLog(self.layout.metrics(self.rank)))
 
     @property
     def metrics(self) -> MetricsLog:
@@ -161,7 +159,7 @@ class Client(Role):
         from unitedllm.errors import ConfigError
         from unitedllm.optimizers.client_hook import ClientAlgorithm
 
-        algorithm = await asyncio.to_thread(ClientAlgorithm, self.cfg, self.folder / "scaffold_control")
+        algorithm = await asyncio.to_thread(ClientAlgorithm, self.cfg, self.layout.client_algorithm_state(self.rank))
         self._algorithm = algorithm
         try:
             algorithm.check(self.trainer)
@@ -309,7 +307,7 @@ class Client(Role):
         """``init`` on the first global model this client sees; ``round_<r-1>_after_agg`` after that."""
         from unitedllm.checkpoints import save_init
 
-        init = self.folder / "init"
+        init = self.layout.init(self.rank)
         if round_idx == 0 and not init.exists():
             # With a random base, its own copy: this silo's adapters load without the aggregator's files.
             save_init(
@@ -370,7 +368,7 @@ class Client(Role):
             except BlobNotFound:
                 log.warning("client %d: the final model was gone before this client fetched it", self.rank)
             else:
-                await asyncio.to_thread(self._save, weights, self.folder / "final")
+                await asyncio.to_thread(self._save, weights, self.layout.final(self.rank))
                 if finish.evaluate_final:
                     # The final model is the aggregate of the last round, so its evaluation is filed there.
                     await self._evaluate(weights, finish.round - 1, "global")

@@ -42,15 +42,14 @@ def tracked(
     The aggregator (rank 0) writes ``<output_dir>/metrics.jsonl``; a client ``node_<rank>/metrics.jsonl``.
     In a silo only silo rank 0 opens it (the leader's system samples cover its whole node).
     """
-    from unitedllm.checkpoints import node_dir
     from unitedllm.role import run_output_dir
+    from unitedllm.run_layout import RunLayout
     from unitedllm.tracking import MetricsLog, open_trackers, system_metrics
 
-    output_dir = run_output_dir(cfg, run_id)
-    folder = output_dir if rank == 0 else node_dir(output_dir, rank)
+    layout = RunLayout(run_output_dir(cfg, run_id))
     with (
-        open_trackers(cfg, rank=rank, run_id=run_id, output_dir=folder) as trackers,
-        MetricsLog(folder / "metrics.jsonl", listeners=[*listeners, *trackers]) as metrics,
+        open_trackers(cfg, rank=rank, run_id=run_id, output_dir=layout.tracker_dir(rank)) as trackers,
+        MetricsLog(layout.metrics(rank), listeners=[*listeners, *trackers]) as metrics,
         system_metrics(metrics, rank=rank, enabled=cfg.tracking_args.log_system_metrics),
     ):
         yield metrics

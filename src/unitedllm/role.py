@@ -8,6 +8,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
+from unitedllm.run_layout import RunLayout
+
 if TYPE_CHECKING:
     from unitedllm.comm.base import BlobStore, Transport
     from unitedllm.comm.local import LocalHub
@@ -47,6 +49,7 @@ class Role:
         self.rank = rank
         self.run_id = run_id
         self.output_dir = run_output_dir(cfg, run_id)
+        self.layout = RunLayout(self.output_dir)  # every path of the run folder
         self._trainer = trainer
         self._transport = transport
         self._store = store

@@ -124,7 +124,9 @@ class RunResult:
 
     @property
     def final_dir(self) -> Path:
-        return self.output_dir / "node_0" / "final"  # the aggregator is rank 0
+        from unitedllm.run_layout import RunLayout
+
+        return RunLayout(self.output_dir).final()
 
 
 def weighted_mean(pairs: list[tuple[float, int]]) -> float | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from unitedllm.run_layout import RunLayout
 from unitedllm.tracking.errors import RunNotFound
 from unitedllm.tracking.events import (
     ClientErrorEvent,
@@ -159,7 +160,7 @@ def metrics_path(run_dir: Path) -> Path:
         raise RunNotFound(str(run_dir), "the directory does not exist")
     if not run_dir.is_dir():
         raise RunNotFound(str(run_dir), "it is not a directory")
-    path = run_dir / "metrics.jsonl"
+    path = RunLayout(run_dir).metrics()
     if not path.is_file():
         raise RunNotFound(
             str(run_dir),

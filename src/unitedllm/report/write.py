@@ -8,6 +8,7 @@ from pathlib import Path
 from unitedllm.report.data import RunData, load_run
 from unitedllm.report.html import render_html
 from unitedllm.report.plots import render_plots
+from unitedllm.run_layout import RunLayout
 
 __all__ = ["write_report", "write_run_report"]
 
@@ -29,7 +30,7 @@ def write_report(run_dir: Path, *, out_dir: Path | None = None) -> Path:
 
 def write_run_report(run: RunData, *, out_dir: Path | None = None) -> Path:
     """Render the report of already loaded run data; returns the path of ``report.html``."""
-    target = out_dir or run.run_dir / "report"
+    target = out_dir or RunLayout(run.run_dir).report
     target.mkdir(parents=True, exist_ok=True)
     plots = render_plots(run)
     for plot in plots:
