@@ -145,3 +145,12 @@ def test_a_file_named_by_rank_keys_path_is_refused_whatever_its_name(project: Pa
     assert code == 2 and "config/ranks.yaml: named by comm_args.rank_keys_path" in out, out
     assert "k1" not in out.replace("rank_keys", "")
     assert not packaged(project)
+
+
+def test_references_to_secrets_kept_elsewhere_are_fine(project: Path) -> None:
+    (project / "deploy").mkdir()
+    (project / "deploy" / "values.yaml").write_text(
+        'broker:\n  password: "${MQTT_PASSWORD}"\nstore:\n  secret_access_key: <set on each node>\n'
+    )
+    code, out = build(project)
+    assert code == 0, out

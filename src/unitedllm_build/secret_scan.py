@@ -120,10 +120,11 @@ class SecretAllowList:
 
     def allows(self, finding: Finding) -> bool:
         for entry in self.entries:
-            pattern, _, line = (
-                entry.rpartition(":") if entry.rpartition(":")[2].isdigit() else (entry, "", "")
-            )
-            if fnmatch.fnmatchcase(finding.path, pattern) and (not line or finding.line == int(line)):
+            pattern, line = entry, None
+            head, _, tail = entry.rpartition(":")
+            if head and tail.isdigit():
+                pattern, line = head, int(tail)
+            if fnmatch.fnmatchcase(finding.path, pattern) and line in (None, finding.line):
                 return True
         return False
 
@@ -182,9 +183,18 @@ def _yaml_credentials(text: str) -> Iterator[tuple[int, str]]:
             stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
 
 
+# A reference to a value kept elsewhere, not the value: ${MQTT_PASSWORD}, $SECRET, <your key here>.
+_REFERENCE = re.compile(r"^(\$\{?\w+\}?|<[^<>]*>)$")
+
+
 def _has_value(node: yaml.Node) -> bool:
     if isinstance(node, yaml.ScalarNode):
-        return node.tag != "tag:yaml.org,2002:null" and str(node.value).strip() not in ("", "~", "null")
+        text = str(node.value).strip()
+        return (
+            node.tag != "tag:yaml.org,2002:null"
+            and text not in ("", "~", "null")
+            and not _REFERENCE.match(text)
+        )
     return bool(node.value)
 
 
