@@ -258,12 +258,12 @@ def server(
     """
     _setup_logging(verbose)
     with _user_errors():
-        from unitedllm.silo import serve_silo
+        from unitedllm.launch import launch
 
         cfg = _load(config, set_, run_id)
         _warn_ignored(cfg, "server")
         resume = _resume_or_fresh(cfg, run_id, resume=resume, fresh=fresh_if_missing)
-        reason = serve_silo(
+        reason = launch(
             config, rank=0, run_id=run_id, overrides=list(set_ or []), verbose=verbose, resume=resume
         )
         from unitedllm.run_layout import RunLayout
@@ -288,13 +288,13 @@ def client(
     _setup_logging(verbose)
     with _user_errors():
         from unitedllm.errors import ConfigProblem
-        from unitedllm.silo import serve_silo
+        from unitedllm.launch import launch
 
         if rank == 0:
             raise ConfigError(
                 ConfigProblem("--rank", "0 is the aggregator's rank; start it with 'unitedllm server'")
             )
-        reason = serve_silo(config, rank=rank, run_id=run_id, overrides=list(set_ or []), verbose=verbose)
+        reason = launch(config, rank=rank, run_id=run_id, overrides=list(set_ or []), verbose=verbose)
         console.print(f"client {rank}: run {run_id} finished ({reason})")
 
 

@@ -159,7 +159,9 @@ class Client(Role):
         from unitedllm.errors import ConfigError
         from unitedllm.optimizers.client_hook import ClientAlgorithm
 
-        algorithm = await asyncio.to_thread(ClientAlgorithm, self.cfg, self.layout.client_algorithm_state(self.rank))
+        algorithm = await asyncio.to_thread(
+            ClientAlgorithm, self.cfg, self.layout.client_algorithm_state(self.rank)
+        )
         self._algorithm = algorithm
         try:
             algorithm.check(self.trainer)

@@ -75,6 +75,7 @@ def launch(
     run_id: str,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     resume: bool = False,
+    verbose: bool = False,
 ) -> str:
     """Blocking: load ``config`` and run rank 0 (aggregator) or rank N (client) of ``run_id``; returns how it ended.
 
@@ -84,4 +85,15 @@ def launch(
     """
     from unitedllm.silo import serve_silo
 
-    return serve_silo(config, rank=rank, run_id=run_id, overrides=overrides, resume=resume)
+    def run_here(cfg: Config) -> str:
+        return serve_in_process(cfg, rank=rank, run_id=run_id, resume=resume)
+
+    return serve_silo(
+        config,
+        rank=rank,
+        run_id=run_id,
+        overrides=overrides,
+        resume=resume,
+        verbose=verbose,
+        run_here=run_here,
+    )

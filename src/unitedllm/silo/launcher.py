@@ -274,15 +274,16 @@ def serve_silo(
     rank: int,
     run_id: str,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    run_here: Callable[[Config], str],
     verbose: bool = False,
     resume: bool = False,
-    run_here: Callable[[Config], str] | None = None,
 ) -> str:
     """Blocking: run rank ``rank`` here or as a silo of processes; returns why it ended.
 
     A client's node runs its bootstrap first. ``resume`` continues the aggregator's run (rank 0).
-    ``run_here(cfg)`` serves the rank in this process when no launcher is needed (default:
-    :func:`unitedllm.launch.serve_in_process`, with the configured trackers).
+    ``run_here(cfg)`` serves the rank in this process when no launcher is needed
+    (:func:`unitedllm.launch.launch` passes :func:`unitedllm.launch.serve_in_process`); a silo's
+    processes serve it through :mod:`unitedllm.silo.worker`.
     """
     from unitedllm.config import load_config
 
@@ -298,11 +299,7 @@ def serve_silo(
     plan = plan_for(cfg, rank=rank, gpus=gpus)
     log.info("%s: launcher %s (%s)", who, plan.launcher, plan.reason)
     if plan.launcher == "python":
-        if run_here is not None:
-            return run_here(cfg)
-        from unitedllm.launch import serve_in_process
-
-        return serve_in_process(cfg, rank=rank, run_id=run_id, resume=resume)
+        return run_here(cfg)
     env_args = cfg.environment_args
     worker_args = [
         str(Path(config).resolve()),
