@@ -114,6 +114,14 @@ def test_max_tokens_and_stop_end_the_text(run_server: Server) -> None:
     cut = api.completions.create(model="base", prompt="river", max_tokens=6, temperature=0, stop=[stop])
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == text[: text.index(stop)]
+    # Streamed, no part of the stop string reaches the client either.
+    chunks = list(
+        api.completions.create(
+            model="base", prompt="river", max_tokens=6, temperature=0, stop=stop, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == cut.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 BAD_REQUESTS = [
