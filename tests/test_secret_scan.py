@@ -154,3 +154,13 @@ def test_references_to_secrets_kept_elsewhere_are_fine(project: Path) -> None:
     )
     code, out = build(project)
     assert code == 0, out
+
+
+def test_tokenizer_files_and_variable_names_are_not_findings(project: Path) -> None:
+    (project / "tokenizer.py").write_text("def load_tokenizer(path):\n    return path\n")
+    (project / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
+    (project / "settings.py").write_text(
+        'SECRET_ENV = "UNITEDLLM_PACKAGE_SECRET"\npassword_var = "MQTT_PWD"\n'
+    )
+    code, out = build(project)
+    assert code == 0, out

@@ -41,7 +41,15 @@ _SECRET_NAMES: tuple[str, ...] = (
     "s3_config.yaml",
     "s3_config.yml",
     "*credentials*",
-    "*token*",
+    # token.txt, access_token, gh.token ... but not tokenizer.json or tokenizer.py
+    "token",
+    "token.*",
+    "tokens.*",
+    "*.token",
+    "*_token",
+    "*-token",
+    "*_token.*",
+    "*-token.*",
     ".netrc",
     ".pypirc",
     ".npmrc",
@@ -74,7 +82,7 @@ _SAFE_SUFFIXES: tuple[str, ...] = (".example", ".sample", ".template", ".pub", "
 _SCAN_LIMIT = 1024 * 1024  # credential files are small; a big file is data, not config
 _YAML_SUFFIXES = (".yaml", ".yml")
 
-# ``export UNITEDLLM_MQTT_PASSWORD=value`` / ``UNITEDLLM_RUN_SECRET="value"``: a literal value, not ``$VAR``.
+# A literal value, not ``$VAR``: ``export UNITEDLLM_MQTT_PASSWORD=value``  # pragma: allowlist secret
 _ENV_ASSIGNMENT = re.compile(
     r"""^\s*(?:export\s+)?(?P<name>UNITEDLLM_\w*(?:SECRET|PASSWORD|PASSWD|TOKEN|KEY)\w*)\s*=\s*
         (?P<value>"[^"$]+"|'[^']+'|[^\s"'$#][^\s#]*)""",
@@ -152,7 +160,17 @@ def _detect_secrets(path: Path) -> Iterator[tuple[int, str]]:
         found.scan_file(str(path))
     for secrets in found.data.values():
         for secret in secrets:
+            if secret.type == "Secret Keyword" and _names_a_variable(secret.secret_value):
+                continue
             yield secret.line_number, f"looks like a secret ({secret.type}, found by detect-secrets)"
+
+
+# ``SECRET_ENV = "UNITEDLLM_RUN_SECRET"`` names where a secret comes from; it is not one.
+_VARIABLE_NAME = re.compile(r"^[A-Z][A-Z0-9]*(_[A-Z0-9]+)+$")
+
+
+def _names_a_variable(value: str | None) -> bool:
+    return value is not None and bool(_VARIABLE_NAME.match(value))
 
 
 def _env_assignments(lines: Sequence[str]) -> Iterator[tuple[int, str]]:
