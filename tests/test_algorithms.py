@@ -27,6 +27,8 @@ from unitedllm.optimizers import Algorithm, RuleParams, algorithm, available, cr
 from unitedllm.optimizers.algorithms import _REGISTRY
 from unitedllm.optimizers.client_hook import ClientHook, LocalCorrection
 from unitedllm.optimizers.fedavg import FedAvg
+from unitedllm.optimizers.fedprox import ProximalHook
+from unitedllm.optimizers.scaffold import ScaffoldHook
 from unitedllm.runner import run_async
 from unitedllm.training.base import FitResult, StepEvent
 
@@ -259,3 +261,84 @@ def test_a_registered_algorithm_runs_with_no_other_change(tmp_path: Path, damped
     for n, w in plain.items():
         torch.testing.assert_close(damped_run[n], w, rtol=1e-6, atol=1e-6)
     assert json.dumps(sorted(available())).count("FedDamped") == 1
+
+
+# -- every server rule with every client hook -------------------------------------------------------
+
+HOOKS: dict[str, type[ClientHook] | None] = {
+    "plain": None,
+    "proximal": ProximalHook,
+    "scaffold": ScaffoldHook,
+}
+TINY = {"w": torch.zeros(3), "b": torch.zeros(1)}
+
+
+def _groups(rule: Any) -> tuple[set[str], set[str]]:
+    """What a rule sends with each round start, and the extras groups it needs back in each update."""
+    sends = set(rule.round_start_extras(rule.init_state(TINY)))
+    needs = {key.split("/", 1)[0] for key in rule.required_extras(TINY)}
+    return sends, needs
+
+
+def _pairs(compatible: bool) -> list[tuple[str, str]]:
+    out = []
+    for name in ALL:
+        rule = create(name)
+        sends, needs = _groups(rule)
+        for hook_name, hook in HOOKS.items():
+            reads = set(hook.reads_extras) if hook else set()
+            gives = set(hook.sends_extras) if hook else set()
+            if (sends == reads and needs == gives) == compatible:
+                out.append((name, hook_name))
+    return out
+
+
+@pytest.fixture
+def pair(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A rule and a hook registered as one algorithm; the hook's parameters added to the rule's."""
+    rule_name, hook_name = request.param
+    alg = algorithm(rule_name)
+    params = alg.params
+    if hook_name == "proximal":
+        params = msgspec.defstruct(
+            f"{alg.params.__name__}WithMu",
+            [("proximal_mu", float, 0.05)],
+            bases=(alg.params,),
+            kw_only=True,
+            forbid_unknown_fields=True,
+        )
+    name = f"{rule_name}+{hook_name}"
+    register_algorithm(Algorithm(name, params, alg.rule_class(), HOOKS[hook_name]))
+    yield name
+    del _REGISTRY[name.lower()]
+
+
+@pytest.mark.parametrize("pair", _pairs(compatible=True), indirect=True, ids="+".join)
+def test_every_rule_runs_with_every_hook_it_can_pair_with(tmp_path: Path, pair: str) -> None:
+    args = {"trim_ratio": 0.0} if pair.startswith("TrimmedMean") else {}
+    first, again = (run(run_config(tmp_path, pair, **args), rid) for rid in ("a", "b"))
+    for n, w in first.items():
+        assert torch.isfinite(w).all() and torch.equal(w, again[n]), (pair, n)
+
+
+@pytest.mark.parametrize("pair", _pairs(compatible=False), indirect=True, ids="+".join)
+def test_a_rule_and_a_hook_that_cannot_pair_are_refused_naming_the_extras(tmp_path: Path, pair: str) -> None:
+    from unitedllm.errors import ProtocolError, UpdateRejected
+    from unitedllm.optimizers import ClientUpdate
+    from unitedllm.optimizers.client_hook import ClientAlgorithm
+
+    cfg = run_config(tmp_path, pair)
+    rule = create(pair)
+    state = rule.init_state(TINY)
+    client = ClientAlgorithm(cfg, tmp_path / "state")
+    with pytest.raises((ProtocolError, UpdateRejected), match="control"):
+        correction = client.begin_round(0, TINY, rule.round_start_extras(state))
+        params = {n: t.clone().requires_grad_(True) for n, t in TINY.items()}
+        if correction is not None:
+            for p in params.values():
+                p.grad = torch.ones_like(p)
+            correction.apply(params, 0.1)
+        sent = client.finish_round(0, correction, TINY)
+        extras = {f"{group}/{n}": t for group, tensors in sent.items() for n, t in tensors.items()}
+        delta = {n: torch.full_like(t, 0.01) for n, t in TINY.items()}
+        rule.begin_round(TINY, state).add(ClientUpdate(rank=1, delta=delta, num_samples=4, extras=extras))

@@ -76,6 +76,8 @@ class ClientHook(abc.ABC):
 
     #: Round-start extras groups this hook reads (any other group means the two sides' configs differ).
     reads_extras: ClassVar[frozenset[str]] = frozenset()
+    #: Extras groups it sends with each update (what its server rule's ``required_extras`` checks).
+    sends_extras: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, params: RuleParams, folder: Path):
         self.params = params

@@ -197,6 +197,7 @@ class ScaffoldHook(ClientHook):
     """SCAFFOLD on the client: corrects each step by c − c_i, then sends Δc_i and keeps c_i⁺."""
 
     reads_extras = frozenset({CONTROL_EXTRA})
+    sends_extras = frozenset({CONTROL_EXTRA})
 
     def __init__(self, params: RuleParams, folder: Path):
         super().__init__(params, folder)
