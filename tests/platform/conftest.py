@@ -29,13 +29,24 @@ from unitedllm.devservices import free_port
 from unitedllm.platform.client import PlatformClient
 
 SLEEPER = """
-import os, sys, time
+import json, os, sys, time
 args = dict(a.split("=", 1) for a in sys.argv if "=" in a and not a.startswith("-"))
 rank = sys.argv[sys.argv.index("--rank") + 1]
 keys = sorted(k for k in os.environ if k.startswith("UNITEDLLM_RANK_KEY_"))
 print(f"sleeper rank {rank} started; keys: {','.join(keys)}; run secret set: {'UNITEDLLM_RUN_SECRET' in os.environ}", flush=True)
+run_id = sys.argv[sys.argv.index("--run_id") + 1]
+metrics = None
+if rank == "0":  # the aggregator's metrics.jsonl: one round every 5 ticks, as the platform reads it
+    from pathlib import Path
+    out = Path(".logs/UnitedLLM") / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = (out / "metrics.jsonl").open("a")
 for tick in range(int(args.get("train_args.local_max_steps", "10"))):
     print(f"tick {tick}", flush=True)
+    if metrics is not None and tick % 5 == 4:
+        event = {"event": "round", "round": tick // 5, "aggregated": [1, 2], "train_loss": 5.0 / (tick + 1), "eval_loss": None, "seconds": 1.0}
+        metrics.write(json.dumps(event) + "\\n")
+        metrics.flush()
     time.sleep(0.2)
 sys.exit(int(args.get("common_args.random_seed", "0")))
 """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 import sys
 import threading
@@ -50,6 +51,29 @@ def package_run_command(
     return [*command, "--", *sets] if sets else command
 
 
+def metrics_path(package_dir: Path, run_id: str, overrides: list[str]) -> Path | None:
+    """Where the role writes metrics.jsonl: ``train_args.output_dir`` of the unpacked config, or of
+    the last override that sets it, with ``{run_id}`` filled in, relative to the source folder."""
+    import yaml
+
+    manifests = sorted(package_dir.glob("*-package/manifest.json"))
+    if not manifests:
+        return None
+    try:
+        conf_file = json.loads(manifests[0].read_text())["conf_file"]
+        source = manifests[0].parent / "fedml"
+        config = yaml.safe_load((source / conf_file).read_text()) or {}
+    except (OSError, ValueError, KeyError, yaml.YAMLError):
+        return None
+    output = str((config.get("train_args") or {}).get("output_dir") or ".logs/UnitedLLM/{run_id}")
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.strip() == "train_args.output_dir":
+            output = str(yaml.safe_load(value))
+    path = Path(output.replace("{run_id}", run_id))
+    return (path if path.is_absolute() else source / path) / "metrics.jsonl"
+
+
 class RoleRunner:
     """Runs one role in a thread of its own and tells the controller every state change."""
 
@@ -72,6 +96,7 @@ class RoleRunner:
         self.stop_requested = threading.Event()
         self.run_id = ""
         self.rank = -1
+        self.overrides: list[str] = []
         self.current = INITIALIZING
         self.handle: RoleHandle | None = None
         self.record: dict[str, Any] = {}
@@ -81,6 +106,7 @@ class RoleRunner:
 
     def start(self, command: dict[str, Any]) -> None:
         self.run_id, self.rank = str(command["run_id"]), int(command["rank"])
+        self.overrides = [str(o) for o in command.get("overrides") or []]
         self._thread = threading.Thread(
             target=self._start_and_watch, args=(command,), name=f"role-{self.run_id}", daemon=True
         )
@@ -89,6 +115,7 @@ class RoleRunner:
     def reattach(self, record: dict[str, Any]) -> None:
         """Follow a role a previous agent process started; FAILED if it vanished without a trace."""
         self.run_id, self.rank, self.record = str(record["run_id"]), int(record["rank"]), record
+        self.overrides = [str(o) for o in record.get("overrides") or []]
         self.handle = self.launcher.attach(record["handle"])
         self._thread = threading.Thread(target=self._reattached, name=f"role-{self.run_id}", daemon=True)
         self._thread.start()
@@ -177,12 +204,27 @@ class RoleRunner:
         self._finish(FINISHED if code == 0 else FAILED, code, f"exit code {code}")
 
     def _ship_logs(self, *, final: bool) -> None:
-        path = Path(self.record.get("log", ""))
+        self._ship("log", Path(self.record.get("log", "")), final=final)
+        if self.rank == 0:  # the aggregator's metrics.jsonl holds every round of the run
+            metrics = self.record.get("metrics") or self._find_metrics()
+            if metrics:
+                self._ship("metrics", Path(metrics), final=final)
+
+    def _find_metrics(self) -> str | None:
+        path = metrics_path(self.state.run_dir(self.run_id) / "package", self.run_id, self.overrides)
+        if path is not None and path.is_file():
+            self.record["metrics"] = str(path)
+            return str(path)
+        return None
+
+    def _ship(self, stream: str, path: Path, *, final: bool) -> None:
+        """Send what the file gained since last time, in whole lines, each batch under its own seq."""
         if not path.is_file():
             return
+        offset_key, seq_key = ("offset", "seq") if stream == "log" else (f"{stream}_offset", f"{stream}_seq")
         with path.open("rb") as fh:
             while True:
-                fh.seek(self.record["offset"])
+                fh.seek(self.record.get(offset_key, 0))
                 chunk = fh.read(LOG_BATCH_BYTES)
                 if not final and len(chunk) < LOG_BATCH_BYTES:
                     chunk = chunk[: chunk.rfind(b"\n") + 1]  # whole lines only while the role writes
@@ -190,13 +232,14 @@ class RoleRunner:
                     return
                 body = {
                     "run_id": self.run_id,
-                    "seq": self.record["seq"],
+                    "stream": stream,
+                    "seq": self.record.get(seq_key, 0),
                     "text": chunk.decode(errors="replace"),
                 }
                 if not self._deliver("/api/agent/logs", body, attempts=1 if not final else 30):
                     return  # sent again next time, under the same seq
-                self.record["offset"] += len(chunk)
-                self.record["seq"] += 1
+                self.record[offset_key] = self.record.get(offset_key, 0) + len(chunk)
+                self.record[seq_key] = self.record.get(seq_key, 0) + 1
                 self.state.save_role(self.record)
 
     def _finish(self, state: str, code: int | None, detail: str) -> None:

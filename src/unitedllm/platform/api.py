@@ -14,11 +14,12 @@ from fastapi import Depends, FastAPI, File, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from unitedllm.platform.auth import ADMIN
+from unitedllm.platform.catalog import Catalog
 from unitedllm.platform.controller import Controller
 from unitedllm.platform.errors import PlatformError
 from unitedllm.platform.runs import RunService
 
-__all__ = ["Notifier", "create_app"]
+__all__ = ["Notifier", "create_app", "launch_from"]
 
 MAX_POLL_S = 30.0
 
@@ -47,11 +48,44 @@ def _bearer(request: Request) -> str | None:
     return None
 
 
-def create_app(controller: Controller, runs: RunService, notifier: Notifier) -> FastAPI:
+def launch_from(catalog: Catalog, runs: RunService, body: dict[str, Any]) -> dict[str, Any]:
+    """A launch from packages, or from a project (its application's packages) and a saved config."""
+    try:
+        overrides = [str(o) for o in body.get("overrides") or []]
+        project_id = None
+        if body.get("project"):
+            project = catalog.project(str(body["project"]))
+            project_id = project["id"]
+            version = body.get("application_version")
+            server_package, client_package = catalog.application_packages(
+                project["application"], int(version) if version is not None else None
+            )
+        else:
+            server_package, client_package = str(body["server_package"]), str(body["client_package"])
+        if body.get("config"):
+            overrides = [*catalog.config_overrides(str(body["config"])), *overrides]
+        clients = body["client_devices"]
+        if isinstance(clients, str):
+            clients = [c.strip() for c in clients.split(",") if c.strip()]
+        return runs.launch(
+            server_package=server_package,
+            client_package=client_package,
+            server_device=str(body["server_device"]),
+            client_devices=[str(d) for d in clients],
+            overrides=overrides,
+            project_id=project_id,
+            run_id=body.get("run_id"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PlatformError(f"run: missing or bad field {exc}", status=422) from None
+
+
+def create_app(controller: Controller, runs: RunService, notifier: Notifier, catalog: Catalog) -> FastAPI:
     """The API app; :mod:`unitedllm.platform.page` adds the web page to it."""
     app = FastAPI(title="UnitedLLM platform", docs_url="/api/docs", openapi_url="/api/openapi.json")
     app.state.controller = controller
     app.state.runs = runs
+    app.state.catalog = catalog
 
     @app.exception_handler(PlatformError)
     async def platform_error(_request: Request, exc: PlatformError) -> JSONResponse:
@@ -136,18 +170,41 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier) -> 
 
     @app.post("/api/runs")
     async def launch(_: Admin, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            kwargs = {
-                "server_package": str(body["server_package"]),
-                "client_package": str(body["client_package"]),
-                "server_device": str(body["server_device"]),
-                "client_devices": [str(d) for d in body["client_devices"]],
-                "overrides": [str(o) for o in body.get("overrides") or []],
-                "run_id": body.get("run_id"),
-            }
-        except (KeyError, TypeError) as exc:
-            raise PlatformError(f"run: missing or bad field {exc}", status=422) from None
-        return await call(runs.launch, **kwargs)  # type: ignore[no-any-return]
+        return await call(launch_from, catalog, runs, body)  # type: ignore[no-any-return]
+
+    @app.get("/api/applications")
+    async def applications(_: Read) -> list[dict[str, Any]]:
+        return await call(catalog.applications)  # type: ignore[no-any-return]
+
+    @app.post("/api/applications")
+    async def save_application(_: Admin, body: dict[str, Any]) -> dict[str, Any]:
+        return await call(  # type: ignore[no-any-return]
+            catalog.save_application,
+            str(body.get("name", "")),
+            server_package=str(body.get("server_package", "")),
+            client_package=str(body.get("client_package", "")),
+        )
+
+    @app.get("/api/projects")
+    async def projects(_: Read) -> list[dict[str, Any]]:
+        return await call(catalog.projects)  # type: ignore[no-any-return]
+
+    @app.post("/api/projects")
+    async def create_project(_: Admin, body: dict[str, Any]) -> dict[str, Any]:
+        return await call(catalog.create_project, str(body.get("name", "")), str(body.get("application", "")))  # type: ignore[no-any-return]
+
+    @app.get("/api/configs")
+    async def configs(_: Read) -> list[dict[str, Any]]:
+        return await call(catalog.configs)  # type: ignore[no-any-return]
+
+    @app.put("/api/configs/{name}")
+    async def save_config(name: str, _: Admin, body: dict[str, Any]) -> dict[str, Any]:
+        return await call(catalog.save_config, name, body.get("overrides") or {})  # type: ignore[no-any-return]
+
+    @app.delete("/api/configs/{name}")
+    async def delete_config(name: str, _: Admin) -> dict[str, bool]:
+        await call(catalog.delete_config, name)
+        return {"ok": True}
 
     @app.get("/api/runs/{run_id}")
     async def show_run(run_id: str, _: Read) -> dict[str, Any]:
@@ -163,9 +220,13 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier) -> 
 
     @app.get("/api/runs/{run_id}/logs")
     async def run_logs(
-        run_id: str, _: Read, after: int = 0, device: str | None = None
+        run_id: str, _: Read, after: int = 0, device: str | None = None, stream: str = "log"
     ) -> list[dict[str, Any]]:
-        return await call(runs.logs, run_id, device_id=device, after=after)  # type: ignore[no-any-return]
+        return await call(runs.logs, run_id, device_id=device, after=after, stream=stream)  # type: ignore[no-any-return]
+
+    @app.get("/api/runs/{run_id}/rounds")
+    async def run_rounds(run_id: str, _: Read) -> list[dict[str, Any]]:
+        return await call(runs.rounds, run_id)  # type: ignore[no-any-return]
 
     # -- agents --------------------------------------------------------------------------------
 
@@ -234,6 +295,7 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier) -> 
             run_id=str(body.get("run_id", "")),
             seq=int(body.get("seq", 0)),
             text=str(body.get("text", "")),
+            stream=str(body.get("stream", "log")),
         )
         return {"ok": True}
 

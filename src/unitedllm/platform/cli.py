@@ -27,6 +27,14 @@ runs_app = typer.Typer(help="Federated runs.", no_args_is_help=True)
 platform_app.add_typer(devices_app, name="devices")
 platform_app.add_typer(packages_app, name="packages")
 platform_app.add_typer(runs_app, name="runs")
+apps_app = typer.Typer(
+    help="Applications: named, versioned server + client package pairs.", no_args_is_help=True
+)
+projects_app = typer.Typer(help="Projects: the runs of one application.", no_args_is_help=True)
+configs_app = typer.Typer(help="Saved hyper-parameter configurations.", no_args_is_help=True)
+platform_app.add_typer(apps_app, name="apps")
+platform_app.add_typer(projects_app, name="projects")
+platform_app.add_typer(configs_app, name="configs")
 
 UrlOpt = Annotated[
     str | None, typer.Option("--platform", help="Controller URL (or $UNITEDLLM_PLATFORM_URL).")
@@ -152,25 +160,31 @@ def _run_row(r: dict[str, Any]) -> str:
 
 @runs_app.command("create")
 def runs_create(
-    server_package: Annotated[str, typer.Option("--server-package", help="Digest (or unique prefix).")],
-    client_package: Annotated[str, typer.Option("--client-package", help="Digest (or unique prefix).")],
     server: Annotated[str, typer.Option("--server", help="Aggregator device (id or name).")],
     clients: Annotated[list[str], typer.Option("--client", help="Client device, ranks 1..N in order.")],
+    project: Annotated[str | None, typer.Option("--project", help="Run the project's application.")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="A saved configuration.")] = None,
+    server_package: Annotated[str | None, typer.Option("--server-package", help="Digest or prefix.")] = None,
+    client_package: Annotated[str | None, typer.Option("--client-package", help="Digest or prefix.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override (repeatable).")] = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Launch a run on chosen devices."""
+    """Launch a run on chosen devices: a project's application, or packages by digest."""
+    if project is None and not (server_package and client_package):
+        typer.echo("error: give --project, or both --server-package and --client-package", err=True)
+        raise typer.Exit(2)
+    fields: dict[str, Any] = {
+        "server_device": server,
+        "client_devices": clients,
+        "overrides": list(set_ or []),
+    }
+    fields |= {"project": project, "config": config}
+    if project is None:
+        fields |= {"server_package": server_package, "client_package": client_package}
     with _errors(), _client(url, token) as client:
-        run = client.launch(
-            server_package=server_package,
-            client_package=client_package,
-            server_device=server,
-            client_devices=clients,
-            overrides=list(set_ or []),
-        )
-        _show(run, as_json, _run_row)
+        _show(client.launch(**fields), as_json, _run_row)
 
 
 @runs_app.command("list")
@@ -210,3 +224,79 @@ def runs_stop(run_id: str, url: UrlOpt = None, token: TokenOpt = None, as_json: 
     """Stop every role of a run; it ends KILLED."""
     with _errors(), _client(url, token) as client:
         _show(client.stop(run_id), as_json, _run_row)
+
+
+@apps_app.command("list")
+def apps_list(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Applications with their versions."""
+    with _errors(), _client(url, token) as client:
+        _show(client.applications(), as_json, lambda a: f"{a['name']:<20} v{a['versions'][-1]['version']}")
+
+
+@apps_app.command("save")
+def apps_save(
+    name: str,
+    server_package: Annotated[str, typer.Option("--server-package", help="Digest or prefix.")],
+    client_package: Annotated[str, typer.Option("--client-package", help="Digest or prefix.")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an application, or add a version with new packages."""
+    with _errors(), _client(url, token) as client:
+        app = client.save_application(name, server_package=server_package, client_package=client_package)
+        _show(app, as_json, lambda a: f"{a['name']:<20} v{a['versions'][-1]['version']}")
+
+
+@projects_app.command("list")
+def projects_list(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Projects and their applications."""
+    with _errors(), _client(url, token) as client:
+        _show(client.projects(), as_json, lambda p: f"{p['name']:<20} {p['application']}")
+
+
+@projects_app.command("create")
+def projects_create(
+    name: str,
+    app: Annotated[str, typer.Option("--app", help="The application its runs use.")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a project for an application."""
+    with _errors(), _client(url, token) as client:
+        _show(client.create_project(name, app), as_json, lambda p: f"{p['name']:<20} {p['application']}")
+
+
+def _config_row(c: dict[str, Any]) -> str:
+    return f"{c['name']:<20} " + " ".join(f"{k}={json.dumps(v)}" for k, v in c["overrides"].items())
+
+
+@configs_app.command("list")
+def configs_list(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Saved configurations."""
+    with _errors(), _client(url, token) as client:
+        _show(client.configs(), as_json, _config_row)
+
+
+@configs_app.command("save")
+def configs_save(
+    name: str,
+    set_: Annotated[list[str], typer.Option("--set", help="KEY=VALUE (repeatable; values are YAML).")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add or replace a configuration; checked against the config schema."""
+    from unitedllm.config.cli_support import parse_set_options
+
+    with _errors(), _client(url, token) as client:
+        _show(client.save_config(name, parse_set_options(set_)), as_json, _config_row)
+
+
+@configs_app.command("delete")
+def configs_delete(name: str, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """Delete a saved configuration."""
+    with _errors(), _client(url, token) as client:
+        client.delete_config(name)
+        typer.echo(f"deleted {name}")

@@ -90,8 +90,35 @@ class PlatformClient:
     def events(self, run_id: str, after: int = 0) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/api/runs/{run_id}/events", params={"after": after}))
 
-    def logs(self, run_id: str, *, after: int = 0, device: str | None = None) -> list[dict[str, Any]]:
-        params: dict[str, Any] = {"after": after}
+    def logs(
+        self, run_id: str, *, after: int = 0, device: str | None = None, stream: str = "log"
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"after": after, "stream": stream}
         if device:
             params["device"] = device
         return list(self._call("GET", f"/api/runs/{run_id}/logs", params=params))
+
+    def rounds(self, run_id: str) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/api/runs/{run_id}/rounds"))
+
+    def applications(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/applications"))
+
+    def save_application(self, name: str, *, server_package: str, client_package: str) -> dict[str, Any]:
+        body = {"name": name, "server_package": server_package, "client_package": client_package}
+        return dict(self._call("POST", "/api/applications", json=body))
+
+    def projects(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/projects"))
+
+    def create_project(self, name: str, application: str) -> dict[str, Any]:
+        return dict(self._call("POST", "/api/projects", json={"name": name, "application": application}))
+
+    def configs(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/configs"))
+
+    def save_config(self, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._call("PUT", f"/api/configs/{name}", json={"overrides": overrides}))
+
+    def delete_config(self, name: str) -> None:
+        self._call("DELETE", f"/api/configs/{name}")

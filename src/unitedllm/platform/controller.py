@@ -224,7 +224,7 @@ class Controller:
             try:
                 # The platform authenticates packages by its own signature (below), not a package
                 # secret: the manifest and every file are checked here, then the zip is signed.
-                options = (
+                options: dict[str, Any] = (
                     {"allow_unauthenticated": True}
                     if "allow_unauthenticated" in inspect.signature(prepare_package).parameters
                     else {}

@@ -178,13 +178,15 @@ class Command(Base):
 
 
 class LogBatch(Base):
-    """A sequenced batch of a role's output lines; a batch sent twice is stored once."""
+    """A sequenced batch of a role's output lines (``stream`` "log") or of its metrics.jsonl lines
+    (``stream`` "metrics"); a batch sent twice is stored once."""
 
     __tablename__ = "log_batches"
-    __table_args__ = (UniqueConstraint("run_id", "device_id", "seq"),)
+    __table_args__ = (UniqueConstraint("run_id", "device_id", "stream", "seq", name="uq_log_batch"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    stream: Mapped[str] = mapped_column(String(10), default="log", server_default="log")
     seq: Mapped[int] = mapped_column(Integer)
     text: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float, default=_now)

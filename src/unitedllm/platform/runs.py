@@ -6,6 +6,7 @@ master secret when a start command is handed out, so they are never written to t
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -31,7 +32,8 @@ from unitedllm.platform.states import (
 
 __all__ = ["RunService"]
 
-COMMAND_TTL_S = 600.0  # a start command not picked up within this is refused by the agent
+COMMAND_TTL_S = 600.0
+STREAMS = ("log", "metrics")  # a start command not picked up within this is refused by the agent
 
 
 class RunService:
@@ -265,16 +267,21 @@ class RunService:
             if new in TERMINAL:
                 run.finished_at = time.time()
 
-    def append_logs(self, device_id: str, *, run_id: str, seq: int, text: str) -> None:
-        """Store one sequenced batch of a role's output; the same batch sent again is kept once."""
+    def append_logs(self, device_id: str, *, run_id: str, seq: int, text: str, stream: str = "log") -> None:
+        """Store one sequenced batch of a role's output or metrics; the same batch sent again is kept once."""
+        if stream not in STREAMS:
+            raise PlatformError(f"stream {stream!r}: expected one of {', '.join(STREAMS)}", status=422)
         with self.db.session() as s:
             exists = s.scalar(
                 select(LogBatch.id).where(
-                    LogBatch.run_id == run_id, LogBatch.device_id == device_id, LogBatch.seq == seq
+                    LogBatch.run_id == run_id,
+                    LogBatch.device_id == device_id,
+                    LogBatch.stream == stream,
+                    LogBatch.seq == seq,
                 )
             )
             if exists is None:
-                s.add(LogBatch(run_id=run_id, device_id=device_id, seq=seq, text=text))
+                s.add(LogBatch(run_id=run_id, device_id=device_id, seq=seq, text=text, stream=stream))
 
     # -- reading -------------------------------------------------------------------------
 
@@ -325,12 +332,39 @@ class RunService:
                 for e in rows
             ]
 
-    def logs(self, run_id: str, *, device_id: str | None = None, after: int = 0) -> list[dict[str, Any]]:
+    def logs(
+        self, run_id: str, *, device_id: str | None = None, after: int = 0, stream: str = "log"
+    ) -> list[dict[str, Any]]:
         with self.db.session() as s:
-            query = select(LogBatch).where(LogBatch.run_id == run_id, LogBatch.id > after)
+            query = select(LogBatch).where(
+                LogBatch.run_id == run_id, LogBatch.id > after, LogBatch.stream == stream
+            )
             if device_id is not None:
                 query = query.where(LogBatch.device_id == device_id)
             return [
                 {"id": b.id, "device_id": b.device_id, "seq": b.seq, "text": b.text}
                 for b in s.scalars(query.order_by(LogBatch.id))
             ]
+
+    def metrics(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's metrics.jsonl events as the aggregator's agent streamed them."""
+        events = []
+        for batch in self.logs(run_id, stream="metrics"):
+            for line in batch["text"].splitlines():
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(event, dict):
+                    events.append(event)
+        return events
+
+    def rounds(self, run_id: str) -> list[dict[str, Any]]:
+        """One row per finished round (the last record of a round wins, as after a resume)."""
+        rows: dict[int, dict[str, Any]] = {}
+        for event in self.metrics(run_id):
+            if event.get("event") == "round" and isinstance(event.get("round"), int):
+                rows[event["round"]] = {
+                    k: event.get(k) for k in ("round", "aggregated", "train_loss", "eval_loss", "seconds")
+                }
+        return [rows[r] for r in sorted(rows)]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO
 
 from unitedllm.platform.api import Notifier, create_app
+from unitedllm.platform.catalog import Catalog
 from unitedllm.platform.controller import Controller, PlatformFiles
 from unitedllm.platform.db import Database, default_url
 from unitedllm.platform.runs import RunService
@@ -28,6 +29,7 @@ class Platform:
     controller: Controller
     runs: RunService
     notifier: Notifier
+    catalog: Catalog
     admin_token: str | None  # set only on the first start, to be shown once
 
 
@@ -47,7 +49,7 @@ def open_platform(data_dir: Path, db_url: str | None = None, *, heartbeat_s: flo
     )
     notifier = Notifier()
     runs = RunService(controller, notify=notifier.notify)
-    return Platform(controller, runs, notifier, controller.ensure_admin_token())
+    return Platform(controller, runs, notifier, Catalog(db), controller.ensure_admin_token())
 
 
 def serve(
@@ -67,8 +69,8 @@ def serve(
 
     stream = out or sys.stdout
     platform = open_platform(data_dir, db_url, heartbeat_s=heartbeat_s)
-    app = create_app(platform.controller, platform.runs, platform.notifier)
-    add_page(app, platform.controller, platform.runs)
+    app = create_app(platform.controller, platform.runs, platform.notifier, platform.catalog)
+    add_page(app, platform)
     if platform.admin_token is not None:
         token_file = os.environ.get(ADMIN_TOKEN_FILE_ENV)
         if token_file:
