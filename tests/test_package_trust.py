@@ -180,3 +180,15 @@ def test_package_run_without_broker_settings_is_a_clean_error(
     assert record is None, "the entry point must not start"
     assert "comm_args.mqtt.host" in out and "UNITEDLLM_MQTT_HOST" in out
     assert "Traceback" not in out
+
+
+def test_a_device_or_folder_as_the_package_is_refused_at_once(tmp_path: Path) -> None:
+    for source in (Path("/dev/zero"), tmp_path):  # /dev/zero would be read forever looking for a zip
+        code, out = invoke(package_app, "verify", source)
+        assert code == 2 and "is not a zip file (a folder, device or pipe)" in out
+
+
+def test_a_run_id_that_would_leave_the_work_dir_is_refused(packages: dict[str, Path], tmp_path: Path) -> None:
+    code, out = invoke(package_app, "run", packages["client"], "--rank", "1", "--run-id", "../../escape")
+    assert code == 2 and "--run-id" in out and "is not a usable run id" in out
+    assert not (Path.cwd().parent / "escape").exists()

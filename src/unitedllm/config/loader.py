@@ -33,6 +33,7 @@ from unitedllm.errors import ConfigError, ConfigProblem
 
 __all__ = [
     "build_config",
+    "check_run_id",
     "config_digest",
     "dump_config",
     "expand_run_id",
@@ -96,17 +97,22 @@ def build_config(
     return (None if problems else cfg), problems
 
 
-def expand_run_id(cfg: Config, run_id: str) -> Config:
-    """``cfg`` with ``{run_id}`` in ``train_args.output_dir`` replaced; a run id unsafe in paths is refused."""
+def check_run_id(run_id: str, *, where: str = "run_id") -> None:
+    """Refuse a run id that is unsafe in paths, MQTT topics and S3 keys (``where``: the option that gave it)."""
     if not _RUN_ID.match(run_id) or run_id in (".", ".."):
         raise ConfigError(
             ConfigProblem(
-                "run_id",
+                where,
                 f"{render_value(run_id)} is not a usable run id; use 1-128 letters, digits, '_', '.', '-' "
                 "starting with a letter or digit",
-                "run_id",
+                where,
             )
         )
+
+
+def expand_run_id(cfg: Config, run_id: str) -> Config:
+    """``cfg`` with ``{run_id}`` in ``train_args.output_dir`` replaced; a run id unsafe in paths is refused."""
+    check_run_id(run_id)
     train = msgspec.structs.replace(
         cfg.train_args, output_dir=cfg.train_args.output_dir.replace("{run_id}", run_id)
     )

@@ -107,6 +107,15 @@ def unpack(
     """Unpack ``zip_path`` into the empty folder ``target``, hashing every file; raise on anything unsafe."""
     package = str(zip_path)
     try:
+        file_stat = zip_path.stat()
+    except FileNotFoundError as exc:
+        raise PackageError(f"package not found: {zip_path}") from exc
+    except OSError as exc:
+        raise PackageError(f"cannot read {zip_path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(file_stat.st_mode):
+        # /dev/zero or a FIFO would be read forever looking for the zip's directory
+        raise PackageError(f"{zip_path} is not a zip file (a folder, device or pipe)")
+    try:
         archive = zipfile.ZipFile(zip_path)
     except FileNotFoundError as exc:
         raise PackageError(f"package not found: {zip_path}") from exc

@@ -306,8 +306,11 @@ def run_package(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> int:
     """Verify, unpack, bootstrap and start the package; return the entry point's exit code."""
+    from unitedllm.config.loader import check_run_id
+
     if not run_id or not run_id.strip():
         raise PackageError("--run-id must not be empty: every node of a run uses the same run id")
+    check_run_id(run_id, where="--run-id")  # it names the default work dir: no '..', no '/'
     workdir = workdir if workdir is not None else default_workdir(run_id, rank)
     prepared = prepare_package(
         zip_path, workdir, secret=secret, allow_unauthenticated=allow_unauthenticated, max_bytes=max_bytes
