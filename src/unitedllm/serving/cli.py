@@ -5,6 +5,7 @@ Only typer is imported here; torch, transformers and the web stack load when a c
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -58,6 +59,7 @@ def export_command(
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Export a run's model (global, or a client's) as a Hugging Face folder with a provenance card."""
+    _quiet_libraries()
     with _user_errors():
         from unitedllm.serving.export import export_model
 
@@ -151,15 +153,27 @@ def serve_command(
         )
 
 
-def _serve_logging(verbose: bool) -> None:
-    import logging
+def _quiet_libraries() -> None:
+    """No progress bars or deprecation notices from the libraries: the commands print what matters."""
     import os
     import warnings
+
+    # transformers imports DeepSpeed where installed, which then says it found no GPU: noise here.
+    # (A filter, not a level: DeepSpeed sets its logger's level when it is imported.)
+    logging.getLogger("DeepSpeed").addFilter(_not_accelerator_notice)
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
+def _not_accelerator_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to")
+
+
+def _serve_logging(verbose: bool) -> None:
+    _quiet_libraries()
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import logging
 import random
 import threading
@@ -60,6 +61,7 @@ class TransformersEngine(Engine):
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._model_lock = threading.Lock()
         self._worker: threading.Thread | None = None
+        self._cache_kw = "past_key_values"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -96,6 +98,10 @@ class TransformersEngine(Engine):
         self._model = model
         self._device = device
         self._max_positions = getattr(model.config, "max_position_embeddings", None)
+        # transformers 5 names the KV cache ``cache`` (``past_key_values`` before, deprecated since).
+        self._cache_kw = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
 
     # -- adapters ----------------------------------------------------------------------------
 
@@ -243,7 +249,7 @@ class TransformersEngine(Engine):
         ids, mask = ids.to(self._device), mask.to(self._device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache = out.past_key_values
+        cache = getattr(out, self._cache_kw)
         generated = 0
         while True:
             tokens = _choose(out.logits[:, -1, :].float(), rows)
@@ -276,8 +282,8 @@ class TransformersEngine(Engine):
                 input_ids=tokens[:, None],
                 attention_mask=mask,
                 position_ids=positions,
-                cache=cache,
                 use_cache=True,
+                **{self._cache_kw: cache},
             )
 
 
