@@ -164,3 +164,27 @@ def test_tokenizer_files_and_variable_names_are_not_findings(project: Path) -> N
     )
     code, out = build(project)
     assert code == 0, out
+
+
+def test_device_secret_file_and_unwritable_dest_are_clear_errors(project: Path, tmp_path: Path) -> None:
+    code, out = build(project, "--secret-file", "/dev/zero")  # would be read forever
+    assert code == 2 and "--secret-file /dev/zero: not a regular file" in out
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = runner.invoke(
+        app,
+        [
+            "-t",
+            "client",
+            "-sf",
+            str(project),
+            "-ep",
+            "launch.py",
+            "-cf",
+            str(project / "config"),
+            "-df",
+            str(blocker),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "-df/--dest_folder: cannot write" in result.output and "Traceback" not in result.output

@@ -305,18 +305,22 @@ def build_package(request: BuildRequest) -> BuildResult:
         manifest = sign_manifest(manifest, request.secret)
     manifest_bytes = encode_manifest(manifest)
 
-    dist.mkdir(parents=True, exist_ok=True)
     zip_path = dist / f"{root}.zip"
-    # write beside the target and rename: a failed build never leaves a half-written package
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{root}-", suffix=".zip.tmp", dir=dist)
-    os.close(fd)
     try:
-        _write_zip(Path(tmp_name), root, members, entries, conf_yaml, manifest_bytes)
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, zip_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        dist.mkdir(parents=True, exist_ok=True)
+        # write beside the target and rename: a failed build never leaves a half-written package
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{root}-", suffix=".zip.tmp", dir=dist)
+        os.close(fd)
+        try:
+            _write_zip(Path(tmp_name), root, members, entries, conf_yaml, manifest_bytes)
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, zip_path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+    except OSError as exc:  # an unwritable, full or misplaced -df: say where, no traceback
+        where = exc.filename or dist
+        raise BuildError(f"-df/--dest_folder: cannot write {where} ({exc.strerror or exc})") from None
     digest, size = _hash(zip_path)
     return BuildResult(zip_path, manifest, digest, size, dropped)
 

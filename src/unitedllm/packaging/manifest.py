@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import stat
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -119,6 +120,7 @@ def render_schema() -> str:
 
 
 SECRET_ENV = "UNITEDLLM_PACKAGE_SECRET"
+_MAX_SECRET_BYTES = 64 * 1024
 
 
 def read_package_secret(secret_file: Path | None) -> bytes | None:
@@ -127,8 +129,18 @@ def read_package_secret(secret_file: Path | None) -> bytes | None:
 
     if secret_file is not None:
         try:
-            return secret_file.read_bytes().strip()
+            # O_NONBLOCK and fstat: a FIFO or /dev/zero is refused, not read forever
+            fd = os.open(secret_file, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    raise UnitedLLMError(f"--secret-file {secret_file}: not a regular file")
+                data = handle.read(_MAX_SECRET_BYTES + 1)
         except OSError as exc:
             raise UnitedLLMError(f"--secret-file {secret_file}: cannot read it ({exc.strerror})") from exc
+        if len(data) > _MAX_SECRET_BYTES:
+            raise UnitedLLMError(
+                f"--secret-file {secret_file}: over {_MAX_SECRET_BYTES} bytes; a secret is short"
+            )
+        return data.strip()
     value = os.environ.get(SECRET_ENV)
     return value.encode() if value else None
