@@ -74,7 +74,6 @@ class Client(Role):
         self.journal = ClientJournal(self.folder)
         self.rounds_resent: list[int] = []
         self.rounds_trained: list[int] = []
-        self._answered: dict[int, str] = {}  # round -> digest of the global model this process answered
         self._newest_round = -1
         self.evaluations: list[tuple[int, str, dict[str, float]]] = []
         self._algorithm: ClientAlgorithm | None = None
@@ -206,14 +205,9 @@ class Client(Role):
             )
             return
         self._newest_round = round_idx
-        if self._answered.get(round_idx) == start.global_ref.digest:
-            # The aggregator repeats a round's start when this client says hello (it may have restarted).
-            log.info(
-                "client %d: round %d was already answered; ignoring its start again", self.rank, round_idx
-            )
-            return
+        # A start this client already answered (the aggregator restarted, or repeats the open round's
+        # start on every hello) gets the same update again, which the aggregator takes once.
         if await self._resend(start):
-            self._answered[round_idx] = start.global_ref.digest
             return
         comm_started = time.perf_counter()
         try:
@@ -273,7 +267,6 @@ class Client(Role):
         )
         await asyncio.to_thread(self.journal.record, start, update)
         await self.transport.send(SERVER_RANK, update)
-        self._answered[round_idx] = start.global_ref.digest
         self.rounds_trained.append(round_idx)
         self._log_train(round_idx, result, metrics)
 

@@ -48,7 +48,15 @@ def run_config(tmp: Path, *, clients: int = 2, rounds: int = 3, **comm: Any) -> 
 class Federation:
     """A run's nodes as processes, each logging to a file; whatever is left is killed at the end."""
 
-    def __init__(self, tmp: Path, run_id: str, raw: Mapping[str, Any], env: Mapping[str, str]):
+    def __init__(
+        self,
+        tmp: Path,
+        run_id: str,
+        raw: Mapping[str, Any],
+        env: Mapping[str, str],
+        *,
+        shared_secret: str | None = None,
+    ):
         self.tmp = tmp
         self.run_id = run_id
         self.config = tmp / "run.yaml"
@@ -63,11 +71,14 @@ class Federation:
             "PYTHONUNBUFFERED": "1",
         }
         self.env.pop("UNITEDLLM_RUN_SECRET", None)
+        self.shared_secret = shared_secret
+        if shared_secret is not None:  # the old way: one key for every rank, no per-rank keys
+            self.env["UNITEDLLM_RUN_SECRET"] = shared_secret
         self.output_dir = Path(str(raw["train_args"]["output_dir"]).replace("{run_id}", run_id))
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def node(self, rank: int, *extra: str, sleep_s: float = 0.0) -> subprocess.Popen[bytes]:
-        keys = self.keys if rank == 0 else {rank: self.keys[rank]}
+        keys = {} if self.shared_secret is not None else self.keys if rank == 0 else {rank: self.keys[rank]}
         env = {**self.env, "FAULT_FIT_SLEEP_S": str(sleep_s)}
         env.update({f"UNITEDLLM_RANK_KEY_{r}": key for r, key in keys.items()})
         log = (self.tmp / f"rank{rank}-{len(self.procs)}.log").open("wb")

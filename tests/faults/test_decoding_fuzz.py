@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import msgspec
 import pytest
@@ -99,7 +98,7 @@ def check_presence(payload: bytes, rank: int, receiver: int) -> None:
     assert guard.admit(rank, payload) in (True, False, None)
 
 
-def _properties(examples: int) -> Any:
+def _properties(examples: int) -> settings:
     return settings(
         max_examples=examples,
         deadline=None,

@@ -37,13 +37,21 @@ def federation(request: pytest.FixtureRequest, tmp_path: Path, run_id: str) -> I
     s3 = request.getfixturevalue("s3_settings")
     made: list[Federation] = []
 
-    def make(raw: dict[str, Any], *, name: str = "run", s3_endpoint: str | None = None) -> Federation:
-        env = service_env(mqtt, s3)
+    def make(
+        raw: dict[str, Any],
+        *,
+        name: str = "run",
+        s3_endpoint: str | None = None,
+        broker: Any = None,
+        s3_service: Any = None,
+        shared_secret: str | None = None,
+    ) -> Federation:
+        env = service_env(broker or mqtt, s3_service or s3)
         if s3_endpoint is not None:
             env["UNITEDLLM_S3_ENDPOINT_URL"] = s3_endpoint
         tmp = tmp_path / name
         tmp.mkdir()
-        fed = Federation(tmp, f"{run_id}-{name}", raw, env)
+        fed = Federation(tmp, f"{run_id}-{name}", raw, env, shared_secret=shared_secret)
         made.append(fed)
         return fed
 
@@ -156,4 +164,115 @@ def test_a_ten_second_s3_outage_mid_run_costs_time_not_the_run(
             back.join()
     assert codes == [0, 0, 0], fed.logs()
     assert "trying again" in fed.logs(), "the outage was met by retries"
+    assert_completed_like_undisturbed(fed, tmp_path, raw)
+
+
+# ---- the long campaign (nox -s slow) ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_broker_restarted_mid_run(federation: Make, tmp_path: Path, own_broker: Any) -> None:
+    raw = run_config(tmp_path)
+    fed = federation(raw, broker=own_broker.settings())
+    procs = [fed.node(0), fed.node(1), fed.node(2, sleep_s=1.0)]
+    fed.wait_for(lambda e: e.get("event") == "round_start" and e.get("round") == 1)
+    asyncio.run(own_broker.stop())
+    time.sleep(5)
+    asyncio.run(own_broker.start())
+    assert [fed.wait(p, timeout=150) for p in procs] == [0, 0, 0], fed.logs()
+    assert_completed_like_undisturbed(fed, tmp_path, raw)
+
+
+@pytest.mark.slow
+def test_aggregator_killed_with_junk_on_presence_while_it_is_down_resumes(
+    federation: Make, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    import aiomqtt
+
+    mqtt = request.getfixturevalue("mqtt_settings")
+    raw = run_config(tmp_path, rounds=4)
+    fed = federation(raw)
+    server = fed.node(0)
+    clients = [fed.node(1), fed.node(2)]
+    fed.wait_for(lambda e: e.get("event") == "round" and e.get("round") == 1)
+    fed.kill(server)
+
+    async def plant() -> None:
+        async with aiomqtt.Client(
+            mqtt.host, mqtt.port, username=mqtt.username, password=mqtt.password
+        ) as raw_client:
+            for rank in (0, 1, 2):
+                await raw_client.publish(presence_topic(fed.run_id, rank), b"junk", qos=1, retain=True)
+
+    asyncio.run(plant())
+    resumed = fed.node(0, "--resume")
+    assert [fed.wait(p, timeout=150) for p in (resumed, *clients)] == [0, 0, 0], fed.logs()
+    assert_completed_like_undisturbed(fed, tmp_path, raw)
+
+
+@pytest.mark.slow
+def test_a_max_seq_frame_signed_with_the_shared_secret_does_not_silence_a_rank(
+    federation: Make, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    import aiomqtt
+
+    from unitedllm.protocol.messages import Hello
+    from unitedllm.protocol.signing import seal
+
+    mqtt = request.getfixturevalue("mqtt_settings")
+    raw = run_config(tmp_path)
+    secret = "campaign-shared-secret"
+    fed = federation(raw, shared_secret=secret)
+    server = fed.node(0)
+    forged = Hello(run_id=fed.run_id, round=-1, sender=1, seq=2**63 - 1)
+
+    async def inject() -> None:
+        async with aiomqtt.Client(
+            mqtt.host, mqtt.port, username=mqtt.username, password=mqtt.password
+        ) as raw_client:
+            await raw_client.subscribe(presence_topic(fed.run_id, 0), qos=1)
+            # Once the aggregator's presence is there, it is subscribed to its inbox.
+            await asyncio.wait_for(anext(aiter(raw_client.messages)), 60)
+            await raw_client.publish(to_topic(fed.run_id, 0), seal(forged, secret.encode()), qos=1)
+
+    asyncio.run(inject())
+    clients = [fed.node(1), fed.node(2)]
+    assert [fed.wait(p, timeout=150) for p in (server, *clients)] == [0, 0, 0], fed.logs()
+    assert "ahead of this clock" in fed.logs(), "the forged frame was refused, not obeyed"
+    assert_completed_like_undisturbed(fed, tmp_path, raw)
+
+
+@pytest.mark.slow
+def test_seaweedfs_stopped_and_restarted_mid_run(federation: Make, tmp_path: Path) -> None:
+    from unitedllm.devservices import SeaweedS3
+
+    store = SeaweedS3(tmp_path / "seaweedfs")
+    asyncio.run(store.start())
+    try:
+        raw = run_config(tmp_path)
+        fed = federation(raw, s3_service=store.settings(bucket="campaign"))
+        procs = [fed.node(0), fed.node(1), fed.node(2, sleep_s=1.0)]
+        fed.wait_for(lambda e: e.get("event") == "round_start" and e.get("round") == 1)
+        asyncio.run(store.stop())
+        time.sleep(10)
+        asyncio.run(store.start())
+        assert [fed.wait(p, timeout=200) for p in procs] == [0, 0, 0], fed.logs()
+    finally:
+        asyncio.run(store.stop())
+    assert_completed_like_undisturbed(fed, tmp_path, raw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay_s", [0.0, 0.7, 1.9, 3.1])
+def test_a_client_killed_at_any_moment_of_a_round_rejoins(
+    federation: Make, tmp_path: Path, delay_s: float
+) -> None:
+    raw = run_config(tmp_path, round_timeout_s=300)
+    fed = federation(raw)
+    server, first, victim = fed.node(0), fed.node(1), fed.node(2, sleep_s=3.5)
+    fed.wait_for(lambda e: e.get("event") == "round_start" and e.get("round") == 1)
+    time.sleep(delay_s)
+    fed.kill(victim)
+    back = fed.node(2)
+    assert [fed.wait(p, timeout=150) for p in (server, first, back)] == [0, 0, 0], fed.logs()
     assert_completed_like_undisturbed(fed, tmp_path, raw)
