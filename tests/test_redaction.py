@@ -214,9 +214,12 @@ def test_an_entry_point_without_logging_setup_still_masks_config_secrets(tmp_pat
         from unitedllm.config import load_config
         load_config({str(config)!r})
         logging.getLogger("unitedllm.aggregator").warning("frame signed with %s refused", {RUN_SECRET!r})
+        logging.getLogger("botocore").warning("request signed with {S3_SECRET}")
         """)
+    env = {**os.environ, "UNITEDLLM_S3_SECRET_ACCESS_KEY": S3_SECRET}  # a secret from the environment
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False, env=env
     )
     assert proc.returncode == 0, proc.stderr
     assert f"frame signed with {MASK} refused" in proc.stderr and RUN_SECRET not in proc.stderr
+    assert f"request signed with {MASK}" in proc.stderr and S3_SECRET not in proc.stderr

@@ -174,10 +174,15 @@ def redacted_config(cfg: Config) -> dict[str, Any]:
 
 
 def remember_config(cfg: Config | Mapping[str, Any]) -> None:
-    """Add the secret values of a loaded config to those :func:`scrub` masks in this process."""
+    """Add the secret values of a loaded config to those :func:`scrub` masks in this process.
+
+    Also starts scrubbing every log record of the process (:func:`install_record_scrubber`), so
+    secrets that come from the environment are masked too, whatever the config holds.
+    """
     data = msgspec.to_builtins(cfg) if isinstance(cfg, Config) else cfg
     for value in _secret_values_of(data):
         remember_secret(value)
+    install_record_scrubber()
 
 
 def remember_secret(value: str | bytes | None) -> None:
