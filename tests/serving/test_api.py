@@ -206,16 +206,28 @@ def test_sixteen_concurrent_streams_all_finish_with_the_right_text(run_server: S
     assert batches < rows  # some requests were decoded together
 
 
-def test_a_client_that_disconnects_stops_its_generation(run_server: Server) -> None:
+# 16 choices of 250 tokens: seconds of work on a CPU, so hanging up always comes first.
+LONG = {"model": "base", "prompt": "x", "max_tokens": 250, "temperature": 0.0, "n": 16}
+LONG_TOKENS = 16 * 250
+
+
+def test_a_streaming_client_that_disconnects_stops_its_generation(run_server: Server) -> None:
     cancelled = run_server.metric("unitedllm_cancelled_requests_total")
     tokens = run_server.metric("unitedllm_generated_tokens_total")
-    body = {"model": "base", "prompt": "x", "max_tokens": 250, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{run_server.base_url}/completions", json=body, timeout=60) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: {"):
-                break  # the generation is running: hang up
+    with httpx.stream(
+        "POST", f"{run_server.base_url}/completions", json={**LONG, "stream": True}, timeout=60
+    ) as r:
+        next(line for line in r.iter_lines() if line.startswith("data: {"))  # generating: now hang up
     _wait_for(lambda: run_server.metric("unitedllm_cancelled_requests_total") > cancelled)
-    assert run_server.metric("unitedllm_generated_tokens_total") - tokens < 250
+    _wait_for(lambda: httpx.get(f"{run_server.url}/health").json()["queue_depth"] == 0)
+    assert run_server.metric("unitedllm_generated_tokens_total") - tokens < LONG_TOKENS
+
+
+def test_a_waiting_client_that_disconnects_stops_its_generation(run_server: Server) -> None:
+    cancelled = run_server.metric("unitedllm_cancelled_requests_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{run_server.base_url}/completions", json=LONG, timeout=httpx.Timeout(60, read=0.5))
+    _wait_for(lambda: run_server.metric("unitedllm_cancelled_requests_total") > cancelled)
 
 
 def _wait_for(condition: object, timeout: float = 60.0) -> None:

@@ -24,7 +24,7 @@ from unitedllm.serving.adapters import ModelEntry, ModelRegistry
 from unitedllm.serving.batching import BatchQueue, Job
 from unitedllm.serving.decoding import TextAssembler
 from unitedllm.serving.engine import BatchObserver, Chunk, Engine, Generation, SamplingParams
-from unitedllm.serving.errors import AdapterRefused, GenerationFailed, ServingError
+from unitedllm.serving.errors import AdapterRefused, GenerationFailed, Overloaded, ServingError
 
 __all__ = ["TransformersEngine"]
 
@@ -58,7 +58,10 @@ class TransformersEngine(Engine):
         self._tokenizer: Any = None
         self._max_positions: int | None = None
         self._loaded: dict[str, str] = {}  # entry name -> PEFT adapter name
-        self._shapes: dict[str, tuple[int, ...]] = {}
+        # Tensor shapes of the first checkpoint loaded from the run: every round must match them.
+        # Named adapters may differ (another rank, other targets); PEFT checks they fit the base.
+        self._run_shapes: dict[str, tuple[int, ...]] = {}
+        self._closing = threading.Event()
         self._model_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._cache_kw = "past_key_values"
@@ -72,6 +75,7 @@ class TransformersEngine(Engine):
         self._worker.start()
 
     async def close(self) -> None:
+        self._closing.set()  # the running batch stops at its next token
         self.queue.close()
         if self._worker is not None:
             await asyncio.to_thread(self._worker.join)
@@ -152,21 +156,25 @@ class TransformersEngine(Engine):
             tensors = load_safetensors(data)
         except Exception as exc:  # safetensors raises its own SafetensorError for damaged files
             raise AdapterRefused(where, f"{ADAPTER_WEIGHTS} is damaged: {exc}") from exc
-        shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-        if self._shapes:
-            if set(shapes) != set(self._shapes):
-                raise AdapterRefused(where, "its tensor names differ from the adapters already served")
-            wrong = [n for n, s in shapes.items() if s != self._shapes[n]]
-            if wrong:
-                raise AdapterRefused(
-                    where, f"{wrong[0]} has shape {shapes[wrong[0]]}, not {self._shapes[wrong[0]]}"
-                )
+        if entry.round is not None:
+            self._check_shapes(where, {name: tuple(t.shape) for name, t in tensors.items()})
         for name, tensor in tensors.items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise AdapterRefused(where, f"{name} holds NaN or infinite values")
-        if not self._shapes:
-            self._shapes = shapes
+        if entry.round is not None and not self._run_shapes:
+            self._run_shapes = {name: tuple(t.shape) for name, t in tensors.items()}
         return digest
+
+    def _check_shapes(self, where: str, shapes: dict[str, tuple[int, ...]]) -> None:
+        if not self._run_shapes:
+            return
+        if set(shapes) != set(self._run_shapes):
+            raise AdapterRefused(where, "its tensor names differ from the run's other checkpoints")
+        wrong = [n for n, s in shapes.items() if s != self._run_shapes[n]]
+        if wrong:
+            raise AdapterRefused(
+                where, f"{wrong[0]} has shape {shapes[wrong[0]]}, not {self._run_shapes[wrong[0]]}"
+            )
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -254,6 +262,10 @@ class TransformersEngine(Engine):
         while True:
             tokens = _choose(out.logits[:, -1, :].float(), rows)
             keep: list[int] = []
+            if self._closing.is_set():
+                for job in rows:
+                    job.emit(Overloaded("the server is shutting down"))
+                return generated
             for i, job in enumerate(rows):
                 if job.cancelled.is_set():
                     if self.on_cancelled is not None:

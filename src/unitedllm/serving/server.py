@@ -74,7 +74,15 @@ async def _serve(engine: Engine, options: ServeOptions) -> None:
     from unitedllm.serving.follow import RunFollower
 
     app = create_app(engine, api_keys=options.api_keys, own_engine=False)
-    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning", lifespan="on")
+    # Open streams get a few seconds on Ctrl-C / SIGTERM; then the engine stops their generations.
+    config = uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
     server = uvicorn.Server(config)
     async with engine:
         follower: contextlib.AbstractAsyncContextManager[object] = contextlib.nullcontext()
