@@ -34,6 +34,13 @@ def test_demo_runs_the_quickstart_to_finished_with_the_same_model_as_unitedllm_r
     final = re.fullmatch(r"(run-\w+) FINISHED; final model: .*", lines[-1])
     assert final is not None, demo.stdout
     run_id = final.group(1)
+    assert re.findall(rf"^{run_id}  round (\d+): aggregated \[1, 2\]", demo.stdout, re.MULTILINE) == [
+        "0",
+        "1",
+    ]
+    # Each role logged in to the broker as its own device, under the ACLs the controller wrote.
+    broker_log = (workdir / "services" / "mosquitto" / "mosquitto.log").read_text()
+    assert len(set(re.findall(r"as unitedllm-\S+ \(.*u'(device-\w+)'\)", broker_log))) == 3
     for rank in (0, 1, 2):
         states = re.findall(rf"^{run_id}\s+rank {rank} \(\S+\)\s+(\w+)", demo.stdout, re.MULTILINE)
         assert states == ["INITIALIZING", "RUNNING", "FINISHED"], demo.stdout

@@ -40,6 +40,8 @@ def test_run_finishes_with_logs_and_each_rank_gets_only_its_keys(
         assert "sleeper rank 1 started; keys: UNITEDLLM_RANK_KEY_1;" in text
         assert "sleeper rank 2 started; keys: UNITEDLLM_RANK_KEY_2;" in text
         assert "tick 4" in text
+        # The aggregator's metrics.jsonl reached the controller: its one round is listed.
+        assert [r["round"] for r in client.rounds(run_id)] == [0]
         assert all(d["state"] == "IDLE" and d["run_id"] is None for d in client.devices() if d["online"])
 
 

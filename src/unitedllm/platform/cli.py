@@ -80,12 +80,18 @@ def serve_command(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8800,
     heartbeat_s: Annotated[float, typer.Option("--heartbeat-s", help="Expected heartbeat interval.")] = 5.0,
+    broker_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--broker-dir", help="Manage mosquitto's passwd/acl files here (per-device identities)."
+        ),
+    ] = None,
 ) -> None:
     """Serve the controller: HTTP API and web page; S3 settings from $UNITEDLLM_S3_*."""
     from unitedllm.platform.server import serve
 
     with _errors():
-        serve(data_dir, db_url=db, host=host, port=port, heartbeat_s=heartbeat_s)
+        serve(data_dir, db_url=db, host=host, port=port, heartbeat_s=heartbeat_s, broker_dir=broker_dir)
 
 
 @platform_app.command("demo")

@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 
 from unitedllm.platform import signing
 from unitedllm.platform.auth import ADMIN, ROLES, hash_token, new_token
+from unitedllm.platform.broker import BrokerAccess
 from unitedllm.platform.db import Database
 from unitedllm.platform.errors import PackageRefused, PlatformError
 from unitedllm.platform.models import ApiToken, Device, EnrolToken, Package
@@ -72,8 +73,10 @@ class Controller:
         master_secret: bytes,
         store: PackageStore,
         heartbeat_s: float = 5.0,
+        broker: BrokerAccess | None = None,
     ):
         self.db = db
+        self.broker = broker
         self.keys = keys
         self.master_secret = master_secret
         self.store = store

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +19,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from unitedllm.platform.broker import BrokerAccess
 from unitedllm.platform.client import PlatformClient
 from unitedllm.platform.errors import PlatformError
 from unitedllm.platform.states import TERMINAL
@@ -96,9 +98,10 @@ def _build_quickstart(workdir: Path, env: dict[str, str]) -> tuple[Path, Path]:
 
 @contextlib.contextmanager
 def _services(workdir: Path) -> Iterator[dict[str, str]]:
-    from unitedllm.devservices import Mosquitto, SeaweedS3
+    """mosquitto (devices' identities and ACLs managed by the controller) and SeaweedFS."""
+    from unitedllm.devservices import SeaweedS3
 
-    mqtt = Mosquitto(workdir / "mosquitto", tls=False)
+    mqtt = _ManagedMosquitto(workdir / "mosquitto", broker_dir=workdir / "broker")
     s3 = SeaweedS3(workdir / "seaweedfs")
     asyncio.run(mqtt.start())
     try:
@@ -118,6 +121,39 @@ def _services(workdir: Path) -> Iterator[dict[str, str]]:
             asyncio.run(s3.stop())
     finally:
         asyncio.run(mqtt.stop())
+
+
+def _managed_mosquitto_class() -> type:
+    from unitedllm.devservices import Mosquitto
+
+    class ManagedMosquitto(Mosquitto):
+        """The dev broker, reading the password and ACL files the controller writes in ``broker_dir``.
+
+        Its own operator account stays in ``passwd.static`` with access to every topic.
+        """
+
+        def __init__(self, workdir: Path, *, broker_dir: Path):
+            super().__init__(workdir, tls=False)
+            self.broker_dir = broker_dir
+
+        def _prepare(self) -> None:
+            super()._prepare()
+            d = self.broker_dir
+            d.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.workdir / "passwd", d / "passwd.static")
+            (d / "acl.static").write_text(f"user {self.username}\ntopic readwrite #\n")
+            if not (d / "acl").is_file():
+                BrokerAccess(d).write({}, [])
+            text = self.config_path.read_text().replace(
+                f"password_file {self.workdir / 'passwd'}", f"password_file {d / 'passwd'}"
+            )
+            self.config_path.write_text(text + f"acl_file {d / 'acl'}\npid_file {d / 'mosquitto.pid'}\n")
+
+    return ManagedMosquitto
+
+
+def _ManagedMosquitto(workdir: Path, *, broker_dir: Path) -> Any:  # noqa: N802 - a class made on first use
+    return _managed_mosquitto_class()(workdir, broker_dir=broker_dir)
 
 
 def _follow(client: PlatformClient, run_id: str, out: IO[str], names: dict[str, str]) -> str:
@@ -166,7 +202,7 @@ def run_demo(
         stack.callback(procs.stop_all)
         controller = procs.start(
             "controller", "platform", "serve", "--data-dir", str(workdir / "controller"),
-            "--port", str(port), "--heartbeat-s", "2",
+            "--port", str(port), "--heartbeat-s", "2", "--broker-dir", str(workdir / "services" / "broker"),
         )  # fmt: skip
         _wait_healthy(url, controller, workdir / "logs" / "controller.log")
         token = (workdir / "admin.token").read_text().strip()
@@ -206,6 +242,12 @@ def run_demo(
             client.stop(run_id)
             _follow(client, run_id, stream, names)
         final = workdir / "out" / run_id / "node_0" / "final"
+        for row in client.rounds(run_id):
+            loss = f"{row['train_loss']:.4f}" if row.get("train_loss") is not None else "-"
+            print(
+                f"{run_id}  round {row['round']}: aggregated {row['aggregated']}, train loss {loss}",
+                file=stream,
+            )
         if state == "FINISHED":
             print(f"{run_id} FINISHED; final model: {final}", file=stream, flush=True)
             return 0

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select
 
 from unitedllm.platform import signing
+from unitedllm.platform.broker import Grant, device_username
 from unitedllm.platform.controller import Controller
 from unitedllm.platform.errors import PlatformError
 from unitedllm.platform.models import Command, Device, LogBatch, Package, Run, RunMember, StateEvent
@@ -109,6 +110,7 @@ class RunService:
                 s.add(RunMember(run_id=run_id, device_id=device.id, rank=rank))
                 s.add(self._command(device.id, run_id, "start"))
             s.add(StateEvent(run_id=run_id, state=QUEUED, detail=f"{len(devices)} devices"))
+        self.sync_broker()  # the devices' broker identities may use the run's topics before they start
         for device in devices:
             self.notify(device.id)
         return self.run(run_id)
@@ -205,16 +207,30 @@ class RunService:
                 rank=member.rank,
                 package={"digest": package.digest, "size": package.size, "signature": package.signature},
                 overrides=list(run.overrides),
-                env=self._role_env(run.id, member.rank, ranks),
+                env=self._role_env(run.id, member.rank, ranks, command.device_id),
             )
         return signing.seal_command(self.controller.keys, payload)
 
-    def _role_env(self, run_id: str, rank: int, ranks: list[int]) -> dict[str, str]:
+    def _role_env(self, run_id: str, rank: int, ranks: list[int], device_id: str) -> dict[str, str]:
         # The aggregator holds every client's key; a client only its own.
         key_ranks = [r for r in ranks if r != 0] if rank == 0 else [rank]
         env = {f"UNITEDLLM_RANK_KEY_{r}": self.controller.derive(f"rank:{run_id}:{r}") for r in key_ranks}
         env["UNITEDLLM_RUN_SECRET"] = self.controller.derive(f"run:{run_id}")
+        if self.controller.broker is not None:  # the device's own broker identity
+            env["UNITEDLLM_MQTT_USERNAME"] = device_username(device_id)
+            env["UNITEDLLM_MQTT_PASSWORD"] = self.controller.derive(f"mqtt:{device_id}")
         return env
+
+    def sync_broker(self) -> None:
+        """Rewrite the broker's passwords and ACLs for the runs under way (when the platform manages them)."""
+        broker = self.controller.broker
+        if broker is None:
+            return
+        with self.db.session() as s:
+            live = s.scalars(select(RunMember).where(RunMember.state.not_in(list(TERMINAL))))
+            grants = [Grant(m.device_id, m.run_id, m.rank) for m in live]
+        passwords = {g.device_id: self.controller.derive(f"mqtt:{g.device_id}") for g in grants}
+        broker.write(passwords, grants)
 
     def ack(self, device_id: str, nonce: str) -> None:
         with self.db.session() as s:
@@ -228,6 +244,7 @@ class RunService:
         """A device's report of its role's state; moves the run along and frees the device at the end."""
         if state not in REPORTABLE:
             raise PlatformError(f"state {state!r}: an agent reports one of {sorted(REPORTABLE)}", status=422)
+        ended = False
         with self._lock, self.db.session() as s:
             member = s.scalar(
                 select(RunMember).where(RunMember.run_id == run_id, RunMember.device_id == device_id)
@@ -249,8 +266,12 @@ class RunService:
                     device.state = state
                 if state in TERMINAL:
                     self._release(s, device_id)
+                    ended = True
             self._settle(s, run)
-            return self._view(s, run)
+            view = self._view(s, run)
+        if ended:
+            self.sync_broker()  # an ended role's broker identity loses the run's topics
+        return view
 
     def _release(self, s: Any, device_id: str) -> None:
         device = s.get(Device, device_id)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO
 
 from unitedllm.platform.api import Notifier, create_app
+from unitedllm.platform.broker import BrokerAccess
 from unitedllm.platform.catalog import Catalog
 from unitedllm.platform.controller import Controller, PlatformFiles
 from unitedllm.platform.db import Database, default_url
@@ -33,7 +34,9 @@ class Platform:
     admin_token: str | None  # set only on the first start, to be shown once
 
 
-def open_platform(data_dir: Path, db_url: str | None = None, *, heartbeat_s: float = 5.0) -> Platform:
+def open_platform(
+    data_dir: Path, db_url: str | None = None, *, heartbeat_s: float = 5.0, broker_dir: Path | None = None
+) -> Platform:
     """Open (or create on first start) the platform key, master secret and database."""
     from unitedllm.comm.settings import resolve_s3
     from unitedllm.config.types import CommArgs
@@ -45,10 +48,16 @@ def open_platform(data_dir: Path, db_url: str | None = None, *, heartbeat_s: flo
     db.upgrade()
     store = PackageStore(resolve_s3(CommArgs(backend="MQTT_S3")))
     controller = Controller(
-        db, keys=keys, master_secret=files.load_master_secret(), store=store, heartbeat_s=heartbeat_s
+        db,
+        keys=keys,
+        master_secret=files.load_master_secret(),
+        store=store,
+        heartbeat_s=heartbeat_s,
+        broker=BrokerAccess(broker_dir) if broker_dir is not None else None,
     )
     notifier = Notifier()
     runs = RunService(controller, notify=notifier.notify)
+    runs.sync_broker()
     return Platform(controller, runs, notifier, Catalog(db), controller.ensure_admin_token())
 
 
@@ -59,6 +68,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8800,
     heartbeat_s: float = 5.0,
+    broker_dir: Path | None = None,
     out: IO[str] | None = None,
 ) -> None:
     """Serve until interrupted. The first start prints the admin token once (or writes it to the
@@ -68,7 +78,7 @@ def serve(
     from unitedllm.platform.page import add_page
 
     stream = out or sys.stdout
-    platform = open_platform(data_dir, db_url, heartbeat_s=heartbeat_s)
+    platform = open_platform(data_dir, db_url, heartbeat_s=heartbeat_s, broker_dir=broker_dir)
     app = create_app(platform.controller, platform.runs, platform.notifier, platform.catalog)
     add_page(app, platform)
     if platform.admin_token is not None:
