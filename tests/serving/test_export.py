@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
-from conftest import cli
+from conftest import Server, cli, serving
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unitedllm.serving.template import render_chat
@@ -135,3 +136,20 @@ def test_not_a_run_folder_and_an_existing_out_are_refused(trained_run: Path, tmp
     done = cli("export", str(trained_run), "--out", str(tmp_path / "taken"))
     assert done.returncode == 2 and "--force" in done.stderr
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_an_exported_folder_serves_as_global(
+    exported: dict[str, Path], run_server: Server, tmp_path: Path
+) -> None:
+    """The merged round-0 export answers like the run's own global@0 (same seeded samples)."""
+    body = {"prompt": "apple river", "max_tokens": 8, "temperature": 2.0, "seed": 11, "n": 2}
+    expected = httpx.post(
+        f"{run_server.base_url}/completions", json={**body, "model": "global@0"}, timeout=120
+    )
+    with serving(str(exported["merged"]), log_dir=tmp_path) as server:
+        names = {m["id"] for m in httpx.get(f"{server.base_url}/models").json()["data"]}
+        assert {"global", "merged", "base"} <= names
+        got = httpx.post(f"{server.base_url}/completions", json={**body, "model": "global"}, timeout=120)
+    texts = [c["text"] for c in expected.json()["choices"]]
+    assert any(texts)  # something to compare
+    assert [c["text"] for c in got.json()["choices"]] == texts
