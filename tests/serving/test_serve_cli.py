@@ -33,3 +33,10 @@ def test_bad_targets(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "TARGET:" in result.output and "does not exist" in result.output
     result = CliRunner().invoke(app, ["serve", str(tmp_path)])
     assert result.exit_code == 2 and "neither a run folder" in result.output
+
+
+def test_a_run_without_its_base_yet(tmp_path: Path) -> None:
+    (tmp_path / "node_0" / "init").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["serve", str(tmp_path), "--port", "1"])
+    assert result.exit_code == 1, result.output
+    assert "holds no model yet" in result.output and len(result.output.strip().splitlines()) == 1

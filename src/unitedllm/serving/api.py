@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
+from unitedllm.serving.adapters import ModelEntry
 from unitedllm.serving.completions import (
     Completion,
     error_payload,
@@ -160,7 +161,7 @@ def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int |
     )
 
 
-def _model_card(name: str, entry: Any) -> dict[str, Any]:
+def _model_card(name: str, entry: ModelEntry) -> dict[str, Any]:
     card: dict[str, Any] = {"id": name, "object": "model", "created": entry.created, "owned_by": "unitedllm"}
     card["root"] = entry.name
     card["round"] = entry.round
