@@ -110,3 +110,47 @@ def test_command_line_mistakes_are_one_clear_line(controller: Controller) -> Non
         and "HTTP 401" in result.output
         and len(result.output.strip().splitlines()) == 1
     )
+
+
+def test_applications_projects_and_saved_configurations_drive_a_launch(
+    controller: Controller, agents: dict[str, AgentProcess], sleeper_packages: dict[str, str]
+) -> None:
+    code, out = cli(controller, "configs", "save", "short", "--set", "train_args.local_max_stepz=5")
+    assert code == 2
+    assert out.strip().splitlines() == [
+        "error: PUT /api/configs/short: configuration 'short': train_args.local_max_stepz: unknown key"
+        " 'local_max_stepz' in train_args; did you mean 'local_max_steps'? (in override"
+        " 'train_args.local_max_stepz') (HTTP 422)"
+    ]
+    assert as_json(controller, "configs", "save", "short", "--set", "train_args.local_max_steps=5")[
+        "overrides"
+    ] == {"train_args.local_max_steps": 5}
+    as_json(controller, "configs", "save", "short", "--set", "train_args.local_max_steps=6")  # an edit
+    assert {c["name"]: c["overrides"] for c in as_json(controller, "configs", "list")}["short"] == {
+        "train_args.local_max_steps": 6
+    }
+    server, client = sleeper_packages["server"], sleeper_packages["client"]
+    app = as_json(
+        controller, "apps", "save", "sleeper", "--server-package", server, "--client-package", client
+    )
+    assert [v["version"] for v in app["versions"]] == [1]
+    again = as_json(
+        controller, "apps", "save", "sleeper", "--server-package", server, "--client-package", client
+    )
+    assert [v["version"] for v in again["versions"]] == [1], "the same packages are not a new version"
+    code, out = cli(controller, "apps", "save", "bad", "--server-package", client, "--client-package", client)
+    assert code == 2 and "is a client package, not a server one" in out
+    assert (
+        as_json(controller, "projects", "create", "nightly", "--app", "sleeper")["application"] == "sleeper"
+    )
+
+    run = as_json(
+        controller, "runs", "create", "--project", "nightly", "--config", "short", "--server", "agg", "--client", "c1",
+        "--set", "common_args.random_seed=0",
+    )  # fmt: skip
+    assert run["overrides"] == ["train_args.local_max_steps=6", "common_args.random_seed=0"]
+    assert run["project_id"] == as_json(controller, "projects", "list")[0]["id"]
+    with controller.client() as client_api:
+        assert wait_for_state(client_api, run["id"], "FINISHED", "FAILED")["state"] == "FINISHED"
+    code, out = cli(controller, "configs", "delete", "short")
+    assert code == 0 and all(c["name"] != "short" for c in as_json(controller, "configs", "list"))

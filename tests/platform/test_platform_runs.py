@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from conftest import AgentProcess, Controller, launch, wait_for_state, wait_running, wait_until
@@ -146,3 +147,33 @@ def test_a_silent_device_is_shown_offline(
         wait_until("c2 OFFLINE", lambda: client.device("c2")["state"] == "OFFLINE", timeout=30)
         c2.start()
         wait_until("c2 back", lambda: client.device("c2")["online"], timeout=30)
+
+
+def test_two_runs_on_disjoint_devices_run_at_once(
+    tmp_path: Path,
+    controller: Controller,
+    agents: dict[str, AgentProcess],
+    sleeper_packages: dict[str, str],
+    platform_env: dict[str, str],
+) -> None:
+    second = AgentProcess("agg2", "server", tmp_path / "agg2", platform_env, controller.url)
+    with controller.client() as client:
+        second.start(client.enrol_token("server"))
+        try:
+            wait_until(
+                "agg2 online", lambda: any(d["name"] == "agg2" and d["online"] for d in client.devices())
+            )
+            first = launch(client, sleeper_packages, steps(4), clients=("c1",))
+            other = client.launch(
+                server_package=sleeper_packages["server"],
+                client_package=sleeper_packages["client"],
+                server_device="agg2",
+                client_devices=["c2"],
+                overrides=[steps(4)],
+            )["id"]
+            wait_running(client, first)
+            wait_running(client, other)  # both under way at the same time
+            for run_id in (first, other):
+                assert wait_for_state(client, run_id, "FINISHED", "FAILED")["state"] == "FINISHED"
+        finally:
+            second.stop()
