@@ -156,7 +156,7 @@ class AgentProcess:
         return str(json.loads((self.state_dir / "enrolment.json").read_text())["device_id"])
 
     def start(self, token: str | None = None) -> None:
-        enrol = ["--platform", self.url, "--enrol", token] if token else []
+        enrol = ["--platform", self.url, *(["--enrol", token] if token else [])]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "unitedllm", "agent", *enrol, "--role", self.role, "--name", self.name,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from browser import CHROMIUM, Browser
-from conftest import AgentProcess, Controller
+from conftest import AgentProcess, Controller, wait_until
 
 pytestmark = pytest.mark.services
 
@@ -101,3 +101,31 @@ async def test_forms_need_the_csrf_token_and_read_only_logins_get_no_forms(
             "overrides: 'train_args.comm_round=2'})}).then(r => r.status)".replace("CSRF", json.dumps(csrf))
         )
         assert status == 403
+
+
+async def test_a_device_enrolled_without_a_token_waits_for_approval_in_the_page(
+    chromium: None, tmp_path: Path, controller: Controller, platform_env: dict[str, str]
+) -> None:
+    pending = AgentProcess("newcomer", "client", tmp_path / "newcomer", platform_env, controller.url)
+    pending.start(None)
+    try:
+        with controller.client() as client:
+            device = wait_until(
+                "the newcomer to enrol",
+                lambda: next((d for d in client.devices() if d["name"] == "newcomer"), None),
+            )
+            assert device["approved"] is False
+            wait_until(
+                "the agent to say it waits",
+                lambda: "waiting for approval in the page" in pending.log.read_text(),
+            )
+            assert device["fingerprint"] in pending.log.read_text(), "the admin compares this fingerprint"
+            async with Browser(tmp_path / "profile") as page:
+                await log_in(page, controller, controller.token)
+                assert "waiting for approval" in await page.text("#devices")
+                await page.submit("button.approve[data-name=newcomer]")
+                await page.wait_for("!document.querySelector('button.approve[data-name=newcomer]')")
+            wait_until("the newcomer online", lambda: client.device("newcomer")["state"] == "IDLE")
+            assert client.device("newcomer")["approved"] is True
+    finally:
+        pending.stop()

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 POLL_WAIT_S = 20.0
 
 
-def enrol(state: AgentState, *, platform: str, token: str, name: str, role: str) -> dict[str, Any]:
-    """Enrol this machine with a one-time token (once); returns the saved enrolment."""
+def enrol(state: AgentState, *, platform: str, token: str | None, name: str, role: str) -> dict[str, Any]:
+    """Enrol this machine (once): with a one-time token, or without one to wait for an admin's
+    approval in the page. Returns the saved enrolment."""
     existing = state.enrolment()
     if existing is not None:
         if existing["platform"].rstrip("/") != platform.rstrip("/"):
@@ -63,6 +64,8 @@ def enrol(state: AgentState, *, platform: str, token: str, name: str, role: str)
         answer["device_id"],
         signing.fingerprint(answer["platform_public_key"]),
     )
+    if not answer.get("approved", True):
+        log.info("waiting for approval in the page: this device's key fingerprint is %s", keys.fingerprint)
     return enrolment
 
 
@@ -90,6 +93,7 @@ class Agent:
         self.stopping = threading.Event()
         self.role: RoleRunner | None = None
         self._lock = threading.Lock()
+        self._told_pending = False
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -107,8 +111,8 @@ class Agent:
                         "/api/agent/commands", {"wait": POLL_WAIT_S}, timeout_s=POLL_WAIT_S + 15
                     )
                 except PlatformError as exc:
-                    log.warning("command poll failed: %s", exc)
-                    self.stopping.wait(2.0)
+                    self._warn("command poll", exc)
+                    self.stopping.wait(self.heartbeat_s if exc.status == 403 else 2.0)
                     continue
                 for envelope in commands.get("commands", []):
                     self.handle(envelope)
@@ -193,6 +197,15 @@ class Agent:
             if self.role is runner:
                 self.role = None
 
+    def _warn(self, what: str, exc: PlatformError) -> None:
+        """Say once that the device waits for approval; warn about any other failure each time."""
+        if exc.status == 403 and "waiting for approval" in str(exc):
+            if not self._told_pending:
+                log.info("waiting for approval in the page (key fingerprint %s)", self.link.keys.fingerprint)
+                self._told_pending = True
+            return
+        log.warning("%s failed: %s", what, exc)
+
     # -- heartbeats ----------------------------------------------------------------------
 
     def _heartbeats(self) -> None:
@@ -211,7 +224,7 @@ class Agent:
                 self.link.post("/api/agent/heartbeat", body)
                 first = False
             except PlatformError as exc:
-                log.warning("heartbeat failed: %s", exc)
+                self._warn("heartbeat", exc)
             self.stopping.wait(self.heartbeat_s)
 
 

@@ -19,7 +19,8 @@ def agent_command(
         str | None, typer.Option("--platform", help="Controller URL (needed to enrol).")
     ] = None,
     enrol_token: Annotated[
-        str | None, typer.Option("--enrol", help="One-time enrol token (first start).")
+        str | None,
+        typer.Option("--enrol", help="One-time enrol token (first start); without it, wait for approval."),
     ] = None,
     role: Annotated[str, typer.Option("--role", help="client or server (aggregator).")] = "client",
     name: Annotated[str | None, typer.Option("--name", help="Device name shown in the platform.")] = None,
@@ -46,14 +47,15 @@ def agent_command(
     state = AgentState(state_dir or default_state_dir(name))
     try:
         if state.enrolment() is None:
-            if not (platform and enrol_token):
+            if not platform:
                 typer.echo(
-                    f"error: {state.root} is not enrolled: give --platform URL --enrol TOKEN", err=True
+                    f"error: {state.root} is not enrolled: give --platform URL [--enrol TOKEN]", err=True
                 )
                 raise typer.Exit(2)
+            # Without a token the device waits until an admin approves it in the page.
             enrol(state, platform=platform, token=enrol_token, name=name, role=role)
         elif platform is not None:
-            enrol(state, platform=platform, token=enrol_token or "", name=name, role=role)  # checks the URL
+            enrol(state, platform=platform, token=enrol_token, name=name, role=role)  # checks the URL
         agent = Agent(state, heartbeat_s=heartbeat_s, stop_roles_on_exit=stop_roles_on_exit)
     except UnitedLLMError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -150,6 +150,10 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier, cat
     async def device_info(ref: str, _: Read) -> dict[str, Any]:
         return await call(controller.device, ref)  # type: ignore[no-any-return]
 
+    @app.post("/api/devices/{ref}/approve")
+    async def approve(ref: str, _: Admin) -> dict[str, Any]:
+        return await call(controller.approve, ref)  # type: ignore[no-any-return]
+
     @app.post("/api/enrol-tokens")
     async def enrol_token(_: Admin, body: dict[str, Any] | None = None) -> dict[str, str]:
         role = (body or {}).get("role")
@@ -233,10 +237,12 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier, cat
     @app.post("/api/agent/enrol")
     async def enrol(body: dict[str, Any]) -> dict[str, Any]:
         try:
-            fields = {k: body[k] for k in ("token", "name", "role", "public_key")}
+            fields = {k: body[k] for k in ("name", "role", "public_key")}
         except KeyError as exc:
             raise PlatformError(f"enrol: missing field {exc}", status=422) from None
-        return await call(controller.enrol, hardware=body.get("hardware") or {}, **fields)  # type: ignore[no-any-return]
+        return await call(  # type: ignore[no-any-return]
+            controller.enrol, token=body.get("token") or None, hardware=body.get("hardware") or {}, **fields
+        )
 
     @app.post("/api/agent/heartbeat")
     async def heartbeat(signed: Signed) -> dict[str, Any]:

@@ -122,7 +122,8 @@ def enrol_token(
 
 
 def _device_row(d: dict[str, Any]) -> str:
-    return f"{d['id']}  {d['name']:<16} {d['role']:<7} {d['state']:<12} {d.get('run_id') or '-'}"
+    state = d["state"] if d.get("approved", True) else "PENDING"
+    return f"{d['id']}  {d['name']:<16} {d['role']:<7} {state:<12} {d.get('run_id') or '-'}  key {d['fingerprint']}"
 
 
 @devices_app.command("list")
@@ -137,6 +138,13 @@ def devices_show(ref: str, url: UrlOpt = None, token: TokenOpt = None, as_json: 
     """One device (by id or name) with its hardware and last metrics."""
     with _errors(), _client(url, token) as client:
         _show(client.device(ref), as_json, _device_row)
+
+
+@devices_app.command("approve")
+def devices_approve(ref: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Approve a device that enrolled without a token (check its key fingerprint first)."""
+    with _errors(), _client(url, token) as client:
+        _show(client.approve(ref), as_json, _device_row)
 
 
 def _package_row(p: dict[str, Any]) -> str:

@@ -61,6 +61,9 @@ class PlatformClient:
     def device(self, ref: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/api/devices/{ref}"))
 
+    def approve(self, ref: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/api/devices/{ref}/approve"))
+
     def enrol_token(self, role: str | None = None) -> str:
         return str(self._call("POST", "/api/enrol-tokens", json={"role": role})["token"])
 

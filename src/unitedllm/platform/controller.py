@@ -124,9 +124,10 @@ class Controller:
         return token
 
     def enrol(
-        self, *, token: str, name: str, role: str, public_key: str, hardware: dict[str, Any]
+        self, *, token: str | None, name: str, role: str, public_key: str, hardware: dict[str, Any]
     ) -> dict[str, Any]:
-        """Spend a one-time enrol token on a new device; returns its id and the platform's public key."""
+        """Enrol a new device: at once with a one-time token, or waiting for an admin's approval
+        without one. Returns its id, whether it is approved, and the platform's public key."""
         if role not in DEVICE_ROLES:
             raise PlatformError(f"role {role!r}: expected client or server", status=422)
         try:
@@ -134,11 +135,13 @@ class Controller:
         except ValueError as exc:
             raise PlatformError(f"public_key: {exc}", status=422) from None
         with self.db.session() as s:
-            row = s.scalar(select(EnrolToken).where(EnrolToken.token_hash == hash_token(token)))
-            if row is None or row.used_by is not None:
-                raise PlatformError("enrol token is unknown or already used", status=403)
-            if row.role is not None and row.role != role:
-                raise PlatformError(f"this enrol token is for a {row.role}, not a {role}", status=403)
+            row = None
+            if token:
+                row = s.scalar(select(EnrolToken).where(EnrolToken.token_hash == hash_token(token)))
+                if row is None or row.used_by is not None:
+                    raise PlatformError("enrol token is unknown or already used", status=403)
+                if row.role is not None and row.role != role:
+                    raise PlatformError(f"this enrol token is for a {row.role}, not a {role}", status=403)
             if s.scalar(select(Device).where(Device.public_key == public_key)) is not None:
                 raise PlatformError("a device with this public key is already enrolled", status=409)
             device = Device(
@@ -147,11 +150,26 @@ class Controller:
                 role=role,
                 public_key=public_key,
                 hardware=hardware,
+                approved=row is not None,
                 last_seen=time.time(),
             )
             s.add(device)
-            row.used_by = device.id
-            return {"device_id": device.id, "platform_public_key": self.keys.public_text}
+            if row is not None:
+                row.used_by = device.id
+            return {
+                "device_id": device.id,
+                "approved": device.approved,
+                "platform_public_key": self.keys.public_text,
+            }
+
+    def approve(self, ref: str) -> dict[str, Any]:
+        """Let a device that enrolled without a token take part (compare its key fingerprint first)."""
+        with self.db.session() as s:
+            device = s.get(Device, ref) or s.scalar(select(Device).where(Device.name == ref))
+            if device is None:
+                raise PlatformError(f"no device {ref!r}", status=404)
+            device.approved = True
+            return self.device_view(device)
 
     def authenticate_device(
         self, device_id: str, *, method: str, path: str, timestamp: str, body: bytes, signature: str
@@ -172,6 +190,8 @@ class Controller:
             message = signing.request_message(method, path, timestamp, body)
             if not signing.verify(device.public_key, message, signature):
                 raise PlatformError(f"request signature does not match device {device_id!r}", status=401)
+            if not device.approved:
+                raise PlatformError(f"device {device.name!r} is waiting for approval in the page", status=403)
 
     # -- devices -------------------------------------------------------------------------
 
@@ -198,6 +218,7 @@ class Controller:
             "hardware": device.hardware,
             "metrics": device.metrics,
             "fingerprint": signing.fingerprint(device.public_key),
+            "approved": device.approved,
         }
 
     def devices(self) -> list[dict[str, Any]]:

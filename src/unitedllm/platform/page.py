@@ -159,6 +159,12 @@ def add_page(app: FastAPI, platform: Platform) -> None:
             return overview(request, error=str(exc), status=exc.status or 400)
         return RedirectResponse("/", status_code=303)
 
+    @app.post("/devices/{device_id}/approve")
+    async def approve(request: Request, device_id: str) -> Response:
+        await form(request)
+        controller.approve(device_id)
+        return RedirectResponse("/", status_code=303)
+
     @app.post("/configs")
     async def save_config(request: Request) -> Response:
         from unitedllm.config.cli_support import parse_set_options

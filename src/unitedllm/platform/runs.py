@@ -87,6 +87,8 @@ class RunService:
                     raise PlatformError(
                         f"device {device.name!r} is a {device.role}, rank {rank} needs a {want}", status=422
                     )
+                if not device.approved:
+                    raise PlatformError(f"device {device.name!r} is waiting for approval", status=422)
                 if device.run_id is not None:
                     raise PlatformError(
                         f"device {device.name!r} is busy with run {device.run_id}", status=409
