@@ -65,6 +65,7 @@ CONTROLLED_KEYS = (
     "train_args.server_optimizer",
     "train_args.federated_optimizer",
     "train_args.output_dir",
+    "train_args.seed",
     "data_args.test_dataset_size",
     "data_args.max_seq_length",
 )
@@ -99,8 +100,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     add(
         "--optimizers",
         default="FedAvg,FedAdam,DiLoCo",
-        help="comma-separated server optimizers (default: %(default)s)",
+        help="comma-separated server optimizers, each NAME or NAME[key=value;...] with its own "
+        "server_optimizer_args, e.g. 'DiLoCo[momentum_restart=true]' (default: %(default)s)",
     )
+    add("--seed", type=int, help="train_args.seed of every run (default: the config's)")
     add(
         "--centralized",
         choices=("steps", "batch", "both", "none"),
@@ -174,7 +177,7 @@ def _data_dir(args: argparse.Namespace) -> tuple[Path, str | None]:
 def _server_lrs(args: argparse.Namespace, optimizers: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for text in args.server_lr:
-        name, sep, value = text.partition("=")
+        name, sep, value = text.rpartition("=")
         if not sep or name not in optimizers:
             raise UsageError(
                 f"--server-lr {text!r}: expected OPTIMIZER=LR with OPTIMIZER one of {optimizers}"
@@ -201,7 +204,26 @@ def _user_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _optimizers(args: argparse.Namespace) -> list[str]:
+    """The --optimizers entries as given (``NAME`` or ``NAME[key=value;...]``)."""
     return [name.strip() for name in args.optimizers.split(",") if name.strip()]
+
+
+def _variant(entry: str) -> tuple[str, dict[str, Any]]:
+    """``NAME[key=value;...]`` as the rule's name and its server_optimizer_args (values are YAML)."""
+    import yaml
+
+    name, bracket, rest = entry.partition("[")
+    if not bracket:
+        return entry, {}
+    if not rest.endswith("]"):
+        raise UsageError(f"--optimizers {entry!r}: expected NAME[key=value;...]")
+    out: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest[:-1].split(";"))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--optimizers {entry!r}: {item!r} is not key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return name.strip(), out
 
 
 def _methods(args: argparse.Namespace, clients: int) -> list[Method]:
@@ -211,7 +233,9 @@ def _methods(args: argparse.Namespace, clients: int) -> list[Method]:
     k, b = args.local_steps, args.batch_size
     methods = []
     for name in optimizers:
-        overrides: dict[str, Any] = {"train_args.server_optimizer": name}
+        rule, rule_args = _variant(name)
+        overrides: dict[str, Any] = {"train_args.server_optimizer": rule}
+        overrides.update({f"train_args.server_optimizer_args.{k}": v for k, v in rule_args.items()})
         if name in server_lrs:
             overrides["train_args.server_optimizer_args.server_learning_rate"] = server_lrs[name]
         methods.append(Method(name, "federated", clients, k, b, overrides))
@@ -245,6 +269,7 @@ def _base_overrides(args: argparse.Namespace, data: Path, user: dict[str, Any]) 
         "validation_args.is_aggregator_test": True,
         "validation_args.test_on_clients": "no",
         "validation_args.save_frequency": 0,
+        **({"train_args.seed": args.seed} if args.seed is not None else {}),
         **user,
     }
 
@@ -322,6 +347,7 @@ def _run_method(cfg: Any, method: Method) -> dict[str, Any]:
     return {
         **out,
         "rounds": rounds,
+        "worst_rise": worst_rise([r["eval_loss"] for r in rounds]),
         "final_eval_loss": final,
         "final_perplexity": None if final is None else math.exp(min(final, 50.0)),
         "final_per_category": _final_per_category(result.output_dir),
@@ -329,10 +355,19 @@ def _run_method(cfg: Any, method: Method) -> dict[str, Any]:
     }
 
 
+def worst_rise(losses: list[float | None]) -> float | None:
+    """The largest round-over-round increase of the eval loss (negative: it fell every round)."""
+    known = [x for x in losses if x is not None]
+    if len(losses) != len(known):
+        return None  # a diverged round: the run failed, no finite answer
+    rises = [b - a for a, b in zip(known, known[1:], strict=False)]
+    return max(rises) if rises else None
+
+
 # The hyper-parameters each rule reads (anything else in server_optimizer_args it ignores).
 _SERVER_HPARAMS = {
-    "FedAvgM": ("server_learning_rate", "server_momentum", "nesterov"),
-    "DiLoCo": ("server_learning_rate", "server_momentum", "nesterov"),
+    "FedAvgM": ("server_learning_rate", "server_momentum", "nesterov", "momentum_restart", "max_step_ratio"),
+    "DiLoCo": ("server_learning_rate", "server_momentum", "nesterov", "momentum_restart", "max_step_ratio"),
     "FedAdam": ("server_learning_rate", "beta1", "beta2", "tau"),
     "FedYogi": ("server_learning_rate", "beta1", "beta2", "tau"),
     "FedAdagrad": ("server_learning_rate", "beta1", "tau"),
@@ -389,12 +424,12 @@ def print_table(report: dict[str, Any], out: TextIO) -> None:
     head = (
         ["method", "steps x batch"]
         + [f"r{r}" for r in range(rounds)]
-        + ["final loss", "ppl", "vs central", "seconds"]
+        + ["final loss", "ppl", "vs central", "worst rise", "seconds"]
     )
     rows = [
         ["initial (random init)", "0"]
         + ["" for _ in range(rounds)]
-        + [_fmt(report["initial_eval_loss"]), _fmt(math.exp(report["initial_eval_loss"]), ".0f"), "", ""]
+        + [_fmt(report["initial_eval_loss"]), _fmt(math.exp(report["initial_eval_loss"]), ".0f"), "", "", ""]
     ]
     for m in methods:
         losses = [_fmt(r["eval_loss"]) for r in m["rounds"]] + [""] * (rounds - len(m["rounds"]))
@@ -407,6 +442,7 @@ def print_table(report: dict[str, Any], out: TextIO) -> None:
                 _fmt(m["final_eval_loss"]),
                 _fmt(m["final_perplexity"], ".1f"),
                 _fmt(diff, "+.3f") if m["name"] != "centralized" else "",
+                _fmt(m.get("worst_rise"), "+.3f"),
                 _fmt(m["seconds"], ".0f"),
             ]
         )
@@ -544,6 +580,7 @@ def _settings(args: argparse.Namespace, base: Any, data: Path, scored: int) -> d
         "batch_size": args.batch_size,
         "max_seq_length": args.max_seq_length,
         "learning_rate": base.train_args.learning_rate,
+        "seed": base.train_args.seed,
         "client_optimizer": base.train_args.client_optimizer,
         "lr_scheduler": base.train_args.lr_scheduler_type,
         "warmup_ratio": base.train_args.warmup_ratio,

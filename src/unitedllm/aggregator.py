@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from unitedllm.attendance import Attendance
 from unitedllm.comm.base import BlobStore, Presence, Transport
 from unitedllm.errors import RoundError, UnitedLLMError
+from unitedllm.instability import report_loss_rise
 from unitedllm.protocol.messages import (
     BlobRef,
     Error,
@@ -139,6 +140,7 @@ class Aggregator(Role):
                     aggregation_seconds=summary.aggregation_seconds,
                 )
                 summaries.append(summary)
+                report_loss_rise(self.metrics, summaries, threshold=cfg.validation_args.loss_rise_warning)
                 if self._on_round is not None:
                     self._on_round(summary)
         except BaseException as exc:

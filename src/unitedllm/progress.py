@@ -1,4 +1,8 @@
-"""Live terminal display of a run: one line per client (round, step, loss) and a table per round."""
+"""Live terminal display of a run: one line per client (round, step, loss) and a table per round.
+
+A ``warning`` event (e.g. the global eval loss rising sharply, :mod:`unitedllm.instability`) is
+shown on its round's line, and marked in the summary table.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -29,6 +34,8 @@ class RunProgress:
         self._live: Live | None = None
         self._started = time.perf_counter()
         self.rows: list[RoundSummary] = []
+        #: Round index -> (kind, message) of the warnings logged for it.
+        self.warnings: dict[int, list[tuple[str, str]]] = {}
 
     def __enter__(self) -> Self:
         self._live = Live(self._render(), console=self.console, refresh_per_second=4, transient=True)
@@ -52,11 +59,26 @@ class RunProgress:
     def on_round(self, summary: RoundSummary) -> None:
         self.rows.append(summary)
         self.console.print(_round_line(summary, self.comm_round))
+        for _, message in self.warnings.get(summary.round_idx, []):
+            self.console.print(
+                f"[bold yellow]warning: round {summary.round_idx}: {escape(message)}[/bold yellow]"
+            )
         if self._live is not None:
             self._live.update(self._render())
 
     def on_metric(self, record: dict[str, Any]) -> None:
-        if record.get("event") == "rejected":
+        if record.get("event") == "warning":
+            round_idx = record.get("round")
+            kind = str(record.get("kind") or "warning")
+            message = str(record.get("message") or kind)
+            if isinstance(round_idx, int):
+                self.warnings.setdefault(round_idx, []).append((kind, message))
+            if not isinstance(round_idx, int) or any(s.round_idx == round_idx for s in self.rows):
+                # The aggregator logs a round's warnings just before the round's line; these came later.
+                self.console.print(
+                    f"[bold yellow]warning: round {round_idx}: {escape(message)}[/bold yellow]"
+                )
+        elif record.get("event") == "rejected":
             self.console.print(
                 f"[yellow]round {record['round']}: update from client {record['rank']} "
                 f"refused: {record.get('reason')}[/yellow]"
@@ -79,7 +101,7 @@ class RunProgress:
     def summary_table(self) -> Table:
         """Every round of the run: clients, train loss, eval loss, seconds."""
         table = Table(title="Rounds", title_justify="left")
-        for column in ("round", "clients", "train loss", "eval loss", "seconds", "refused"):
+        for column in ("round", "clients", "train loss", "eval loss", "seconds", "refused", "warning"):
             table.add_column(column, justify="right")
         for s in self.rows:
             table.add_row(
@@ -89,6 +111,7 @@ class RunProgress:
                 _fmt(s.eval_loss),
                 f"{s.seconds:.1f}",
                 str(len(s.rejected)) if s.rejected else "",
+                ", ".join(kind for kind, _ in self.warnings.get(s.round_idx, [])),
             )
         return table
 

@@ -149,6 +149,8 @@ Decay = Annotated[float, Meta(ge=0.0, lt=1.0)]
 Tau = Annotated[float, Meta(gt=0, le=1e3)]
 TrimRatio = Annotated[float, Meta(ge=0.0, lt=0.5)]
 ByzantineCount = Annotated[int, Meta(ge=0, le=100_000)]
+#: A bound on the server step's L2 norm as a multiple of the round's mean-delta norm.
+StepRatio = Annotated[float, Meta(gt=0, le=1e3)]
 
 
 class ServerOptimizerArgs(Section):
@@ -169,6 +171,8 @@ class ServerOptimizerArgs(Section):
     num_byzantine: ByzantineCount | None = None
     multi_krum_m: ClientCount | None = None
     proximal_mu: NonNegativeFloat | None = None
+    momentum_restart: bool | None = None
+    max_step_ratio: StepRatio | None = None
 
 
 class TrainArgs(Section):
@@ -229,6 +233,9 @@ class ValidationArgs(Section):
     is_aggregator_test: bool = False
     test_on_client_ranks: list[Annotated[int, Meta(ge=0, le=100_000)]] = msgspec.field(default_factory=list)
     save_frequency: Annotated[int, Meta(ge=-1, le=_MANY)] | None = None
+    #: Warn (metrics event, progress line, report) when the global eval loss rises more than this
+    #: many nats from one evaluated round to the next; null: never (:mod:`unitedllm.instability`).
+    loss_rise_warning: Annotated[float, Meta(gt=0, le=1e3)] | None = 0.1
 
 
 class DeviceArgs(Section):

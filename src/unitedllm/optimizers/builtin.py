@@ -14,6 +14,7 @@ from unitedllm.config.types import (
     Decay,
     LearningRate,
     NonNegativeFloat,
+    StepRatio,
     Tau,
     TrimRatio,
 )
@@ -55,10 +56,17 @@ class FedProxParams(FedAvgParams):
 
 
 class MomentumParams(MeanParams):
-    """FedAvgM (Hsu et al. 2019): server SGD with momentum 0.9, heavy-ball."""
+    """FedAvgM (Hsu et al. 2019): server SGD with momentum 0.9, heavy-ball; two optional safeguards.
+
+    ``momentum_restart``: zero the momentum when the round's mean delta points against it
+    (O'Donoghue and Candès 2015's gradient restart). ``max_step_ratio``: cap the step's L2 norm
+    at this multiple of the mean delta's (momentum then amplifies a round's move at most so much).
+    """
 
     server_momentum: Decay = 0.9
     nesterov: bool = False
+    momentum_restart: bool = False
+    max_step_ratio: StepRatio | None = None
 
 
 class DiLoCoParams(MomentumParams):

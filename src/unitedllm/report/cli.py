@@ -40,6 +40,8 @@ def report_command(
         run = load_run(run_dir)
         if not no_table:
             console.print(summary_table(run))
+        for round_idx, _, message in run.warnings:
+            console.print(f"[yellow]warning: round {round_idx}: {escape(message)}[/yellow]")
         page = write_run_report(run, out_dir=out)
     except UnitedLLMError as exc:
         console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")

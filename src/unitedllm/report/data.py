@@ -27,6 +27,7 @@ from unitedllm.tracking.events import (
     RunEndEvent,
     SystemEvent,
     TrainEvent,
+    WarningEvent,
     decode_event,
 )
 
@@ -93,6 +94,8 @@ class RunData:
     system: list[dict[str, Any]] = field(default_factory=list)
     joined: set[int] = field(default_factory=set)
     client_errors: list[tuple[int | None, int, str]] = field(default_factory=list)
+    #: (round, kind, message) of each ``warning`` event, e.g. a sharp rise of the global eval loss.
+    warnings: list[tuple[int | None, str, str]] = field(default_factory=list)
     finished: bool = False
     skipped_lines: int = 0
     first_time: float | None = None
@@ -214,6 +217,8 @@ def _add(data: RunData, event: MetricEvent, line: bytes) -> None:
             data.finished = True
         case ClientErrorEvent(message=message):
             data.client_errors.append((round_idx, rank, message))
+        case WarningEvent(kind=kind, message=message):
+            data.warnings.append((round_idx, kind, message or kind))
         case SystemEvent():
             data.system.append(msgspec.json.decode(line))  # with the per-GPU readings the Struct leaves out
         case RoundStartEvent(selected=selected) if round_idx is not None:

@@ -84,6 +84,8 @@ def render_html(run: RunData, plots: list[Plot]) -> str:
             f"{run.skipped_lines} unreadable line(s) of metrics.jsonl were skipped "
             "(a line torn while the run writes it, or a damaged file)."
         )
+    for round_idx, _, message in run.warnings:
+        notes.append(f"warning: round {round_idx}: {message}")
     for round_idx, rank, message in run.client_errors:
         notes.append(f"client {rank} reported an error in round {round_idx}: {message}")
     for row in run.finished_rounds():

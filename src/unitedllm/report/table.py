@@ -73,6 +73,9 @@ def status_line(run: RunData) -> str:
         parts.append(f"{run.last_time - run.first_time:.1f}s of metrics")
     if run.skipped_lines:
         parts.append(f"{run.skipped_lines} unreadable line(s) skipped")
+    if run.warnings:
+        rounds = ", ".join(str(r) for r, _, _ in run.warnings)
+        parts.append(f"{len(run.warnings)} warning{'s' if len(run.warnings) != 1 else ''} (round {rounds})")
     return " · ".join(parts)
 
 

@@ -9,7 +9,7 @@ types into ``schemas/metrics-event.schema.json`` (``python -m unitedllm.schemas`
 
 Who writes what: the aggregator (rank 0) writes ``round_start``, ``round``, ``train`` and
 ``eval`` as clients report them, ``rejected``, ``client_joined``, ``client_error``,
-``round_start_resent``, ``resume`` and ``run_end``; a client writes its own ``train``, ``eval``,
+``round_start_resent``, ``resume``, ``warning`` and ``run_end``; a client writes its own ``train``, ``eval``,
 ``checkpoint``, ``resent`` and ``run_end``; both write ``system`` samples when enabled.
 """
 
@@ -36,6 +36,7 @@ __all__ = [
     "RunEndEvent",
     "SystemEvent",
     "TrainEvent",
+    "WarningEvent",
     "decode_event",
     "events_schema",
 ]
@@ -99,6 +100,21 @@ class RoundEvent(Event, tag="round"):
     eval_loss: Value = None
     seconds: Value = None
     aggregation_seconds: Value = None
+
+
+class WarningEvent(Event, tag="warning"):
+    """Something a user should look at that did not stop the run; ``kind`` says what.
+
+    ``loss_rise`` (:mod:`unitedllm.instability`): the global eval loss of ``round`` rose more than
+    ``threshold`` nats over that of ``previous_round``.
+    """
+
+    kind: str = ""
+    message: str = ""
+    previous_round: int | None = None
+    previous_loss: Value = None
+    loss: Value = None
+    threshold: Value = None
 
 
 class RejectedEvent(Event, tag="rejected"):
@@ -173,6 +189,7 @@ MetricEvent = (
     | CheckpointEvent
     | ResentEvent
     | SystemEvent
+    | WarningEvent
 )
 
 #: Event name -> its Struct.
@@ -192,6 +209,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         CheckpointEvent,
         ResentEvent,
         SystemEvent,
+        WarningEvent,
     )
 }
 
