@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import AgentProcess, Controller, launch, wait_for_state, wait_running, wait_until
@@ -24,8 +25,23 @@ def _logs(controller: Controller, run_id: str) -> str:
         return "".join(batch["text"] for batch in client.logs(run_id))
 
 
+def s3_client(env: dict[str, str]) -> Any:
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=env["UNITEDLLM_S3_ENDPOINT_URL"],
+        aws_access_key_id=env["UNITEDLLM_S3_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["UNITEDLLM_S3_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+
+
 def test_run_finishes_with_logs_and_each_rank_gets_only_its_keys(
-    controller: Controller, agents: dict[str, AgentProcess], sleeper_packages: dict[str, str]
+    controller: Controller,
+    agents: dict[str, AgentProcess],
+    sleeper_packages: dict[str, str],
+    platform_env: dict[str, str],
 ) -> None:
     with controller.client() as client:
         run_id = launch(client, sleeper_packages, steps(1))
@@ -44,6 +60,13 @@ def test_run_finishes_with_logs_and_each_rank_gets_only_its_keys(
         # The aggregator's metrics.jsonl reached the controller: its one round is listed.
         assert [r["round"] for r in client.rounds(run_id)] == [0]
         assert all(d["state"] == "IDLE" and d["run_id"] is None for d in client.devices() if d["online"])
+        # Each device's whole log was archived to S3 when the run ended.
+        archive = wait_until("the log archive", lambda: client.run(run_id)["log_archive"])
+        assert archive.keys() == {m["device_id"] for m in run["members"]}
+        c1 = agents["c1"].device_id
+        bucket, key = archive[c1]["url"].removeprefix("s3://").split("/", 1)
+        stored = s3_client(platform_env).get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+        assert stored == "".join(b["text"] for b in client.logs(run_id, device=c1))
 
 
 def test_a_failing_role_fails_the_run_with_its_exit_code(

@@ -144,6 +144,8 @@ class Run(Base):
     state: Mapped[str] = mapped_column(String(16), default="QUEUED")
     created_at: Mapped[float] = mapped_column(Float, default=_now)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Where each device's whole log went in S3 once the run ended: {device_id: {"digest", "size"}}.
+    log_archive: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class RunMember(Base):

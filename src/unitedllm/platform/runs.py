@@ -7,6 +7,7 @@ master secret when a start command is handed out, so they are never written to t
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import threading
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from unitedllm.errors import UnitedLLMError
 from unitedllm.platform import signing
 from unitedllm.platform.broker import Grant, device_username
 from unitedllm.platform.controller import Controller
@@ -32,6 +34,8 @@ from unitedllm.platform.states import (
 )
 
 __all__ = ["RunService"]
+
+log = logging.getLogger(__name__)
 
 COMMAND_TTL_S = 600.0
 STREAMS = ("log", "metrics")  # a start command not picked up within this is refused by the agent
@@ -151,7 +155,9 @@ class RunService:
                 # Always sent, even after a withdrawal: the agent may hold the start command already.
                 s.add(self._command(member.device_id, run_id, "stop"))
                 targets.append(member.device_id)
-            self._settle(s, run)
+            run_ended = self._settle(s, run)
+        if run_ended:
+            self.archive_logs(run_id)
         for device_id in targets:
             self.notify(device_id)
         return self.run(run_id)
@@ -269,10 +275,12 @@ class RunService:
                 if state in TERMINAL:
                     self._release(s, device_id)
                     ended = True
-            self._settle(s, run)
+            run_ended = self._settle(s, run)
             view = self._view(s, run)
         if ended:
             self.sync_broker()  # an ended role's broker identity loses the run's topics
+        if run_ended:
+            view["log_archive"] = self.archive_logs(run_id)
         return view
 
     def _release(self, s: Any, device_id: str) -> None:
@@ -281,14 +289,38 @@ class RunService:
             device.run_id = None
             device.state = IDLE
 
-    def _settle(self, s: Any, run: Run) -> None:
+    def _settle(self, s: Any, run: Run) -> bool:
+        """Move the run to the state its members imply; whether it has just ended."""
         members = [(m.rank, m.state) for m in s.scalars(select(RunMember).where(RunMember.run_id == run.id))]
         new = run_state(run.state, members)
-        if new != run.state:
-            run.state = new
-            s.add(StateEvent(run_id=run.id, state=new))
-            if new in TERMINAL:
-                run.finished_at = time.time()
+        if new == run.state:
+            return False
+        run.state = new
+        s.add(StateEvent(run_id=run.id, state=new))
+        if new in TERMINAL:
+            run.finished_at = time.time()
+            return True
+        return False
+
+    def archive_logs(self, run_id: str) -> dict[str, Any]:
+        """Copy each device's whole log of an ended run to S3 and note where (a failure is logged)."""
+        texts: dict[str, str] = {}
+        for batch in self.logs(run_id):
+            texts[batch["device_id"]] = texts.get(batch["device_id"], "") + batch["text"]
+        archive: dict[str, Any] = {}
+        try:
+            for device_id, text in texts.items():
+                data = text.encode()
+                digest, url = self.controller.store.archive_sync(run_id, data)
+                archive[device_id] = {"digest": digest, "size": len(data), "url": url}
+        except UnitedLLMError as exc:
+            log.warning("run %s: archiving its logs to S3 failed: %s", run_id, exc)
+            return {}
+        with self.db.session() as s:
+            run = s.get(Run, run_id)
+            if run is not None:
+                run.log_archive = archive
+        return archive
 
     def append_logs(self, device_id: str, *, run_id: str, seq: int, text: str, stream: str = "log") -> None:
         """Store one sequenced batch of a role's output or metrics; the same batch sent again is kept once."""
@@ -330,6 +362,7 @@ class RunService:
             "overrides": run.overrides,
             "created_at": run.created_at,
             "finished_at": run.finished_at,
+            "log_archive": run.log_archive,
             "members": [
                 {"rank": m.rank, "device_id": m.device_id, "state": m.state, "exit_code": m.exit_code}
                 for m in members

@@ -38,6 +38,15 @@ class PackageStore:
     def put_sync(self, data: bytes) -> str:
         return _run(self.put(data))
 
+    async def archive(self, run_id: str, data: bytes) -> tuple[str, str]:
+        """Store a run's log under ``<prefix>/logs/<run_id>/<sha256>``; returns (digest, its URL)."""
+        async with S3BlobStore(self.settings, run_id=f"logs/{run_id}") as store:
+            ref = await store.put(data, codec="text")
+            return ref.digest, store.url_for(ref.digest)
+
+    def archive_sync(self, run_id: str, data: bytes) -> tuple[str, str]:
+        return _run(self.archive(run_id, data))
+
     def get_sync(self, digest: str, size: int) -> bytes:
         return _run(self.get(digest, size))
 
