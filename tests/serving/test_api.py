@@ -8,7 +8,7 @@ import json
 import httpx
 import openai
 import pytest
-from conftest import Server
+from serving_support import Server
 
 QUESTION = "Translate house into Glossa."
 PROMPTS = [f"{word} {n}" for n, word in enumerate(["apple", "river", "stone", "cloud"] * 4)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import Server, cli, serving
+from serving_support import Server, cli, serving
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unitedllm.serving.template import render_chat

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, Server, _env, quickstart_args, serving
 from safetensors.torch import load_file, save_file
+from serving_support import ROOT, Server, child_env, quickstart_args, serving
 
 FOLLOW_DEADLINE_S = 240.0
 
@@ -83,7 +83,7 @@ def test_follow_sees_new_rounds_of_a_live_run(tmp_path: Path) -> None:
             [sys.executable, "-m", "unitedllm", *args],
             stdout=sink,
             stderr=subprocess.STDOUT,
-            env=_env(),
+            env=child_env(),
             cwd=ROOT,
         )
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import Server, serving
+from serving_support import Server, serving
 
 KEY = "test-key-5d1e"
 
