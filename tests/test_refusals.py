@@ -107,12 +107,17 @@ class HandMadeClient:
         """The next message of ``kind`` from the aggregator (others are skipped)."""
         while True:
             got = asyncio.ensure_future(self.inbox.get())
-            waits = {got} if self.aggregator is None else {got, self.aggregator}
+            waits: set[asyncio.Future[Any]] = {got}
+            if self.aggregator is not None and not self.aggregator.done():
+                waits.add(self.aggregator)  # a finished one may still have messages on the way
             await asyncio.wait(waits, timeout=LIMIT_S, return_when=asyncio.FIRST_COMPLETED)
+            if not got.done() and self.aggregator is not None and self.aggregator.done():
+                if self.aggregator.exception() is not None:
+                    got.cancel()
+                    self.aggregator.result()  # its error, not a timeout
+                await asyncio.wait({got}, timeout=LIMIT_S)
             if not got.done():
                 got.cancel()
-                if self.aggregator is not None and self.aggregator.done():
-                    self.aggregator.result()  # its error, not a timeout
                 raise TimeoutError(f"rank {self.rank}: no {kind.__name__} within {LIMIT_S}s")
             if isinstance(message := got.result(), kind):
                 return message
