@@ -78,3 +78,38 @@ def test_run_state_follows_its_members() -> None:
     assert run_state("STOPPING", [(0, "KILLED"), (1, "FINISHED")]) == "KILLED"
     assert run_state("STOPPING", [(0, "RUNNING"), (1, "KILLED")]) == "STOPPING"
     assert run_state("FINISHED", [(0, "RUNNING")]) == "FINISHED"
+
+
+def test_a_heartbeat_read_before_a_report_never_moves_a_role_back(tmp_path: Path) -> None:
+    from unitedllm.platform.controller import Controller
+    from unitedllm.platform.models import Device, Package
+    from unitedllm.platform.runs import RunService
+    from unitedllm.platform.signing import KeyPair
+
+    db = Database(f"sqlite:///{tmp_path / 'platform.db'}")
+    db.upgrade()
+    with db.session() as s:
+        s.add_all(
+            [
+                Package(digest=d, kind=k, name=f"{k}.zip", size=1, signature="s")
+                for d, k in (("s" * 64, "server"), ("c" * 64, "client"))
+            ]
+        )
+        s.add_all(
+            [
+                Device(id=i, name=i, role=r, public_key=f"key-{i}")
+                for i, r in (("agg", "server"), ("edge", "client"))
+            ]
+        )
+    runs = RunService(Controller(db, keys=KeyPair.generate(), master_secret=b"x", store=None))  # type: ignore[arg-type]
+    run_id = runs.launch(
+        server_package="s" * 64, client_package="c" * 64, server_device="agg", client_devices=["edge"]
+    )["id"]
+    runs.report("edge", run_id=run_id, state="INITIALIZING")
+    runs.report("edge", run_id=run_id, state="RUNNING")
+    runs.report("edge", run_id=run_id, state="INITIALIZING", resync=True)  # a heartbeat that lost the race
+    assert runs.run(run_id)["members"][1]["state"] == "RUNNING"
+    assert [e["state"] for e in runs.events(run_id) if e["rank"] == 1] == ["INITIALIZING", "RUNNING"]
+    runs.report("edge", run_id=run_id, state="FINISHED", resync=True)  # forward is fine
+    assert runs.run(run_id)["members"][1]["state"] == "FINISHED"
+    db.close()

@@ -59,6 +59,9 @@ async def test_log_in_launch_watch_rounds_and_stop(
         run_id = await page.wait_for("location.pathname.startsWith('/runs/') && location.pathname.slice(6)")
         await page.wait_for("document.querySelectorAll('#rounds tr.round').length >= 2", timeout=90)
         assert await page.evaluate("!!document.querySelector('#loss-plot')")
+        # Each device's CPU and memory since the run started, from its heartbeats.
+        await page.wait_for("document.querySelectorAll('div.load svg').length === 3", timeout=30)
+        assert "CPU %" in await page.text("div.load")
         assert "RUNNING" in await page.text("#members")
         assert "sleeper rank 1 started" in await page.text("body")
         await page.screenshot(tmp_path / "run.png")

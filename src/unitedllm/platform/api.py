@@ -250,7 +250,9 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier, cat
         await call(controller.heartbeat, device_id, body.get("metrics") or {}, body.get("hardware"))
         for role in body.get("roles") or []:  # re-sync after a controller restart
             try:
-                await call(runs.report, device_id, run_id=str(role["run_id"]), state=str(role["state"]))
+                await call(
+                    runs.report, device_id, run_id=str(role["run_id"]), state=str(role["state"]), resync=True
+                )
             except (KeyError, PlatformError):
                 continue
         return {"ok": True}

@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 import zipfile
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = ["Controller", "PlatformFiles"]
 
 DEVICE_ROLES = ("client", "server")
 MAX_PACKAGE_BYTES = 512 * 2**20
+SAMPLES_KEPT = 720  # an hour of heartbeats at the default interval
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class Controller:
         self.master_secret = master_secret
         self.store = store
         self.heartbeat_s = heartbeat_s
+        # Recent heartbeat metrics per device, for the run page's plots (kept in memory only).
+        self.samples: dict[str, deque[tuple[float, dict[str, Any]]]] = {}
 
     # -- secrets of a run (derived, never stored) ------------------------------------------
 
@@ -202,6 +206,7 @@ class Controller:
                 raise PlatformError(f"device {device_id!r} is not enrolled", status=401)
             device.last_seen = time.time()
             device.metrics = metrics
+            self.samples.setdefault(device_id, deque(maxlen=SAMPLES_KEPT)).append((device.last_seen, metrics))
             if hardware:
                 device.hardware = hardware
 

@@ -22,10 +22,11 @@ from starlette.middleware.sessions import SessionMiddleware
 from unitedllm.platform.api import launch_from
 from unitedllm.platform.auth import ADMIN
 from unitedllm.platform.errors import PlatformError
-from unitedllm.platform.plot import loss_plot
+from unitedllm.platform.plot import line_plot, loss_plot
 from unitedllm.platform.states import TERMINAL
 
 if TYPE_CHECKING:
+    from unitedllm.platform.controller import Controller
     from unitedllm.platform.server import Platform
 
 __all__ = ["add_page"]
@@ -54,6 +55,25 @@ def _render(request: Request, template: str, status: int = 200, **values: Any) -
 
 def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _load_plot(controller: Controller, device_id: str, since: float) -> str | None:
+    """CPU, memory and GPU utilisation (%) of one device since the run started."""
+    samples = [(t, m) for t, m in controller.samples.get(device_id, ()) if t >= since]
+    series: dict[str, list[tuple[float, float]]] = {"CPU %": [], "memory %": []}
+    for t, metrics in samples:
+        x = t - since
+        for name, key in (("CPU %", "cpu_percent"), ("memory %", "memory_percent")):
+            if isinstance(metrics.get(key), int | float):
+                series[name].append((x, float(metrics[key])))
+        for gpu in metrics.get("gpus") or []:
+            series.setdefault(f"GPU {gpu.get('index')} %", []).append((x, float(gpu.get("utilisation", 0))))
+            series.setdefault(f"GPU {gpu.get('index')} memory GiB", []).append(
+                (x, float(gpu.get("memory_used", 0)) / 2**30)
+            )
+    return line_plot(
+        series, x_label="s", element_id=f"load-{device_id}", label="device load", x_format="{:.0f}"
+    )
 
 
 def add_page(app: FastAPI, platform: Platform) -> None:
@@ -204,6 +224,9 @@ def add_page(app: FastAPI, platform: Platform) -> None:
             {**e, "at": time.strftime("%H:%M:%S", time.localtime(e["at"]))} for e in runs.events(run_id)
         ]
         final = next((e for e in runs.metrics(run_id) if e.get("event") == "run_end"), None)
+        load_plots = [
+            (m["device"]["name"], _load_plot(controller, m["device_id"], run["created_at"])) for m in members
+        ]
         return _render(
             request,
             "run.html",
@@ -211,10 +234,12 @@ def add_page(app: FastAPI, platform: Platform) -> None:
             members=members,
             rounds=rounds,
             plot=loss_plot(rounds),
+            load_plots=[(name, svg) for name, svg in load_plots if svg],
             events=events,
             logs=logs,
             terminal=TERMINAL,
             final_dir=f"{final['output_dir']}/node_0/final" if final and final.get("output_dir") else None,
+            output_dir=(final or {}).get("output_dir"),
             refresh=None if run["state"] in TERMINAL else 2,
         )
 

@@ -26,6 +26,7 @@ from unitedllm.platform.models import Command, Device, LogBatch, Package, Run, R
 from unitedllm.platform.states import (
     IDLE,
     KILLED,
+    PROGRESS,
     QUEUED,
     REPORTABLE,
     STOPPING,
@@ -247,9 +248,20 @@ class RunService:
                 row.acked_at = time.time()
 
     def report(
-        self, device_id: str, *, run_id: str, state: str, exit_code: int | None = None, detail: str = ""
+        self,
+        device_id: str,
+        *,
+        run_id: str,
+        state: str,
+        exit_code: int | None = None,
+        detail: str = "",
+        resync: bool = False,
     ) -> dict[str, Any]:
-        """A device's report of its role's state; moves the run along and frees the device at the end."""
+        """A device's report of its role's state; moves the run along and frees the device at the end.
+
+        ``resync`` marks the state a heartbeat carries: it may only move the role forward (it was
+        read before a report that may have overtaken it).
+        """
         if state not in REPORTABLE:
             raise PlatformError(f"state {state!r}: an agent reports one of {sorted(REPORTABLE)}", status=422)
         ended = False
@@ -260,7 +272,8 @@ class RunService:
             run = s.get(Run, run_id, with_for_update=True)
             if member is None or run is None:
                 raise PlatformError(f"device {device_id} has no place in run {run_id!r}", status=404)
-            if member.state != state and member.state not in TERMINAL:
+            behind = resync and PROGRESS[state] <= PROGRESS.get(member.state, 0)
+            if member.state != state and member.state not in TERMINAL and not behind:
                 member.state = state
                 member.exit_code = exit_code
                 member.updated_at = time.time()
