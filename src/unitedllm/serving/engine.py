@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
@@ -47,7 +47,6 @@ class Chunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     model: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class Generation:
