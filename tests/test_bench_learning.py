@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import subprocess
@@ -133,3 +134,159 @@ def test_table_shows_a_failed_run_and_the_gap_to_centralized() -> None:
     fedavg = next(line for line in lines if line.startswith("FedAvg"))
     assert "+0.500" in fedavg.split()
     assert "FedAdam failed: client 3 round 0: training loss is nan" in lines
+
+
+def test_rule_variants_carry_their_own_server_arguments() -> None:
+    bench = _bench()
+    assert bench._variant("DiLoCo") == ("DiLoCo", {})
+    assert bench._variant("DiLoCo[momentum_restart=true; max_step_ratio=3]") == (
+        "DiLoCo",
+        {"momentum_restart": True, "max_step_ratio": 3},
+    )
+    args = bench._parse_args(["--optimizers", "FedAvg,DiLoCo[momentum_restart=true]", "--seed", "7"])
+    methods = {m.name: m for m in bench._methods(args, 8)}
+    restart = methods["DiLoCo[momentum_restart=true]"].overrides
+    assert restart["train_args.server_optimizer"] == "DiLoCo"
+    assert restart["train_args.server_optimizer_args.momentum_restart"] is True
+    assert "train_args.server_optimizer_args.momentum_restart" not in methods["FedAvg"].overrides
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--optimizers", "DiLoCo[momentum_restart]"], "'momentum_restart' is not key=value"),
+        (["--optimizers", "DiLoCo[momentum_restart=true"], "expected NAME[key=value;...]"),
+        (["--set", "train_args.seed=7"], "train_args.seed is set by the benchmark"),
+    ],
+)
+def test_bad_variants_are_one_line_errors(flags: list[str], message: str) -> None:
+    proc = _run(*flags)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_worst_rise_is_the_largest_round_over_round_increase() -> None:
+    bench = _bench()
+    assert bench.worst_rise([10.14, 8.89, 8.02, 8.67, 8.04, 8.13]) == pytest.approx(0.65)
+    assert bench.worst_rise([3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert bench.worst_rise([3.0, None]) is None
+    assert bench.worst_rise([3.0]) is None
+
+
+def _grid() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_learning_grid", REPO / "bench" / "learning_grid.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cell(k: int, r: int, seed: int, finals: dict[str, float], rises: dict[str, float]) -> dict[str, object]:
+    methods = [
+        {"name": name, "kind": "centralized" if name.startswith("centralized") else "federated",
+         "final_eval_loss": final, "worst_rise": rises.get(name)}
+        for name, final in finals.items()
+    ]  # fmt: skip
+    return {"settings": {"local_steps": k, "rounds": r, "seed": seed}, "methods": methods}
+
+
+def test_grid_summary_gives_gap_to_data_parallel_and_the_target_per_rule(tmp_path: Path) -> None:
+    grid = _grid()
+    cell = _cell(
+        10,
+        6,
+        7,
+        {"FedAvg": 8.08, "DiLoCo": 7.80, "centralized 8x batch": 7.84},
+        {"DiLoCo": 0.65, "FedAvg": -0.06},
+    )
+    (tmp_path / "cell-k10-r6-s7.json").write_text(json.dumps(cell))
+    (tmp_path / "cell-k4-r4-s1.json").write_text(
+        json.dumps(_cell(4, 4, 1, {"FedAvg": 9.0, "centralized 8x batch": 9.0}, {}))
+    )
+    doc = grid.summarize(tmp_path)
+    assert [(r["local_steps"], r["rule"]) for r in doc["rows"]] == [
+        (4, "FedAvg"),
+        (10, "FedAvg"),
+        (10, "DiLoCo"),
+    ]
+    fedavg, diloco = doc["rows"][1], doc["rows"][2]
+    assert fedavg["gap"] == pytest.approx(0.24) and fedavg["gap_percent"] == pytest.approx(3.06, abs=0.01)
+    assert not fedavg["meets_target"]  # 3% above data-parallel
+    assert not diloco["meets_target"]  # below data-parallel, but it rose 0.65 nats in one round
+    assert doc["rows"][0]["meets_target"]
+    out = io.StringIO()
+    grid.print_summary(doc, out)
+    assert "| 10 | 6 | 7 | DiLoCo | 7.800 | 7.840 | -0.040 (-0.5%) | +0.650 | not met |" in out.getvalue()
+
+
+def test_grid_cells_flag_is_checked(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "learning_grid.py"), "--out-dir", str(tmp_path), "--cells", "4:4"],
+        check=False, capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--cells '4:4': expected K:R:SEED" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _gpu() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_learning_gpu", REPO / "bench" / "learning_gpu.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("rule", "args"), [("FedAvg", {}), ("DiLoCo", {}), ("DiLoCo", {"momentum_restart": True})]
+)
+def test_gpu_script_server_rules_match_unitedllm(rule: str, args: dict[str, object]) -> None:
+    """bench/learning_gpu.py writes the outer step out (the device image lacks msgspec): it must be ours."""
+    import torch
+
+    from unitedllm.optimizers import create
+    from unitedllm.optimizers.base import ClientUpdate
+
+    gpu = _gpu()
+    gen = torch.Generator().manual_seed(0)
+    w0 = {
+        "a": torch.randn(5, 3, generator=gen, dtype=torch.float64),
+        "b": torch.randn(4, generator=gen, dtype=torch.float64),
+    }
+    opt = create(rule, args)
+    ours, state = dict(w0), opt.init_state(w0)
+    theirs = [t.clone() for t in w0.values()]
+    momentum = None if rule == "FedAvg" else [torch.zeros_like(t) for t in theirs]
+    for r in range(6):
+        sign = -1.0 if r == 4 else 1.0  # one round against the momentum: the restart's case
+        delta = {
+            n: sign * torch.randn(t.shape, generator=gen, dtype=torch.float64).abs() for n, t in w0.items()
+        }
+        ours, state = opt.step(ours, [ClientUpdate(1, delta, 1)], state)
+        gpu.outer_step(theirs, list(delta.values()), momentum, lr=opt.hparam("server_learning_rate"),
+                       mu=0.9, restart=bool(args.get("momentum_restart")))  # fmt: skip
+        for name, t in zip(w0, theirs, strict=True):
+            assert torch.allclose(ours[name], t, atol=1e-12), (rule, r, name)
+
+
+@pytest.mark.usefixtures("needs_data")
+@pytest.mark.slow
+def test_gpu_script_runs_tiny_on_the_cpu_and_counts_bytes(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "learning_gpu.py"), "--tiny", "--rounds", "2", "--local-steps", "1",
+         "--batch-size", "1", "--eval-examples", "8", "--methods", "data-parallel,DiLoCo", "--out", str(out)],
+        check=False, capture_output=True, text=True, cwd=REPO, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    dp, diloco = doc["methods"]
+    assert dp["examples"] == diloco["examples"] == 2 * 1 * 8 * 1
+    assert diloco["bytes_communicated"] == 2 * 8 * 4 * doc["parameters"] * 2
+    assert dp["bytes_communicated"] == 2 * 7 * 4 * doc["parameters"] * 2
+    assert all(
+        math.isfinite(m["final_eval_loss"]) and m["final_eval_loss"] < doc["initial_eval_loss"]
+        for m in (dp, diloco)
+    )
