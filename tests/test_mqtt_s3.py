@@ -512,7 +512,7 @@ async def test_a_short_s3_outage_costs_time_not_the_upload(s3_settings: S3Settin
         data = os.urandom(64 * 1024)
         async with S3BlobStore(through, run_id=run_id, retry_window_s=60) as store:
             proxy.down()
-            back = threading.Timer(3.0, proxy.up)
+            back = threading.Timer(6.0, proxy.up)  # longer than botocore's own three attempts
             back.start()
             try:
                 ref = await store.put(data)

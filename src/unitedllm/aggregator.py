@@ -97,11 +97,6 @@ class Aggregator(Role):
         assert self._metrics is not None, self._entered()
         return self._metrics
 
-    @property
-    def online(self) -> set[int]:
-        """The clients online and admitted right now."""
-        return self.attendance.online
-
     # -- the run -----------------------------------------------------------------------------------
 
     async def run(self) -> RunResult:
@@ -375,6 +370,8 @@ class Aggregator(Role):
             match item:
                 case Presence(rank=rank, online=online):
                     self.attendance.presence(rank, online)
+                    if not online and self._open is not None:
+                        self._open.resent.discard(rank)  # a restarted process has lost the start again
                 case Hello(sender=rank, base_fingerprint=fp):
                     await self._greet(rank, fp)
                 case Update():
@@ -399,12 +396,12 @@ class Aggregator(Role):
                 rank, Error(run_id=self.run_id, round=-1, sender=SERVER_RANK, message=reason)
             )
             return
-        if self.attendance.admit(rank):
+        if self.attendance.admit(rank):  # its first hello: any start sent is already on its way
             self.metrics.log("client_joined", round_idx=None, rank=rank)
-        start = self._open.waiting_for(rank) if self._open is not None else None
-        if start is not None:
-            # A client that restarted mid-round lost the start it was sent; a live one ignores the repeat.
-            log.info("round %d: client %d said hello; sending it the round's start again", start.round, rank)
+            return
+        start = self._open.to_resend(rank) if self._open is not None else None
+        if start is not None:  # it said hello again: restarted, and lost the start it was sent
+            log.info("round %d: client %d is back; sending it the round's start again", start.round, rank)
             self.metrics.log("round_start_resent", round_idx=start.round, rank=rank)
             await self.transport.send(rank, start)
 

@@ -122,8 +122,9 @@ class Client(Role):
                     log.warning("client %d: the aggregator went offline; waiting for it to return", self.rank)
                     server_gone_since = time.monotonic()
                 case Presence(rank=0, online=True):
+                    if server_gone_since is not None:  # it came back (restarted): say hello again
+                        await self._hello(fingerprint)
                     server_gone_since = None
-                    await self._hello(fingerprint)
                 case Presence():
                     pass
                 case RoundStart():

@@ -34,6 +34,9 @@ class OpenRound:
     round_idx: int
     starts: dict[int, RoundStart]
     received: dict[int, Update] = field(default_factory=dict)
+    resent: set[int] = field(
+        default_factory=set
+    )  # ranks sent the start again since they were last seen offline
 
     @property
     def selected(self) -> list[int]:
@@ -42,6 +45,14 @@ class OpenRound:
     def waiting_for(self, rank: int) -> RoundStart | None:
         """The start message ``rank`` still owes an update for, if any."""
         return None if rank in self.received else self.starts.get(rank)
+
+    def to_resend(self, rank: int) -> RoundStart | None:
+        """The start to send ``rank`` again when it says hello: once, and again after each time it went offline."""
+        start = self.waiting_for(rank)
+        if start is None or rank in self.resent:
+            return None
+        self.resent.add(rank)
+        return start
 
 
 async def collect_updates(

@@ -194,6 +194,8 @@ class S3BlobStore(BlobStore):
             try:
                 await self._get(ref)
                 return True
+            except BlobNotFound:
+                return False
             except IntegrityError:
                 pass
         log.warning(
@@ -222,7 +224,12 @@ class S3BlobStore(BlobStore):
         if size != ref.size:
             raise IntegrityError(ref.digest, f"<{size} bytes, expected {ref.size}>", where=url)
         data = bytearray(size)
-        await self._read_into(self.key_for(ref.digest), data)
+        try:
+            await self._read_into(self.key_for(ref.digest), data)
+        except CommError as exc:  # deleted between the lookup and the read (a round closing meanwhile)
+            if _code(exc.__cause__) in _NOT_FOUND:
+                raise BlobNotFound(f"blob {ref.digest} was deleted from {url} while being read") from exc
+            raise
         view = [memoryview(data)]
         actual = await self._hash(view) if size > _THREAD_HASH_BYTES else _digest(view)
         if actual != ref.digest:
@@ -394,4 +401,5 @@ class S3BlobStore(BlobStore):
 
 
 def _code(exc: Any) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
