@@ -244,10 +244,12 @@ class RoleRunner:
 
     def _finish(self, state: str, code: int | None, detail: str) -> None:
         self.current = state
-        self._report(state, exit_code=code, detail=detail)
         self.state.save_role(None)
         log.info("run %s: rank %d %s (%s)", self.run_id, self.rank, state, detail)
+        # The device is free once the role has ended: a start for the next run may arrive before
+        # the controller has answered this last report.
         self.on_done(self)
+        self._report(state, exit_code=code, detail=detail)
 
     # -- reporting -----------------------------------------------------------------------
 

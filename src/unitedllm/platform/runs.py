@@ -158,7 +158,7 @@ class RunService:
                 targets.append(member.device_id)
             run_ended = self._settle(s, run)
         if run_ended:
-            self.archive_logs(run_id)
+            self._archive_later(run_id)
         for device_id in targets:
             self.notify(device_id)
         return self.run(run_id)
@@ -293,7 +293,7 @@ class RunService:
         if ended:
             self.sync_broker()  # an ended role's broker identity loses the run's topics
         if run_ended:
-            view["log_archive"] = self.archive_logs(run_id)
+            self._archive_later(run_id)
         return view
 
     def _release(self, s: Any, device_id: str) -> None:
@@ -314,6 +314,12 @@ class RunService:
             run.finished_at = time.time()
             return True
         return False
+
+    def _archive_later(self, run_id: str) -> None:
+        # Not in the request that ended the run: S3 may be slow, and the agent waits for the answer.
+        threading.Thread(
+            target=self.archive_logs, args=(run_id,), name=f"archive-{run_id}", daemon=True
+        ).start()
 
     def archive_logs(self, run_id: str) -> dict[str, Any]:
         """Copy each device's whole log of an ended run to S3 and note where (a failure is logged)."""
