@@ -307,10 +307,8 @@ class Aggregator(Role):
     async def _fold_update(self, round_idx: int, fold: RoundFold, message: Update) -> None:
         """Fetch, check and fold one arrived update into the round (or reject it, with the reason)."""
         from unitedllm.optimizers.base import ClientUpdate
-        from unitedllm.optimizers.validation import validate_num_samples
 
-        try:
-            validate_num_samples(message.num_samples, rank=message.sender, round_idx=round_idx)
+        try:  # the round's check_update checks everything, the sample count included
             data = await self.store.get(message.delta_ref)
             delta = await asyncio.to_thread(decode_tensors, data)
             del data
