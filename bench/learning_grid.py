@@ -76,7 +76,9 @@ def cells(args: argparse.Namespace) -> list[tuple[int, int, int]]:
 
 
 def cell_path(out_dir: Path, k: int, r: int, seed: int) -> Path:
-    return out_dir / f"cell-k{k}-r{r}-s{seed}.json"
+    return (
+        out_dir / f"cell-k{k}-r{r}-s{seed}.json"
+    )  # summarize also reads cell-k<K>-r<R>-s<seed>-<label>.json
 
 
 def summarize_cell(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -114,12 +116,24 @@ def summarize_cell(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def summarize(out_dir: Path) -> dict[str, Any]:
-    """Every cell JSON under ``out_dir`` as one document: the cells' rows, and the cells themselves."""
-    reports = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out_dir.glob("cell-*.json"))]
-    reports = [r for r in reports if "methods" in r]
-    reports.sort(
-        key=lambda r: (r["settings"]["local_steps"], r["settings"]["rounds"], r["settings"].get("seed") or 0)
-    )
+    """Every cell JSON under ``out_dir`` as one document: the cells' rows, and the cells themselves.
+
+    Files of the same cell (``cell-k<K>-r<R>-s<seed>*.json``, e.g. a rule run on its own later,
+    with ``--optimizers RULE --centralized none``) are merged: their methods form one cell.
+    """
+    merged: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for path in sorted(out_dir.glob("cell-*.json")):
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if "methods" not in report:
+            continue
+        s = report["settings"]
+        key = (s["local_steps"], s["rounds"], s.get("seed") or 0)
+        if key in merged:
+            merged[key]["methods"].extend(report["methods"])
+            merged[key].setdefault("files", []).append(path.name)
+        else:
+            merged[key] = {**report, "files": [path.name]}
+    reports = [merged[k] for k in sorted(merged)]
     return {
         "benchmark": "learning-grid",
         "target": {"gap_fraction_of_data_parallel": TARGET_GAP, "worst_rise_nats": TARGET_RISE},

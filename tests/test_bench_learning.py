@@ -290,3 +290,14 @@ def test_gpu_script_runs_tiny_on_the_cpu_and_counts_bytes(tmp_path: Path) -> Non
         math.isfinite(m["final_eval_loss"]) and m["final_eval_loss"] < doc["initial_eval_loss"]
         for m in (dp, diloco)
     )
+
+
+def test_grid_merges_files_of_one_cell_run_at_different_times(tmp_path: Path) -> None:
+    grid = _grid()
+    dp = _cell(10, 6, 7, {"centralized 8x batch": 8.0}, {})
+    rule = _cell(10, 6, 7, {"DiLoCo[max_step_ratio=2]": 8.04}, {"DiLoCo[max_step_ratio=2]": 0.02})
+    (tmp_path / "cell-k10-r6-s7-dp.json").write_text(json.dumps(dp))
+    (tmp_path / "cell-k10-r6-s7-clip.json").write_text(json.dumps(rule))
+    (row,) = grid.summarize(tmp_path)["rows"]
+    assert row["rule"] == "DiLoCo[max_step_ratio=2]" and row["data_parallel"] == 8.0
+    assert row["gap_percent"] == pytest.approx(0.5) and row["meets_target"]
