@@ -121,6 +121,12 @@ class Browser:
         await self.evaluate(f"document.querySelector({json.dumps(click)}).click()")
         await self.wait_for("!window.__before && document.readyState === 'complete'")
 
+    async def set_file(self, selector: str, path: Path) -> None:
+        """Choose ``path`` in a file input, as a person would in the file dialog."""
+        root = await self.send("DOM.getDocument")
+        node = await self.send("DOM.querySelector", nodeId=root["root"]["nodeId"], selector=selector)
+        await self.send("DOM.setFileInputFiles", files=[str(path)], nodeId=node["nodeId"])
+
     async def text(self, selector: str = "body") -> str:
         return str(
             await self.evaluate(f"(document.querySelector({json.dumps(selector)}) || {{}}).innerText || ''")

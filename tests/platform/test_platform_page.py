@@ -4,19 +4,20 @@ watch its rounds arrive, stop it; forms without the CSRF token and read-only log
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
 from browser import CHROMIUM, Browser
 from conftest import AgentProcess, Controller, wait_until
+from services import require
 
 pytestmark = pytest.mark.services
 
 
 @pytest.fixture
 def chromium() -> None:
-    if not CHROMIUM.exists():
-        pytest.skip(f"no headless browser at {CHROMIUM} (scripts/test.sh installs it)")
+    require(None if CHROMIUM.exists() else f"no headless browser at {CHROMIUM} (scripts/test.sh installs it)")
 
 
 async def log_in(page: Browser, controller: Controller, token: str) -> None:
@@ -31,6 +32,7 @@ async def test_log_in_launch_watch_rounds_and_stop(
     controller: Controller,
     agents: dict[str, AgentProcess],
     sleeper_packages: dict[str, str],
+    sleeper_zips: dict[str, Path],
 ) -> None:
     async with Browser(tmp_path / "profile") as page:
         await log_in(page, controller, "not-a-token")
@@ -42,6 +44,19 @@ async def test_log_in_launch_watch_rounds_and_stop(
         assert controller.token not in await page.evaluate("document.documentElement.outerHTML")
 
         # A configuration is checked against the config schema when saved.
+        # A package whose file no longer matches its manifest is refused at upload.
+        broken = tmp_path / "broken-client.zip"
+        with zipfile.ZipFile(sleeper_zips["client"]) as src, zipfile.ZipFile(broken, "w") as out:
+            for info in src.infolist():
+                data = src.read(info)
+                out.writestr(info, data + b"# changed\n" if info.filename.endswith("launch.py") else data)
+        await page.set_file("input[name=file]", broken)
+        await page.submit("#push-button")
+        assert "broken-client.zip failed verification: fedml/launch.py" in await page.text("#error")
+        await page.set_file("input[name=file]", sleeper_zips["client"])
+        await page.submit("#push-button")
+        assert sleeper_packages["client"][:16] in await page.text("#packages")
+
         await page.submit(
             "#save-config-button", {"#config-name": "bad", "#config-overrides": "train_args.comm_rund=3"}
         )
