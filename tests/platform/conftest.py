@@ -3,8 +3,8 @@
 They use the session's mosquitto and SeaweedFS (``tests/conftest_services.py``). Roles come from
 "sleeper" packages built by ``unitedllm-build``: their entry point prints a few lines, reports
 which rank keys it was given (names only), ticks ``train_args.local_max_steps`` times 0.2 s and
-exits with ``common_args.random_seed`` as its code (config keys, so the overrides pass the checks
-``unitedllm package run`` makes).
+exits with ``common_args.random_seed`` as its code; with ``train_args.seed=99`` it ignores SIGTERM
+(config keys, so the overrides pass the checks ``unitedllm package run`` makes).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ rank = sys.argv[sys.argv.index("--rank") + 1]
 keys = sorted(k for k in os.environ if k.startswith("UNITEDLLM_RANK_KEY_"))
 print(f"sleeper rank {rank} started; keys: {','.join(keys)}; run secret set: {'UNITEDLLM_RUN_SECRET' in os.environ}", flush=True)
 run_id = sys.argv[sys.argv.index("--run_id") + 1]
+if args.get("train_args.seed") == "99":  # a role that will not stop when asked
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 metrics = None
 if rank == "0":  # the aggregator's metrics.jsonl: one round every 5 ticks, as the platform reads it
     from pathlib import Path

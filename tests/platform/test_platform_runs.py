@@ -96,6 +96,26 @@ def test_stop_kills_every_role_and_leaves_no_process(
                 os.killpg(pgid, 0)  # the whole process group is gone: no orphaned entry point
 
 
+def test_abort_kills_roles_that_ignore_the_stop_signal_at_once(
+    controller: Controller, agents: dict[str, AgentProcess], sleeper_packages: dict[str, str]
+) -> None:
+    with controller.client() as client:
+        run_id = launch(client, sleeper_packages, steps(300), "train_args.seed=99")
+        wait_running(client, run_id)
+        wait_until("the roles' output", lambda: "tick 1" in _logs(controller, run_id))
+        groups = [wait_until("a role record", a.role_record)["handle"]["pid"] for a in agents.values()]
+        client.abort(run_id)
+        # Well inside the 20 s a stop would give a role that ignores SIGTERM.
+        run = wait_for_state(client, run_id, "KILLED", "FAILED", "FINISHED", timeout=15)
+        assert run["state"] == "KILLED"
+        assert {
+            e["detail"] for e in client.events(run_id) if e["state"] == "KILLED" and e["rank"] is not None
+        } == {"aborted"}
+        for pgid in groups:
+            with pytest.raises(ProcessLookupError):
+                os.killpg(pgid, 0)
+
+
 def test_a_device_is_never_bound_to_two_runs(
     controller: Controller, agents: dict[str, AgentProcess], sleeper_packages: dict[str, str]
 ) -> None:

@@ -149,6 +149,8 @@ class Agent:
                 self._start(payload)
             case "stop":
                 self._stop(str(payload["run_id"]))
+            case "abort":
+                self._stop(str(payload["run_id"]), grace_s=0.0)
             case other:
                 log.warning("command refused: unknown kind %r", other)
 
@@ -177,9 +179,11 @@ class Agent:
             self.role = self._runner()
             self.role.start(payload)
 
-    def _stop(self, run_id: str) -> None:
+    def _stop(self, run_id: str, *, grace_s: float | None = None) -> None:
         with self._lock:
             if self.role is not None and self.role.run_id == run_id:
+                if grace_s is not None:
+                    self.role.stop_grace_s = grace_s
                 self.role.stop_requested.set()
 
     def _runner(self) -> RoleRunner:

@@ -112,7 +112,8 @@ class LocalProcess(RoleHandle):
         return -int(signal.SIGKILL)  # ended without recording a code: it was killed
 
     def stop(self, grace_s: float = 20.0) -> None:
-        for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        steps = [(signal.SIGTERM, grace_s)] if grace_s > 0 else []
+        for signum, wait_s in [*steps, (signal.SIGKILL, 10.0)]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signum)
             deadline = time.monotonic() + wait_s

@@ -94,6 +94,7 @@ class RoleRunner:
         self.agent_stopping = stopping
         self.on_done = on_done
         self.stop_requested = threading.Event()
+        self.stop_grace_s = 20.0  # 0 when aborted: killed at once
         self.run_id = ""
         self.rank = -1
         self.overrides: list[str] = []
@@ -197,9 +198,9 @@ class RoleRunner:
                 break
             if self.stop_requested.wait(1.0):
                 self._report(STOPPING)
-                self.handle.stop()
+                self.handle.stop(self.stop_grace_s)
                 self._ship_logs(final=True)
-                self._finish(KILLED, self.handle.poll(), "stopped")
+                self._finish(KILLED, self.handle.poll(), "aborted" if self.stop_grace_s == 0 else "stopped")
                 return
         self._finish(FINISHED if code == 0 else FAILED, code, f"exit code {code}")
 

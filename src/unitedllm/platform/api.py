@@ -218,6 +218,10 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier, cat
     async def stop_run(run_id: str, _: Admin) -> dict[str, Any]:
         return await call(runs.stop, run_id)  # type: ignore[no-any-return]
 
+    @app.post("/api/runs/{run_id}/abort")
+    async def abort_run(run_id: str, _: Admin) -> dict[str, Any]:
+        return await call(runs.stop, run_id, abort=True)  # type: ignore[no-any-return]
+
     @app.get("/api/runs/{run_id}/events")
     async def run_events(run_id: str, _: Read, after: int = 0) -> list[dict[str, Any]]:
         return await call(runs.events, run_id, after)  # type: ignore[no-any-return]

@@ -314,3 +314,10 @@ def configs_delete(name: str, url: UrlOpt = None, token: TokenOpt = None) -> Non
     with _errors(), _client(url, token) as client:
         client.delete_config(name)
         typer.echo(f"deleted {name}")
+
+
+@runs_app.command("abort")
+def runs_abort(run_id: str, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Kill every role of a run at once (no grace period); it ends KILLED."""
+    with _errors(), _client(url, token) as client:
+        _show(client.abort(run_id), as_json, _run_row)

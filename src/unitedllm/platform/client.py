@@ -90,6 +90,9 @@ class PlatformClient:
     def stop(self, run_id: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/api/runs/{run_id}/stop"))
 
+    def abort(self, run_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/api/runs/{run_id}/abort"))
+
     def events(self, run_id: str, after: int = 0) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/api/runs/{run_id}/events", params={"after": after}))
 

@@ -163,8 +163,8 @@ def add_page(app: FastAPI, platform: Platform) -> None:
 
     @app.post("/runs/{run_id}/stop")
     async def stop(request: Request, run_id: str) -> Response:
-        await form(request)
-        runs.stop(run_id)
+        data = await form(request)
+        runs.stop(run_id, abort=data.get("abort") == "1")
         return RedirectResponse(f"/runs/{run_id}", status_code=303)
 
     @app.post("/packages")

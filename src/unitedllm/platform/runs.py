@@ -132,8 +132,9 @@ class RunService:
             expires_at=time.time() + COMMAND_TTL_S,
         )
 
-    def stop(self, run_id: str) -> dict[str, Any]:
-        """Ask every device of the run to stop its role; the run ends KILLED when all have stopped."""
+    def stop(self, run_id: str, *, abort: bool = False) -> dict[str, Any]:
+        """Ask every device of the run to stop its role (``abort``: kill it at once, no grace period);
+        the run ends KILLED when all have stopped."""
         with self._lock, self.db.session() as s:
             run = s.get(Run, run_id, with_for_update=True)
             if run is None:
@@ -141,7 +142,11 @@ class RunService:
             if run.state in TERMINAL:
                 return self._view(s, run)
             run.state = STOPPING
-            s.add(StateEvent(run_id=run_id, state=STOPPING, detail="stop requested"))
+            s.add(
+                StateEvent(
+                    run_id=run_id, state=STOPPING, detail="abort requested" if abort else "stop requested"
+                )
+            )
             members = list(s.scalars(select(RunMember).where(RunMember.run_id == run_id)))
             targets = []
             for member in members:
@@ -155,7 +160,7 @@ class RunService:
                     )
                     self._release(s, member.device_id)
                 # Always sent, even after a withdrawal: the agent may hold the start command already.
-                s.add(self._command(member.device_id, run_id, "stop"))
+                s.add(self._command(member.device_id, run_id, "abort" if abort else "stop"))
                 targets.append(member.device_id)
             run_ended = self._settle(s, run)
         if run_ended:
