@@ -47,7 +47,7 @@ if rank == "0":  # the aggregator's metrics.jsonl: one round every 5 ticks, as t
 for tick in range(int(args.get("train_args.local_max_steps", "10"))):
     print(f"tick {tick}", flush=True)
     if metrics is not None and tick % 5 == 4:
-        event = {"event": "round", "round": tick // 5, "aggregated": [1, 2], "train_loss": 5.0 / (tick + 1), "eval_loss": None, "seconds": 1.0}
+        event = {"event": "round", "round": tick // 5, "rank": 0, "time": time.time(), "selected": [1, 2], "aggregated": [1, 2], "train_loss": 5.0 / (tick + 1), "eval_loss": None, "seconds": 1.0}
         metrics.write(json.dumps(event) + "\\n")
         metrics.flush()
     time.sleep(0.2)

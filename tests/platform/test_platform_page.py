@@ -80,6 +80,11 @@ async def test_log_in_launch_watch_rounds_and_stop(
         assert "RUNNING" in await page.text("#members")
         assert "sleeper rank 1 started" in await page.text("body")
         await page.screenshot(tmp_path / "run.png")
+        # The report `unitedllm report` makes, from the same streamed metrics.
+        await page.submit("#report-link")
+        await page.wait_for("document.querySelectorAll('img').length > 0", timeout=60)
+        assert "train loss" in (await page.text()).lower()
+        await page.goto(f"{controller.url}/runs/{run_id}")
 
         await page.submit("#stop")
         await page.wait_for("document.querySelector('#run-state').innerText === 'KILLED'", timeout=90)

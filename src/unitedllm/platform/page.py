@@ -57,6 +57,20 @@ def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def report_html(batches: list[dict[str, Any]]) -> str:
+    """Render ``unitedllm report``'s page (table and plots, images inline) from metrics.jsonl batches."""
+    import tempfile
+
+    from unitedllm.report.data import load_run
+    from unitedllm.report.html import render_html
+    from unitedllm.report.plots import render_plots
+
+    with tempfile.TemporaryDirectory(prefix="unitedllm-report-") as tmp:
+        (Path(tmp) / "metrics.jsonl").write_text("".join(b["text"] for b in batches))
+        run = load_run(Path(tmp))
+        return render_html(run, render_plots(run))
+
+
 def _load_plot(controller: Controller, device_id: str, since: float) -> str | None:
     """CPU, memory and GPU utilisation (%) of one device since the run started."""
     samples = [(t, m) for t, m in controller.samples.get(device_id, ()) if t >= since]
@@ -205,6 +219,14 @@ def add_page(app: FastAPI, platform: Platform) -> None:
         await form(request)
         catalog.delete_config(name)
         return RedirectResponse("/", status_code=303)
+
+    @app.get("/runs/{run_id}/report", response_class=HTMLResponse)
+    def run_report(request: Request, run_id: str) -> Response:
+        """The page ``unitedllm report`` makes, from the metrics the aggregator's agent streamed."""
+        if not logged_in(request):
+            return RedirectResponse("/login", status_code=303)
+        runs.run(run_id)  # 404 for an unknown run
+        return HTMLResponse(report_html(runs.logs(run_id, stream="metrics")))
 
     @app.get("/runs/{run_id}", response_class=HTMLResponse)
     def run_page(request: Request, run_id: str) -> Response:
