@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, Controller, wait_for_state, wait_until
+from platform_helpers import AgentProcess, Controller, wait_for_state, wait_until
 from typer.testing import CliRunner
 
 from unitedllm.platform.cli import platform_app

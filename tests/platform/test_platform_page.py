@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from browser import CHROMIUM, Browser
-from conftest import AgentProcess, Controller, wait_until
+from platform_helpers import AgentProcess, Controller, wait_until
 from services import require
 
 pytestmark = pytest.mark.services

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentProcess, Controller, launch, wait_for_state, wait_running, wait_until
+from platform_helpers import AgentProcess, Controller, launch, wait_for_state, wait_running, wait_until
 
 from unitedllm.platform.errors import PlatformError
 

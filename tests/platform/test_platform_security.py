@@ -16,7 +16,7 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-from conftest import AgentProcess, Controller, launch, wait_for_state
+from platform_helpers import AgentProcess, Controller, launch, wait_for_state
 
 from unitedllm.agent.agent import Agent, enrol
 from unitedllm.agent.identity import AgentState
