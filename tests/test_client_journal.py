@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from services import require
 
 from unitedllm.client_journal import ClientJournal
 from unitedllm.errors import TrainingError
@@ -108,9 +109,10 @@ def test_an_unreadable_snapshot_is_an_error_naming_the_file(tmp_path: Path, cont
 
 def test_a_dynamic_loss_scaler_round_trips_as_plain_data(tmp_path: Path) -> None:
     """fp16 ZeRO (GPU only) carries DeepSpeed's dynamic loss scale across rounds as numbers, not as the object."""
-    loss_scaler = pytest.importorskip(
-        "deepspeed.runtime.fp16.loss_scaler", reason="deepspeed is not installed"
-    )
+    if importlib.util.find_spec("deepspeed") is None:
+        require("deepspeed is not installed (pip install 'unitedllm[deepspeed]'; scripts/setup.sh does)")
+    import deepspeed.runtime.fp16.loss_scaler as loss_scaler
+
     from unitedllm.silo.zero import loss_scaler_state, restore_loss_scaler
 
     def scaler() -> Any:
@@ -205,7 +207,7 @@ def _zero_restart(stage: int, folder: Path) -> dict[str, float]:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_optimizer_state_survives_a_client_restart(tmp_path: Path, stage: int) -> None:
     if importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("deepspeed is not installed (pip install 'unitedllm[deepspeed]')")
+        require("deepspeed is not installed (pip install 'unitedllm[deepspeed]'; scripts/setup.sh does)")
     env = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",

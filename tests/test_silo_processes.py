@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from services import service_env
+from services import require, service_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "tiny_processes.yaml"
@@ -178,7 +178,7 @@ def make_run(request: pytest.FixtureRequest, tmp_path: Path, run_id: str) -> Ite
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_two_process_silo_trains_like_one_process(engine: str, make_run: Any, one_process: Path) -> None:
     if engine.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("deepspeed is not installed (pip install 'unitedllm[deepspeed]')")
+        require("deepspeed is not installed (pip install 'unitedllm[deepspeed]'; scripts/setup.sh does)")
     run = make_run("tracking_args.enable_tensorboard=true")
     run.start("server", "server")
     run.start("client", "client", "--rank", "1", silo=[*SILO, *ENGINES[engine]])
