@@ -1,0 +1,57 @@
+"""The quickstart through the platform with the controller restarted between rounds (slow)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from platform_helpers import AgentProcess, Controller, wait_for_state, wait_until
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+ADAPTER = Path("node_0") / "final" / "adapter_model.safetensors"
+
+
+def test_a_controller_restart_mid_run_leaves_the_final_model_unchanged(
+    tmp_path: Path, controller: Controller, agents: dict[str, AgentProcess]
+) -> None:
+    project = tmp_path / "project"
+    build = str(Path(sys.executable).parent / "unitedllm-build")
+    subprocess.run([build, "init", str(project)], check=True, capture_output=True)
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    subprocess.run(
+        ["bash", "scripts/build.sh"],
+        cwd=project,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PATH": path},
+    )
+    dist = project / "build" / "dist-packages"
+    rounds = ["train_args.comm_round=4", "train_args.local_max_steps=8"]
+    with controller.client() as client:
+        server, client_pkg = (client.push(dist / f"{k}-package.zip")["digest"] for k in ("server", "client"))
+        run_id = client.launch(
+            server_package=server,
+            client_package=client_pkg,
+            server_device="agg",
+            client_devices=["c1", "c2"],
+            overrides=[f"train_args.output_dir={tmp_path}/out/{{run_id}}", *rounds],
+        )["id"]
+        wait_until("round 0", lambda: client.rounds(run_id), timeout=300)
+    controller.restart()
+    with controller.client() as client:
+        run = wait_for_state(client, run_id, "FINISHED", "FAILED", timeout=600)
+        assert run["state"] == "FINISHED"
+        assert [r["round"] for r in client.rounds(run_id)] == [0, 1, 2, 3]
+    local = subprocess.run(
+        [sys.executable, "-m", "unitedllm", "run", "config/fedml_config.yaml", "--quiet", "--run-id", run_id,
+         "--set", "comm_args.backend=LOCAL", "--set", f"train_args.output_dir={tmp_path}/local/{{run_id}}",
+         *(x for r in rounds for x in ("--set", r))],
+        cwd=project, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert local.returncode == 0, local.stderr
+    ours, theirs = tmp_path / "out" / run_id / ADAPTER, tmp_path / "local" / run_id / ADAPTER
+    assert ours.read_bytes() == theirs.read_bytes()
