@@ -1,10 +1,11 @@
-"""The quickstart through the platform with the controller restarted between rounds (slow)."""
+"""The quickstart through the platform with the controller or an agent restarted between rounds (slow)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,9 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 ADAPTER = Path("node_0") / "final" / "adapter_model.safetensors"
 
 
-def test_a_controller_restart_mid_run_leaves_the_final_model_unchanged(
-    tmp_path: Path, controller: Controller, agents: dict[str, AgentProcess]
-) -> None:
+def _quickstart_with(restart: Callable[[], None], tmp_path: Path, controller: Controller) -> None:
+    """Run the quickstart (4 rounds) through the platform, ``restart`` something after round 0, and
+    check the final adapter is byte-identical to ``unitedllm run``'s."""
     project = tmp_path / "project"
     build = str(Path(sys.executable).parent / "unitedllm-build")
     subprocess.run([build, "init", str(project)], check=True, capture_output=True)
@@ -41,7 +42,7 @@ def test_a_controller_restart_mid_run_leaves_the_final_model_unchanged(
             overrides=[f"train_args.output_dir={tmp_path}/out/{{run_id}}", *rounds],
         )["id"]
         wait_until("round 0", lambda: client.rounds(run_id), timeout=300)
-    controller.restart()
+    restart()
     with controller.client() as client:
         run = wait_for_state(client, run_id, "FINISHED", "FAILED", timeout=600)
         assert run["state"] == "FINISHED"
@@ -55,3 +56,20 @@ def test_a_controller_restart_mid_run_leaves_the_final_model_unchanged(
     assert local.returncode == 0, local.stderr
     ours, theirs = tmp_path / "out" / run_id / ADAPTER, tmp_path / "local" / run_id / ADAPTER
     assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_a_controller_restart_mid_run_leaves_the_final_model_unchanged(
+    tmp_path: Path, controller: Controller, agents: dict[str, AgentProcess]
+) -> None:
+    _quickstart_with(controller.restart, tmp_path, controller)
+
+
+def test_an_aggregator_agent_restart_mid_run_leaves_the_final_model_unchanged(
+    tmp_path: Path, controller: Controller, agents: dict[str, AgentProcess]
+) -> None:
+    def restart_agent() -> None:
+        agents["agg"].kill()
+        agents["agg"].start()
+
+    _quickstart_with(restart_agent, tmp_path, controller)
+    assert "re-attached to rank 0's running role" in agents["agg"].log.read_text()
