@@ -171,7 +171,16 @@ def test_no_sink_of_a_run_sees_an_inline_secret(tmp_path: Path, monkeypatch: pyt
     assert tb_files and any(MASK.encode() in f.read_bytes() for f in tb_files)
 
 
-def test_cli_logs_mask_config_and_environment_secrets(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "from unitedllm.cli import _setup_logging; _setup_logging(False)",
+        "from unitedllm.silo.worker import _setup_logging; _setup_logging(False, 0)",
+    ],
+    ids=["cli", "silo-worker"],
+)
+def test_cli_logs_mask_config_and_environment_secrets(tmp_path: Path, setup: str) -> None:
+    """The command and every process of a silo log through one set-up that masks secrets."""
     config = tmp_path / "inline.yaml"
     config.write_text(
         textwrap.dedent(f"""\
@@ -185,9 +194,8 @@ def test_cli_logs_mask_config_and_environment_secrets(tmp_path: Path) -> None:
     )
     code = textwrap.dedent(f"""\
         import logging
-        from unitedllm.cli import _setup_logging
+        {setup}
         from unitedllm.config import load_config
-        _setup_logging(False)
         load_config({str(config)!r})
         log = logging.getLogger("unitedllm.test")
         log.warning("connecting as fl:%s with run secret %s", {MQTT_PASSWORD!r}, {RUN_SECRET!r})

@@ -173,7 +173,7 @@ def test_relative_paths_look_next_to_the_config_then_in_the_current_directory(
 def test_bootstrap_output_is_streamed_to_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     script = tmp_path / "bootstrap.sh"
     script.write_text('echo "installing for rank $UNITEDLLM_RANK"\necho done >&2\n')
-    with caplog.at_level(logging.INFO, logger="unitedllm.silo.bootstrap"):
+    with caplog.at_level(logging.INFO, logger="unitedllm.node_processes"):
         run_bootstrap(script, env={"UNITEDLLM_RANK": "3"})
     lines = [r.getMessage() for r in caplog.records]
     assert "bootstrap: installing for rank 3" in lines and "bootstrap: done" in lines

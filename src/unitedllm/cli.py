@@ -51,34 +51,14 @@ FreshOpt = Annotated[
 
 
 def _setup_logging(verbose: bool) -> None:
-    import os
-    import warnings
+    from unitedllm.log_setup import setup_logging
 
-    if not verbose:
-        # Library progress bars and deprecation notices would scroll over the live display.
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(message)s",
-        handlers=[_log_handler()],
-        force=True,
-    )
-    logging.getLogger("unitedllm").setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("transformers", "datasets", "peft", "httpx", "botocore", "aiobotocore"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    # transformers imports DeepSpeed when it is installed, and DeepSpeed then warns that it
-    # found no GPU: noise on a CPU-only machine, kept wherever torch sees a GPU it missed.
-    logging.getLogger("DeepSpeed").addFilter(_DeepSpeedCpuNotice())
+    setup_logging(verbose, handler=_log_handler())
 
 
 def _log_handler() -> logging.Handler:
     """Rich's columns on a terminal; one plain ``LEVEL message`` line per record in a pipe or a file."""
     from rich.logging import RichHandler
-
-    from unitedllm.config.redaction import SecretFilter
 
     handler: logging.Handler
     if console.is_terminal:
@@ -86,19 +66,7 @@ def _log_handler() -> logging.Handler:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    handler.addFilter(SecretFilter())
     return handler
-
-
-class _DeepSpeedCpuNotice(logging.Filter):
-    """Drops DeepSpeed's "Setting accelerator to CPU" warning when torch sees no GPU either."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.getMessage().startswith("Setting accelerator to CPU"):
-            return True
-        import torch
-
-        return bool(torch.cuda.is_available())
 
 
 @contextmanager

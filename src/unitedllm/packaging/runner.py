@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 import yaml
 
+from unitedllm import node_processes
 from unitedllm.errors import ConfigError, ConfigProblem
 from unitedllm.packaging.archive import DEFAULT_MAX_BYTES, UnpackedFile, unpack
 from unitedllm.packaging.errors import BootstrapFailed, PackageError, TamperedPackage, UnauthenticatedPackage
@@ -227,12 +228,10 @@ def run_bootstrap(prepared: PreparedPackage, *, rank: int, run_id: str) -> None:
     script = _bootstrap_script(prepared)
     if script is None:
         return
-    log.info("bootstrap: bash %s", script)
-    result = subprocess.run(
-        ["bash", str(script)], cwd=prepared.source_dir, env=_role_env(prepared, rank, run_id), check=False
-    )
-    if result.returncode != 0:
-        raise BootstrapFailed(str(script.relative_to(prepared.source_dir)), result.returncode)
+    try:
+        node_processes.run_bootstrap(script, cwd=prepared.source_dir, env=_role_env(prepared, rank, run_id))
+    except node_processes.BootstrapError as exc:
+        raise BootstrapFailed(str(script.relative_to(prepared.source_dir)), exc.returncode) from exc
 
 
 def launch_command(
@@ -321,13 +320,4 @@ def run_package(
     command = launch_command(prepared, rank=rank, run_id=run_id, extra_args=extra_args)
     log.info("starting %s", " ".join(command))
     process = subprocess.Popen(command, cwd=prepared.source_dir, env=_role_env(prepared, rank, run_id))
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        # stop the role cleanly so it can say goodbye to the broker, then give up on it
-        process.terminate()
-        try:
-            return process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
+    return node_processes.wait_forwarding_signals(process)

@@ -8,7 +8,7 @@ global weights by ``torch.distributed`` broadcast and train with it (docs/silos.
 
 from __future__ import annotations
 
-from unitedllm.silo.bootstrap import BootstrapError, run_bootstrap
+from unitedllm.node_processes import BootstrapError, run_bootstrap
 from unitedllm.silo.launcher import LaunchPlan, SiloFailed, choose_launcher, serve_silo
 
 __all__ = ["BootstrapError", "LaunchPlan", "SiloFailed", "choose_launcher", "run_bootstrap", "serve_silo"]

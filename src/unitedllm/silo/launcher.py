@@ -22,17 +22,16 @@ import importlib.util
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal
 
 from unitedllm.errors import ConfigError, ConfigProblem, MissingDependency, UnitedLLMError
+from unitedllm.node_processes import wait_forwarding_signals
 
 if TYPE_CHECKING:
     from unitedllm.config.types import Config, EnvironmentArgs
@@ -247,27 +246,6 @@ def _override_args(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[
     return [x for item in items for x in ("--set", item)]
 
 
-def _run_child(command: list[str], env: dict[str, str]) -> int:
-    """Run the launcher; SIGTERM and Ctrl-C are passed on so no silo process outlives this one."""
-    child = subprocess.Popen(command, env=env)
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        child.send_signal(signum)
-
-    previous = signal.signal(signal.SIGTERM, forward)
-    try:
-        while True:
-            try:
-                return child.wait()
-            except KeyboardInterrupt:
-                child.send_signal(signal.SIGINT)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-
-
 def serve_silo(
     config: str | Path,
     *,
@@ -286,11 +264,10 @@ def serve_silo(
     processes serve it through :mod:`unitedllm.silo.worker`.
     """
     from unitedllm.config import load_config
+    from unitedllm.ranks import check_rank
 
     cfg = load_config(config, overrides=overrides, run_id=run_id)
-    total = cfg.train_args.client_num_in_total
-    if rank != 0 and not 1 <= rank <= total:
-        raise ConfigError(ConfigProblem("--rank", f"{rank} is not a client rank of this run (1..{total})"))
+    check_rank(cfg, rank, where="--rank", aggregator=True)
     who = role_name(rank)
     config_dir = Path(config).resolve().parent
     if rank != 0:
@@ -329,7 +306,7 @@ def serve_silo(
             child_env.setdefault("LOCAL_SIZE", str(plan.nproc_per_node))
     command = launcher_command(plan, env_args, worker_args)
     log.info("%s: %s", who, " ".join(command))
-    code = _run_child(command, child_env)
+    code = wait_forwarding_signals(subprocess.Popen(command, env=child_env))
     if code != 0:
         raise SiloFailed(rank, plan.launcher, code)
     return f"{plan.launcher} silo of {plan.nproc_per_node * env_args.nnodes} processes"
@@ -337,7 +314,7 @@ def serve_silo(
 
 def _bootstrap(cfg: Config, config: str | Path, *, config_dir: Path, rank: int, run_id: str) -> None:
     """Run ``environment_args.bootstrap`` on this node, unless ``unitedllm package run`` did already."""
-    from unitedllm.silo.bootstrap import run_bootstrap
+    from unitedllm.node_processes import run_bootstrap
 
     if not cfg.environment_args.bootstrap:
         return

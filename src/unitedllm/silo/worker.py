@@ -40,29 +40,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _setup_logging(verbose: bool, silo_rank: int) -> None:
-    import os
-    import warnings
+    from unitedllm.log_setup import setup_logging
 
-    if not verbose:
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
-    logging.basicConfig(level=logging.WARNING, format=f"[silo rank {silo_rank}] %(message)s", force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[silo rank {silo_rank}] %(message)s"))
     # The leader tells the story; followers speak up only when something is wrong.
-    level = logging.DEBUG if verbose else (logging.INFO if silo_rank == 0 else logging.WARNING)
-    logging.getLogger("unitedllm").setLevel(level)
-    for noisy in (
-        "transformers",
-        "datasets",
-        "peft",
-        "httpx",
-        "botocore",
-        "aiobotocore",
-        "DeepSpeed",
-        "torch",
-    ):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    setup_logging(verbose, handler=handler, level=logging.INFO if silo_rank == 0 else logging.WARNING)
 
 
 def _serve(args: argparse.Namespace) -> int:

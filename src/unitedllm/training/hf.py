@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from unitedllm.errors import ConfigError, ConfigProblem, TrainingError
+from unitedllm.errors import TrainingError
+from unitedllm.ranks import check_rank
 from unitedllm.training.base import EvalResult, FitResult, LocalTrainer, StepEvent
 from unitedllm.training.execution import Execution
 from unitedllm.training.model_cache import ModelCache, SharedModel
@@ -72,13 +73,7 @@ class HFLocalTrainer(LocalTrainer):
         model_cache: ModelCache | None = None,
         execution: Execution | None = None,
     ):
-        if rank < 0 or rank > cfg.train_args.client_num_in_total:
-            raise ConfigError(
-                ConfigProblem(
-                    "train_args.client_num_in_total",
-                    f"rank {rank} is outside 0..{cfg.train_args.client_num_in_total}",
-                )
-            )
+        check_rank(cfg, rank, where="train_args.client_num_in_total", aggregator=True)
         self.cfg = cfg
         self.rank = rank
         self._cache = model_cache if model_cache is not None else ModelCache()

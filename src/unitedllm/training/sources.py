@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unitedllm.errors import ConfigError, ConfigProblem
+from unitedllm.ranks import check_rank
 from unitedllm.training.synthetic import DATASET_NAME, generate_records
 
 if TYPE_CHECKING:
@@ -212,11 +213,7 @@ def _per_client_files(cfg: Config) -> bool:
 
 
 def _check_rank(cfg: Config, rank: int) -> None:
-    n = cfg.train_args.client_num_in_total
-    if not 1 <= rank <= n:
-        raise ConfigError(
-            ConfigProblem("train_args.client_num_in_total", f"client rank {rank} is outside 1..{n}")
-        )
+    check_rank(cfg, rank, where="train_args.client_num_in_total")
 
 
 def client_records(cfg: Config, rank: int) -> tuple[list[Record], list[Record]]:

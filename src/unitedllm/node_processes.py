@@ -1,18 +1,27 @@
-"""``environment_args.bootstrap``: the node's preparation script, run once before the client starts."""
+"""The processes a node starts around a role: its bootstrap script, then a launcher or entry point.
+
+``unitedllm client`` (through :mod:`unitedllm.silo.launcher`) and ``unitedllm package run``
+(:mod:`unitedllm.packaging.runner`) both run ``environment_args.bootstrap`` with
+:func:`run_bootstrap` and wait on the process they start with :func:`wait_forwarding_signals`,
+so a bootstrap's output, its failure message and what Ctrl-C or SIGTERM do are the same for both.
+"""
 
 from __future__ import annotations
 
 import collections
 import logging
 import os
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import FrameType
 
 from unitedllm.errors import UnitedLLMError
 
-__all__ = ["BootstrapError", "run_bootstrap"]
+__all__ = ["BootstrapError", "run_bootstrap", "wait_forwarding_signals"]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +43,10 @@ class BootstrapError(UnitedLLMError):
 
 
 def run_bootstrap(script: Path, *, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
-    """Run ``bash script``, streaming each line of its output to the log; raise BootstrapError on failure."""
+    """Run ``bash script``, streaming each line of its output to the log; raise BootstrapError on failure.
+
+    ``env`` is added to this process's environment.
+    """
     log.info("bootstrap: bash %s", script)
     started = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
@@ -59,3 +71,30 @@ def run_bootstrap(script: Path, *, env: Mapping[str, str] | None = None, cwd: Pa
     if code != 0:
         raise BootstrapError(script, code, list(tail))
     log.info("bootstrap: done in %.1fs", time.monotonic() - started)
+
+
+def wait_forwarding_signals(child: subprocess.Popen[bytes]) -> int:
+    """Wait for ``child`` and return its exit code; SIGTERM and Ctrl-C are passed on to it.
+
+    The child decides how to stop (a role says goodbye to the broker first); whatever way this
+    wait ends, no child outlives it: one still running then is killed.
+    """
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        child.send_signal(signum)
+
+    # Handlers can only be set from the main thread; elsewhere the caller owns the signals.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, forward) if main else None
+    try:
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:
+                child.send_signal(signal.SIGINT)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        if child.poll() is None:
+            child.kill()
+            child.wait()

@@ -1,0 +1,47 @@
+"""How a UnitedLLM process logs: ``unitedllm``'s own records at INFO, libraries only when they fail.
+
+The ``unitedllm`` command (:mod:`unitedllm.cli`) and every process of a silo
+(:mod:`unitedllm.silo.worker`) call :func:`setup_logging`; they differ only in the handler (rich
+columns on a terminal, a ``[silo rank N]`` prefix in a silo) and in how much followers say.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+__all__ = ["LIBRARY_LOGGERS", "setup_logging"]
+
+# Libraries whose INFO and WARNING records would bury the run's own story; their errors still show.
+LIBRARY_LOGGERS = (
+    "transformers",
+    "datasets",
+    "peft",
+    "httpx",
+    "botocore",
+    "aiobotocore",
+    "torch",
+    # also drops DeepSpeed's "Setting accelerator to CPU" notice, printed on import on a CPU-only machine
+    "DeepSpeed",
+)
+
+
+def setup_logging(verbose: bool, *, handler: logging.Handler, level: int = logging.INFO) -> None:
+    """Route every record through ``handler`` with secrets masked; ``unitedllm`` logs at ``level``.
+
+    ``verbose`` shows ``unitedllm``'s debug records and leaves libraries' progress bars,
+    deprecation notices and warnings on; without it they are off, as they would scroll over the live display.
+    """
+    from unitedllm.config.redaction import SecretFilter
+
+    if not verbose:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+    handler.addFilter(SecretFilter())
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+    logging.getLogger("unitedllm").setLevel(logging.DEBUG if verbose else level)
+    for noisy in LIBRARY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
