@@ -409,6 +409,6 @@ def test_server_and_two_client_packages_finish_a_two_round_run(
     final = tmp_path / "out" / "e2e-run" / "node_0" / "final"
     assert final.is_dir() and any(final.iterdir()), "the aggregator saves the final global model"
     metrics = tmp_path / "out" / "e2e-run" / "metrics.jsonl"
-    if metrics.is_file():
-        rounds = [e for e in map(json.loads, metrics.read_text().splitlines()) if e.get("event") == "round"]
-        assert [e["round"] for e in rounds] == [0, 1]
+    assert metrics.is_file(), "the aggregator records its rounds in metrics.jsonl"
+    rounds = [e for e in map(json.loads, metrics.read_text().splitlines()) if e.get("event") == "round"]
+    assert [e["round"] for e in rounds] == [0, 1]
