@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from unitedllm.attendance import Attendance
 from unitedllm.comm.base import BlobStore, Presence, Transport
+from unitedllm.comm.codecs.wire import fetch_update
 from unitedllm.errors import RoundError, UnitedLLMError
 from unitedllm.instability import report_loss_rise
 from unitedllm.protocol.messages import (
@@ -205,8 +206,9 @@ class Aggregator(Role):
             per_round=cfg.train_args.client_num_per_round,
             seed=cfg.common_args.random_seed,
         )
-        self.metrics.log("round_start", round_idx=round_idx, rank=SERVER_RANK, selected=selected)
         global_ref = await self.store.put(encoded)
+        sent = {"selected": selected, "global_bytes": global_ref.size}  # the global model's size as sent
+        self.metrics.log("round_start", round_idx=round_idx, rank=SERVER_RANK, **sent)
         extra_refs = await self._put_round_extras(optimizer, state)
         starts = {
             rank: RoundStart(
@@ -309,9 +311,7 @@ class Aggregator(Role):
         from unitedllm.optimizers.base import ClientUpdate
 
         try:  # the round's check_update checks everything, the sample count included
-            data = await self.store.get(message.delta_ref)
-            delta = await asyncio.to_thread(decode_tensors, data)
-            del data
+            delta = await fetch_update(self.store, message, fold.weights, self.cfg)
             extras = await self._fetch_update_extras(message, fold.weights, fold.accumulator.optimizer)
             update = ClientUpdate(
                 rank=message.sender, delta=delta, num_samples=message.num_samples, extras=extras
@@ -331,6 +331,7 @@ class Aggregator(Role):
             samples=message.num_samples,
             seconds=message.metrics.get("train_seconds"),
             bytes_received=message.delta_ref.size,
+            update_bytes=message.delta_ref.size,
             metrics=message.metrics,
         )
 

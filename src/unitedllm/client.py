@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from unitedllm.client_journal import ClientJournal
 from unitedllm.comm.base import BlobStore, Presence, Transport
+from unitedllm.comm.codecs.wire import UpdateEncoding, run_codec
 from unitedllm.errors import BlobNotFound, CommError, RoundError, UnitedLLMError
 from unitedllm.protocol.messages import Error, EvalReport, Finish, Hello, RoundStart, Update
 from unitedllm.protocol.payload import decode_tensors, encode_tensors
@@ -77,6 +78,7 @@ class Client(Role):
         self._newest_round = -1
         self.evaluations: list[tuple[int, str, dict[str, float]]] = []
         self._algorithm: ClientAlgorithm | None = None
+        self._encoding = UpdateEncoding(run_codec(cfg))
 
     async def _start(self) -> None:
         if self._metrics is None:
@@ -243,10 +245,12 @@ class Client(Role):
             await asyncio.to_thread(self._save, result.weights, self._checkpoint_dir(round_idx, "before_agg"))
         if start.spec.evaluate_local:
             await self._evaluate(result.weights, round_idx, "local")
-        delta = await asyncio.to_thread(_delta, result.weights, weights)
+        delta = await asyncio.to_thread(
+            _delta, result.weights, weights, wide=self._encoding.codec is not None
+        )
         upload_started = time.perf_counter()
-        data = await asyncio.to_thread(encode_tensors, delta)
-        ref = await self.store.put(data)
+        data = await asyncio.to_thread(self._encode_update, delta, round_idx)
+        ref = await self.store.put(data, codec=self._encoding.name)
         extra_refs = {
             key: await self.store.put(await asyncio.to_thread(encode_tensors, tensors))
             for key, tensors in update_extras.items()
@@ -256,6 +260,7 @@ class Client(Role):
         metrics["download_seconds"] = download_seconds
         metrics["upload_seconds"] = time.perf_counter() - upload_started
         metrics["bytes_sent"] = float(ref.size + sum(r.size for r in extra_refs.values()))
+        metrics["update_bytes"] = float(ref.size)
         metrics["bytes_received"] = float(start.global_ref.size + sum(r.size for r in start.extras.values()))
         update = Update(
             run_id=self.run_id,
@@ -271,6 +276,14 @@ class Client(Role):
         self.rounds_trained.append(round_idx)
         self._log_train(round_idx, result, metrics)
 
+    def _encode_update(self, delta: Mapping[str, torch.Tensor], round_idx: int) -> bytes:
+        """The update blob for ``delta``; with error feedback, the residual is on disk before it leaves."""
+        if not self._encoding.keeps_residual:
+            return self._encoding.encode(delta)[0]
+        data, residual = self._encoding.encode(delta, self.journal.residual(round_idx))
+        self.journal.save_residual(residual, round_idx + 1)
+        return data
+
     def _log_train(self, round_idx: int, result: FitResult, metrics: Mapping[str, float]) -> None:
         self.metrics.log(
             "train",
@@ -282,6 +295,7 @@ class Client(Role):
             seconds=metrics.get("train_seconds"),
             bytes_sent=metrics.get("bytes_sent"),
             bytes_received=metrics.get("bytes_received"),
+            update_bytes=metrics.get("update_bytes"),
             metrics=dict(metrics),
         )
 
@@ -372,12 +386,18 @@ class Client(Role):
         log.info("client %d: run finished (%s)", self.rank, finish.reason)
 
 
-def _delta(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """new − old per tensor, computed in float32 or wider and sent in the global model's dtype."""
+def _delta(
+    new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor], *, wide: bool = False
+) -> dict[str, torch.Tensor]:
+    """new − old per tensor, computed in float32 or wider and sent in the global model's dtype.
+
+    ``wide`` keeps float32 or wider: an update codec rounds it once, on its own terms.
+    """
     import torch
 
     out: dict[str, torch.Tensor] = {}
     for name, w in old.items():
-        wide = torch.promote_types(w.dtype, torch.float32)
-        out[name] = (new[name].to(wide) - w.to(wide)).to(w.dtype)
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        diff = new[name].to(dtype) - w.to(dtype)
+        out[name] = diff if wide else diff.to(w.dtype)
     return out

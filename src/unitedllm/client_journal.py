@@ -9,6 +9,9 @@ Under ``node_<rank>/``:
   the global model's digest and the extras' digests). A resumed aggregator asks again for the
   round it lost; when the question is the same and the update's blobs are still in the store,
   the client sends the same update again instead of training the round a second time.
+* ``trainer_state/codec_residual_before_round_<r>.safetensors``: with an update codec that feeds
+  errors back (``int8``, ``topk``), what round r's encoding adds to its delta; written before round
+  r-1's update leaves, so a round trained again encodes to the same bytes.
 
 Snapshots are read with ``torch.load(weights_only=True)``, so a file on disk never runs code: a
 trainer's ``state_dict`` must hold only tensors, numbers, strings, lists and dicts (see
@@ -33,6 +36,8 @@ from unitedllm.errors import TrainingError
 from unitedllm.protocol.messages import BlobRef, RoundStart, Update
 
 if TYPE_CHECKING:
+    import torch
+
     from unitedllm.training.base import LocalTrainer
 
 __all__ = ["ClientJournal"]
@@ -100,6 +105,48 @@ class ClientJournal:
         for old in self.states.glob("before_round_*.pt"):
             if int(old.stem.rsplit("_", 1)[1]) < round_idx - 1:
                 old.unlink(missing_ok=True)
+
+    def _residual_files(self) -> dict[int, Path]:
+        found = self.states.glob("codec_residual_before_round_*.safetensors")
+        return {int(path.stem.rsplit("_", 1)[1]): path for path in found}
+
+    def residual(self, round_idx: int) -> dict[str, torch.Tensor]:
+        """The update codec's error-feedback residual round ``round_idx`` starts from (empty at first).
+
+        That is the newest one saved for a round up to ``round_idx``: a client left out of some
+        rounds carries its residual over them.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        files = self._residual_files()
+        earlier = [r for r in files if r <= round_idx]
+        if not earlier:
+            return {}
+        path = files[max(earlier)]
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise TrainingError(
+                f"cannot load the update codec's residual {path}: {exc}; delete it to start round"
+                f" {round_idx} without error feedback, or start the client with a fresh output_dir"
+            ) from None
+
+    def save_residual(self, residual: Mapping[str, torch.Tensor], round_idx: int) -> None:
+        """Keep ``residual`` as the one round ``round_idx`` starts from (written before the update leaves).
+
+        The one before it is kept too, so a round trained again starts from the residual it had.
+        """
+        from safetensors.torch import save_file
+
+        self.states.mkdir(parents=True, exist_ok=True)
+        path = self.states / f"codec_residual_before_round_{round_idx}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file({name: residual[name].contiguous() for name in sorted(residual)}, str(tmp))
+        tmp.replace(path)
+        files = self._residual_files()
+        for old in sorted(files)[:-2]:
+            files[old].unlink(missing_ok=True)
 
     def forget_held_state(self) -> None:
         """The trainer's state changed outside the journal (it trained): load from disk next time."""

@@ -215,3 +215,33 @@ def _server_optimizer(cfg: Config) -> Iterator[ConfigProblem]:
         yield from exc.problems
         return
     yield from alg.parameter_problems(cfg.train_args.server_optimizer_args)
+
+
+#: Rules that look at every update coordinate by coordinate (or by distance): a sparse top-k update is
+#: mostly zeros, so the median or trimmed mean of a coordinate drops what the clients did send.
+_ROBUST_RULES: Final = frozenset({"fedmedian", "trimmedmean", "krum", "multikrum"})
+
+
+@_check("comm_args", "train_args")
+def _codecs(cfg: Config) -> Iterator[ConfigProblem]:
+    from unitedllm.comm.codecs import codec_for
+    from unitedllm.errors import ConfigError
+
+    c = cfg.comm_args
+    try:
+        codec_for(c.update_codec)
+    except ConfigError as exc:
+        yield from exc.problems
+        return
+    if c.update_codec == "topk" and cfg.server_optimizer_name.lower() in _ROBUST_RULES:
+        yield ConfigProblem(
+            "comm_args.update_codec",
+            f"topk sends sparse updates, and {cfg.server_optimizer_name} compares updates coordinate by "
+            "coordinate: the combination would discard most of what clients send; use int8, bf16 or fp16",
+        )
+    if c.global_codec != "none":
+        yield ConfigProblem(
+            "comm_args.global_codec",
+            f"{c.global_codec!r}: the global weights travel exactly ('none'), so every client trains from "
+            "the model the aggregator steps; use comm_args.update_codec to shrink the updates",
+        )

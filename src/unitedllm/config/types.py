@@ -299,6 +299,23 @@ class CommArgs(Section):
         ClientCount | None,
         Meta(description="Quorum: updates needed to aggregate after the deadline (default: all selected)"),
     ] = None
+    update_codec: Annotated[
+        str,
+        Meta(
+            description="How a client's update travels: none (as trained), bf16, fp16, int8 (blockwise, "
+            "error feedback) or topk (largest fraction, error feedback)"
+        ),
+    ] = "none"
+    update_codec_block_size: Annotated[
+        int, Meta(ge=8, le=1 << 20, description="int8 codec: values per quantisation block (one scale each)")
+    ] = 256
+    update_codec_topk_fraction: Annotated[
+        float, Meta(gt=0, le=1, description="topk codec: fraction of each tensor's entries sent per round")
+    ] = 0.01
+    global_codec: Annotated[
+        str,
+        Meta(description="How the global weights travel to clients: none (exact; lossy codecs are refused)"),
+    ] = "none"
 
 
 class TrackingArgs(Section):

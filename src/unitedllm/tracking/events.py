@@ -68,6 +68,8 @@ class TrainEvent(Event, tag="train"):
     seconds: Value = None
     bytes_sent: Value = None
     bytes_received: Value = None
+    #: The update's delta blob as sent, in bytes (after ``comm_args.update_codec``).
+    update_bytes: Value = None
     #: What the trainer reported (numbers, from a user's trainer possibly more).
     metrics: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -87,6 +89,8 @@ class RoundStartEvent(Event, tag="round_start"):
     """The aggregator sent a round's global model to the selected clients."""
 
     selected: list[int] = msgspec.field(default_factory=list)
+    #: The global model's blob as sent to each client, in bytes.
+    global_bytes: Value = None
 
 
 class RoundEvent(Event, tag="round"):

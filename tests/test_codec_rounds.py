@@ -1,0 +1,213 @@
+"""Update codecs in the round loop: what travels, what the aggregator folds, resume, and refused combinations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import torch
+from linear_trainer import LinearTrainer
+
+from unitedllm.comm.codecs import codec_for
+from unitedllm.comm.codecs.wire import UpdateEncoding, decode_update
+from unitedllm.config import load_config
+from unitedllm.config.types import Config
+from unitedllm.errors import ConfigError, ProtocolError
+from unitedllm.runner import run_async
+from unitedllm.training.base import FitResult
+
+ROUNDS = 4
+
+
+def make_config(tmp_path: Path, codec: str = "int8", optimizer: str = "FedAvg", **comm: Any) -> Config:
+    raw = {
+        "train_args": {
+            "comm_round": ROUNDS,
+            "client_num_in_total": 3,
+            "client_num_per_round": 3,
+            "local_max_steps": 4,
+            "server_optimizer": optimizer,
+            "output_dir": str(tmp_path / "{run_id}"),
+        },
+        # A block of 4 gives the 8-value linear model two int8 blocks per weight, so rounding shows.
+        "comm_args": {
+            "round_timeout_s": 30,
+            "join_timeout_s": 30,
+            "update_codec": codec,
+            "update_codec_block_size": 8,
+            **comm,
+        },
+    }
+    return msgspec.convert(raw, Config)
+
+
+class Paced(LinearTrainer):
+    """A client that trains after ``delay`` seconds, so the updates arrive in an order the test picks."""
+
+    def __init__(self, rank: int, delay: float = 0.0):
+        super().__init__(rank)
+        self.delay = delay
+
+    def fit(self, weights: Any, *, round_idx: int, max_steps: int, on_step: Any = None) -> Any:
+        time.sleep(self.delay)
+        return super().fit(weights, round_idx=round_idx, max_steps=max_steps, on_step=on_step)
+
+
+def run(cfg: Config, run_id: str, delays: dict[int, float] | None = None, **kwargs: Any) -> Any:
+    delays = delays or {}
+    return asyncio.run(
+        run_async(
+            cfg, run_id=run_id, trainer_factory=lambda _c, rank: Paced(rank, delays.get(rank, 0.0)), **kwargs
+        )
+    )
+
+
+def events(path: Path, kind: str) -> list[dict[str, Any]]:
+    return [e for e in map(json.loads, path.read_text().splitlines()) if e["event"] == kind]
+
+
+def final_bytes(result: Any) -> bytes:
+    return bytes((result.final_dir / "model.safetensors").read_bytes())
+
+
+def test_int8_updates_travel_as_int8_and_every_update_event_carries_its_size(tmp_path: Path) -> None:
+    result = run(make_config(tmp_path, "int8"), "int8")
+    out = result.output_dir
+    assert [r.aggregated for r in result.rounds] == [[1, 2, 3]] * ROUNDS
+    for rank in (1, 2, 3):
+        sent = json.loads((out / f"node_{rank}" / "sent" / "last_update.json").read_text())
+        assert sent["update"]["delta_ref"]["codec"] == "int8+safetensors"
+        own = events(out / f"node_{rank}" / "metrics.jsonl", "train")
+        assert len(own) == ROUNDS and all(e["update_bytes"] > 0 for e in own)
+        seen = [e for e in events(out / "metrics.jsonl", "train") if e["rank"] == rank]
+        assert [e["update_bytes"] for e in seen] == [e["update_bytes"] for e in own]
+        # The error-feedback residual is kept with the trainer state, for the rounds to come.
+        assert (
+            out / f"node_{rank}" / "trainer_state" / f"codec_residual_before_round_{ROUNDS}.safetensors"
+        ).is_file()
+    starts = events(out / "metrics.jsonl", "round_start")
+    assert len(starts) == ROUNDS and all(e["global_bytes"] > 0 for e in starts)
+
+
+def test_int8_global_model_is_close_to_the_uncompressed_one(tmp_path: Path) -> None:
+    dense = run(make_config(tmp_path, "none"), "none")
+    int8 = run(make_config(tmp_path, "int8"), "int8")
+    for name, value in dense.weights.items():
+        assert not torch.equal(int8.weights[name], value) or name == "linear.bias"
+        torch.testing.assert_close(int8.weights[name], value, rtol=0, atol=0.05)
+
+
+def test_the_default_codec_sends_the_same_bytes_as_before(tmp_path: Path) -> None:
+    result = run(make_config(tmp_path, "none"), "none")
+    sent = json.loads((result.output_dir / "node_1" / "sent" / "last_update.json").read_text())
+    assert sent["update"]["delta_ref"]["codec"] == "safetensors"
+    assert not list((result.output_dir / "node_1" / "trainer_state").glob("codec_residual_*"))
+
+
+@pytest.mark.parametrize("codec", ["int8", "topk"])
+def test_arrival_order_changes_no_byte_of_the_result(tmp_path: Path, codec: str) -> None:
+    cfg = make_config(tmp_path, codec, update_codec_topk_fraction=0.25)
+    first = run(cfg, "first", {1: 0.3})  # client 1 answers last
+    last = run(cfg, "last", {3: 0.3})  # client 3 answers last
+    assert final_bytes(first) == final_bytes(last)
+
+
+class Crash(Exception):
+    """Stands in for the aggregator dying between rounds."""
+
+
+def test_int8_resume_after_a_crash_gives_the_uninterrupted_bytes(tmp_path: Path) -> None:
+    """Restarted clients take their error-feedback residual from disk, so they send the same bytes."""
+    cfg = make_config(tmp_path, "int8")
+    uninterrupted = run(cfg, "whole")
+
+    def crash_after_round_1(summary: Any) -> None:
+        if summary.round_idx == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(cfg, "crashed", on_round=crash_after_round_1)
+    resumed = run(cfg, "crashed", resume=True)  # new client objects: nothing carried in memory
+    assert [r.round_idx for r in resumed.rounds] == [2, 3]
+    assert final_bytes(resumed) == final_bytes(uninterrupted)
+
+
+class Correcting(LinearTrainer):
+    """The linear trainer applying SCAFFOLD's correction before each step, as a user would add it."""
+
+    applies_corrections = True
+
+    def fit(  # type: ignore[override]
+        self, weights: Any, *, round_idx: int, max_steps: int, on_step: Any = None, correction: Any = None
+    ) -> FitResult:
+        w = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
+        loss = torch.tensor(0.0)
+        for _ in range(max(1, max_steps)):
+            for t in w.values():
+                t.grad = None
+            loss = self._loss(w)
+            loss.backward()
+            if correction is not None:
+                correction.apply(w, self.lr)
+            with torch.no_grad():
+                for t in w.values():
+                    t -= self.lr * t.grad  # type: ignore[operator]
+        return FitResult(
+            {k: v.detach().clone() for k, v in w.items()}, self.n, {"train_loss": float(loss.detach())}
+        )
+
+
+def test_scaffold_extras_travel_dense_beside_an_int8_delta(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, "int8", optimizer="SCAFFOLD")
+    result = asyncio.run(run_async(cfg, run_id="scaffold", trainer_factory=lambda _c, rank: Correcting(rank)))
+    assert [r.aggregated for r in result.rounds] == [[1, 2, 3]] * ROUNDS
+    sent = json.loads((result.output_dir / "node_1" / "sent" / "last_update.json").read_text())
+    assert sent["update"]["delta_ref"]["codec"] == "int8+safetensors"
+    assert sent["update"]["extras"]["control"]["codec"] == "safetensors"
+
+
+@pytest.mark.parametrize("rule", ["FedMedian", "TrimmedMean", "Krum"])
+def test_robust_rules_take_int8_updates(tmp_path: Path, rule: str) -> None:
+    result = run(make_config(tmp_path, "int8", optimizer=rule), rule)
+    assert len(result.rounds) == ROUNDS and all(r.aggregated for r in result.rounds)
+
+
+def base_config(tmp_path: Path, **comm: Any) -> dict[str, Any]:
+    return {"train_args": {"output_dir": str(tmp_path)}, "comm_args": comm}
+
+
+@pytest.mark.parametrize("rule", ["FedMedian", "TrimmedMean", "Krum", "MultiKrum"])
+def test_topk_with_a_robust_rule_is_refused_naming_both(tmp_path: Path, rule: str) -> None:
+    raw = base_config(tmp_path, update_codec="topk")
+    raw["train_args"]["server_optimizer"] = rule
+    with pytest.raises(ConfigError) as info:
+        load_config(raw)
+    assert "comm_args.update_codec" in str(info.value)
+    assert "topk" in str(info.value) and rule in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("comm", "needle"),
+    [
+        ({"update_codec": "zip"}, "unknown codec 'zip'"),
+        ({"global_codec": "int8"}, "comm_args.global_codec"),
+        ({"global_codec": "bf16"}, "comm_args.global_codec"),
+        ({"update_codec_block_size": 4}, "comm_args.update_codec_block_size"),
+        ({"update_codec_topk_fraction": 0}, "comm_args.update_codec_topk_fraction"),
+    ],
+)
+def test_bad_codec_settings_are_config_errors(tmp_path: Path, comm: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load_config(base_config(tmp_path, **comm))
+
+
+def test_an_update_in_another_codec_is_refused(tmp_path: Path) -> None:
+    like = {"w": torch.zeros(16)}
+    data, _ = UpdateEncoding(codec_for("topk", fraction=0.5)).encode({"w": torch.ones(16)})
+    with pytest.raises(ProtocolError, match="'topk\\+safetensors'; this run takes 'int8\\+safetensors'"):
+        decode_update("topk+safetensors", data, like, codec_for("int8"), where="client 1: ")
