@@ -211,3 +211,21 @@ def test_an_update_in_another_codec_is_refused(tmp_path: Path) -> None:
     data, _ = UpdateEncoding(codec_for("topk", fraction=0.5)).encode({"w": torch.ones(16)})
     with pytest.raises(ProtocolError, match="'topk\\+safetensors'; this run takes 'int8\\+safetensors'"):
         decode_update("topk+safetensors", data, like, codec_for("int8"), where="client 1: ")
+
+
+@pytest.mark.services
+@pytest.mark.timeout(300)
+def test_int8_over_mqtt_s3_gives_the_local_bytes(
+    tmp_path: Path, mqtt_settings: Any, s3_settings: Any, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services import service_env
+
+    for key, value in service_env(mqtt_settings, s3_settings).items():
+        monkeypatch.setenv(key, value)
+    local = run(make_config(tmp_path / "local", "int8"), "local")
+    cfg = make_config(tmp_path / "mqtt", "int8")
+    comm = msgspec.structs.replace(cfg.comm_args, backend="MQTT_S3", run_secret="codec-test")
+    remote = run(msgspec.structs.replace(cfg, comm_args=comm), run_id)
+    assert final_bytes(remote) == final_bytes(local)
+    sent = json.loads((remote.output_dir / "node_2" / "sent" / "last_update.json").read_text())
+    assert sent["update"]["delta_ref"]["codec"] == "int8+safetensors"
