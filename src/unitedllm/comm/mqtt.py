@@ -11,7 +11,7 @@ anything but its own current presence on its topic publishes it again, so junk n
 live rank from its peers for longer than one round trip.
 
 The connection is kept by a background task: a lost connection is re-established with
-exponential backoff, the subscriptions restored and the presence published again; after
+exponential backoff (paced by ``tenacity``), the subscriptions restored and the presence published again; after
 ``retry_window_s`` without a connection the transport gives up with a :class:`CommError`. Messages sent meanwhile wait in a per-peer
 outbox, and a message for a peer is published only while that peer is known online (its retained
 presence was seen on the current connection), so a broker restart that forgot everyone's session
@@ -21,6 +21,7 @@ cannot swallow it. QoS 1 may deliver a frame twice; the :class:`MessageGuard` dr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -37,6 +38,7 @@ from unitedllm.protocol.signing import MessageGuard, PresenceGuard, RankKeys, se
 
 if TYPE_CHECKING:
     import aiomqtt
+    from tenacity import RetryCallState
 
 __all__ = ["Backoff", "MqttTransport", "presence_topic", "to_topic"]
 
@@ -87,6 +89,10 @@ class _Closing(Exception):
     """Raised inside the connection's task group to end it after a clean close."""
 
 
+class _ConnectionDown(Exception):
+    """One connection attempt failed or a connection dropped: tenacity tries again after a pause."""
+
+
 class MqttTransport(Transport):
     """One rank's connection to the run's MQTT broker; sealed frames out, admitted messages in."""
 
@@ -133,6 +139,7 @@ class MqttTransport(Transport):
         self._closing = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._last_error: BaseException | None = None
+        self._down_since: float | None = None  # when the broker was last lost; None while connected
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -248,50 +255,82 @@ class MqttTransport(Transport):
         )
 
     async def _maintain(self) -> None:
-        """Keep one connection up until closed: connect, serve, and on loss reconnect with backoff."""
+        """Keep one connection up until closed: connect, serve, and on loss reconnect with backoff.
+
+        ``tenacity`` paces the attempts (``backoff``) and stops once the broker has been out of
+        reach for ``retry_window_s`` after the first connection (before it, ``connect_timeout_s``
+        decides); a refused login is not retried.
+        """
+        from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_ConnectionDown),
+            wait=wait_exponential(
+                multiplier=self.backoff.initial, min=self.backoff.initial, max=self.backoff.maximum
+            ),
+            stop=self._outage_outlasted_window,
+            sleep=self._pause,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._connect_and_serve()
+        except _ConnectionDown:
+            error = CommError(
+                f"rank {self.rank}: no connection to the MQTT broker at {self.settings.address} for "
+                f"{self.retry_window_s:g}s ({self._last_error}); giving up (comm_args.retry_window_s)"
+            )
+            self._inbox.put_nowait(error)
+            raise error from None
+
+    def _outage_outlasted_window(self, state: RetryCallState) -> bool:
+        """tenacity's stop: the broker was reached once and has now been out of reach too long."""
+        down_since = self._down_since
+        return (
+            self._connected.is_set()
+            and down_since is not None
+            and time.monotonic() - down_since > self.retry_window_s
+        )
+
+    async def _pause(self, seconds: float) -> None:
+        """tenacity's sleep between attempts, cut short by a close."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+
+    async def _connect_and_serve(self) -> None:
+        """One connection: returns on a clean close, raises _ConnectionDown when it fails or drops."""
         import aiomqtt
 
-        delay = self.backoff.initial
-        down_since: float | None = None
-        while not self._closing.is_set():
-            connected = False
-            try:
-                async with self._client() as client:
-                    connected, down_since = True, None
-                    await self._serve(client)
-            except Exception as raised:
-                exc = _leaf(raised)
-                if isinstance(exc, _Closing):
-                    return
-                if not isinstance(exc, aiomqtt.MqttError | OSError):
-                    raise
-                self._last_error = exc
-                # Only a refused CONNECT is a login failure (paho's "not connected" is code 4 as well).
-                if not connected and _reason_code(exc) in _AUTH_FAILURES:
-                    error = CommError(
-                        f"the MQTT broker at {self.settings.address} refused the login of user "
-                        f"{self.settings.username!r}: {exc} (check comm_args.mqtt.username/password or "
-                        "UNITEDLLM_MQTT_USERNAME/UNITEDLLM_MQTT_PASSWORD)"
-                    )
-                    self._inbox.put_nowait(error)
-                    raise error from exc
-                if self._connected.is_set():
-                    log.warning("rank %d lost the MQTT connection (%s); reconnecting", self.rank, exc)
-            self._reachable.clear()
-            now = time.monotonic()
-            down_since = now if down_since is None else down_since
-            if self._connected.is_set() and now - down_since > self.retry_window_s:
+        if self._closing.is_set():
+            return
+        connected = False
+        try:
+            async with self._client() as client:
+                connected, self._down_since = True, None
+                await self._serve(client)
+        except Exception as raised:
+            exc = _leaf(raised)
+            if isinstance(exc, _Closing):
+                return
+            if not isinstance(exc, aiomqtt.MqttError | OSError):
+                raise
+            self._last_error = exc
+            # Only a refused CONNECT is a login failure (paho's "not connected" is code 4 as well).
+            if not connected and _reason_code(exc) in _AUTH_FAILURES:
                 error = CommError(
-                    f"rank {self.rank}: no connection to the MQTT broker at {self.settings.address} for "
-                    f"{self.retry_window_s:g}s ({self._last_error}); giving up (comm_args.retry_window_s)"
+                    f"the MQTT broker at {self.settings.address} refused the login of user "
+                    f"{self.settings.username!r}: {exc} (check comm_args.mqtt.username/password or "
+                    "UNITEDLLM_MQTT_USERNAME/UNITEDLLM_MQTT_PASSWORD)"
                 )
                 self._inbox.put_nowait(error)
-                raise error
-            try:
-                await asyncio.wait_for(self._closing.wait(), delay)
-            except TimeoutError:
-                pass
-            delay = min(delay * 2, self.backoff.maximum)
+                raise error from exc
+            if self._connected.is_set():
+                log.warning("rank %d lost the MQTT connection (%s); reconnecting", self.rank, exc)
+            self._reachable.clear()
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+            raise _ConnectionDown from exc
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         """Subscribe, announce, then pump messages both ways until the connection drops or we close."""
