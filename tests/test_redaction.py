@@ -26,6 +26,7 @@ from linear_trainer import LinearTrainer
 from unitedllm.config import Config, load_config
 from unitedllm.config.redaction import MASK, redacted_config, scrub, secret_paths
 from unitedllm.report import write_report
+from unitedllm.run_layout import RunLayout
 from unitedllm.runner import run_async
 from unitedllm.tracking import MetricsLog, open_trackers
 
@@ -131,7 +132,7 @@ def test_no_sink_of_a_run_sees_an_inline_secret(tmp_path: Path, monkeypatch: pyt
     cfg = load_config(data, run_id="leak")
     out = Path(cfg.train_args.output_dir)
     with (
-        open_trackers(cfg, rank=0, run_id="leak", output_dir=out) as listeners,
+        open_trackers(cfg, rank=0, run_id="leak", layout=RunLayout(out)) as listeners,
         MetricsLog(out / "metrics.jsonl", listeners=listeners) as metrics,
     ):
         # an error message quoting a credential, as a failed login might

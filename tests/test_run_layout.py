@@ -55,3 +55,11 @@ def test_a_runs_folder_is_where_run_layout_says(tmp_path: Path) -> None:
     for rank in (0, 1, 2):
         unnamed = {c.name for c in layout.node(rank).iterdir()} - named
         assert unnamed == set(), (rank, unnamed)
+    # Readers (serving, export) find the same folders by asking the layout back.
+    assert layout.is_run() and not RunLayout(tmp_path).is_run()
+    assert layout.ranks() == [0, 1, 2]
+    assert layout.rounds() == {r: layout.round_dir(r) for r in range(2)}
+    assert layout.rounds(rank=1, stage="before_agg") == {
+        r: layout.round_dir(r, rank=1, stage="before_agg") for r in range(2)
+    }
+    assert layout.tensorboard(2) == layout.node(2) / "tensorboard"

@@ -17,6 +17,7 @@ from linear_trainer import LinearTrainer
 
 from unitedllm.config.types import Config
 from unitedllm.errors import MissingDependency
+from unitedllm.run_layout import RunLayout
 from unitedllm.runner import run_async
 from unitedllm.tracking import MetricsLog, open_trackers, read_metrics, system_metrics
 from unitedllm.tracking.scalars import Scalar, scalars_of
@@ -47,8 +48,8 @@ def run_tracked(cfg: Config, run_id: str = "track") -> Path:
     """Run a federation with the trackers the config asks for, wired the way the CLI does it."""
     output_dir = Path(cfg.train_args.output_dir.replace("{run_id}", run_id))
     with (
-        open_trackers(cfg, rank=0, run_id=run_id, output_dir=output_dir) as listeners,
-        MetricsLog(output_dir / "metrics.jsonl", listeners=listeners) as metrics,
+        open_trackers(cfg, rank=0, run_id=run_id, layout=RunLayout(output_dir)) as listeners,
+        MetricsLog(RunLayout(output_dir).metrics(), listeners=listeners) as metrics,
     ):
         asyncio.run(
             run_async(
@@ -97,7 +98,7 @@ def test_tensorboard_missing_names_the_extra(tmp_path: Path, monkeypatch: pytest
     cfg = make_config(tmp_path, enable_tensorboard=True)
     with (
         pytest.raises(MissingDependency, match=r"unitedllm\[tracking\]") as caught,
-        open_trackers(cfg, rank=0, run_id="r", output_dir=tmp_path),
+        open_trackers(cfg, rank=0, run_id="r", layout=RunLayout(tmp_path)),
     ):
         pass
     assert "tracking_args.enable_tensorboard" in str(caught.value)
@@ -121,10 +122,10 @@ def test_wandb_offline_run_is_written_by_the_server_only(
     assert b"round/train_loss" in data and b"client_1/train/loss" in data
 
     # wandb_only_server (default True): a client process opens no W&B run.
-    client_dir = tmp_path / "client"
-    with open_trackers(cfg, rank=1, run_id="track", output_dir=client_dir) as listeners:
+    client_run = RunLayout(tmp_path / "client")
+    with open_trackers(cfg, rank=1, run_id="track", layout=client_run) as listeners:
         assert listeners == []
-    assert not (client_dir / "wandb").exists()
+    assert not (client_run.tracker_dir(1) / "wandb").exists()
 
 
 def test_mlflow_file_store_has_metric_history(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def tracked(
 
     layout = RunLayout(run_output_dir(cfg, run_id))
     with (
-        open_trackers(cfg, rank=rank, run_id=run_id, output_dir=layout.tracker_dir(rank)) as trackers,
+        open_trackers(cfg, rank=rank, run_id=run_id, layout=layout) as trackers,
         MetricsLog(layout.metrics(rank), listeners=[*listeners, *trackers]) as metrics,
         system_metrics(metrics, rank=rank, enabled=cfg.tracking_args.log_system_metrics),
     ):

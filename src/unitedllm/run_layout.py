@@ -5,7 +5,7 @@
     <output_dir>/
       metrics.jsonl                      the aggregator's events (unitedllm.tracking.events)
       report/                            unitedllm report's page and plots
-      tensorboard/                       TensorBoard, when enabled
+      tensorboard/                       TensorBoard, when enabled (a client's: node_<k>/tensorboard/)
       node_0/init                        the initial model (the random base, when there is one)
       node_0/round_<r>_after_agg         the global model after round r, with the server state
       node_0/final                       the final global model
@@ -24,6 +24,7 @@ ask a :class:`RunLayout` for a path instead of joining names themselves.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,6 +33,9 @@ __all__ = ["AGGREGATOR_RANK", "RunLayout", "Stage"]
 
 AGGREGATOR_RANK = 0
 Stage = Literal["before_agg", "after_agg"]
+
+_NODE = re.compile(r"^node_(\d+)$")
+_ROUND = re.compile(r"^round_(\d+)_(before_agg|after_agg)$")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,27 @@ class RunLayout:
         """The folder of one rank's records and checkpoints (``node_0`` is the aggregator)."""
         return self.root / f"node_{rank}"
 
+    def is_run(self) -> bool:
+        """Whether ``root`` holds a run: its aggregator's ``node_0`` folder exists."""
+        return self.node(AGGREGATOR_RANK).is_dir()
+
+    def ranks(self) -> list[int]:
+        """The ranks with a ``node_<rank>`` folder in the run, in order."""
+        found = [int(m.group(1)) for child in self.root.iterdir() if (m := _NODE.match(child.name))]
+        return sorted(found)
+
+    def rounds(self, *, rank: int = AGGREGATOR_RANK, stage: Stage = "after_agg") -> dict[int, Path]:
+        """The ``round_<r>_<stage>`` folders one rank has, by round (none when it has no folder)."""
+        node = self.node(rank)
+        if not node.is_dir():
+            return {}
+        found: dict[int, Path] = {}
+        for child in node.iterdir():
+            match = _ROUND.match(child.name)
+            if match and match.group(2) == stage:
+                found[int(match.group(1))] = child
+        return dict(sorted(found.items()))
+
     def metrics(self, rank: int = AGGREGATOR_RANK) -> Path:
         """A rank's ``metrics.jsonl``: the run's own for the aggregator, ``node_<rank>/`` for a client."""
         return self.root / "metrics.jsonl" if rank == AGGREGATOR_RANK else self.node(rank) / "metrics.jsonl"
@@ -51,6 +76,10 @@ class RunLayout:
     def tracker_dir(self, rank: int = AGGREGATOR_RANK) -> Path:
         """Where a rank's trackers write (the folder holding its ``metrics.jsonl``)."""
         return self.metrics(rank).parent
+
+    def tensorboard(self, rank: int = AGGREGATOR_RANK) -> Path:
+        """A rank's TensorBoard event files: ``tensorboard/`` beside its ``metrics.jsonl``."""
+        return self.tracker_dir(rank) / "tensorboard"
 
     def init(self, rank: int = AGGREGATOR_RANK) -> Path:
         return self.node(rank) / "init"

@@ -1,24 +1,24 @@
-"""Where a run folder keeps the models serving and export read: the only module that knows its paths.
+"""The models of a run folder that serving and export read: its base, global and client adapters.
 
-A run folder is ``train_args.output_dir``: ``node_0/init`` (the base), ``node_0/round_<r>_after_agg``
-(global adapter after round r), ``node_0/final``, ``node_<k>/round_<r>_before_agg`` (client k's
-local model), ``node_<k>/round_<r>_after_agg`` (the global model as client k received it) and
-``metrics.jsonl``. Checkpoint folders appear by an atomic rename, so a listed folder is complete.
+The paths come from :class:`~unitedllm.run_layout.RunLayout` (``node_0/init`` the base,
+``node_0/round_<r>_after_agg`` the global adapter after round r, ``node_0/final``,
+``node_<k>/round_<r>_before_agg`` client k's local model); this module adds what a folder holds.
+Checkpoint folders appear by an atomic rename, so a listed folder is complete.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
+
+from unitedllm.checkpoints import SERVER_STATE_FILE as SERVER_STATE
+from unitedllm.run_layout import AGGREGATOR_RANK, RunLayout, Stage
 
 __all__ = ["RunFolder", "adapter_base", "is_adapter_dir", "is_model_dir"]
 
-_ROUND = re.compile(r"^round_(\d+)_(before_agg|after_agg)$")
-_NODE = re.compile(r"^node_(\d+)$")
 ADAPTER_CONFIG = "adapter_config.json"
-SERVER_STATE = "server_state.json"
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -37,16 +37,20 @@ class RunFolder:
     """A run's output folder, read-only."""
 
     root: Path
+    layout: RunLayout = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layout", RunLayout(self.root))
 
     @staticmethod
     def looks_like(path: Path) -> bool:
         """True for a folder holding a run's ``node_0``."""
-        return (path / "node_0").is_dir()
+        return RunLayout(path).is_run()
 
     @property
     def run_id(self) -> str:
         """The run id the aggregator recorded, else the folder's name."""
-        for folder in (self.final, self.node(0) / "last"):
+        for folder in (self.final, self.layout.resume_point):
             try:
                 recorded = json.loads((folder / SERVER_STATE).read_text(encoding="utf-8")).get("run_id")
             except (OSError, ValueError, AttributeError):
@@ -57,33 +61,29 @@ class RunFolder:
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
+        return self.layout.metrics()
 
     def node(self, rank: int) -> Path:
-        return self.root / f"node_{rank}"
+        return self.layout.node(rank)
 
     @property
     def init(self) -> Path:
-        return self.node(0) / "init"
+        return self.layout.init()
 
     @property
     def final(self) -> Path:
-        return self.node(0) / "final"
+        return self.layout.final()
 
-    def round_dir(self, round_idx: int, *, rank: int = 0, stage: str = "after_agg") -> Path:
-        return self.node(rank) / f"round_{round_idx}_{stage}"
+    def round_dir(self, round_idx: int, *, rank: int = AGGREGATOR_RANK, stage: str = "after_agg") -> Path:
+        return self.layout.round_dir(round_idx, rank=rank, stage=cast(Stage, stage))
 
-    def rounds(self, *, rank: int = 0, stage: str = "after_agg") -> dict[int, Path]:
-        """The saved checkpoints of one rank and stage, by round."""
-        found: dict[int, Path] = {}
-        node = self.node(rank)
-        if not node.is_dir():
-            return found
-        for child in node.iterdir():
-            match = _ROUND.match(child.name)
-            if match and match.group(2) == stage and is_adapter_dir(child):
-                found[int(match.group(1))] = child
-        return dict(sorted(found.items()))
+    def rounds(self, *, rank: int = AGGREGATOR_RANK, stage: str = "after_agg") -> dict[int, Path]:
+        """The saved adapters of one rank and stage, by round."""
+        return {
+            r: path
+            for r, path in self.layout.rounds(rank=rank, stage=cast(Stage, stage)).items()
+            if is_adapter_dir(path)
+        }
 
     def global_rounds(self) -> dict[int, Path]:
         """The global adapter after each saved round (``node_0/final`` counts as its own round)."""
@@ -105,8 +105,7 @@ class RunFolder:
 
     def client_ranks(self) -> list[int]:
         """Ranks (1..N) with a folder in the run."""
-        ranks = [int(m.group(1)) for c in self.root.iterdir() if (m := _NODE.match(c.name))]
-        return sorted(r for r in ranks if r > 0)
+        return [r for r in self.layout.ranks() if r != AGGREGATOR_RANK]
 
     def base_dir(self) -> Path:
         """The base model the adapters were trained on: ``node_0/init`` when it holds weights."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from unitedllm.config.types import Config
+    from unitedllm.run_layout import RunLayout
 
 __all__ = ["open_trackers"]
 
@@ -28,8 +28,11 @@ def _flat_params(cfg: Config) -> dict[str, Any]:
 
 
 @contextmanager
-def open_trackers(cfg: Config, *, rank: int, run_id: str, output_dir: Path) -> Iterator[list[Listener]]:
+def open_trackers(cfg: Config, *, rank: int, run_id: str, layout: RunLayout) -> Iterator[list[Listener]]:
     """The listeners for ``cfg.tracking_args``; each tracker is finished (marked failed on error) on exit.
+
+    Their files go where ``layout`` puts rank ``rank``'s (:meth:`~unitedllm.run_layout.RunLayout.tensorboard`,
+    :meth:`~unitedllm.run_layout.RunLayout.tracker_dir`).
 
     ``metrics.jsonl`` is not among them: :class:`~unitedllm.tracking.metrics.MetricsLog` always writes it.
     With ``wandb_only_server`` (the default) only the aggregator (rank 0) logs to W&B.
@@ -42,7 +45,7 @@ def open_trackers(cfg: Config, *, rank: int, run_id: str, output_dir: Path) -> I
 
             listeners.append(
                 stack.enter_context(
-                    TensorBoardSink(output_dir / "tensorboard", params=_flat_params(cfg), rank=rank)
+                    TensorBoardSink(layout.tensorboard(rank), params=_flat_params(cfg), rank=rank)
                 )
             )
         if args.enable_wandb and (rank == 0 or not args.wandb_only_server):
@@ -57,7 +60,7 @@ def open_trackers(cfg: Config, *, rank: int, run_id: str, output_dir: Path) -> I
                         mode=args.wandb_mode,
                         run_id=run_id,
                         rank=rank,
-                        directory=output_dir,
+                        directory=layout.tracker_dir(rank),
                         config=_flat_params(cfg),
                     )
                 )
