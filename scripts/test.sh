@@ -4,10 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# Debian packages the tests use for real: the MQTT broker, and a headless browser that opens `unitedllm report`'s page.
+# Debian packages the tests use for real: the MQTT broker, a headless browser for the pages, PostgreSQL.
 MISSING=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || MISSING+=(mosquitto)
 command -v chromium >/dev/null 2>&1 || MISSING+=(chromium)
+# PostgreSQL's server binaries: the platform's tests run its controller on a real PostgreSQL too.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || MISSING+=(postgresql)
 if [ ${#MISSING[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
