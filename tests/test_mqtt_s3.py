@@ -528,11 +528,22 @@ async def test_a_short_s3_outage_costs_time_not_the_upload(s3_settings: S3Settin
         data = os.urandom(64 * 1024)
         async with S3BlobStore(through, run_id=run_id, retry_window_s=60) as store:
             proxy.down()
-            back = threading.Timer(6.0, proxy.up)  # longer than botocore's own three attempts
+            stop = threading.Event()
+
+            def restore_once_retried() -> None:
+                # The store comes back only after the outage outlasted botocore's own attempts and our
+                # retry took over (a bound only for a hung test).
+                deadline = time.monotonic() + 50
+                while store.retries < 1 and time.monotonic() < deadline and not stop.is_set():
+                    time.sleep(0.05)
+                proxy.up()
+
+            back = threading.Thread(target=restore_once_retried)
             back.start()
             try:
                 ref = await store.put(data)
             finally:
+                stop.set()
                 back.join()
             assert store.retries >= 1, "the outage was noticed and retried"
             assert await store.get(ref) == data
