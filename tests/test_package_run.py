@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,13 +29,20 @@ pytest_plugins = ["conftest_services"]  # mqtt_settings / s3_settings for the en
 
 # Stands in for launch.py: records how it was started, so tests see what a node would get.
 RECORDER = """
-import json, os, sys
+import json, os, signal, sys, time
 from pathlib import Path
+if os.environ.get("STOPPED_TO"):  # run until SIGTERM, and say that it came
+    def stop(signum, frame):
+        Path(os.environ["STOPPED_TO"]).write_text(str(signum))
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, stop)
 Path(os.environ["RECORD_TO"]).write_text(json.dumps({
     "argv": sys.argv[1:], "cwd": os.getcwd(),
     "env": {k: v for k, v in os.environ.items() if k.startswith("UNITEDLLM_")},
     "bootstrapped": Path("bootstrapped.txt").is_file(),
 }))
+while os.environ.get("STOPPED_TO"):
+    time.sleep(0.05)
 sys.exit(int(os.environ.get("EXIT_WITH", "0")))
 """
 BOOTSTRAP = 'echo "rank $UNITEDLLM_RANK" > bootstrapped.txt\nexit "${BOOTSTRAP_EXIT:-0}"\n'
@@ -161,6 +171,36 @@ def test_entry_point_exit_code_is_passed_on(packages: dict[str, Path], tmp_path:
     code, out, record = run_cli(packages["client"], tmp_path / "e", 1, env={"EXIT_WITH": "5"})
     assert code == 5 and record is not None
     assert "entry point exited with code 5" in out
+
+
+def test_sigterm_to_package_run_stops_the_entry_point_too(packages: dict[str, Path], tmp_path: Path) -> None:
+    """A node's supervisor stops ``unitedllm package run`` with SIGTERM: its role must not run on alone."""
+    record, stopped = tmp_path / "record.json", tmp_path / "stopped"
+    env = {
+        **os.environ,
+        **BROKER_ENV,
+        "RECORD_TO": str(record),
+        "STOPPED_TO": str(stopped),
+        "UNITEDLLM_PACKAGE_SECRET": PACKAGE_SECRET,
+    }
+    command = [sys.executable, "-m", "unitedllm", "package", "run", str(packages["client"])]
+    args = ["--rank", "1", "--run-id", "run-7", "--workdir", str(tmp_path / "w")]
+    proc = subprocess.Popen([*command, *args], env=env, start_new_session=True, stderr=subprocess.PIPE)
+    try:
+        while not record.is_file():  # the entry point is up
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # to package run alone, not to its process group
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("SIGTERM did not stop unitedllm package run")
+        assert stopped.read_text() == str(int(signal.SIGTERM)), "the entry point was left running"
+        assert proc.returncode == 143 and "entry point exited with code 143" in err.decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def rewrite(source: Path, target: Path, change: Any) -> Path:

@@ -143,7 +143,9 @@ def run(
         result = _run_embedded(cfg, run_id=run_id, quiet=quiet, resume=resume)
         console.print(f"run [bold]{run_id}[/bold] finished: {len(result.rounds)} rounds")
         console.print(f"final model: {result.final_dir}")
-        console.print(f"metrics:     {result.output_dir / 'metrics.jsonl'}")
+        from unitedllm.run_layout import RunLayout
+
+        console.print(f"metrics:     {RunLayout(result.output_dir).metrics()}")
 
 
 def _warn_ignored(cfg: Any, mode: Any) -> None:

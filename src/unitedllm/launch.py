@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
     from unitedllm.tracking.metrics import MetricsLog
 
 __all__ = ["launch", "serve_client", "serve_in_process", "serve_server", "tracked"]
+
+log = logging.getLogger(__name__)
 
 
 async def serve_server(
@@ -79,21 +82,33 @@ def launch(
 ) -> str:
     """Blocking: load ``config`` and run rank 0 (aggregator) or rank N (client) of ``run_id``; returns how it ended.
 
-    Both go through :func:`unitedllm.silo.serve_silo`: a client's node bootstrap runs first, and
-    ``environment_args.launcher`` may start a client, or an aggregator that evaluates, as a silo
-    of several processes (docs/silos.md). ``resume`` continues the aggregator's run.
+    A client's node runs its bootstrap first. ``environment_args.launcher`` then decides the
+    process layout (:func:`unitedllm.silo.plan_for`): the role is served in this process, or
+    :func:`unitedllm.silo.start_silo` starts it as a silo of several processes under torchrun or
+    DeepSpeed, each running :mod:`unitedllm.silo.worker` (docs/silos.md). ``resume`` continues
+    the aggregator's run.
     """
-    from unitedllm.silo import serve_silo
+    from unitedllm.config import load_config
+    from unitedllm.ranks import check_rank
+    from unitedllm.silo.launcher import local_gpu_count, plan_for, role_name, run_node_bootstrap, start_silo
 
-    def run_here(cfg: Config) -> str:
+    cfg = load_config(config, overrides=overrides, run_id=run_id)
+    check_rank(cfg, rank, where="--rank", aggregator=True)
+    if rank != 0:
+        run_node_bootstrap(cfg, config, rank=rank, run_id=run_id)
+    gpus = local_gpu_count(cfg)
+    plan = plan_for(cfg, rank=rank, gpus=gpus)
+    log.info("%s: launcher %s (%s)", role_name(rank), plan.launcher, plan.reason)
+    if plan.launcher == "python":
         return serve_in_process(cfg, rank=rank, run_id=run_id, resume=resume)
-
-    return serve_silo(
-        config,
+    return start_silo(
+        cfg,
+        plan,
+        config=config,
         rank=rank,
         run_id=run_id,
+        gpus=gpus,
         overrides=overrides,
-        resume=resume,
         verbose=verbose,
-        run_here=run_here,
+        resume=resume,
     )

@@ -9,6 +9,14 @@ global weights by ``torch.distributed`` broadcast and train with it (docs/silos.
 from __future__ import annotations
 
 from unitedllm.node_processes import BootstrapError, run_bootstrap
-from unitedllm.silo.launcher import LaunchPlan, SiloFailed, choose_launcher, serve_silo
+from unitedllm.silo.launcher import LaunchPlan, SiloFailed, choose_launcher, plan_for, start_silo
 
-__all__ = ["BootstrapError", "LaunchPlan", "SiloFailed", "choose_launcher", "run_bootstrap", "serve_silo"]
+__all__ = [
+    "BootstrapError",
+    "LaunchPlan",
+    "SiloFailed",
+    "choose_launcher",
+    "plan_for",
+    "run_bootstrap",
+    "start_silo",
+]

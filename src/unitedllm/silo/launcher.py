@@ -1,4 +1,8 @@
-"""Starting a silo: pick the launcher, run the bootstrap, then start the silo's processes.
+"""A silo's process layout: which launcher starts rank N, with how many processes, and starting them.
+
+:func:`unitedllm.launch.launch` starts one role from a config file: it runs the node's
+bootstrap (:func:`run_node_bootstrap`), asks :func:`plan_for` how the role runs, and either
+serves it in its own process or hands the plan to :func:`start_silo`.
 
 ``environment_args.launcher`` picks how ``unitedllm client`` runs a silo (and ``unitedllm server``
 the aggregator, when it evaluates the global model: ``validation_args.is_aggregator_test``):
@@ -25,7 +29,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,7 +49,8 @@ __all__ = [
     "plan_for",
     "resolve_config_path",
     "role_name",
-    "serve_silo",
+    "run_node_bootstrap",
+    "start_silo",
 ]
 
 log = logging.getLogger(__name__)
@@ -246,40 +251,29 @@ def _override_args(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[
     return [x for item in items for x in ("--set", item)]
 
 
-def serve_silo(
-    config: str | Path,
+def start_silo(
+    cfg: Config,
+    plan: LaunchPlan,
     *,
+    config: str | Path,
     rank: int,
     run_id: str,
+    gpus: int,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
-    run_here: Callable[[Config], str],
     verbose: bool = False,
     resume: bool = False,
 ) -> str:
-    """Blocking: run rank ``rank`` here or as a silo of processes; returns why it ended.
+    """Blocking: start this node's processes of rank ``rank``'s silo under ``plan`` and wait for them.
 
-    A client's node runs its bootstrap first. ``resume`` continues the aggregator's run (rank 0).
-    ``run_here(cfg)`` serves the rank in this process when no launcher is needed
-    (:func:`unitedllm.launch.launch` passes :func:`unitedllm.launch.serve_in_process`); a silo's
-    processes serve it through :mod:`unitedllm.silo.worker`.
+    Every process runs :mod:`unitedllm.silo.worker` on ``config``; SIGTERM and Ctrl-C reach the
+    launcher. Returns the silo's shape in words; raises :class:`SiloFailed` when the launcher fails.
     """
-    from unitedllm.config import load_config
-    from unitedllm.ranks import check_rank
-
-    cfg = load_config(config, overrides=overrides, run_id=run_id)
-    check_rank(cfg, rank, where="--rank", aggregator=True)
-    who = role_name(rank)
-    config_dir = Path(config).resolve().parent
-    if rank != 0:
-        _bootstrap(cfg, config, config_dir=config_dir, rank=rank, run_id=run_id)
-    gpus = local_gpu_count(cfg)
-    plan = plan_for(cfg, rank=rank, gpus=gpus)
-    log.info("%s: launcher %s (%s)", who, plan.launcher, plan.reason)
     if plan.launcher == "python":
-        return run_here(cfg)
+        raise ValueError("a 'python' plan runs the role in this process: there is no silo to start")
     env_args = cfg.environment_args
+    config_path = Path(config).resolve()
     worker_args = [
-        str(Path(config).resolve()),
+        str(config_path),
         "--rank",
         str(rank),
         "--run-id",
@@ -296,7 +290,7 @@ def serve_silo(
 
         assert cfg.train_args.deepspeed is not None
         ds_path = resolve_config_path(
-            cfg.train_args.deepspeed, config_dir=config_dir, key="train_args.deepspeed"
+            cfg.train_args.deepspeed, config_dir=config_path.parent, key="train_args.deepspeed"
         )
         read_deepspeed_config(ds_path)
         worker_args += ["--deepspeed", str(ds_path)]
@@ -305,14 +299,14 @@ def serve_silo(
             child_env.setdefault("DS_ACCELERATOR", "cpu")
             child_env.setdefault("LOCAL_SIZE", str(plan.nproc_per_node))
     command = launcher_command(plan, env_args, worker_args)
-    log.info("%s: %s", who, " ".join(command))
+    log.info("%s: %s", role_name(rank), " ".join(command))
     code = wait_forwarding_signals(subprocess.Popen(command, env=child_env))
     if code != 0:
         raise SiloFailed(rank, plan.launcher, code)
     return f"{plan.launcher} silo of {plan.nproc_per_node * env_args.nnodes} processes"
 
 
-def _bootstrap(cfg: Config, config: str | Path, *, config_dir: Path, rank: int, run_id: str) -> None:
+def run_node_bootstrap(cfg: Config, config: str | Path, *, rank: int, run_id: str) -> None:
     """Run ``environment_args.bootstrap`` on this node, unless ``unitedllm package run`` did already."""
     from unitedllm.node_processes import run_bootstrap
 
@@ -321,14 +315,11 @@ def _bootstrap(cfg: Config, config: str | Path, *, config_dir: Path, rank: int, 
     if os.environ.get(PACKAGE_ENV):
         log.info("bootstrap: already run by 'unitedllm package run'")
         return
+    config_path = Path(config).resolve()
     script = resolve_config_path(
-        cfg.environment_args.bootstrap, config_dir=config_dir, key="environment_args.bootstrap"
+        cfg.environment_args.bootstrap, config_dir=config_path.parent, key="environment_args.bootstrap"
     )
     run_bootstrap(
         script,
-        env={
-            "UNITEDLLM_RANK": str(rank),
-            "UNITEDLLM_RUN_ID": run_id,
-            "UNITEDLLM_CONFIG": str(Path(config).resolve()),
-        },
+        env={"UNITEDLLM_RANK": str(rank), "UNITEDLLM_RUN_ID": run_id, "UNITEDLLM_CONFIG": str(config_path)},
     )
