@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from unitedllm.ranks import AGGREGATOR_RANK
+
 __all__ = ["AGGREGATOR_RANK", "RunLayout", "Stage"]
 
-AGGREGATOR_RANK = 0
 Stage = Literal["before_agg", "after_agg"]
 
 _NODE = re.compile(r"^node_(\d+)$")
