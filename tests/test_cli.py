@@ -56,7 +56,9 @@ def test_local_backend_cannot_serve_separate_processes(tmp_path: Path) -> None:
 
 def test_client_rank_outside_the_run_is_refused() -> None:
     proc = unitedllm("client", "examples/mqtt_s3.yaml", "--rank", "9", "--run-id", "x")
-    assert proc.returncode == 2 and "9" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    # the same words as validation_args.test_on_client_ranks, the trainer and the data split use
+    assert "--rank: rank 9 is not a client rank; clients are ranks 1..2 (0 is the aggregator)" in proc.stderr
 
 
 def test_resume_without_a_checkpoint_is_refused_and_ignored_keys_are_named_once(tmp_path: Path) -> None:
