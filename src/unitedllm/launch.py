@@ -90,12 +90,12 @@ def launch(
     """
     from unitedllm.config import load_config
     from unitedllm.ranks import check_rank
-    from unitedllm.silo.launcher import local_gpu_count, plan_for, role_name, run_node_bootstrap, start_silo
+    from unitedllm.silo.launcher import local_gpu_count, plan_for, role_name, start_silo
 
     cfg = load_config(config, overrides=overrides, run_id=run_id)
     check_rank(cfg, rank, where="--rank", aggregator=True)
-    if rank != 0:
-        run_node_bootstrap(cfg, config, rank=rank, run_id=run_id)
+    if rank != 0 and cfg.environment_args.bootstrap:
+        _bootstrap(cfg.environment_args.bootstrap, config=Path(config).resolve(), rank=rank, run_id=run_id)
     gpus = local_gpu_count(cfg)
     plan = plan_for(cfg, rank=rank, gpus=gpus)
     log.info("%s: launcher %s (%s)", role_name(rank), plan.launcher, plan.reason)
@@ -112,3 +112,15 @@ def launch(
         verbose=verbose,
         resume=resume,
     )
+
+
+def _bootstrap(script: str, *, config: Path, rank: int, run_id: str) -> None:
+    """Run a client's ``environment_args.bootstrap`` (found next to ``config`` first) on this node."""
+    from unitedllm.node_processes import bootstrapped_by_package, run_node_bootstrap
+    from unitedllm.silo.launcher import resolve_config_path
+
+    if bootstrapped_by_package():
+        log.info("bootstrap: already run by 'unitedllm package run'")
+        return
+    path = resolve_config_path(script, config_dir=config.parent, key="environment_args.bootstrap")
+    run_node_bootstrap(path, config=config, rank=rank, run_id=run_id)

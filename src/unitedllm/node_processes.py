@@ -21,9 +21,18 @@ from types import FrameType
 
 from unitedllm.errors import UnitedLLMError
 
-__all__ = ["BootstrapError", "run_bootstrap", "wait_forwarding_signals"]
+__all__ = [
+    "PACKAGE_DIR_ENV",
+    "BootstrapError",
+    "run_bootstrap",
+    "run_node_bootstrap",
+    "wait_forwarding_signals",
+]
 
 log = logging.getLogger(__name__)
+
+# Set by ``unitedllm package run`` for its entry point: the package's folder; its bootstrap has run.
+PACKAGE_DIR_ENV = "UNITEDLLM_PACKAGE_DIR"
 
 TAIL_LINES = 20
 
@@ -71,6 +80,21 @@ def run_bootstrap(script: Path, *, env: Mapping[str, str] | None = None, cwd: Pa
     if code != 0:
         raise BootstrapError(script, code, list(tail))
     log.info("bootstrap: done in %.1fs", time.monotonic() - started)
+
+
+def run_node_bootstrap(script: Path, *, config: Path, rank: int, run_id: str) -> None:
+    """Run client ``rank``'s bootstrap ``script`` on this node, with the variables a package's gets.
+
+    The script sees ``UNITEDLLM_RANK``, ``UNITEDLLM_RUN_ID`` and ``UNITEDLLM_CONFIG``, as under
+    ``unitedllm package run``.
+    """
+    env = {"UNITEDLLM_RANK": str(rank), "UNITEDLLM_RUN_ID": run_id, "UNITEDLLM_CONFIG": str(config)}
+    run_bootstrap(script, env=env)
+
+
+def bootstrapped_by_package() -> bool:
+    """Whether ``unitedllm package run`` started this process, and so has run the bootstrap already."""
+    return bool(os.environ.get(PACKAGE_DIR_ENV))
 
 
 def wait_forwarding_signals(child: subprocess.Popen[bytes]) -> int:

@@ -218,8 +218,8 @@ def _role_env(prepared: PreparedPackage, rank: int, run_id: str) -> dict[str, st
         UNITEDLLM_RANK=str(rank),
         UNITEDLLM_RUN_ID=run_id,
         UNITEDLLM_CONFIG=str(prepared.conf_path),
-        UNITEDLLM_PACKAGE_DIR=str(prepared.root),
     )
+    env[node_processes.PACKAGE_DIR_ENV] = str(prepared.root)  # the client's bootstrap has run
     return env
 
 

@@ -1,8 +1,8 @@
 """A silo's process layout: which launcher starts rank N, with how many processes, and starting them.
 
 :func:`unitedllm.launch.launch` starts one role from a config file: it runs the node's
-bootstrap (:func:`run_node_bootstrap`), asks :func:`plan_for` how the role runs, and either
-serves it in its own process or hands the plan to :func:`start_silo`.
+bootstrap, asks :func:`plan_for` how the role runs, and either serves it in its own process
+or hands the plan to :func:`start_silo`.
 
 ``environment_args.launcher`` picks how ``unitedllm client`` runs a silo (and ``unitedllm server``
 the aggregator, when it evaluates the global model: ``validation_args.is_aggregator_test``):
@@ -49,7 +49,6 @@ __all__ = [
     "plan_for",
     "resolve_config_path",
     "role_name",
-    "run_node_bootstrap",
     "start_silo",
 ]
 
@@ -58,8 +57,6 @@ log = logging.getLogger(__name__)
 LauncherKind = Literal["python", "torch", "deepspeed"]
 WORKER_MODULE = "unitedllm.silo.worker"
 DEFAULT_MULTI_NODE_PORT = 29500
-# Set by ``unitedllm package run``, which has run the bootstrap already.
-PACKAGE_ENV = "UNITEDLLM_PACKAGE_DIR"
 
 
 def role_name(rank: int) -> str:
@@ -304,22 +301,3 @@ def start_silo(
     if code != 0:
         raise SiloFailed(rank, plan.launcher, code)
     return f"{plan.launcher} silo of {plan.nproc_per_node * env_args.nnodes} processes"
-
-
-def run_node_bootstrap(cfg: Config, config: str | Path, *, rank: int, run_id: str) -> None:
-    """Run ``environment_args.bootstrap`` on this node, unless ``unitedllm package run`` did already."""
-    from unitedllm.node_processes import run_bootstrap
-
-    if not cfg.environment_args.bootstrap:
-        return
-    if os.environ.get(PACKAGE_ENV):
-        log.info("bootstrap: already run by 'unitedllm package run'")
-        return
-    config_path = Path(config).resolve()
-    script = resolve_config_path(
-        cfg.environment_args.bootstrap, config_dir=config_path.parent, key="environment_args.bootstrap"
-    )
-    run_bootstrap(
-        script,
-        env={"UNITEDLLM_RANK": str(rank), "UNITEDLLM_RUN_ID": run_id, "UNITEDLLM_CONFIG": str(config_path)},
-    )
