@@ -229,3 +229,91 @@ def test_int8_over_mqtt_s3_gives_the_local_bytes(
     assert final_bytes(remote) == final_bytes(local)
     sent = json.loads((remote.output_dir / "node_2" / "sent" / "last_update.json").read_text())
     assert sent["update"]["delta_ref"]["codec"] == "int8+safetensors"
+
+
+def test_the_next_update_is_fetched_while_the_current_one_folds_two_at_most() -> None:
+    from unitedllm.protocol.messages import BlobRef, Update
+    from unitedllm.round_collection import RoundFold
+
+    log: list[str] = []
+    held: set[int] = set()  # fetched and not yet folded
+    most = 0
+
+    async def fetch(_fold: RoundFold, message: Update) -> int:
+        nonlocal most
+        log.append(f"fetch {message.sender}")
+        await asyncio.sleep(0.01)
+        held.add(message.sender)
+        most = max(most, len(held))
+        return message.sender
+
+    async def fold_one(fold: RoundFold, message: Update) -> None:
+        got = await fold.fetched(message)
+        log.append(f"fold {got}")
+        await asyncio.sleep(0.05)  # the next fetch runs meanwhile
+        held.discard(got)
+        log.append(f"folded {got}")
+        fold.accepted.append(got)
+
+    def update(rank: int) -> Update:
+        ref = BlobRef(digest=f"{rank:064x}", size=1)
+        return Update(run_id="r", round=0, sender=rank, delta_ref=ref, num_samples=1)
+
+    async def main() -> list[int]:
+        fold = RoundFold({}, None, fold_one, fetch)
+
+        async def collect() -> list[Update]:
+            for rank in (1, 2, 3, 4):
+                fold.submit(update(rank))
+            return []
+
+        await fold.alongside(collect())
+        await fold.drained()
+        return fold.accepted
+
+    assert asyncio.run(main()) == [1, 2, 3, 4]
+    for rank in (1, 2, 3):
+        assert log.index(f"fetch {rank + 1}") < log.index(f"folded {rank}"), log
+    assert most == 2, log
+
+
+def _update(rank: int, round_idx: int, digest: int) -> Any:
+    from unitedllm.protocol.messages import BlobRef, Update
+
+    ref = BlobRef(digest=f"{digest:064x}", size=1)
+    return Update(run_id="r", round=round_idx, sender=rank, delta_ref=ref, num_samples=1)
+
+
+def test_a_late_copy_of_the_last_rounds_update_is_not_a_rejection() -> None:
+    """A client answering a resumed aggregator's repeated start sends its update twice; the copy may arrive late."""
+    from unitedllm.protocol.messages import RoundStart, TrainSpec, Update
+    from unitedllm.round_collection import OpenRound, collect_updates
+
+    rejected: list[tuple[int, str]] = []
+
+    async def main() -> list[Update]:
+        inbox: asyncio.Queue[Update] = asyncio.Queue()
+        start = RoundStart(
+            run_id="r",
+            round=3,
+            sender=0,
+            global_ref=_update(1, 3, 9).delta_ref,
+            spec=TrainSpec(local_max_steps=1, local_num_train_epochs=1.0),
+        )
+        taken = {1: _update(1, 2, 1), 2: _update(2, 2, 2)}
+        round_ = OpenRound(3, {1: start, 2: start}, previous=taken)
+        for update in (_update(1, 2, 1), _update(2, 2, 7), _update(1, 3, 3), _update(2, 3, 4)):
+            inbox.put_nowait(update)
+        return await collect_updates(
+            round_,
+            inbox=inbox,
+            presence_changed=asyncio.Event(),
+            online={1, 2},
+            quorum=2,
+            timeout_s=5,
+            on_arrival=lambda _u: None,
+            reject=lambda rank, _r, reason: rejected.append((rank, reason)),
+        )
+
+    assert [u.round for u in asyncio.run(main())] == [3, 3]
+    assert rejected == [(2, "update for round 2 arrived in round 3")]  # a different update still is

@@ -3,10 +3,10 @@
 Each round it samples clients, publishes the global weights and collects updates until all
 selected clients answered or the deadline passed (:mod:`unitedllm.round_collection`). A selected
 client that restarts while its round is open is sent the round's start again when it says hello,
-so it rejoins the round it lost instead of the round waiting out its deadline. Each update is fetched, checked and
-folded into the server optimizer's round as soon as it arrives, while the other clients
-still train (one update in memory at a time); once collecting ends and the quorum is met,
-the round is finished, evaluated and checkpointed.
+so it rejoins the round it lost instead of the round waiting out its deadline. Each update is fetched,
+checked and folded into the server optimizer's round as soon as it arrives, while the other clients
+still train (the next arrived one is fetched meanwhile: two updates in memory at most); once
+collecting ends and the quorum is met, the round is finished, evaluated and checkpointed.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from unitedllm.comm.local import LocalHub
     from unitedllm.config.types import Config
+    from unitedllm.optimizers.base import ClientUpdate
     from unitedllm.training.base import LocalTrainer
 
 __all__ = ["Aggregator", "RoundSummary", "RunResult"]
@@ -83,6 +84,7 @@ class Aggregator(Role):
         self.attendance = Attendance()
         self.fingerprint: str | None = None
         self._open: OpenRound | None = None  # the round being collected, for clients that rejoin it
+        self._taken: dict[int, Update] = {}  # the last collected round's updates, to know their repeats
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -226,11 +228,13 @@ class Aggregator(Role):
             )
             for rank in selected
         }
-        self._open = OpenRound(round_idx, starts)
+        self._open = OpenRound(round_idx, starts, previous=self._taken)
         for rank, start in starts.items():
             await self.transport.send(rank, start)
         accumulator = optimizer.begin_round(weights, dict(state), round_idx=round_idx)
-        fold = RoundFold(weights, accumulator, functools.partial(self._fold_update, round_idx))
+        fold = RoundFold(
+            weights, accumulator, functools.partial(self._fold_update, round_idx), self._fetch_update
+        )
         try:
             arrived = await fold.alongside(
                 collect_updates(
@@ -245,7 +249,7 @@ class Aggregator(Role):
                 )
             )
         finally:
-            self._open = None
+            self._taken, self._open = self._open.received, None
         agg_started = time.perf_counter()
         accepted, rejected, (new_weights, new_state) = await self._aggregate(
             round_idx, fold, arrived, quorum=self.plan.quorum(len(selected)), selected=selected
@@ -307,16 +311,9 @@ class Aggregator(Role):
         return accepted, rejected, await asyncio.to_thread(fold.accumulator.finish)
 
     async def _fold_update(self, round_idx: int, fold: RoundFold, message: Update) -> None:
-        """Fetch, check and fold one arrived update into the round (or reject it, with the reason)."""
-        from unitedllm.optimizers.base import ClientUpdate
-
+        """Check and fold one arrived update (fetched by :meth:`_fetch_update`) or reject it, with the reason."""
         try:  # the round's check_update checks everything, the sample count included
-            delta = await fetch_update(self.store, message, fold.weights, self.cfg)
-            extras = await self._fetch_update_extras(message, fold.weights, fold.accumulator.optimizer)
-            update = ClientUpdate(
-                rank=message.sender, delta=delta, num_samples=message.num_samples, extras=extras
-            )
-            await asyncio.to_thread(fold.accumulator.add, update)
+            await asyncio.to_thread(fold.accumulator.add, await fold.fetched(message))
         except UnitedLLMError as exc:
             fold.rejected[message.sender] = str(exc)
             self._reject(message.sender, round_idx, str(exc))
@@ -345,17 +342,17 @@ class Aggregator(Role):
             for key, tensors in groups.items()
         }
 
-    async def _fetch_update_extras(
-        self, message: Update, weights: Mapping[str, torch.Tensor], optimizer: Any
-    ) -> dict[str, torch.Tensor]:
-        """An update's extra tensors as ``"<group>/<name>"``, fetched only when the optimizer uses them."""
-        if not message.extras or not optimizer.required_extras(weights):
-            return {}
+    async def _fetch_update(self, fold: RoundFold, message: Update) -> ClientUpdate:
+        """An update's delta (decoded by the run's codec) and its extras as ``"<group>/<name>"`` (when used)."""
+        from unitedllm.optimizers.base import ClientUpdate
+
+        delta = await fetch_update(self.store, message, fold.weights, self.cfg)
         extras: dict[str, torch.Tensor] = {}
-        for key, ref in sorted(message.extras.items()):
-            tensors = await asyncio.to_thread(decode_tensors, await self.store.get(ref))
-            extras.update({f"{key}/{name}": t for name, t in tensors.items()})
-        return extras
+        if message.extras and fold.accumulator.optimizer.required_extras(fold.weights):
+            for key, ref in sorted(message.extras.items()):
+                tensors = await asyncio.to_thread(decode_tensors, await self.store.get(ref))
+                extras.update({f"{key}/{name}": t for name, t in tensors.items()})
+        return ClientUpdate(rank=message.sender, delta=delta, num_samples=message.num_samples, extras=extras)
 
     def _reject(self, rank: int, round_idx: int, reason: str) -> None:
         log.warning("round %d: update from client %d refused: %s", round_idx, rank, reason)

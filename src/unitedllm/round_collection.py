@@ -5,7 +5,7 @@ selected client was sent (so a client that restarts mid-round can be sent it aga
 updates accepted so far. :func:`collect_updates` waits for them until every selected client
 answered, the missing ones are all offline with the quorum met, or the deadline passes.
 :class:`RoundFold` folds each accepted update into the server optimizer's round while the other
-clients still train.
+clients still train, fetching the next arrived update meanwhile.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,14 @@ class OpenRound:
     resent: set[int] = field(
         default_factory=set
     )  # ranks sent the start again since they were last seen offline
+    #: The round before's updates: a copy of one arriving late (a client answered a resumed
+    #: aggregator's repeated start after its first answer was taken) is the same update, not a new one.
+    previous: Mapping[int, Update] = field(default_factory=dict)
+
+    def is_repeat(self, update: Update) -> bool:
+        """Whether ``update`` is one already taken in the round before (sent once more)."""
+        earlier = self.previous.get(update.sender)
+        return earlier is not None and (earlier.round, earlier.delta_ref) == (update.round, update.delta_ref)
 
     @property
     def selected(self) -> list[int]:
@@ -96,7 +105,11 @@ async def collect_updates(
             get.cancel()
             continue
         update = get.result()
-        if update.round != round_idx:
+        if round_.is_repeat(update):
+            log.info(
+                "round %d: client %d sent round %d's update again", round_idx, update.sender, update.round
+            )
+        elif update.round != round_idx:
             reject(update.sender, round_idx, f"update for round {update.round} arrived in round {round_idx}")
         elif update.sender not in selected:
             reject(update.sender, round_idx, "client was not selected for this round")
@@ -113,9 +126,10 @@ async def collect_updates(
 class RoundFold:
     """A round's updates folded one at a time as they arrive, while the other clients still train.
 
-    Streaming keeps one update in memory at a time; by the time the last client answers,
-    only its own update is left to fetch and fold. ``fold_one`` fetches, checks and folds
-    one update into ``accumulator`` (or rejects it), recording the outcome here.
+    ``fold_one`` checks and folds one update into ``accumulator`` (or rejects it), recording the
+    outcome here; it gets the update's tensors from :meth:`fetched`, which runs ``fetch``. When an
+    update waits behind the one being folded, its fetch (download and decode) starts at once, so
+    the tail of a round overlaps transfer with folding while holding at most two updates in memory.
     """
 
     def __init__(
@@ -123,22 +137,52 @@ class RoundFold:
         weights: Mapping[str, torch.Tensor],
         accumulator: Any,
         fold_one: Callable[[RoundFold, Update], Awaitable[None]],
+        fetch: Callable[[RoundFold, Update], Awaitable[Any]] | None = None,
     ):
         self.weights = weights
         self.accumulator = accumulator
         self.accepted: list[int] = []
         self.rejected: dict[int, str] = {}
         self._fold_one = fold_one
-        self._queue: asyncio.Queue[Update | None] = asyncio.Queue()
+        self._fetch = fetch
+        self._pending: deque[Update | None] = deque()
+        self._arrived = asyncio.Event()
+        self._fetching: dict[int, asyncio.Future[Any]] = {}  # by sender: one update per client per round
         self._worker: asyncio.Task[None] | None = None
 
     def submit(self, message: Update) -> None:
         """Fold ``message``'s update after those submitted before it."""
-        self._queue.put_nowait(message)
+        self._pending.append(message)
+        self._arrived.set()
+
+    async def fetched(self, message: Update) -> Any:
+        """What ``fetch`` makes of ``message`` (already under way when it waited behind another update)."""
+        self._prefetch(message)
+        return await self._fetching.pop(message.sender)
+
+    def _prefetch(self, message: Update) -> None:
+        if self._fetch is None:
+            raise RuntimeError("RoundFold.fetched needs the fetch callable")
+        if message.sender not in self._fetching:
+            self._fetching[message.sender] = asyncio.ensure_future(self._fetch(self, message))
+
+    async def _next(self) -> Update | None:
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self._pending.popleft()
 
     async def _run(self) -> None:
-        while (message := await self._queue.get()) is not None:
-            await self._fold_one(self, message)
+        try:
+            while (message := await self._next()) is not None:
+                following = self._pending[0] if self._pending else None
+                if following is not None and self._fetch is not None:
+                    self._prefetch(message)
+                    self._prefetch(following)  # fetched while this one folds: two updates in memory at most
+                await self._fold_one(self, message)
+        finally:
+            for task in self._fetching.values():
+                task.cancel()
 
     async def alongside(self, collecting: Awaitable[list[Update]]) -> list[Update]:
         """Run ``collecting`` while folding what it submits; a failed fold stops both at once."""
@@ -157,5 +201,6 @@ class RoundFold:
     async def drained(self) -> None:
         """Wait until every submitted update has been folded (or rejected)."""
         assert self._worker is not None
-        self._queue.put_nowait(None)
+        self._pending.append(None)
+        self._arrived.set()
         await self._worker
