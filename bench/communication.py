@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from unitedllm.comm.codecs import TensorSpec, available, codec_for
-from unitedllm.protocol.payload import decode_tensors, encode_tensors
+from unitedllm.comm.codecs import available, codec_for
+from unitedllm.comm.codecs.wire import UpdateEncoding, decode_update
+from unitedllm.protocol.payload import encode_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_CONFIG = REPO.parent / "shared" / "data" / "pythia" / "pythia-14m" / "config.json"
@@ -53,22 +54,26 @@ def update_shapes(model_config: Path, lora_r: int | None) -> dict[str, torch.Ten
     return {name: torch.randn(shape, generator=gen) * 1e-3 for name, shape in shapes.items()}
 
 
-def measure(update: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    like = {name: TensorSpec.of(t) for name, t in update.items()}
+def measure(update: dict[str, torch.Tensor], clients: int) -> list[dict[str, Any]]:
+    """Each codec's blob as a client sends it (the round loop's own encoder) and per round for ``clients``."""
+    global_bytes = len(encode_tensors(update))  # the global weights travel dense, one copy per client
     rows = []
     for name in available():
-        codec = codec_for(name)
+        codec = None if name == "none" else codec_for(name)
+        encoding = UpdateEncoding(codec)
         started = time.perf_counter()
-        encoded = codec.encode(update)
-        blob = encode_tensors(encoded.wire)
+        blob, _residual = encoding.encode(update, {} if encoding.keeps_residual else None)
         encode_s = time.perf_counter() - started
         started = time.perf_counter()
-        codec.decode(decode_tensors(blob), like)
+        decode_update(encoding.name, blob, update, codec)
         decode_s = time.perf_counter() - started
         rows.append(
             {
                 "codec": name,
+                "blob_codec": encoding.name,
                 "bytes": len(blob),
+                "round_upload_bytes": len(blob) * clients,
+                "round_download_bytes": global_bytes * clients,
                 "encode_s": round(encode_s, 3),
                 "decode_s": round(decode_s, 3),
             }
@@ -83,13 +88,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-config", type=Path, default=DEFAULT_MODEL_CONFIG)
     parser.add_argument("--lora-r", type=int, default=None, help="measure LoRA adapters of this rank instead")
+    parser.add_argument("--clients", type=int, default=8, help="clients per round (the Dolly bench's 8)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if not args.model_config.is_file():
         raise SystemExit(f"{args.model_config}: not found (the shared Pythia configs are needed)")
     torch.set_num_threads(1)
     update = update_shapes(args.model_config, args.lora_r)
-    rows = measure(update)
+    rows = measure(update, args.clients)
     result = {
         "bench": "communication",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -97,6 +103,7 @@ def main() -> None:
         "model": str(args.model_config.parent.name),
         "trained": f"lora r={args.lora_r}" if args.lora_r else "full model",
         "parameters": sum(t.numel() for t in update.values()),
+        "clients_per_round": args.clients,
         "rows": rows,
     }
     for row in rows:

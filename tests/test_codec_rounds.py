@@ -17,7 +17,7 @@ from unitedllm.comm.codecs import codec_for
 from unitedllm.comm.codecs.wire import UpdateEncoding, decode_update
 from unitedllm.config import load_config
 from unitedllm.config.types import Config
-from unitedllm.errors import ConfigError, ProtocolError
+from unitedllm.errors import ConfigError, ProtocolError, UpdateRejected
 from unitedllm.runner import run_async
 from unitedllm.training.base import FitResult
 
@@ -317,3 +317,18 @@ def test_a_late_copy_of_the_last_rounds_update_is_not_a_rejection() -> None:
 
     assert [u.round for u in asyncio.run(main())] == [3, 3]
     assert rejected == [(2, "update for round 2 arrived in round 3")]  # a different update still is
+
+
+def test_an_update_beyond_fp16_range_stops_the_run_with_the_reason(tmp_path: Path) -> None:
+    from unitedllm.errors import RoundError
+
+    def huge(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: torch.full_like(v, 1e6) for k, v in w.items()}
+
+    cfg = make_config(tmp_path, "fp16", round_timeout_s=600)
+    trainers = {rank: LinearTrainer(rank, poison=huge if rank == 2 else None) for rank in (0, 1, 2, 3)}
+    with pytest.raises((RoundError, UpdateRejected)) as info:
+        asyncio.run(run_async(cfg, run_id="fp16", trainer_factory=lambda _c, rank: trainers[rank]))
+    assert "fp16" in str(info.value) or "float16" in str(info.value)
+    errors = events(tmp_path / "fp16" / "metrics.jsonl", "client_error")
+    assert [e["rank"] for e in errors] == [2] and "float16" in errors[0]["message"]

@@ -249,7 +249,13 @@ class Client(Role):
             _delta, result.weights, weights, wide=self._encoding.codec is not None
         )
         upload_started = time.perf_counter()
-        data = await asyncio.to_thread(self._encode_update, delta, round_idx)
+        try:  # fp16 refuses a value beyond its range: the aggregator hears why at once
+            data = await asyncio.to_thread(self._encode_update, delta, round_idx)
+        except UnitedLLMError as exc:
+            await self.transport.send(
+                SERVER_RANK, Error(run_id=self.run_id, round=round_idx, sender=self.rank, message=str(exc))
+            )
+            raise
         ref = await self.store.put(data, codec=self._encoding.name)
         extra_refs = {
             key: await self.store.put(await asyncio.to_thread(encode_tensors, tensors))
