@@ -25,6 +25,7 @@ DiLoCo). There is no pass/fail threshold.
     python bench/learning.py                                 # ~10-15 min on 2 CPU cores
     python bench/learning.py --rounds 20 --local-steps 50 --max-seq-length 512 --eval-examples 1000
     python bench/learning.py --optimizers FedAvg,DiLoCo --server-lr DiLoCo=0.5 --out learning.json
+    python bench/learning.py --optimizers 'FedAvg,DiLoCo[server_momentum=0.5]' --seed 7 --rounds 6 --local-steps 10
 
 Prints one JSON document on stdout (or to ``--out``) and a table on stderr (stdout with ``--out``).
 """
