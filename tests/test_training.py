@@ -97,12 +97,12 @@ def test_two_rounds_lower_the_loss_and_report_progress(tmp_path: Path) -> None:
     weights = trainer.initial_weights()
     before = trainer.evaluate(weights)
     events: list[StepEvent] = []
-    first = trainer.fit(weights, round_idx=1, max_steps=6, on_step=events.append)
-    second = trainer.fit(first.weights, round_idx=2, max_steps=6, on_step=events.append)
+    first = trainer.fit(weights, round_idx=0, max_steps=6, on_step=events.append)
+    second = trainer.fit(first.weights, round_idx=1, max_steps=6, on_step=events.append)
     after = trainer.evaluate(second.weights)
     assert after.metrics["eval_loss"] < before.metrics["eval_loss"] - 0.5
     assert after.metrics["perplexity"] < before.metrics["perplexity"]
-    assert [(e.round_idx, e.step) for e in events] == [(r, s) for r in (1, 2) for s in range(1, 7)]
+    assert [(e.round_idx, e.step) for e in events] == [(r, s) for r in (0, 1) for s in range(1, 7)]
     assert all(e.rank == 1 and e.max_steps == 6 for e in events)
     assert second.num_samples == len(trainer.train_dataset)  # FedAvg's n_k: the local dataset size
     assert second.metrics["train_samples"] == 6 * 8
@@ -137,19 +137,19 @@ def test_same_seed_gives_identical_weights(tmp_path: Path) -> None:
 
 def test_learning_rate_schedule_continues_across_rounds(tmp_path: Path) -> None:
     trainer = HFLocalTrainer(make_cfg(tmp_path), 1)
-    lrs: dict[int, list[float]] = {1: [], 2: []}
+    lrs: dict[int, list[float]] = {0: [], 1: []}
 
     def record(event: StepEvent) -> None:
         assert event.learning_rate is not None
         lrs[event.round_idx].append(event.learning_rate)
 
-    w = trainer.fit(trainer.initial_weights(), round_idx=1, max_steps=6, on_step=record).weights
-    trainer.fit(w, round_idx=2, max_steps=6, on_step=record)
+    w = trainer.fit(trainer.initial_weights(), round_idx=0, max_steps=6, on_step=record).weights
+    trainer.fit(w, round_idx=1, max_steps=6, on_step=record)
     # Linear decay over 6 steps x 3 rounds: one constant decrement, no restart at round 2.
-    seq = lrs[1] + lrs[2]
+    seq = lrs[0] + lrs[1]
     step = 5e-3 / 18
     assert seq[0] == pytest.approx(5e-3)  # the rate the first step used
-    assert lrs[2][0] == pytest.approx(lrs[1][-1] - step)
+    assert lrs[1][0] == pytest.approx(lrs[0][-1] - step)
     assert all(b == pytest.approx(a - step) for a, b in itertools.pairwise(seq))
     state = trainer.state_dict()
     assert state["scheduler"]["last_epoch"] == 12
@@ -159,8 +159,26 @@ def test_learning_rate_schedule_continues_across_rounds(tmp_path: Path) -> None:
     resumed = HFLocalTrainer(make_cfg(tmp_path), 1)
     resumed.load_state_dict(state)
     got: list[float] = []
-    resumed.fit(w, round_idx=3, max_steps=6, on_step=lambda e: got.append(e.learning_rate or 0.0))
+    resumed.fit(w, round_idx=2, max_steps=6, on_step=lambda e: got.append(e.learning_rate or 0.0))
     assert got[0] == pytest.approx(seq[-1] - step)
+
+
+def test_a_client_left_out_of_a_round_trains_at_the_runs_point_in_the_schedule(tmp_path: Path) -> None:
+    """The schedule spans the run: a client selected in rounds 0 and 2 only starts round 2 at step 12 of 18."""
+    trainer = HFLocalTrainer(make_cfg(tmp_path), 1)
+    lrs: dict[int, list[float]] = {0: [], 2: []}
+
+    def record(event: StepEvent) -> None:
+        assert event.learning_rate is not None
+        lrs[event.round_idx].append(event.learning_rate)
+
+    w = trainer.fit(trainer.initial_weights(), round_idx=0, max_steps=6, on_step=record).weights
+    trainer.fit(w, round_idx=2, max_steps=6, on_step=record)
+    step = 5e-3 / 18
+    assert lrs[0][0] == pytest.approx(5e-3)
+    assert lrs[2][0] == pytest.approx(5e-3 - 12 * step)  # not 5e-3 - 6 * step: the run went on without it
+    assert lrs[2][-1] == pytest.approx(step)  # and it ends decayed with everyone else
+    assert trainer.state_dict()["scheduler"]["last_epoch"] == 18
 
 
 def test_trainers_share_one_model_but_keep_their_own_optimizer(tmp_path: Path) -> None:

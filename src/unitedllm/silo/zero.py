@@ -116,9 +116,14 @@ class ZeroRounds(OptimizerRounds):
         self._args: Any = None
         self._steps = 0
 
-    def begin_round(self, model: Any, args: Any, steps: int) -> None:
-        """Remember the round's arguments: the engine builds the optimizer when the round's ``Trainer`` starts."""
+    def begin_round(self, model: Any, args: Any, steps: int, *, round_idx: int = 0) -> None:
+        """Remember the round's arguments: the engine builds the optimizer when the round's ``Trainer`` starts.
+
+        The round's schedule starts at the run's point in it, ``round_idx * steps`` (see
+        :meth:`OptimizerRounds.begin_round`).
+        """
         self._args, self._steps = args, steps
+        self.steps_done = max(self.steps_done, round_idx * steps)
 
     def trainer(self, **kwargs: Any) -> Any:
         """A Hugging Face ``Trainer`` for this round that continues this client's optimizer and schedule."""

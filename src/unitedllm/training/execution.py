@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +33,13 @@ class OptimizerRounds(abc.ABC):
     """One rank's local optimizer and schedule across rounds: each round continues where the last one ended."""
 
     @abc.abstractmethod
-    def begin_round(self, model: Any, args: Any, steps: int) -> None:
-        """Get ready for a round of ``steps`` optimizer steps with these training arguments."""
+    def begin_round(self, model: Any, args: Any, steps: int, *, round_idx: int = 0) -> None:
+        """Get ready for round ``round_idx``, of ``steps`` optimizer steps with these training arguments.
+
+        The schedule spans the whole run (``steps`` per round times ``comm_round``) and a round starts
+        at the run's own point in it, ``round_idx * steps``: a client left out of some rounds does not
+        fall behind the others (:func:`advance_schedule`).
+        """
 
     @abc.abstractmethod
     def trainer(self, **kwargs: Any) -> Any:
@@ -69,15 +75,15 @@ class KeptOptimizer(OptimizerRounds):
         self._steps_per_round: int | None = None
         self._pending: Mapping[str, Any] | None = None
 
-    def begin_round(self, model: Any, args: Any, steps: int) -> None:
-        if self._optimizer is not None:
-            return
-        self._optimizer = self._make_optimizer(model, args)
-        self._scheduler = self._make_scheduler(self._optimizer, steps)
-        self._steps_per_round = steps
-        if self._pending:
-            pending, self._pending = self._pending, None
-            self.load_state_dict(pending)
+    def begin_round(self, model: Any, args: Any, steps: int, *, round_idx: int = 0) -> None:
+        if self._optimizer is None:
+            self._optimizer = self._make_optimizer(model, args)
+            self._scheduler = self._make_scheduler(self._optimizer, steps)
+            self._steps_per_round = steps
+            if self._pending:
+                pending, self._pending = self._pending, None
+                self.load_state_dict(pending)
+        advance_schedule(self._scheduler, round_idx * steps)
 
     def trainer(self, **kwargs: Any) -> Any:
         from transformers import Trainer
@@ -148,3 +154,16 @@ class Execution:
     ) -> OptimizerRounds:
         """Who keeps the optimizer and schedule across rounds under this execution."""
         return KeptOptimizer(make_optimizer, make_scheduler)
+
+
+def advance_schedule(scheduler: Any, position: int) -> None:
+    """Move ``scheduler`` forward to step ``position`` of the run (never back).
+
+    A client trains only in the rounds it is selected for; without this its schedule would count only
+    its own steps and, left out of some rounds, it would end the run still warm instead of decayed.
+    """
+    with warnings.catch_warnings():
+        # Stepping a schedule with no optimizer step in between is what this means to do.
+        warnings.simplefilter("ignore", UserWarning)
+        while scheduler.last_epoch < position:
+            scheduler.step()

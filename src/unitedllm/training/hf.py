@@ -217,7 +217,7 @@ class HFLocalTrainer(LocalTrainer):
                 load_trainable(model, weights)
             model.zero_grad(set_to_none=True)
             args = self._training_args(steps, round_seed(self.cfg.train_args.seed, self.rank, round_idx))
-            self._rounds.begin_round(model, args, steps)
+            self._rounds.begin_round(model, args, steps, round_idx=round_idx)
             trainer = self._hf_trainer(model, args, train, round_idx, steps, on_step)
             if correction is not None:
                 from unitedllm.training.callbacks import CorrectionCallback
