@@ -11,7 +11,7 @@ import logging
 import os
 import warnings
 
-__all__ = ["LIBRARY_LOGGERS", "setup_logging"]
+__all__ = ["LIBRARY_LOGGERS", "quiet_deepspeed_cpu_notice", "setup_logging"]
 
 # Libraries whose INFO and WARNING records would bury the run's own story; their errors still show.
 LIBRARY_LOGGERS = (
@@ -22,9 +22,29 @@ LIBRARY_LOGGERS = (
     "botocore",
     "aiobotocore",
     "torch",
-    # also drops DeepSpeed's "Setting accelerator to CPU" notice, printed on import on a CPU-only machine
+    # DeepSpeed sets its logger's level again when it is imported: see quiet_deepspeed_cpu_notice.
     "DeepSpeed",
 )
+
+
+class _DeepSpeedCpuNotice(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU" warning when torch sees no GPU either."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Setting accelerator to CPU"):
+            return True
+        import torch
+
+        return bool(torch.cuda.is_available())
+
+
+def quiet_deepspeed_cpu_notice() -> None:
+    """transformers imports DeepSpeed where it is installed, and DeepSpeed then warns that it found no
+    GPU: noise on a CPU-only machine, kept wherever torch sees a GPU that DeepSpeed missed. A filter,
+    not a level, because DeepSpeed sets its logger's level when it is imported (idempotent)."""
+    ds = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DeepSpeedCpuNotice) for f in ds.filters):
+        ds.addFilter(_DeepSpeedCpuNotice())
 
 
 def setup_logging(verbose: bool, *, handler: logging.Handler, level: int = logging.INFO) -> None:
@@ -45,3 +65,4 @@ def setup_logging(verbose: bool, *, handler: logging.Handler, level: int = loggi
     logging.getLogger("unitedllm").setLevel(logging.DEBUG if verbose else level)
     for noisy in LIBRARY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_deepspeed_cpu_notice()

@@ -158,18 +158,14 @@ def _quiet_libraries() -> None:
     import os
     import warnings
 
-    # transformers imports DeepSpeed where installed, which then says it found no GPU: noise here.
-    # (A filter, not a level: DeepSpeed sets its logger's level when it is imported.)
-    logging.getLogger("DeepSpeed").addFilter(_not_accelerator_notice)
+    from unitedllm.log_setup import quiet_deepspeed_cpu_notice
+
+    quiet_deepspeed_cpu_notice()
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-
-
-def _not_accelerator_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Setting accelerator to")
 
 
 def _serve_logging(verbose: bool) -> None:
