@@ -15,7 +15,6 @@ from services import require
 
 from unitedllm.config import Config, config_digest, config_schema, dump_config, load_config, validate_file
 from unitedllm.config.cli_support import format_problems, parse_set_options
-from unitedllm.config.schema import committed_schema_path, schema_text
 from unitedllm.errors import ConfigError
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "fedml_config.yaml"
@@ -412,24 +411,6 @@ def test_digest_changes_with_any_value_and_not_with_key_order() -> None:
 
 
 # --- schema -------------------------------------------------------------------------
-
-
-def test_committed_schema_is_current() -> None:
-    path = committed_schema_path()
-    assert path.exists(), f"{path} is missing; run: python -m unitedllm.config.schema"
-    assert path.read_text(encoding="utf-8") == schema_text(), (
-        f"{path} is out of date; run: python -m unitedllm.config.schema"
-    )
-
-
-def test_schema_check_command_fails_on_a_stale_file(tmp_path: Path) -> None:
-    stale = tmp_path / "schema.json"
-    stale.write_text("{}\n")
-    cmd = [sys.executable, "-m", "unitedllm.config.schema", "--check", "--output", str(stale)]
-    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1 and "out of date" in run.stderr
-    subprocess.run(cmd[:3] + ["--output", str(stale)], check=True, capture_output=True, timeout=120)
-    assert subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120).returncode == 0
 
 
 def test_schema_describes_limits_and_choices() -> None:

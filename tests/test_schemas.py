@@ -81,3 +81,11 @@ def test_check_names_a_stale_schema_and_exits_1(tmp_path: Path) -> None:
     ]
     write_all(tmp_path)
     assert stale_schemas(tmp_path) == []
+
+
+def test_the_command_writes_what_check_then_accepts(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "unitedllm.schemas", "--dir", str(tmp_path)]
+    assert subprocess.run([*command, "--check"], capture_output=True).returncode == 1  # none there yet
+    subprocess.run(command, check=True, capture_output=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(COMMITTED)
+    assert subprocess.run([*command, "--check"], capture_output=True).returncode == 0

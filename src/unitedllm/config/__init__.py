@@ -49,7 +49,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy so that `python -m unitedllm.config.schema` runs the module once, not twice.
+    # Lazy: `import unitedllm.config` stays light; the schema and file validation load on first use.
     if name in ("config_schema", "validate_file"):
         from unitedllm.config import schema
 

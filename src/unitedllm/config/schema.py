@@ -4,13 +4,11 @@ The schema is never written by hand: ``msgspec.json.schema`` derives it from
 :mod:`unitedllm.config.types`, and the committed copy is kept current with
 ``python -m unitedllm.schemas`` (every committed schema; ``--check`` exits 1 when one is stale, CI
 runs it), which renders it through :func:`unitedllm.schemas.render` so that the bytes do not depend
-on the msgspec version. ``python -m unitedllm.config.schema`` writes or checks this one file.
+on the msgspec version.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,11 +23,8 @@ from unitedllm.errors import ConfigError, ConfigProblem
 
 __all__ = [
     "SCHEMA_ID",
-    "committed_schema_path",
     "config_schema",
-    "schema_text",
     "validate_file",
-    "write_schema",
 ]
 
 SCHEMA_ID = "urn:unitedllm:schema:config"
@@ -51,26 +46,6 @@ def config_schema() -> dict[str, Any]:
         "Generated from unitedllm.config.types; do not edit by hand.",
         **generated,
     }
-
-
-def schema_text() -> str:
-    """The schema as it is committed (normalised by :func:`unitedllm.schemas.render`)."""
-    from unitedllm.schemas import render
-
-    return render(config_schema())
-
-
-def committed_schema_path() -> Path:
-    """Where the committed schema lives in a source checkout (``schemas/`` beside ``src/``)."""
-    return Path(__file__).resolve().parents[3] / "schemas" / "unitedllm-config.schema.json"
-
-
-def write_schema(path: str | Path) -> Path:
-    """Write the schema to ``path`` (folders created) and return the path."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(schema_text(), encoding="utf-8")
-    return out
 
 
 def _yaml_path(parts: Sequence[str | int]) -> str:
@@ -117,29 +92,3 @@ def validate_file(
         if not covered:
             problems.append(problem)
     return problems
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m unitedllm.config.schema [--check] [--output PATH]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m unitedllm.config.schema", description="Write (or --check) the config JSON Schema."
-    )
-    parser.add_argument("--check", action="store_true", help="exit 1 if the committed schema is out of date")
-    parser.add_argument(
-        "--output", type=Path, default=committed_schema_path(), help="schema file (default: %(default)s)"
-    )
-    args = parser.parse_args(argv)
-    if args.check:
-        current = args.output.read_text(encoding="utf-8") if args.output.exists() else None
-        if current != schema_text():
-            what = "is missing" if current is None else "is out of date with unitedllm.config.types"
-            print(f"{args.output} {what}; run: python -m unitedllm.config.schema", file=sys.stderr)
-            return 1
-        print(f"{args.output} is current")
-        return 0
-    print(f"wrote {write_schema(args.output)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
