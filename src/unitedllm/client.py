@@ -19,6 +19,7 @@ from unitedllm.comm.codecs.wire import UpdateEncoding, run_codec
 from unitedllm.errors import BlobNotFound, CommError, RoundError, UnitedLLMError
 from unitedllm.protocol.messages import Error, EvalReport, Finish, Hello, RoundStart, Update
 from unitedllm.protocol.payload import decode_tensors, encode_tensors
+from unitedllm.ranks import check_rank
 from unitedllm.role import SERVER_RANK, Role
 from unitedllm.rounds import RoundPlan
 
@@ -58,13 +59,7 @@ class Client(Role):
         on_step: Callable[[StepEvent], None] | None = None,
         metrics: MetricsLog | None = None,
     ):
-        total = cfg.train_args.client_num_in_total
-        if not 1 <= rank <= total:
-            from unitedllm.errors import ConfigError, ConfigProblem
-
-            raise ConfigError(
-                ConfigProblem("--rank", f"{rank} is not a client rank of this run (1..{total})")
-            )
+        check_rank(cfg, rank, where="--rank")
         super().__init__(
             cfg, rank=rank, run_id=run_id, trainer=trainer, transport=transport, store=store, hub=hub
         )

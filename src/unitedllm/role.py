@@ -8,6 +8,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
+from unitedllm.ranks import AGGREGATOR_RANK
 from unitedllm.run_layout import RunLayout
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SERVER_RANK", "Role", "run_output_dir"]
 
-SERVER_RANK = 0
+SERVER_RANK = AGGREGATOR_RANK  # the name the round loop uses; one definition in unitedllm.ranks
 
 
 def run_output_dir(cfg: Config, run_id: str) -> Path:
