@@ -135,7 +135,7 @@ def test_validate_catches_a_fedadam_parameter_given_to_krum(tmp_path: Path) -> N
     config = tmp_path / "fedml_config.yaml"
     config.write_text("train_args:\n  server_optimizer: Krum\n  server_optimizer_args:\n    beta1: 0.9\n")
     proc = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "unitedllm-build"), "validate", str(config)],
+        [str(Path(sys.executable).parent / "unitedllm-build"), "validate", str(config)],
         capture_output=True,
         text=True,
     )
