@@ -511,6 +511,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every method and return the report (raises UsageError / UnitedLLMError on bad input)."""
     user = _user_overrides(args)
     _server_lrs(args, _optimizers(args))
+    for entry in _optimizers(args):
+        _variant(entry)  # a malformed rule variant is a usage error even when the data is absent
     data, skipped = _data_dir(args)
     if skipped:
         return {"benchmark": "learning", "skipped": skipped}
