@@ -19,7 +19,9 @@ pip install -q "${PIN[@]}" -e ".[$EXTRAS]"
 # DeepSpeed (the deepspeed extra; client silos under its launcher, and the tests run ZeRO-2/3 on the CPU).
 # Without build isolation pip builds it against the torch above instead of pulling a CUDA torch, and
 # DS_BUILD_OPS=0 compiles no CUDA kernels (the CPU ops it needs are built on first use).
+# The torch above is pinned for this step too: an eager upgrade would otherwise replace it.
 python -c "import deepspeed" 2>/dev/null || {
     pip install -q "setuptools>=68,<81" wheel
-    DS_BUILD_OPS=0 pip install -q --no-build-isolation "${PIN[@]}" "deepspeed>=0.15"
+    TORCH="torch==$(python -c 'import torch; print(torch.__version__.split("+")[0])')"
+    DS_BUILD_OPS=0 pip install -q --no-build-isolation "${PIN[@]}" "deepspeed>=0.15" "$TORCH"
 }
