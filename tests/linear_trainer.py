@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from unitedllm.optimizers.client_hook import LocalCorrection
 from unitedllm.training.base import EvalResult, FitResult, LocalTrainer, StepEvent
 
 DIM = 8
@@ -87,3 +88,34 @@ class LinearTrainer(LocalTrainer):
 
     def save_model(self, weights: Mapping[str, torch.Tensor], directory: Path) -> None:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
+
+
+class CorrectingLinearTrainer(LinearTrainer):
+    """The linear trainer with FedProx/SCAFFOLD support, as a user would add it: one call before each step."""
+
+    applies_corrections = True
+
+    def fit(  # type: ignore[override]
+        self,
+        weights: Mapping[str, torch.Tensor],
+        *,
+        round_idx: int,
+        max_steps: int,
+        on_step: Callable[[StepEvent], None] | None = None,
+        correction: LocalCorrection | None = None,
+    ) -> FitResult:
+        w = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
+        loss = torch.tensor(0.0)
+        for _ in range(max(1, max_steps)):
+            for t in w.values():
+                t.grad = None
+            loss = self._loss(w)
+            loss.backward()
+            if correction is not None:
+                correction.apply(w, self.lr)
+            with torch.no_grad():
+                for t in w.values():
+                    t -= self.lr * t.grad  # type: ignore[operator]
+        out = {k: v.detach().clone() for k, v in w.items()}
+        self.fits.append((round_idx, out))
+        return FitResult(out, self.n, {"train_loss": float(loss.detach())})

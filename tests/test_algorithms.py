@@ -11,14 +11,14 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 import torch
-from linear_trainer import LinearTrainer
+from linear_trainer import CorrectingLinearTrainer, LinearTrainer
 
 from unitedllm.config.schema import config_schema
 from unitedllm.config.types import Config, ServerOptimizerArgs
@@ -30,37 +30,9 @@ from unitedllm.optimizers.fedavg import FedAvg
 from unitedllm.optimizers.fedprox import ProximalHook
 from unitedllm.optimizers.scaffold import ScaffoldHook
 from unitedllm.runner import run_async
-from unitedllm.training.base import FitResult, StepEvent
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = available()
-
-
-class CorrectingTrainer(LinearTrainer):
-    """The linear trainer applying whatever correction a client hook gives, once before each step."""
-
-    applies_corrections = True
-
-    def fit(  # type: ignore[override]
-        self,
-        weights: Mapping[str, torch.Tensor],
-        *,
-        round_idx: int,
-        max_steps: int,
-        on_step: Callable[[StepEvent], None] | None = None,
-        correction: LocalCorrection | None = None,
-    ) -> FitResult:
-        w = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
-        for _ in range(max(1, max_steps)):
-            for t in w.values():
-                t.grad = None
-            self._loss(w).backward()
-            if correction is not None:
-                correction.apply(w, self.lr)
-            with torch.no_grad():
-                for t in w.values():
-                    t -= self.lr * t.grad  # type: ignore[operator]
-        return FitResult({k: v.detach().clone() for k, v in w.items()}, self.n, {})
 
 
 def run_config(tmp_path: Path, name: str, **args: Any) -> Config:
@@ -83,7 +55,7 @@ def run_config(tmp_path: Path, name: str, **args: Any) -> Config:
 
 def run(cfg: Config, run_id: str) -> dict[str, torch.Tensor]:
     result = asyncio.run(
-        run_async(cfg, run_id=run_id, trainer_factory=lambda _c, rank: CorrectingTrainer(rank))
+        run_async(cfg, run_id=run_id, trainer_factory=lambda _c, rank: CorrectingLinearTrainer(rank))
     )
     return dict(result.weights)
 
@@ -255,7 +227,7 @@ def test_a_registered_algorithm_runs_with_no_other_change(tmp_path: Path, damped
         run_async(
             run_config(tmp_path, "FedAvg"),
             run_id="p",
-            trainer_factory=lambda _c, rank: CorrectingTrainer(rank, lr=0.025),
+            trainer_factory=lambda _c, rank: CorrectingLinearTrainer(rank, lr=0.025),
         )
     ).weights
     for n, w in plain.items():

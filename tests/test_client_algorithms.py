@@ -15,7 +15,7 @@ import msgspec
 import numpy as np
 import pytest
 import torch
-from linear_trainer import LinearTrainer
+from linear_trainer import CorrectingLinearTrainer, LinearTrainer
 from safetensors.torch import load_file, save_file
 
 from unitedllm.checkpoints import node_dir
@@ -26,7 +26,7 @@ from unitedllm.optimizers.fedprox import ProximalCorrection
 from unitedllm.optimizers.scaffold import ControlVariates, ScaffoldCorrection
 from unitedllm.rounds import sample_clients
 from unitedllm.runner import run_async
-from unitedllm.training.base import FitResult, StepEvent
+from unitedllm.training.base import StepEvent
 from unitedllm.training.hf import HFLocalTrainer
 from unitedllm.training.model_cache import ModelCache
 
@@ -257,37 +257,6 @@ def test_hf_fedprox_with_mu_zero_gives_plain_training_bytes(hf_setup: tuple[Path
 
 
 # -- a user's own trainer, over whole runs ---------------------------------------------------------
-
-
-class CorrectingLinearTrainer(LinearTrainer):
-    """The linear trainer with FedProx/SCAFFOLD support, as a user would add it: one call before each step."""
-
-    applies_corrections = True
-
-    def fit(  # type: ignore[override]
-        self,
-        weights: Mapping[str, torch.Tensor],
-        *,
-        round_idx: int,
-        max_steps: int,
-        on_step: Callable[[StepEvent], None] | None = None,
-        correction: LocalCorrection | None = None,
-    ) -> FitResult:
-        w = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
-        loss = torch.tensor(0.0)
-        for _ in range(max(1, max_steps)):
-            for t in w.values():
-                t.grad = None
-            loss = self._loss(w)
-            loss.backward()
-            if correction is not None:
-                correction.apply(w, self.lr)
-            with torch.no_grad():
-                for t in w.values():
-                    t -= self.lr * t.grad  # type: ignore[operator]
-        out = {k: v.detach().clone() for k, v in w.items()}
-        self.fits.append((round_idx, out))
-        return FitResult(out, self.n, {"train_loss": float(loss.detach())})
 
 
 def linear_config(tmp_path: Path, optimizer: str, **train_args: Any) -> Config:

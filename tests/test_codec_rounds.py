@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 import torch
-from linear_trainer import LinearTrainer
+from linear_trainer import CorrectingLinearTrainer, LinearTrainer
 
 from unitedllm.comm.codecs import codec_for
 from unitedllm.comm.codecs.wire import UpdateEncoding, decode_update
@@ -19,7 +19,6 @@ from unitedllm.config import load_config
 from unitedllm.config.types import Config
 from unitedllm.errors import ConfigError, ProtocolError, UpdateRejected
 from unitedllm.runner import run_async
-from unitedllm.training.base import FitResult
 
 ROUNDS = 4
 
@@ -137,34 +136,11 @@ def test_int8_resume_after_a_crash_gives_the_uninterrupted_bytes(tmp_path: Path)
     assert final_bytes(resumed) == final_bytes(uninterrupted)
 
 
-class Correcting(LinearTrainer):
-    """The linear trainer applying SCAFFOLD's correction before each step, as a user would add it."""
-
-    applies_corrections = True
-
-    def fit(  # type: ignore[override]
-        self, weights: Any, *, round_idx: int, max_steps: int, on_step: Any = None, correction: Any = None
-    ) -> FitResult:
-        w = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
-        loss = torch.tensor(0.0)
-        for _ in range(max(1, max_steps)):
-            for t in w.values():
-                t.grad = None
-            loss = self._loss(w)
-            loss.backward()
-            if correction is not None:
-                correction.apply(w, self.lr)
-            with torch.no_grad():
-                for t in w.values():
-                    t -= self.lr * t.grad  # type: ignore[operator]
-        return FitResult(
-            {k: v.detach().clone() for k, v in w.items()}, self.n, {"train_loss": float(loss.detach())}
-        )
-
-
 def test_scaffold_extras_travel_dense_beside_an_int8_delta(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, "int8", optimizer="SCAFFOLD")
-    result = asyncio.run(run_async(cfg, run_id="scaffold", trainer_factory=lambda _c, rank: Correcting(rank)))
+    result = asyncio.run(
+        run_async(cfg, run_id="scaffold", trainer_factory=lambda _c, rank: CorrectingLinearTrainer(rank))
+    )
     assert [r.aggregated for r in result.rounds] == [[1, 2, 3]] * ROUNDS
     sent = json.loads((result.output_dir / "node_1" / "sent" / "last_update.json").read_text())
     assert sent["update"]["delta_ref"]["codec"] == "int8+safetensors"
