@@ -183,3 +183,22 @@ def test_shared_run_secret_still_works_with_one_warning(caplog: pytest.LogCaptur
     assert "s3kr1t-value" not in warnings[0], "the secret itself never reaches the log"
     with pytest.raises(ConfigError, match="UNITEDLLM_RANK_KEY_1"):
         resolve_rank_keys(cfg, rank=1, env={})
+
+
+def test_credentials_read_from_files_are_masked_in_this_processs_logs(tmp_path: Path) -> None:
+    """A password, S3 key or rank key that only a settings file holds never reaches a log line."""
+    from unitedllm.comm.keys import resolve_rank_keys
+    from unitedllm.config.redaction import scrub
+
+    (tmp_path / "mqtt.yaml").write_text("BROKER_HOST: b\nMQTT_USER: u\nMQTT_PWD: file-only-mqtt-pw\n")
+    (tmp_path / "s3.yaml").write_text(
+        "endpoint_url: http://s3:9000\nbucket: b\naccess_key_id: a\nsecret_access_key: file-only-s3-sk\n"
+    )
+    (tmp_path / "keys.yaml").write_text("1: file-only-rank-key\n")
+    comm = CommArgs(mqtt_config_path="mqtt.yaml", s3_config_path="s3.yaml", rank_keys_path="keys.yaml")
+    resolve_mqtt(comm, env={}, base_dir=tmp_path)
+    resolve_s3(comm, env={}, base_dir=tmp_path)
+    cfg = Config(train_args=TrainArgs(client_num_in_total=1, client_num_per_round=1), comm_args=comm)
+    resolve_rank_keys(cfg, rank=1, env={}, base_dir=tmp_path)
+    line = "connect with file-only-mqtt-pw, file-only-s3-sk and file-only-rank-key"
+    assert scrub(line) == "connect with ********, ******** and ********"

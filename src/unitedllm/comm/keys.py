@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from unitedllm.comm.settings import ENV_RUN_SECRET, resolve_run_secret
+from unitedllm.config.redaction import remember_secret
 from unitedllm.config.types import Config
 from unitedllm.errors import ConfigError, ConfigProblem
 from unitedllm.protocol.signing import RankKeys
@@ -64,6 +65,7 @@ def _key_file(path: str, base_dir: Path | None, wanted: set[int]) -> dict[int, b
             raise ConfigError(
                 ConfigProblem(where, f"{str(resolved)!r}: the key of rank {rank} must be a non-empty string")
             )
+        remember_secret(value)  # read from a file: mask it in this process's logs too
         keys[rank] = value.encode("utf-8")
     return keys
 
@@ -88,6 +90,7 @@ def resolve_rank_keys(
     for r in wanted:
         value = environ.get(rank_key_env(r), "")
         if value:
+            remember_secret(value)
             keys[r] = value.encode("utf-8")
     missing = sorted(wanted - set(keys))
     if not missing:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unitedllm.config.redaction import remember_secret
 from unitedllm.config.types import CommArgs, Config
 from unitedllm.errors import ConfigError, ConfigProblem
 
@@ -243,6 +244,7 @@ def resolve_mqtt(
         )
     if problems:
         raise ConfigError(problems)
+    remember_secret(values.get("password"))  # wherever it came from: a file's secret is masked in logs too
     return MqttSettings(**values)
 
 
@@ -274,6 +276,7 @@ def resolve_s3(
         )
     if problems:
         raise ConfigError(problems)
+    remember_secret(values.get("secret_access_key"))
     return S3Settings(**values)
 
 
@@ -297,6 +300,7 @@ def resolve_run_secret(
                 )
             )
         return None
+    remember_secret(secret)
     return secret.encode("utf-8")
 
 
