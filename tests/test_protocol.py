@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 import torch
@@ -242,3 +243,27 @@ def test_in_process_clients_hold_only_their_own_key() -> None:
     assert LocalTransport(hub, rank=1).keys.ranks() == {1}
     assert LocalTransport(hub, rank=0).keys.ranks() == {1, 2}
     assert LocalTransport(hub, rank=1).keys.link(0, 2) is None, "client 1 cannot sign as rank 2"
+
+
+def test_a_flood_of_junk_frames_leaves_a_few_log_lines_with_the_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """10,000 junk frames: every one is dropped, but the log gets the first few reasons and one summary line."""
+    from unitedllm.protocol.drop_log import DropLog
+
+    now = [0.0]
+    guard = MessageGuard(run_id="run", secret=SECRET, valid_senders={1})
+    guard._drop_log = DropLog(
+        "message", logging.getLogger("unitedllm.protocol.signing"), clock=lambda: now[0]
+    )
+    with caplog.at_level("WARNING", logger="unitedllm.protocol.signing"):
+        for i in range(10_000):
+            assert guard.admit(b"junk %d" % i) is None
+        now[0] += 61.0  # the next window: the summary of the last one is written
+        assert guard.admit(b"junk again") is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 10 + 1 + 1, lines[:3]
+    assert all(line.startswith("dropped message: malformed") for line in lines[:10])
+    assert lines[10].startswith("dropped 9990 more message frame(s) in the last 60 s"), lines[10]
+    assert "malformed" in lines[10] and lines[11].startswith("dropped message: malformed")
+    assert len(guard.dropped) == 1000, "the reasons kept in memory stay bounded"

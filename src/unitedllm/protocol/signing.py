@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 import msgspec
 
 from unitedllm.errors import ProtocolError
+from unitedllm.protocol.drop_log import DropLog
 from unitedllm.protocol.messages import Message
 
 __all__ = [
@@ -136,6 +137,7 @@ class MessageGuard:
         self._clock_ns = clock_ns
         self._last_seq: dict[int, int] = {}
         self.dropped: list[str] = []
+        self._drop_log = DropLog("message", log)
 
     def admit(self, frame: bytes) -> Message | None:
         """The message in ``frame`` if it passes every check, else ``None`` (the reason is logged)."""
@@ -177,7 +179,7 @@ class MessageGuard:
         """Record and log why a frame was dropped; returns ``None`` (no message) for ``admit``."""
         self.dropped.append(reason)
         del self.dropped[:-1000]  # a flood of junk must not grow memory without bound
-        log.warning("dropped message: %s", reason)
+        self._drop_log(reason)
         return None
 
 
@@ -233,6 +235,7 @@ class PresenceGuard:
         self.receiver = receiver
         self._latest: dict[int, tuple[int, bool]] = {}  # rank -> (epoch, online)
         self.dropped: list[str] = []
+        self._drop_log = DropLog("presence", log)
 
     def admit(self, rank: int, payload: bytes) -> bool | None:
         """Whether ``rank`` is online per ``payload``, or ``None`` when the payload is dropped (logged)."""
@@ -260,5 +263,5 @@ class PresenceGuard:
         """Record and log why a presence payload was dropped; returns ``None`` for ``admit``."""
         self.dropped.append(reason)
         del self.dropped[:-1000]
-        log.warning("dropped presence: %s", reason)
+        self._drop_log(reason)
         return None
