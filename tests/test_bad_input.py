@@ -138,6 +138,19 @@ def test_usage_error_is_one_plain_line_when_piped() -> None:
     assert "╭" not in proc.stderr
 
 
+def test_package_runner_module_usage_error_is_one_plain_line_when_piped() -> None:
+    """``python -m unitedllm.packaging`` (how agents start roles) answers like ``unitedllm package``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "unitedllm.packaging", "run", "pkg.zip"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "Error: Missing option '--rank'." in proc.stderr.splitlines()
+    assert "╭" not in proc.stderr
+
+
 def test_every_number_in_the_schema_has_both_bounds() -> None:
     from unitedllm.config import config_schema
 
