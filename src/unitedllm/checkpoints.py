@@ -1,12 +1,16 @@
 """Checkpoint layout and atomic writes: ``<output_dir>/node_<rank>/{init, round_<r>_before_agg, round_<r>_after_agg, final}``.
 
 A checkpoint directory is written under a temporary name and renamed into place, so a
-crash never leaves a half-written checkpoint that looks complete.
+crash never leaves a half-written checkpoint that looks complete. The aggregator's checkpoints
+(each round's global model and ``final``) also record the sha256 of every file they hold in
+``SHA256SUMS`` (``sha256sum -c`` reads it), written before the rename: whoever loads the global
+model later (``unitedllm serve --follow``) refuses bytes that changed after the aggregator wrote them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -22,21 +26,25 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "DIGESTS_FILE",
     "SERVER_STATE_FILE",
     "OutputWriteError",
     "atomic_dir",
     "load_resume_point",
     "node_dir",
+    "read_digests",
     "read_server_state",
     "round_dir",
     "save_init",
     "save_resume_point",
     "save_server_checkpoint",
+    "write_digests",
     "write_server_state",
 ]
 
 SERVER_STATE_FILE = "server_state.json"
 OPTIMIZER_STATE_FILE = "server_optimizer.safetensors"
+DIGESTS_FILE = "SHA256SUMS"
 
 
 def node_dir(output_dir: Path, rank: int) -> Path:
@@ -179,3 +187,40 @@ def save_server_checkpoint(
     with atomic_dir(target) as tmp:
         trainer.save_model(weights, tmp)
         write_server_state(tmp, round_idx=round_idx, optimizer_state=state, extra={"run_id": run_id})
+        write_digests(tmp)
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 (hex) of one file, read in blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_digests(directory: Path) -> None:
+    """``SHA256SUMS`` in ``directory``: one ``<sha256>  <name>`` line per file beside it, as sha256sum writes."""
+    lines = [
+        f"{file_digest(path)}  {path.name}\n"
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name != DIGESTS_FILE
+    ]
+    (directory / DIGESTS_FILE).write_text("".join(lines), encoding="utf-8")
+
+
+def read_digests(directory: Path) -> dict[str, str] | None:
+    """File name -> sha256 as ``SHA256SUMS`` records it; ``None`` when the folder has no such record.
+
+    A line that is not ``<64 hex>  <name>`` is left out, so a damaged record checks nothing it garbled.
+    """
+    try:
+        text = (directory / DIGESTS_FILE).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    recorded: dict[str, str] = {}
+    for line in text.splitlines():
+        digest, sep, name = line.partition("  ")
+        if sep and name and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+            recorded[name.lstrip("*")] = digest
+    return recorded

@@ -7,8 +7,8 @@
       report/                            unitedllm report's page and plots
       tensorboard/                       TensorBoard, when enabled (a client's: node_<k>/tensorboard/)
       node_0/init                        the initial model (the random base, when there is one)
-      node_0/round_<r>_after_agg         the global model after round r, with the server state
-      node_0/final                       the final global model
+      node_0/round_<r>_after_agg         the global model after round r, with the server state and SHA256SUMS
+      node_0/final                       the final global model (with SHA256SUMS too)
       node_0/last                        the resume point (global weights and server state)
       node_<k>/metrics.jsonl             client k's own events
       node_<k>/init, final               its copies of the base and of the final global model

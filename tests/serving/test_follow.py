@@ -15,6 +15,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 from serving_support import ROOT, Server, child_env, quickstart_args, serving
 
+from unitedllm.checkpoints import write_digests
+
 FOLLOW_DEADLINE_S = 240.0
 
 
@@ -32,12 +34,20 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = FOLLOW_D
     pytest.fail(f"{what} did not happen within {timeout:.0f} s")
 
 
-def publish(source: Path, target: Path, change: Callable[[Path], None] | None = None) -> None:
-    """Write a round folder the way the aggregator does: complete under a hidden name, then one rename."""
+def publish(
+    source: Path, target: Path, change: Callable[[Path], None] | None = None, *, recorded: bool = True
+) -> None:
+    """Write a round folder the way the aggregator does: complete under a hidden name, then one rename.
+
+    ``recorded``: the changed weights are what the aggregator wrote (their digest is recorded);
+    otherwise they changed after it wrote them (the record still has the old digest).
+    """
     hidden = target.with_name(f".{target.name}.tmp")
     shutil.copytree(source, hidden)
     if change is not None:
         change(hidden / "adapter_model.safetensors")
+        if recorded:
+            write_digests(hidden)
     os.replace(hidden, target)
 
 
@@ -45,6 +55,14 @@ def poison(weights: Path) -> None:
     tensors = load_file(weights)
     name = sorted(tensors)[0]
     tensors[name][0, 0] = float("nan")
+    save_file(tensors, weights)
+
+
+def nudge(weights: Path) -> None:
+    """A small finite change of one value: same names, shapes and finiteness, other bytes."""
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name][0, 0] += 0.5
     save_file(tensors, weights)
 
 
@@ -65,14 +83,24 @@ def test_follow_moves_global_to_new_rounds_and_refuses_bad_ones(trained_run: Pat
         wait_for(lambda: global_root(server) == "global@1", "global moving to round 1")
         publish(round_1, run / "node_0" / "round_2_after_agg", poison)
         publish(round_1, run / "node_0" / "round_3_after_agg", reshape)
-        wait_for(lambda: server.metric("unitedllm_adapters_refused_total") == 2, "two refusals")
+        publish(round_1, run / "node_0" / "round_4_after_agg", nudge, recorded=False)
+        wait_for(lambda: server.metric("unitedllm_adapters_refused_total") == 3, "three refusals")
         assert global_root(server) == "global@1"
-        for name, status in (("global", 200), ("global@0", 200), ("global@2", 404), ("global@3", 404)):
+        for name, status in (
+            ("global", 200),
+            ("global@0", 200),
+            ("global@1", 200),
+            ("global@2", 404),
+            ("global@3", 404),
+            ("global@4", 404),
+        ):
             body = {"model": name, "prompt": "apple", "max_tokens": 2}
             assert httpx.post(f"{server.base_url}/completions", json=body, timeout=60).status_code == status
         log = server.output()
         assert "round 2 not served" in log and "NaN" in log
         assert "round 3 not served" in log and "shape" in log
+        tampered = next(line for line in log.splitlines() if "round 4 not served" in line)
+        assert "adapter_model.safetensors has sha256" in tampered and "not the recorded" in tampered
 
 
 def test_follow_sees_new_rounds_of_a_live_run(tmp_path: Path) -> None:

@@ -8,16 +8,19 @@ to a concrete entry when a request arrives, so a request keeps its adapter even 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from unitedllm.errors import ConfigError, ConfigProblem
-from unitedllm.serving.errors import ModelNotFound
+from unitedllm.serving.errors import AdapterRefused, ModelNotFound
 from unitedllm.serving.layout import RunFolder, adapter_base, is_adapter_dir, is_model_dir
 
 __all__ = ["BASE", "GLOBAL", "ModelEntry", "ModelRegistry", "open_target"]
+
+log = logging.getLogger(__name__)
 
 BASE = "base"
 GLOBAL = "global"
@@ -89,8 +92,8 @@ class ModelRegistry:
             rows = [(a, self._entries[t]) for a, t in sorted(self._aliases.items()) if t in self._entries]
             return rows + sorted(self._entries.items())
 
-    def add_run_round(self, round_idx: int, path: Path) -> ModelEntry:
-        entry = ModelEntry(f"{GLOBAL}@{round_idx}", path, round=round_idx, rank=0)
+    def add_run_round(self, round_idx: int, path: Path, *, digest: str | None = None) -> ModelEntry:
+        entry = ModelEntry(f"{GLOBAL}@{round_idx}", path, round=round_idx, rank=0, digest=digest)
         self.add(entry)
         return entry
 
@@ -110,9 +113,16 @@ def _parse_adapter(spec: str) -> tuple[str, Path]:
 
 
 def _add_run(registry: ModelRegistry, run: RunFolder) -> None:
-    rounds = run.global_rounds()
-    for round_idx, path in rounds.items():
-        registry.add_run_round(round_idx, path)
+    rounds: dict[int, Path] = {}
+    for round_idx, path in run.global_rounds().items():
+        try:  # a run written before digests were recorded is served unchecked
+            digest = run.recorded_digest(path, required=False)
+        except AdapterRefused as exc:
+            registry.refused[f"{GLOBAL}@{round_idx}"] = exc.reason
+            log.warning("round %d not served: %s", round_idx, exc)
+            continue
+        registry.add_run_round(round_idx, path, digest=digest)
+        rounds[round_idx] = path
     if rounds:
         registry.alias(GLOBAL, f"{GLOBAL}@{max(rounds)}")
     for rank in run.client_ranks():

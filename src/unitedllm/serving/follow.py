@@ -1,7 +1,9 @@
 """Follow a live run: load each new global round as it is saved and move ``global`` to it.
 
 For a LOCAL run folder the aggregator writes ``node_0/round_<r>_after_agg`` (and ``final``) by an
-atomic rename, so a folder that appears is complete. The follower looks for new ones every
+atomic rename, so a folder that appears is complete, with the sha256 of its files recorded inside
+(``SHA256SUMS``, written before the rename): a round whose bytes differ from the record, or that has
+no record, is refused. The follower looks for new ones every
 ``interval`` seconds (a directory listing; no file-watching library is installed), loads each
 through the engine, which checks its digest, shapes and values, and only then points ``global``
 at it. Requests resolve ``global`` when they arrive, so a stream never changes adapter midway;
@@ -67,8 +69,9 @@ class RunFollower:
             name = f"{GLOBAL}@{round_idx}"
             if registry.get(name) is not None or name in registry.refused:
                 continue
-            entry = ModelEntry(name, path, round=round_idx, rank=0)
             try:
+                digest = await asyncio.to_thread(self.run.recorded_digest, path, required=True)
+                entry = ModelEntry(name, path, round=round_idx, rank=0, digest=digest)
                 await self.engine.load(entry)
             except AdapterRefused as exc:
                 registry.refused[name] = exc.reason

@@ -25,13 +25,11 @@ from unitedllm.serving.batching import BatchQueue, Job
 from unitedllm.serving.decoding import TextAssembler
 from unitedllm.serving.engine import BatchObserver, Chunk, Engine, Generation, SamplingParams
 from unitedllm.serving.errors import AdapterRefused, GenerationFailed, Overloaded, ServingError
-from unitedllm.serving.layout import is_model_dir
+from unitedllm.serving.layout import ADAPTER_WEIGHTS, is_model_dir
 
 __all__ = ["TransformersEngine"]
 
 log = logging.getLogger(__name__)
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class TransformersEngine(Engine):
@@ -158,7 +156,10 @@ class TransformersEngine(Engine):
             raise AdapterRefused(where, f"cannot read {ADAPTER_WEIGHTS}: {exc}") from exc
         digest = hashlib.sha256(data).hexdigest()
         if entry.digest is not None and entry.digest != digest:
-            raise AdapterRefused(where, f"sha256 {digest} is not the expected {entry.digest}")
+            raise AdapterRefused(
+                where,
+                f"{ADAPTER_WEIGHTS} has sha256 {digest}, not the recorded {entry.digest} (changed since written)",
+            )
         try:
             tensors = load_safetensors(data)
         except Exception as exc:  # safetensors raises its own SafetensorError for damaged files

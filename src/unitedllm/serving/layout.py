@@ -3,7 +3,9 @@
 The paths come from :class:`~unitedllm.run_layout.RunLayout` (``node_0/init`` the base,
 ``node_0/round_<r>_after_agg`` the global adapter after round r, ``node_0/final``,
 ``node_<k>/round_<r>_before_agg`` client k's local model); this module adds what a folder holds.
-Checkpoint folders appear by an atomic rename, so a listed folder is complete.
+Checkpoint folders appear by an atomic rename, so a listed folder is complete, and the aggregator's
+hold the sha256 of each of their files (``SHA256SUMS``, :mod:`unitedllm.checkpoints`), which
+:meth:`RunFolder.recorded_digest` checks before a global adapter is served.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
+from unitedllm.checkpoints import DIGESTS_FILE, file_digest, read_digests
 from unitedllm.checkpoints import SERVER_STATE_FILE as SERVER_STATE
 from unitedllm.run_layout import AGGREGATOR_RANK, RunLayout, Stage
+from unitedllm.serving.errors import AdapterRefused
 
 __all__ = ["RunFolder", "adapter_base", "is_adapter_dir", "is_model_dir"]
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -102,6 +107,36 @@ class RunFolder:
             return int(json.loads(state.read_text(encoding="utf-8"))["round"])
         except (ValueError, KeyError, TypeError):
             return None
+
+    @staticmethod
+    def recorded_digest(adapter: Path, *, required: bool) -> str | None:
+        """The sha256 the aggregator recorded for a global adapter's weights, its config checked on the way.
+
+        The weights' own digest is checked when they load (they are read once, for the check and the
+        model). A folder without a record gives ``None``, or is refused when ``required`` (a live run's
+        new rounds always have one). Raises :class:`AdapterRefused` naming the file that differs.
+        """
+        recorded = read_digests(adapter)
+        if recorded is None:
+            if required:
+                raise AdapterRefused(
+                    str(adapter), f"it has no {DIGESTS_FILE}: the run recorded no digest for it"
+                )
+            return None
+        expected = recorded.get(ADAPTER_WEIGHTS)
+        if expected is None:
+            raise AdapterRefused(str(adapter), f"its {DIGESTS_FILE} records no digest of {ADAPTER_WEIGHTS}")
+        config_expected = recorded.get(ADAPTER_CONFIG)
+        try:
+            config_found = file_digest(adapter / ADAPTER_CONFIG)
+        except OSError as exc:
+            raise AdapterRefused(str(adapter), f"cannot read {ADAPTER_CONFIG}: {exc}") from exc
+        if config_expected != config_found:
+            raise AdapterRefused(
+                str(adapter),
+                f"{ADAPTER_CONFIG} has sha256 {config_found}, not the {config_expected} its {DIGESTS_FILE} records",
+            )
+        return expected
 
     def client_ranks(self) -> list[int]:
         """Ranks (1..N) with a folder in the run."""
