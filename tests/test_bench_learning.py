@@ -138,13 +138,13 @@ def test_table_shows_a_failed_run_and_the_gap_to_centralized() -> None:
 
 def test_rule_variants_carry_their_own_server_arguments() -> None:
     bench = _bench()
-    assert bench._variant("DiLoCo") == ("DiLoCo", {})
-    assert bench._variant("DiLoCo[momentum_restart=true; max_step_ratio=3]") == (
+    assert bench.variant("DiLoCo") == ("DiLoCo", {})
+    assert bench.variant("DiLoCo[momentum_restart=true; max_step_ratio=3]") == (
         "DiLoCo",
         {"momentum_restart": True, "max_step_ratio": 3},
     )
-    args = bench._parse_args(["--optimizers", "FedAvg,DiLoCo[momentum_restart=true]", "--seed", "7"])
-    methods = {m.name: m for m in bench._methods(args, 8)}
+    args = bench.parse_args(["--optimizers", "FedAvg,DiLoCo[momentum_restart=true]", "--seed", "7"])
+    methods = {m.name: m for m in bench.methods_of(args, 8)}
     restart = methods["DiLoCo[momentum_restart=true]"].overrides
     assert restart["train_args.server_optimizer"] == "DiLoCo"
     assert restart["train_args.server_optimizer_args.momentum_restart"] is True
