@@ -72,6 +72,7 @@ class Controller:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     token: str = ""
+    args: tuple[str, ...] = ("--heartbeat-s", "1")  # more ``platform serve`` options
 
     @property
     def url(self) -> str:
@@ -86,7 +87,7 @@ class Controller:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "unitedllm", "platform", "serve", "--data-dir", str(self.data_dir),
-                 "--port", str(self.port), "--heartbeat-s", "1"],
+                 "--port", str(self.port), *self.args],
                 env={**self.env, "UNITEDLLM_PLATFORM_ADMIN_TOKEN_FILE": str(token_file)},
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip

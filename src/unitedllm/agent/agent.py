@@ -1,9 +1,11 @@
-"""The agent on each machine: enrol once, then heartbeats, signed commands and one role at a time.
+"""The agent on each machine: enrol once, then heartbeats, presence, signed commands and one role at a time.
 
 Commands arrive by HTTP long-poll from the controller (the controller keeps each command until
 the agent acknowledges it, so none is lost to a dropped connection or a restart of either side).
 Every command must carry the platform's signature, this device's id, an unexpired expiry and a
-nonce never seen before; anything else is refused and logged.
+nonce never seen before; anything else is refused and logged. Where the platform manages the
+broker's identities, the agent also stays online on the broker as its own device, with a last
+will that marks it offline the moment its process dies (:mod:`unitedllm.agent.presence`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from unitedllm.agent.hardware import hardware_report, system_metrics
 from unitedllm.agent.identity import AgentState
 from unitedllm.agent.launcher import Launcher, LocalProcessLauncher
 from unitedllm.agent.link import PlatformLink
+from unitedllm.agent.presence import PresenceBeacon, broker_settings
 from unitedllm.agent.role import RoleRunner
 from unitedllm.platform import signing
 from unitedllm.platform.errors import CommandRefused, PlatformError
@@ -94,6 +97,7 @@ class Agent:
         self.role: RoleRunner | None = None
         self._lock = threading.Lock()
         self._told_pending = False
+        self.beacon: PresenceBeacon | None = None
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -104,6 +108,7 @@ class Agent:
             self.role.reattach(record)
         beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         beat.start()
+        threading.Thread(target=self._presence, name="presence", daemon=True).start()
         try:
             while not self.stopping.is_set():
                 try:
@@ -121,6 +126,10 @@ class Agent:
             if self.stop_roles_on_exit and self.role is not None:
                 self.role.stop_requested.set()
                 self.role.join(60)
+            with self._lock:
+                beacon, self.beacon = self.beacon, None
+            if beacon is not None:
+                beacon.stop()
             self.link.close()
 
     def shutdown(self) -> None:
@@ -209,6 +218,34 @@ class Agent:
                 self._told_pending = True
             return
         log.warning("%s failed: %s", what, exc)
+
+    # -- presence on the broker -----------------------------------------------------------
+
+    def _presence(self) -> None:
+        """Fetch this device's broker login (once approved) and stay online on the broker."""
+        while not self.stopping.is_set():
+            try:
+                identity = self.link.post("/api/agent/broker", {})
+                break
+            except PlatformError as exc:
+                self._warn("broker login", exc)
+                self.stopping.wait(self.heartbeat_s)
+        else:
+            return
+        if not identity:
+            log.info("presence by heartbeats only: the platform manages no broker identities")
+            return
+        settings = broker_settings(identity)
+        if settings is None:
+            return
+        beacon = PresenceBeacon(
+            settings, device_id=self.device_id, topic=str(identity["topic"]), keys=self.link.keys
+        )
+        with self._lock:
+            if self.stopping.is_set():
+                return
+            self.beacon = beacon
+            beacon.start()
 
     # -- heartbeats ----------------------------------------------------------------------
 

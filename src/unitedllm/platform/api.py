@@ -152,7 +152,9 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier, cat
 
     @app.post("/api/devices/{ref}/approve")
     async def approve(ref: str, _: Admin) -> dict[str, Any]:
-        return await call(controller.approve, ref)  # type: ignore[no-any-return]
+        device = await call(controller.approve, ref)
+        await call(runs.sync_broker)  # the device's broker login, for its presence
+        return device  # type: ignore[no-any-return]
 
     @app.post("/api/enrol-tokens")
     async def enrol_token(_: Admin, body: dict[str, Any] | None = None) -> dict[str, str]:
@@ -244,9 +246,18 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier, cat
             fields = {k: body[k] for k in ("name", "role", "public_key")}
         except KeyError as exc:
             raise PlatformError(f"enrol: missing field {exc}", status=422) from None
-        return await call(  # type: ignore[no-any-return]
+        answer = await call(
             controller.enrol, token=body.get("token") or None, hardware=body.get("hardware") or {}, **fields
         )
+        if answer["approved"]:
+            await call(runs.sync_broker)  # the device's broker login, for its presence
+        return answer  # type: ignore[no-any-return]
+
+    @app.post("/api/agent/broker")
+    async def broker_identity(signed: Signed) -> dict[str, str]:
+        """The device's own broker login and presence topic; empty when no broker is managed."""
+        device_id, _body = signed
+        return controller.broker_identity(device_id)
 
     @app.post("/api/agent/heartbeat")
     async def heartbeat(signed: Signed) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Per-device broker identities: the controller writes mosquitto's password and ACL files.
 
-Each device's roles log in to the broker as ``device-<id>`` with a password derived from the
-platform's master secret (handed out only in signed start commands), and the ACL lets rank r of
-run R publish only on its own topics: its presence, its own inbox, and the inboxes it sends to
-(the aggregator's, for a client; every client's, for the aggregator). Device A therefore cannot
+Each device's agent and roles log in to the broker as ``device-<id>`` with a password derived
+from the platform's master secret (handed out only to that device's signed requests and in its
+signed start commands). The ACL lets every device publish its own presence
+(``unitedllm/devices/<id>/presence``, see :mod:`unitedllm.platform.presence`), and rank r of run R
+publish only on its own topics: its presence, its own inbox, and the inboxes it sends to (the
+aggregator's, for a client; every client's, for the aggregator). Device A therefore cannot
 publish as device B. Operator accounts live in ``passwd.static`` / ``acl.static`` beside the
 generated files and are kept as they are. After each change mosquitto is told to reload (SIGHUP
 to the pid in ``mosquitto.pid``); see ``docs/platform.md`` for the broker config.
@@ -39,11 +41,12 @@ class Grant:
     rank: int
 
 
-def acl_lines(grants: Sequence[Grant]) -> list[str]:
-    """mosquitto ACL entries for every device bound to a run (devices with no run get none)."""
+def acl_lines(grants: Sequence[Grant], devices: Sequence[str] = ()) -> list[str]:
+    """mosquitto ACL entries: each device's own presence topic, and the run topics of its grants."""
     lines: list[str] = []
-    for device_id in sorted({g.device_id for g in grants}):
+    for device_id in sorted({g.device_id for g in grants} | set(devices)):
         lines.append(f"user {device_username(device_id)}")
+        lines.append(f"topic write unitedllm/devices/{device_id}/presence")
         for g in (g for g in grants if g.device_id == device_id):
             base = f"unitedllm/{g.run_id}"
             lines += [
@@ -67,7 +70,8 @@ class BrokerAccess:
         """Rewrite both files (atomically) for these device passwords and grants, then reload."""
         self.directory.mkdir(parents=True, exist_ok=True)
         static_acl = self._read("acl.static")
-        self._replace("acl", static_acl + ("\n" if static_acl else "") + "\n".join(acl_lines(grants)) + "\n")
+        generated = "\n".join(acl_lines(grants, sorted(passwords)))
+        self._replace("acl", static_acl + ("\n" if static_acl else "") + generated + "\n")
         with tempfile.TemporaryDirectory(dir=self.directory) as tmp:
             staged = Path(tmp) / "passwd"
             staged.write_text(self._read("passwd.static"))

@@ -25,10 +25,11 @@ from sqlalchemy import func, select
 
 from unitedllm.platform import signing
 from unitedllm.platform.auth import ADMIN, ROLES, hash_token, new_token
-from unitedllm.platform.broker import BrokerAccess
+from unitedllm.platform.broker import BrokerAccess, device_username
 from unitedllm.platform.db import Database
 from unitedllm.platform.errors import PackageRefused, PlatformError
 from unitedllm.platform.models import ApiToken, Device, EnrolToken, Package
+from unitedllm.platform.presence import PRESENCE_OFFLINE, STATUS_ORDER, Presence, presence_topic
 from unitedllm.platform.states import OFFLINE
 from unitedllm.platform.store import PackageStore
 
@@ -210,14 +211,47 @@ class Controller:
             if hardware:
                 device.hardware = hardware
 
+    def public_key_of(self, device_id: str) -> str | None:
+        """An enrolled device's public key (``None`` for an unknown device)."""
+        with self.db.session() as s:
+            device = s.get(Device, device_id)
+            return device.public_key if device is not None else None
+
+    def apply_presence(self, presence: Presence) -> bool:
+        """Record a checked presence message unless a newer one is recorded; whether it applied."""
+        with self.db.session() as s:
+            device = s.get(Device, presence.device_id, with_for_update=True)
+            if device is None:
+                return False
+            if device.presence is not None and device.presence_since is not None:
+                if presence.order() <= (device.presence_since, STATUS_ORDER[device.presence]):
+                    return False
+            device.presence = presence.status
+            device.presence_since = presence.since
+            return True
+
+    def broker_identity(self, device_id: str) -> dict[str, str]:
+        """The device's own broker login and presence topic (empty when the platform manages no broker)."""
+        if self.broker is None:
+            return {}
+        return {
+            "username": device_username(device_id),
+            "password": self.derive(f"mqtt:{device_id}"),
+            "topic": presence_topic(device_id),
+        }
+
     def device_view(self, device: Device) -> dict[str, Any]:
-        online = time.time() - device.last_seen <= 3 * self.heartbeat_s
+        # Offline as soon as the broker carried the agent's last will; otherwise (and without a
+        # broker) when three heartbeat intervals passed without a heartbeat.
+        heard = time.time() - device.last_seen <= 3 * self.heartbeat_s
+        online = heard and device.presence != PRESENCE_OFFLINE
         return {
             "id": device.id,
             "name": device.name,
             "role": device.role,
             "state": device.state if online else OFFLINE,
             "online": online,
+            "presence": device.presence,
             "run_id": device.run_id,
             "last_seen": device.last_seen,
             "hardware": device.hardware,

@@ -73,6 +73,10 @@ class Device(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     state: Mapped[str] = mapped_column(String(16), default="IDLE")
     last_seen: Mapped[float] = mapped_column(Float, default=0.0)
+    # The last presence the broker carried ("online", or "offline" from the agent's last will) and
+    # the start of the agent's broker connection it belongs to (presence applies in that order).
+    presence: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    presence_since: Mapped[float | None] = mapped_column(Float, nullable=True)
     enrolled_at: Mapped[float] = mapped_column(Float, default=_now)
     # The one run this device is bound to; a device is never bound to two runs.
     run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -197,6 +197,7 @@ def add_page(app: FastAPI, platform: Platform) -> None:
     async def approve(request: Request, device_id: str) -> Response:
         await form(request)
         controller.approve(device_id)
+        runs.sync_broker()  # the device's broker login, for its presence
         return RedirectResponse("/", status_code=303)
 
     @app.post("/configs")

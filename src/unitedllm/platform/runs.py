@@ -237,14 +237,18 @@ class RunService:
         return env
 
     def sync_broker(self) -> None:
-        """Rewrite the broker's passwords and ACLs for the runs under way (when the platform manages them)."""
+        """Rewrite the broker's passwords and ACLs for the approved devices and the runs under way
+        (when the platform manages them)."""
         broker = self.controller.broker
         if broker is None:
             return
         with self.db.session() as s:
             live = s.scalars(select(RunMember).where(RunMember.state.not_in(list(TERMINAL))))
             grants = [Grant(m.device_id, m.run_id, m.rank) for m in live]
-        passwords = {g.device_id: self.controller.derive(f"mqtt:{g.device_id}") for g in grants}
+            # Every approved device has a login, for its agent's presence on the broker.
+            approved = list(s.scalars(select(Device.id).where(Device.approved.is_(True))))
+        device_ids = {g.device_id for g in grants} | set(approved)
+        passwords = {d: self.controller.derive(f"mqtt:{d}") for d in device_ids}
         broker.write(passwords, grants)
 
     def ack(self, device_id: str, nonce: str) -> None:

@@ -14,6 +14,7 @@ from unitedllm.platform.broker import BrokerAccess
 from unitedllm.platform.catalog import Catalog
 from unitedllm.platform.controller import Controller, PlatformFiles
 from unitedllm.platform.db import Database, default_url
+from unitedllm.platform.presence import PresenceListener
 from unitedllm.platform.runs import RunService
 from unitedllm.platform.signing import KeyPair
 from unitedllm.platform.store import PackageStore
@@ -95,4 +96,28 @@ def serve(
         file=stream,
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    listener = presence_listener(platform.controller) if broker_dir is not None else None
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        if listener is not None:
+            listener.stop()
+
+
+def presence_listener(controller: Controller) -> PresenceListener | None:
+    """Follow the devices' presence on the broker (``UNITEDLLM_MQTT_*``, the operator's login);
+    without a broker setting, devices are found offline by the heartbeat window only."""
+    from unitedllm.comm.settings import resolve_mqtt
+    from unitedllm.config.types import CommArgs
+    from unitedllm.errors import ConfigError
+
+    try:
+        settings = resolve_mqtt(CommArgs(backend="MQTT_S3"))
+    except ConfigError as exc:
+        log.warning("device presence by heartbeats only: no broker to follow (%s)", exc.render())
+        return None
+    listener = PresenceListener(
+        settings, public_key_of=controller.public_key_of, apply=controller.apply_presence
+    )
+    listener.start()
+    return listener
