@@ -150,6 +150,11 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier, cat
     async def device_info(ref: str, _: Read) -> dict[str, Any]:
         return await call(controller.device, ref)  # type: ignore[no-any-return]
 
+    @app.get("/api/devices/{ref}/metrics")
+    async def device_metrics(ref: str, _: Read, since: float = 0.0) -> list[dict[str, Any]]:
+        """The device's kept heartbeat metrics (the load plots' data), oldest first."""
+        return await call(controller.device_samples, ref, since)  # type: ignore[no-any-return]
+
     @app.post("/api/devices/{ref}/approve")
     async def approve(ref: str, _: Admin) -> dict[str, Any]:
         device = await call(controller.approve, ref)

@@ -61,6 +61,10 @@ class PlatformClient:
     def device(self, ref: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/api/devices/{ref}"))
 
+    def device_metrics(self, ref: str, since: float = 0.0) -> list[dict[str, Any]]:
+        """The device's kept heartbeat metrics, oldest first."""
+        return list(self._call("GET", f"/api/devices/{ref}/metrics", params={"since": since}))
+
     def approve(self, ref: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/api/devices/{ref}/approve"))
 

@@ -15,20 +15,19 @@ import tempfile
 import time
 import uuid
 import zipfile
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from unitedllm.platform import signing
 from unitedllm.platform.auth import ADMIN, ROLES, hash_token, new_token
 from unitedllm.platform.broker import BrokerAccess, device_username
 from unitedllm.platform.db import Database
 from unitedllm.platform.errors import PackageRefused, PlatformError
-from unitedllm.platform.models import ApiToken, Device, EnrolToken, Package
+from unitedllm.platform.models import ApiToken, Device, DeviceSample, EnrolToken, Package
 from unitedllm.platform.presence import PRESENCE_OFFLINE, STATUS_ORDER, Presence, presence_topic
 from unitedllm.platform.states import OFFLINE
 from unitedllm.platform.store import PackageStore
@@ -77,6 +76,7 @@ class Controller:
         store: PackageStore,
         heartbeat_s: float = 5.0,
         broker: BrokerAccess | None = None,
+        samples_kept: int = SAMPLES_KEPT,
     ):
         self.db = db
         self.broker = broker
@@ -84,8 +84,8 @@ class Controller:
         self.master_secret = master_secret
         self.store = store
         self.heartbeat_s = heartbeat_s
-        # Recent heartbeat metrics per device, for the run page's plots (kept in memory only).
-        self.samples: dict[str, deque[tuple[float, dict[str, Any]]]] = {}
+        # Each device's newest heartbeat metrics are kept in the database, for the load plots.
+        self.samples_kept = samples_kept
 
     # -- secrets of a run (derived, never stored) ------------------------------------------
 
@@ -207,9 +207,37 @@ class Controller:
                 raise PlatformError(f"device {device_id!r} is not enrolled", status=401)
             device.last_seen = time.time()
             device.metrics = metrics
-            self.samples.setdefault(device_id, deque(maxlen=SAMPLES_KEPT)).append((device.last_seen, metrics))
             if hardware:
                 device.hardware = hardware
+            s.add(DeviceSample(device_id=device_id, at=device.last_seen, metrics=metrics))
+            s.flush()
+            # Keep the newest ``samples_kept``: drop everything older than the oldest of them.
+            oldest_kept = s.scalar(
+                select(DeviceSample.id)
+                .where(DeviceSample.device_id == device_id)
+                .order_by(DeviceSample.id.desc())
+                .offset(self.samples_kept - 1)
+                .limit(1)
+            )
+            if oldest_kept is not None:
+                s.execute(
+                    delete(DeviceSample).where(
+                        DeviceSample.device_id == device_id, DeviceSample.id < oldest_kept
+                    )
+                )
+
+    def device_samples(self, ref: str, since: float = 0.0) -> list[dict[str, Any]]:
+        """A device's kept heartbeat metrics since ``since``, oldest first."""
+        with self.db.session() as s:
+            device = s.get(Device, ref) or s.scalar(select(Device).where(Device.name == ref))
+            if device is None:
+                raise PlatformError(f"no device {ref!r}", status=404)
+            rows = s.scalars(
+                select(DeviceSample)
+                .where(DeviceSample.device_id == device.id, DeviceSample.at >= since)
+                .order_by(DeviceSample.id)
+            )
+            return [{"at": row.at, "metrics": row.metrics} for row in rows]
 
     def public_key_of(self, device_id: str) -> str | None:
         """An enrolled device's public key (``None`` for an unknown device)."""

@@ -19,6 +19,7 @@ __all__ = [
     "Base",
     "Command",
     "Device",
+    "DeviceSample",
     "EnrolToken",
     "HyperConfig",
     "LogBatch",
@@ -80,6 +81,17 @@ class Device(Base):
     enrolled_at: Mapped[float] = mapped_column(Float, default=_now)
     # The one run this device is bound to; a device is never bound to two runs.
     run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class DeviceSample(Base):
+    """One heartbeat's system metrics of a device (CPU, memory, GPUs, network), for the load plots;
+    only the newest samples of each device are kept (``Controller.samples_kept``)."""
+
+    __tablename__ = "device_samples"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    at: Mapped[float] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class Package(Base):

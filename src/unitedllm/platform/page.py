@@ -73,10 +73,9 @@ def report_html(batches: list[dict[str, Any]]) -> str:
 
 def _load_plot(controller: Controller, device_id: str, since: float) -> str | None:
     """CPU, memory and GPU utilisation (%) of one device since the run started."""
-    samples = [(t, m) for t, m in controller.samples.get(device_id, ()) if t >= since]
     series: dict[str, list[tuple[float, float]]] = {"CPU %": [], "memory %": []}
-    for t, metrics in samples:
-        x = t - since
+    for sample in controller.device_samples(device_id, since):
+        x, metrics = sample["at"] - since, sample["metrics"]
         for name, key in (("CPU %", "cpu_percent"), ("memory %", "memory_percent")):
             if isinstance(metrics.get(key), int | float):
                 series[name].append((x, float(metrics[key])))
