@@ -6,17 +6,15 @@ mosquitto and SeaweedFS (tests/conftest_services.py). Faults are real SIGKILLs.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from node_procs import NodeProcesses
 from services import service_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,88 +24,28 @@ RUN_LIMIT_S = 300  # a whole tiny run takes ~10-40 s on two shared cores
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
-Event = dict[str, Any]
 
+class Federation(NodeProcesses):
+    """Starts a run's nodes as ``unitedllm server``/``client`` processes; kills whatever is left at the end."""
 
-class Federation:
-    """Starts a run's nodes as processes, logs each to a file, and kills whatever is left at the end."""
+    run_limit_s = RUN_LIMIT_S
 
     def __init__(self, tmp: Path, run_id: str, env: dict[str, str], overrides: list[str]) -> None:
-        self.tmp = tmp
+        super().__init__(tmp, tmp / "out" / run_id)
         self.run_id = run_id
         self.env = env
         self.overrides = overrides
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.output_dir = tmp / "out" / run_id
-
-    @property
-    def metrics(self) -> Path:
-        return self.output_dir / "metrics.jsonl"
 
     def _start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         sets = [x for o in self.overrides for x in ("--set", o)]
-        log = (self.tmp / f"{name}-{len(self.procs)}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "unitedllm", *args, str(CONFIG), "--run-id", self.run_id, *sets],
-            env=self.env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        self.procs.append(proc)
-        return proc
+        argv = [sys.executable, "-m", "unitedllm", *args, str(CONFIG), "--run-id", self.run_id, *sets]
+        return self.spawn(name, argv, env=self.env, cwd=ROOT)
 
     def server(self, *extra: str) -> subprocess.Popen[bytes]:
         return self._start("server", "server", *extra)
 
     def client(self, rank: int) -> subprocess.Popen[bytes]:
         return self._start(f"client{rank}", "client", "--rank", str(rank))
-
-    def events(self, kind: str | None = None) -> list[Event]:
-        if not self.metrics.is_file():
-            return []
-        lines = [line for line in self.metrics.read_text().splitlines() if line.strip()]
-        found = []
-        for line in lines:
-            try:
-                found.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written right now
-                continue
-        return [e for e in found if kind is None or e.get("event") == kind]
-
-    def wait_for(self, predicate: Callable[[Event], bool], timeout: float) -> Event:
-        """The first metrics event matching ``predicate``; fails early when every node has exited."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for event in self.events():
-                if predicate(event):
-                    return event
-            if self.procs and all(p.poll() is not None for p in self.procs):
-                break
-            time.sleep(0.05)
-        pytest.fail(f"no matching metrics event within {timeout:g}s\n{self.logs()}")
-
-    def wait(self, proc: subprocess.Popen[bytes], timeout: float = RUN_LIMIT_S) -> int:
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"process {proc.args!r} still running after {timeout:g}s\n{self.logs()}")
-
-    def log(self, name: str) -> str:
-        """Everything the ``name`` processes (e.g. ``server``) wrote so far."""
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob(f"{name}-*.log")))
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.tmp.glob("*.log"))
-        )
-
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -180,11 +118,6 @@ def run_processes(fed: Federation, clients: int = 2) -> None:
     assert codes == [0] * (clients + 1), fed.logs()
 
 
-def aggregated(fed: Federation) -> dict[int, list[int]]:
-    """Round -> ranks whose updates went into that round's aggregate (last record wins after a resume)."""
-    return {e["round"]: e["aggregated"] for e in fed.events("round")}
-
-
 def compare_adapters(a: Path, b: Path) -> str:
     """Why two adapter files differ, tensor by tensor (for the failure message)."""
     from safetensors.torch import load_file
@@ -206,7 +139,7 @@ def test_processes_over_mqtt_s3_give_the_same_adapter_as_one_local_process(
     fed = federation()
     run_processes(fed)
     local = run_local(tmp_path / "local", "local-equivalence")
-    assert aggregated(fed) == {0: [1, 2], 1: [1, 2], 2: [1, 2]}
+    assert fed.aggregated() == {0: [1, 2], 1: [1, 2], 2: [1, 2]}
     ours, theirs = fed.output_dir / ADAPTER, local / ADAPTER
     assert ours.is_file() and theirs.is_file()
     assert ours.read_bytes() == theirs.read_bytes(), compare_adapters(ours, theirs)
@@ -244,7 +177,7 @@ def test_killed_client_is_left_out_and_the_run_completes(federation: Callable[..
     fed = federation("train_args.comm_round=3", *SLOW_ROUNDS)
     server = kill_rank_2_in_round_1(fed)
     assert fed.wait(server) == 0, fed.logs()
-    assert aggregated(fed) == {0: [1, 2], 1: [1], 2: [1]}
+    assert fed.aggregated() == {0: [1, 2], 1: [1], 2: [1]}
     assert (fed.output_dir / ADAPTER).is_file()
     assert fed.events("run_end")
 
@@ -254,7 +187,7 @@ def test_client_restarted_in_the_same_round_rejoins(federation: Callable[..., Fe
     server = kill_rank_2_in_round_1(fed)
     rejoined = fed.client(2)  # same rank again, back while round 2 runs
     assert fed.wait(server) == 0, fed.logs()
-    rounds = aggregated(fed)
+    rounds = fed.aggregated()
     assert sorted(rounds) == list(range(5)) and rounds[1] == [1]
     assert rounds[4] == [1, 2], (
         f"the restarted rank 2 never made it back into a round: {rounds}\n{fed.logs()}"
@@ -268,7 +201,7 @@ def test_client_restarted_rounds_later_rejoins(federation: Callable[..., Federat
     fed.wait_for(lambda e: e.get("event") == "round" and e.get("round") == 2, timeout=120)
     rejoined = fed.client(2)  # back after round 2 closed without it
     assert fed.wait(server) == 0, fed.logs()
-    rounds = aggregated(fed)
+    rounds = fed.aggregated()
     assert rounds[2] == [1]
     assert rounds[4] == [1, 2], (
         f"the restarted rank 2 never made it back into a round: {rounds}\n{fed.logs()}"
@@ -297,7 +230,7 @@ def test_aggregator_killed_after_round_2_of_4_resumes_to_the_same_adapter(
     assert [e["round"] for e in fed.events("resume")] == [1], (
         "the restarted aggregator resumed after round 2 of 4"
     )
-    assert aggregated(fed) == {0: [1, 2], 1: [1, 2], 2: [1, 2], 3: [1, 2]}
+    assert fed.aggregated() == {0: [1, 2], 1: [1, 2], 2: [1, 2], 3: [1, 2]}
 
     local = run_local(tmp_path / "local", "local-resume", four_rounds)
     ours, theirs = fed.output_dir / ADAPTER, local / ADAPTER

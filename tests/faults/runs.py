@@ -9,24 +9,21 @@ byte-for-byte comparison.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+from node_procs import Event, NodeProcesses
 
 TESTS = Path(__file__).resolve().parents[1]
 RUN_LIMIT_S = 150
 MODEL = Path("node_0") / "final" / "model.safetensors"
 
-Event = dict[str, Any]
+__all__ = ["MODEL", "Event", "Federation", "reference_model", "run_config"]
 
 
 def run_config(tmp: Path, *, clients: int = 2, rounds: int = 3, **comm: Any) -> dict[str, Any]:
@@ -45,8 +42,11 @@ def run_config(tmp: Path, *, clients: int = 2, rounds: int = 3, **comm: Any) -> 
     }
 
 
-class Federation:
-    """A run's nodes as processes, each logging to a file; whatever is left is killed at the end."""
+class Federation(NodeProcesses):
+    """A run's nodes as ``faults.node`` processes, each logging to a file; whatever is left is killed at the end."""
+
+    run_limit_s = RUN_LIMIT_S
+    log_tail_chars = 2500
 
     def __init__(
         self,
@@ -57,7 +57,7 @@ class Federation:
         *,
         shared_secret: str | None = None,
     ):
-        self.tmp = tmp
+        super().__init__(tmp, Path(str(raw["train_args"]["output_dir"]).replace("{run_id}", run_id)))
         self.run_id = run_id
         self.config = tmp / "run.yaml"
         self.config.write_text(yaml.safe_dump(dict(raw)))
@@ -74,70 +74,13 @@ class Federation:
         self.shared_secret = shared_secret
         if shared_secret is not None:  # the old way: one key for every rank, no per-rank keys
             self.env["UNITEDLLM_RUN_SECRET"] = shared_secret
-        self.output_dir = Path(str(raw["train_args"]["output_dir"]).replace("{run_id}", run_id))
-        self.procs: list[subprocess.Popen[bytes]] = []
 
     def node(self, rank: int, *extra: str, sleep_s: float = 0.0) -> subprocess.Popen[bytes]:
         keys = {} if self.shared_secret is not None else self.keys if rank == 0 else {rank: self.keys[rank]}
         env = {**self.env, "FAULT_FIT_SLEEP_S": str(sleep_s)}
         env.update({f"UNITEDLLM_RANK_KEY_{r}": key for r, key in keys.items()})
-        log = (self.tmp / f"rank{rank}-{len(self.procs)}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "faults.node", str(self.config), str(rank), self.run_id, *extra],
-            env=env,
-            cwd=TESTS,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def events(self, kind: str | None = None) -> list[Event]:
-        path = self.output_dir / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        found = []
-        for line in path.read_text().splitlines():
-            try:
-                found.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written right now
-                continue
-        return [e for e in found if kind is None or e.get("event") == kind]
-
-    def wait_for(self, predicate: Callable[[Event], bool], timeout: float = RUN_LIMIT_S) -> Event:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for event in self.events():
-                if predicate(event):
-                    return event
-            if self.procs and all(p.poll() is not None for p in self.procs):
-                break
-            time.sleep(0.05)
-        pytest.fail(f"no matching metrics event within {timeout:g}s\n{self.logs()}")
-
-    def wait(self, proc: subprocess.Popen[bytes], timeout: float = RUN_LIMIT_S) -> int:
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{proc.args!r} still running after {timeout:g}s\n{self.logs()}")
-
-    def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted(self.tmp.glob("*.log"))
-        )
-
-    def aggregated(self) -> dict[int, list[int]]:
-        return {e["round"]: e["aggregated"] for e in self.events("round")}
-
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                self.kill(proc)
+        argv = [sys.executable, "-m", "faults.node", str(self.config), str(rank), self.run_id, *extra]
+        return self.spawn(f"rank{rank}", argv, env=env, cwd=TESTS)
 
 
 def reference_model(tmp: Path, raw: Mapping[str, Any]) -> bytes:
