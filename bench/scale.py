@@ -12,7 +12,11 @@ subscribes to the run's topics.
 
 Prints one JSON document on stdout (or to ``--out``): per N, the wall time of each round as the
 aggregator recorded it (``metrics.jsonl``), the aggregator's CPU seconds and peak RSS, the client
-process's RSS per client, and the messages the broker carried per round.
+process's RSS per client, and the messages the broker carried per round: those published on the
+run's topics (seen by a monitor subscribed to them) and those the broker delivered to anyone (its
+``$SYS/broker/publish/messages/sent`` counter, which mosquitto updates every 10 s, so each N waits for
+one update before and one after its run). The machine's load average is recorded beside each row:
+on a shared machine the times are an upper bound.
 """
 
 from __future__ import annotations
@@ -57,7 +61,13 @@ class TinyTrainer(LocalTrainer):
         return f"scale-bench-{DIM}"
 
     def fit(
-        self, weights: Mapping[str, torch.Tensor], *, round_idx: int, max_steps: int, on_step: Any = None
+        self,
+        weights: Mapping[str, torch.Tensor],
+        *,
+        round_idx: int,
+        max_steps: int,
+        on_step: Any = None,
+        correction: Any = None,
     ) -> FitResult:
         w = weights["w"].clone()
         grad = 2 * self.x.T @ (self.x @ w + weights["b"] - self.y) / len(self.y)
@@ -103,7 +113,8 @@ async def run_clients(cfg: Any, n: int, run_id: str) -> None:
             group.create_task(one(rank), name=f"client-{rank}")
 
 
-async def count_messages(services: DevServices, run_id: str, counter: list[int], stop: asyncio.Event) -> None:
+async def count_messages(services: DevServices, run_id: str, counter: list[int]) -> None:
+    """Count the messages published on the run's topics (one subscriber's view), until cancelled."""
     import aiomqtt
 
     settings = services.mqtt.settings()
@@ -113,11 +124,50 @@ async def count_messages(services: DevServices, run_id: str, counter: list[int],
         await monitor.subscribe(f"unitedllm/{run_id}/#", qos=1)
         async for _ in monitor.messages:
             counter[0] += 1
-            if stop.is_set():
-                break
 
 
-async def measure(services: DevServices, n: int, rounds: int, workdir: Path) -> dict[str, Any]:
+class BrokerCounter:
+    """The broker's own count of PUBLISH packets it sent (to every subscriber), as mosquitto reports it."""
+
+    TOPIC = "$SYS/broker/publish/messages/sent"
+
+    def __init__(self, services: DevServices):
+        self.services = services
+        self.value = -1
+        self._updated = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> BrokerCounter:
+        self._task = asyncio.create_task(self._follow())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _follow(self) -> None:
+        import aiomqtt
+
+        settings = self.services.mqtt.settings()
+        async with aiomqtt.Client(
+            settings.host, settings.port, username=settings.username, password=settings.password
+        ) as monitor:
+            await monitor.subscribe(self.TOPIC, qos=0)
+            async for message in monitor.messages:
+                self.value = int(bytes(message.payload).decode())
+                self._updated.set()
+
+    async def fresh(self) -> int:
+        """The counter at its next update (mosquitto publishes it every 10 s)."""
+        self._updated.clear()
+        await asyncio.wait_for(self._updated.wait(), 30)
+        return self.value
+
+
+async def measure(
+    services: DevServices, broker: BrokerCounter, n: int, rounds: int, workdir: Path
+) -> dict[str, Any]:
     run_id = f"scale-{n}-{secrets.token_hex(4)}"
     output_dir = workdir / run_id
     raw = config(n, rounds, output_dir)
@@ -129,8 +179,12 @@ async def measure(services: DevServices, n: int, rounds: int, workdir: Path) -> 
     config_file = workdir / f"{run_id}.json"
     config_file.write_text(json.dumps(raw))
     counter = [0]
-    stop = asyncio.Event()
-    monitor = asyncio.create_task(count_messages(services, run_id, counter, stop))
+    monitor = asyncio.create_task(count_messages(services, run_id, counter))
+    await asyncio.sleep(0.5)  # the monitor's subscription is in place
+    delivered_before = await broker.fresh()
+    load_before = os.getloadavg()
+    cpu_before = time.process_time()
+    fds = FdWatch()
     started = time.perf_counter()
     aggregator = subprocess.Popen(
         [sys.executable, __file__, "--role", "aggregator", "--config", str(config_file), "--run-id", run_id],
@@ -139,11 +193,17 @@ async def measure(services: DevServices, n: int, rounds: int, workdir: Path) -> 
         text=True,
     )
     rss_before = _rss_mib()
-    await run_clients(cfg, n, run_id)
+    async with fds:
+        await run_clients(cfg, n, run_id)
+    clients_cpu = time.process_time() - cpu_before
+    rss_after = _rss_mib()
     out, _ = await asyncio.to_thread(aggregator.communicate)
     wall = time.perf_counter() - started
-    stop.set()
+    load_after = os.getloadavg()
+    await asyncio.sleep(1.0)  # the last offline presences reach the monitor
     monitor.cancel()
+    await asyncio.gather(monitor, return_exceptions=True)
+    delivered = await broker.fresh() - delivered_before
     if aggregator.returncode != 0:
         raise SystemExit(f"aggregator for N={n} exited {aggregator.returncode}")
     usage = json.loads(out.strip().splitlines()[-1])
@@ -159,9 +219,41 @@ async def measure(services: DevServices, n: int, rounds: int, workdir: Path) -> 
         "round_s": [round(s, 3) for s in round_seconds],
         "aggregator_cpu_s": usage["cpu_s"],
         "aggregator_peak_rss_mib": usage["peak_rss_mib"],
-        "client_process_rss_mib_per_client": round((_rss_mib() - rss_before) / n, 3),
-        "broker_messages_per_round": round(counter[0] / rounds, 1),
+        "aggregator_peak_open_files": usage["peak_open_files"],
+        "clients_cpu_s": round(clients_cpu, 2),
+        "client_process_rss_mib_per_client": round((rss_after - rss_before) / n, 3),
+        "client_process_peak_open_files": fds.peak,
+        "run_topic_messages_per_round": round(counter[0] / rounds, 1),
+        # Includes a few of the broker's own $SYS updates to the counter's subscriber.
+        "broker_deliveries_per_round": round(delivered / rounds, 1),
+        "load_average_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
     }
+
+
+class FdWatch:
+    """The most file descriptors this process held at once while inside (sampled every 50 ms)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> FdWatch:
+        self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, _open_files())
+            await asyncio.sleep(0.05)
+
+
+def _open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 def _rss_mib() -> float:
@@ -172,17 +264,20 @@ def _rss_mib() -> float:
 def aggregator_main(config_file: Path, run_id: str) -> None:
     cfg = unitedllm.load_config(json.loads(config_file.read_text()), run_id=run_id)
 
-    async def main() -> None:
-        async with unitedllm.Aggregator(cfg, run_id=run_id, trainer=TinyTrainer(0)) as aggregator:
-            await aggregator.run()
+    async def main() -> int:
+        async with FdWatch() as fds:
+            async with unitedllm.Aggregator(cfg, run_id=run_id, trainer=TinyTrainer(0)) as aggregator:
+                await aggregator.run()
+        return fds.peak
 
-    asyncio.run(main())
+    peak_open_files = asyncio.run(main())
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(
         json.dumps(
             {
                 "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
                 "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+                "peak_open_files": peak_open_files,
             }
         )
     )
@@ -191,7 +286,11 @@ def aggregator_main(config_file: Path, run_id: str) -> None:
 async def bench(clients: list[int], rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="unitedllm-scale-") as tmp:
         async with dev_services(Path(tmp) / "services", tls=False) as services:
-            rows = [await measure(services, n, rounds, Path(tmp)) for n in clients]
+            async with BrokerCounter(services) as broker:
+                rows = []
+                for n in clients:
+                    rows.append(await measure(services, broker, n, rounds, Path(tmp)))
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return {
         "bench": "scale",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -199,6 +298,7 @@ async def bench(clients: list[int], rounds: int) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "shared": "2 cores shared with other work: see each row's load average; times are upper bounds",
         },
         "rows": rows,
     }

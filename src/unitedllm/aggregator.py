@@ -306,8 +306,7 @@ class Aggregator(Role):
             )
         # Blobs are content-addressed: two clients with equal updates share one, so they go only now.
         used = {ref.digest: ref for m in arrived for ref in (m.delta_ref, *m.extras.values())}
-        for ref in used.values():
-            await self.store.delete(ref)
+        await self.store.delete_many(used.values())
         return accepted, rejected, await asyncio.to_thread(fold.accumulator.finish)
 
     async def _fold_update(self, round_idx: int, fold: RoundFold, message: Update) -> None:

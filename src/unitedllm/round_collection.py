@@ -81,10 +81,15 @@ async def collect_updates(
     ``reject(rank, round, reason)`` records refused ones.
     """
     round_idx, selected, received = round_.round_idx, round_.selected, round_.received
+    chosen = set(selected)
     deadline = time.monotonic() + timeout_s
+    # Whether the missing clients may all be offline: looked at only when presence changed or the
+    # quorum was just met (scanning every selected client on every arrival is N x N a round).
+    recheck = True
     while len(received) < len(selected):
-        missing = [r for r in selected if r not in received]
-        if len(received) >= quorum and not any(r in online for r in missing):
+        missing = [r for r in selected if r not in received] if recheck and len(received) >= quorum else []
+        recheck = False
+        if missing and not any(r in online for r in missing):
             log.warning(
                 "round %d: clients %s went offline; aggregating the %d updates that arrived",
                 round_idx,
@@ -94,11 +99,13 @@ async def collect_updates(
             break
         remaining = deadline - time.monotonic()
         if remaining <= 0:
+            missing = [r for r in selected if r not in received]
             log.warning("round %d: deadline passed; missing updates from %s", round_idx, missing)
             break
         get = asyncio.ensure_future(inbox.get())
         changed = asyncio.ensure_future(presence_changed.wait())
         done, _ = await asyncio.wait({get, changed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        recheck = changed in done or presence_changed.is_set()
         changed.cancel()
         presence_changed.clear()
         if get not in done:
@@ -111,7 +118,7 @@ async def collect_updates(
             )
         elif update.round != round_idx:
             reject(update.sender, round_idx, f"update for round {update.round} arrived in round {round_idx}")
-        elif update.sender not in selected:
+        elif update.sender not in chosen:
             reject(update.sender, round_idx, "client was not selected for this round")
         elif update.sender in received:
             if received[update.sender].delta_ref != update.delta_ref:
@@ -119,6 +126,7 @@ async def collect_updates(
             # else: the same update again (sent before this aggregator resumed, and once more after)
         else:
             received[update.sender] = update
+            recheck = recheck or len(received) == quorum
             on_arrival(update)
     return [received[r] for r in sorted(received)]
 
@@ -131,6 +139,10 @@ class RoundFold:
     update waits behind the one being folded, its fetch (download and decode) starts at once, so
     the tail of a round overlaps transfer with folding while holding at most two updates in memory.
     """
+
+    #: Fetch the next waiting update while folding the current one. Only the benches turn it off,
+    #: to measure what the overlap saves (``bench/slow_link.py``).
+    overlap = True
 
     def __init__(
         self,
@@ -176,7 +188,7 @@ class RoundFold:
         try:
             while (message := await self._next()) is not None:
                 following = self._pending[0] if self._pending else None
-                if following is not None and self._fetch is not None:
+                if following is not None and self._fetch is not None and self.overlap:
                     self._prefetch(message)
                     self._prefetch(following)  # fetched while this one folds: two updates in memory at most
                 await self._fold_one(self, message)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Self
 
@@ -119,3 +119,8 @@ class BlobStore(_Resource):
 
     async def delete(self, ref: BlobRef) -> None:  # noqa: B027 - optional
         """Forget a blob (best effort; stores may keep it)."""
+
+    async def delete_many(self, refs: Iterable[BlobRef]) -> None:
+        """Forget every blob in ``refs`` (a store may do it in one request)."""
+        for ref in refs:
+            await self.delete(ref)

@@ -51,6 +51,13 @@ _SESSION_EXPIRY_S = 3600
 _REPAIR_INTERVAL_S = 1.0
 # MQTT reason codes that retrying cannot fix (v3 CONNACK 4/5, v5 134/135).
 _AUTH_FAILURES = {4, 5, 134, 135}
+# A rank with at most this many peers (a client: only the aggregator) subscribes to their presence
+# topics one by one; with more (the aggregator) to the wildcard. A client on the wildcard would be
+# sent every other client's presence: N x N messages for N clients, a storm at a few hundred.
+_PRESENCE_TOPICS_MAX = 8
+# Publishes awaiting the broker's acknowledgement at once, each to a different peer (a peer's own
+# messages go out one after another, in order).
+_PUBLISHES_IN_FLIGHT = 32
 
 
 def to_topic(run_id: str, rank: int) -> str:
@@ -127,10 +134,12 @@ class MqttTransport(Transport):
         self.backoff = backoff
         self.connections = 0  # successful connects so far; > 1 means it reconnected
         self.repairs = 0  # times this rank put its presence back over something else
+        self.delivered = 0  # messages the broker delivered to this rank (any topic)
         self._own_presence = b""  # the presence this rank last published
         self._repair = asyncio.Event()
         self._identifier = f"unitedllm-{run_id}-{rank}"
         self._outbox: dict[int, deque[bytes]] = {peer: deque() for peer in self.peers}
+        self._queued: dict[int, None] = {}  # peers with queued messages, oldest first (an ordered set)
         self._reachable: set[int] = set()  # peers seen online on the current connection
         self._announced: dict[int, bool] = {}  # last presence handed to incoming()
         self._inbox: asyncio.Queue[Incoming | BaseException | None] = asyncio.Queue()
@@ -187,7 +196,7 @@ class MqttTransport(Transport):
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        while any(q and (not reachable_only or peer in self._reachable) for peer, q in self._outbox.items()):
+        while any(not reachable_only or peer in self._reachable for peer in self._queued):
             if deadline is not None and loop.time() >= deadline:
                 return False
             await asyncio.sleep(0.02)
@@ -208,6 +217,7 @@ class MqttTransport(Transport):
         if key is None:
             raise CommError(f"rank {self.rank} holds no key to talk to rank {to}")
         self._outbox[to].append(seal(message, key))
+        self._queued[to] = None
         self._wake.set()
 
     async def incoming(self) -> AsyncIterator[Incoming]:
@@ -236,7 +246,7 @@ class MqttTransport(Transport):
             if s.tls_cert_file is not None:
                 tls_context.load_cert_chain(s.tls_cert_file, s.tls_key_file)
         self._epoch = max(time.time_ns(), self._epoch + 1)
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             s.host,
             s.port,
             username=s.username,
@@ -253,6 +263,9 @@ class MqttTransport(Transport):
                 presence_topic(self.run_id, self.rank), self._presence(False), qos=1, retain=True
             ),
         )
+        # aiomqtt warns from 10 unacknowledged publishes on; _pump_out keeps up to this many by design.
+        client.pending_calls_threshold = _PUBLISHES_IN_FLIGHT + 8
+        return client
 
     async def _maintain(self) -> None:
         """Keep one connection up until closed: connect, serve, and on loss reconnect with backoff.
@@ -337,7 +350,8 @@ class MqttTransport(Transport):
         # Nothing legitimate is ever retained on a rank's inbox: drop whatever someone left there.
         await client.publish(to_topic(self.run_id, self.rank), b"", qos=1, retain=True)
         await client.subscribe(to_topic(self.run_id, self.rank), qos=1)
-        await client.subscribe(presence_topic(self.run_id, "+"), qos=1)
+        for topic in self._presence_topics():
+            await client.subscribe(topic, qos=1)
         await self._announce(client, True)
         self.connections += 1
         self._connected.set()
@@ -346,6 +360,12 @@ class MqttTransport(Transport):
             tg.create_task(self._pump_in(client), name="unitedllm-mqtt-receive")
             tg.create_task(self._repair_presence(client), name="unitedllm-mqtt-presence-repair")
             tg.create_task(self._watch_close(client), name="unitedllm-mqtt-close")
+
+    def _presence_topics(self) -> list[str]:
+        """The presence topics this rank follows: its peers' and its own (to repair it), or the wildcard."""
+        if len(self.peers) > _PRESENCE_TOPICS_MAX:
+            return [presence_topic(self.run_id, "+")]
+        return [presence_topic(self.run_id, rank) for rank in sorted(self.peers | {self.rank})]
 
     async def _announce(self, client: aiomqtt.Client, online: bool) -> None:
         """Publish this rank's retained presence (and remember it, to spot anything else on its topic)."""
@@ -367,20 +387,38 @@ class MqttTransport(Transport):
             await asyncio.sleep(_REPAIR_INTERVAL_S)
 
     async def _pump_out(self, client: aiomqtt.Client) -> None:
-        """Publish queued frames in order, each peer's only while that peer is online."""
+        """Publish queued frames in order, each peer's only while that peer is online.
+
+        Only peers with queued messages are looked at, and up to ``_PUBLISHES_IN_FLIGHT`` peers'
+        messages wait for the broker's acknowledgement at once (a round start to hundreds of
+        clients is not hundreds of round trips one after another).
+        """
         timeout = max(10.0, float(self.settings.keepalive))
+
+        async def drain(peer: int) -> None:
+            queue = self._outbox[peer]
+            while queue and peer in self._reachable:
+                await client.publish(to_topic(self.run_id, peer), queue[0], qos=1, timeout=timeout)
+                queue.popleft()  # only once the broker acknowledged it: a lost one is re-sent
+            if not queue:
+                self._queued.pop(peer, None)
+
         while True:
             self._wake.clear()
-            for peer, queue in self._outbox.items():
-                while queue and peer in self._reachable:
-                    await client.publish(to_topic(self.run_id, peer), queue[0], qos=1, timeout=timeout)
-                    queue.popleft()  # only once the broker acknowledged it: a lost one is re-sent
-            await self._wake.wait()
+            ready = [peer for peer in self._queued if peer in self._reachable]
+            for start in range(0, len(ready), _PUBLISHES_IN_FLIGHT):
+                async with asyncio.TaskGroup() as tg:
+                    for peer in ready[start : start + _PUBLISHES_IN_FLIGHT]:
+                        tg.create_task(drain(peer))
+            if not self._wake.is_set():
+                await self._wake.wait()
 
     async def _pump_in(self, client: aiomqtt.Client) -> None:
         """Hand admitted messages and presence changes to :meth:`incoming`."""
         mine = to_topic(self.run_id, self.rank)
+        presence_prefix = presence_topic(self.run_id, "")
         async for received in client.messages:
+            self.delivered += 1
             topic = received.topic.value
             payload = received.payload
             if not isinstance(payload, bytes | bytearray):
@@ -390,8 +428,8 @@ class MqttTransport(Transport):
                 message = self.guard.admit(bytes(payload))
                 if message is not None:
                     self._inbox.put_nowait(message)
-            elif received.topic.matches(presence_topic(self.run_id, "+")):
-                self._on_presence(topic.rsplit("/", 1)[-1], bytes(payload))
+            elif topic.startswith(presence_prefix):
+                self._on_presence(topic[len(presence_prefix) :], bytes(payload))
 
     def _presence(self, online: bool) -> bytes:
         return seal_presence(

@@ -9,6 +9,11 @@ Every operation is retried: botocore's ``standard`` retry mode takes care of sin
 and each whole operation (all of which are idempotent here) is retried with exponential backoff by
 ``tenacity`` while the endpoint is unreachable or answers 5xx, for up to ``retry_window_s``, so a
 short S3 outage costs time, not the run. Refusals (403, 404) and digest mismatches are not retried.
+
+The stores of one process that log in alike (same endpoint, key, region) share one botocore client
+and its connection pool (:class:`_SharedClients`): a botocore client costs ~10 MiB and its own
+connections, so hundreds of simulated clients in one process would otherwise cost gigabytes and
+thousands of sockets. Blobs up to the multipart threshold are read with one GET (no HEAD first).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from unitedllm.comm.base import BlobStore
@@ -39,6 +45,7 @@ _THREAD_HASH_BYTES = 4 * MiB
 _DENIED = {"403", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken"}
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _RETRYABLE = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
+_DELETE_BATCH = 1000  # S3's most keys per DeleteObjects request
 T = TypeVar("T")
 
 
@@ -81,6 +88,77 @@ def _digest(chunks: list[bytes] | list[memoryview]) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class _SharedClient:
+    """One botocore S3 client, the stores using it, and the buckets already checked through it."""
+
+    client: Any
+    stack: AsyncExitStack
+    users: int = 0
+    buckets: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+
+class _SharedClients:
+    """The S3 clients of this process: one per event loop, endpoint, login and pool size.
+
+    ``acquire`` opens one on first use (concurrent first users wait for the same opening);
+    ``release`` closes it when its last store closes.
+    """
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[Any, ...], asyncio.Task[_SharedClient]] = {}
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    async def acquire(self, settings: S3Settings, pool: int) -> tuple[tuple[Any, ...], _SharedClient]:
+        key = (
+            asyncio.get_running_loop(),
+            settings.endpoint_url,
+            settings.access_key_id,
+            settings.secret_access_key,
+            settings.region,
+            pool,
+        )
+        opening = self._clients.get(key)
+        if opening is None:
+            opening = self._clients[key] = asyncio.ensure_future(_open_client(settings, pool))
+        try:
+            shared = await asyncio.shield(opening)
+        except BaseException:
+            if opening.done() and self._clients.get(key) is opening:
+                del self._clients[key]  # a failed opening is not kept: the next store tries again
+            raise
+        shared.users += 1
+        return key, shared
+
+    async def release(self, key: tuple[Any, ...], shared: _SharedClient) -> None:
+        shared.users -= 1
+        if shared.users == 0:
+            self._clients.pop(key, None)
+            await shared.stack.aclose()
+
+
+async def _open_client(settings: S3Settings, pool: int) -> _SharedClient:
+    try:
+        import aioboto3
+    except ImportError:
+        raise MissingDependency("aioboto3", "mqtt-s3", "the MQTT_S3 backend") from None
+    session = aioboto3.Session(
+        aws_access_key_id=settings.access_key_id,
+        aws_secret_access_key=settings.secret_access_key,
+        region_name=settings.region,
+    )
+    stack = AsyncExitStack()
+    client = await stack.enter_async_context(
+        session.client("s3", endpoint_url=settings.endpoint_url, config=boto_config(pool))
+    )
+    return _SharedClient(client, stack)
+
+
+_shared = _SharedClients()
+
+
 class S3BlobStore(BlobStore):
     """Blobs of one run in an S3 bucket (created when missing), verified by sha256 on the way out."""
 
@@ -100,8 +178,8 @@ class S3BlobStore(BlobStore):
         self.part_size = max(_MIN_PART, part_size_mb * MiB)
         self.threshold = settings.multipart_threshold_mb * MiB
         self.max_concurrency = max_concurrency
-        self._stack = AsyncExitStack()
         self._client: Any = None
+        self._shared: tuple[tuple[Any, ...], _SharedClient] | None = None
 
     def key_for(self, digest: str) -> str:
         """The object key of a blob: ``<prefix>/<run_id>/<digest>``."""
@@ -114,28 +192,22 @@ class S3BlobStore(BlobStore):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def _open(self) -> None:
+        key, shared = await _shared.acquire(self.settings, 2 * self.max_concurrency)
+        self._shared, self._client = (key, shared), shared.client
+        bucket = self.settings.bucket
         try:
-            import aioboto3
-        except ImportError:
-            raise MissingDependency("aioboto3", "mqtt-s3", "the MQTT_S3 backend") from None
-        s = self.settings
-        session = aioboto3.Session(
-            aws_access_key_id=s.access_key_id, aws_secret_access_key=s.secret_access_key, region_name=s.region
-        )
-        try:
-            self._client = await self._stack.enter_async_context(
-                session.client(
-                    "s3", endpoint_url=s.endpoint_url, config=boto_config(2 * self.max_concurrency)
-                )
-            )
-            await self._retrying(self._ensure_bucket)
+            checking = shared.buckets.get(bucket)
+            if checking is None or (checking.done() and (checking.cancelled() or checking.exception())):
+                checking = shared.buckets[bucket] = asyncio.ensure_future(self._retrying(self._ensure_bucket))
+            await asyncio.shield(checking)
         except BaseException:
-            await self._stack.aclose()
+            await self._close()
             raise
 
     async def _close(self) -> None:
-        await self._stack.aclose()
-        self._client = None
+        if self._shared is not None:
+            shared, self._shared, self._client = self._shared, None, None
+            await _shared.release(*shared)
 
     async def _ensure_bucket(self) -> None:
         from botocore.exceptions import ClientError
@@ -216,6 +288,8 @@ class S3BlobStore(BlobStore):
 
     async def _get(self, ref: BlobRef) -> bytearray:
         url = self.url_for(ref.digest)
+        if ref.size <= self.threshold:
+            return await self._get_whole(ref)
         size = await self._size_of(self.key_for(ref.digest))
         if size is None:
             raise BlobNotFound(
@@ -236,6 +310,33 @@ class S3BlobStore(BlobStore):
             raise IntegrityError(ref.digest, actual, where=url)
         return data
 
+    async def _get_whole(self, ref: BlobRef) -> bytearray:
+        """A blob below the multipart threshold: one GET (no HEAD first), its length and digest checked."""
+        from botocore.exceptions import ClientError
+
+        url = self.url_for(ref.digest)
+        try:
+            with self._mapped("download", url):
+                answer = await self._client.get_object(
+                    Bucket=self.settings.bucket, Key=self.key_for(ref.digest)
+                )
+                async with answer["Body"] as body:
+                    data = bytearray(await body.read())
+        except CommError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and _code(cause) in _NOT_FOUND:
+                raise BlobNotFound(
+                    f"blob {ref.digest} not found at {url} (endpoint {self.settings.endpoint_url})"
+                ) from exc
+            raise
+        if len(data) != ref.size:
+            raise IntegrityError(ref.digest, f"<{len(data)} bytes, expected {ref.size}>", where=url)
+        view = [memoryview(data)]
+        actual = await self._hash(view) if ref.size > _THREAD_HASH_BYTES else _digest(view)
+        if actual != ref.digest:
+            raise IntegrityError(ref.digest, actual, where=url)
+        return data
+
     async def exists(self, ref: BlobRef) -> bool:
         """Whether the bucket holds exactly ``ref``'s bytes (read back and hashed: a planted object is not it)."""
         self._require_open()
@@ -249,6 +350,28 @@ class S3BlobStore(BlobStore):
                 await self._client.delete_object(Bucket=self.settings.bucket, Key=self.key_for(ref.digest))
 
         await self._retrying(delete)
+
+    async def delete_many(self, refs: Iterable[BlobRef]) -> None:
+        """Forget many blobs with one DeleteObjects request per thousand (a round's updates at once)."""
+        self._require_open()
+        keys = sorted({self.key_for(ref.digest) for ref in refs})
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = [{"Key": key} for key in keys[start : start + _DELETE_BATCH]]
+
+            async def delete(batch: list[dict[str, str]] = batch) -> None:
+                with self._mapped(f"delete {len(batch)} blobs from", f"s3://{self.settings.bucket}"):
+                    answer = await self._client.delete_objects(
+                        Bucket=self.settings.bucket, Delete={"Objects": batch, "Quiet": True}
+                    )
+                failed = answer.get("Errors") or []
+                if failed:
+                    first = failed[0]
+                    raise CommError(
+                        f"S3 could not delete {len(failed)} of {len(batch)} blobs from "
+                        f"s3://{self.settings.bucket}, e.g. {first.get('Key')} ({first.get('Code')})"
+                    )
+
+            await self._retrying(delete)
 
     # -- helpers -----------------------------------------------------------------------------
 
