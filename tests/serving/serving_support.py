@@ -89,8 +89,11 @@ class Server:
 
 
 @contextmanager
-def serving(*args: str, log_dir: Path) -> Iterator[Server]:
-    """Start ``unitedllm serve ARGS --port <free>``, wait until ``/health`` answers, stop it afterwards."""
+def serving(*args: str, log_dir: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """Start ``unitedllm serve ARGS --port <free>``, wait until ``/health`` answers, stop it afterwards.
+
+    ``env``: more environment variables for the server (service logins, rank keys).
+    """
     port = free_port()
     log = log_dir / f"serve-{port}.log"
     with log.open("w") as sink:
@@ -99,7 +102,7 @@ def serving(*args: str, log_dir: Path) -> Iterator[Server]:
             stdout=sink,
             stderr=subprocess.STDOUT,
             text=True,
-            env=child_env(),
+            env={**child_env(), **(env or {})},
             cwd=ROOT,
         )
     server = Server(process, port, log)

@@ -88,7 +88,9 @@ def serve_command(
     target: Annotated[
         Path,
         typer.Argument(
-            help="A run folder, an exported model folder or a base model folder.", show_default=False
+            help="A run folder, an exported model folder, a base model folder, or (with --follow --run-id) "
+            "the config file of an MQTT_S3 run.",
+            show_default=False,
         ),
     ],
     adapter: Annotated[
@@ -110,8 +112,26 @@ def serve_command(
         EngineName, typer.Option("--engine", help="Generation engine.")
     ] = EngineName.transformers,
     follow: Annotated[
-        bool, typer.Option("--follow", help="Move 'global' to each new round a live run saves.")
+        bool,
+        typer.Option(
+            "--follow",
+            help="Move 'global' to each new round a live run saves (a run folder), or announces over "
+            "MQTT_S3 (a config file: broker, S3 and keys from it and the UNITEDLLM_* environment, as "
+            "`unitedllm run` reads them).",
+        ),
     ] = False,
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="With a config file: the id of the MQTT_S3 run to follow.")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir",
+            help="With a config file: where the followed run's models are kept "
+            "[default: ~/.cache/unitedllm/follow/RUN_ID].",
+            show_default=False,
+        ),
+    ] = None,
     max_batch: Annotated[
         int, typer.Option("--max-batch", min=1, help="Requests decoded together at most.")
     ] = 16,
@@ -149,6 +169,8 @@ def serve_command(
                 max_queue=max_queue,
                 timeout_s=timeout,
                 threads=threads,
+                run_id=run_id,
+                cache_dir=cache_dir,
             )
         )
 

@@ -1,15 +1,24 @@
-"""Run ``unitedllm serve``: open the target, start the engine, serve HTTP with uvicorn until stopped."""
+"""Run ``unitedllm serve``: open the target, start the engine, serve HTTP with uvicorn until stopped.
+
+A TARGET that is a config file is an MQTT_S3 run to follow (``--follow --run-id``): its announced
+global models are mirrored into a local run folder (:mod:`.network_follow`), which is then served
+and followed like a LOCAL run's folder.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from unitedllm.errors import ConfigError, ConfigProblem
 from unitedllm.serving.engine import Engine
+
+if TYPE_CHECKING:
+    from unitedllm.serving.network_follow import RunMirror
 
 __all__ = ["ServeOptions", "open_engine", "serve"]
 
@@ -31,6 +40,8 @@ class ServeOptions:
     max_queue: int = 256
     timeout_s: float = 300.0
     threads: int | None = None
+    run_id: str | None = None  # an MQTT_S3 run to follow (TARGET is then its config file)
+    cache_dir: Path | None = None  # where a followed MQTT_S3 run's models are kept
 
 
 def open_engine(options: ServeOptions) -> Engine:
@@ -57,17 +68,49 @@ def open_engine(options: ServeOptions) -> Engine:
     )
 
 
+def _stop_when_failed(task: asyncio.Task[None], server: object) -> None:
+    """A follow that cannot go on (the broker refused the login) stops the server with its reason."""
+    if task.cancelled() or task.exception() is None:
+        return
+    log.error("following the run stopped: %s", task.exception())
+    server.should_exit = True  # type: ignore[attr-defined]
+
+
 def serve(options: ServeOptions) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM)."""
     if options.threads is not None:
         import torch
 
         torch.set_num_threads(options.threads)
+    if options.target.is_file():
+        asyncio.run(_serve_network_run(options))
+        return
     engine = open_engine(options)
     asyncio.run(_serve(engine, options))
 
 
-async def _serve(engine: Engine, options: ServeOptions) -> None:
+async def _serve_network_run(options: ServeOptions) -> None:
+    """Follow the MQTT_S3 run whose config is ``options.target``: mirror its models, serve the mirror."""
+    from unitedllm.serving.network_follow import RunMirror, default_cache, load_run_config
+
+    if not options.follow or not options.run_id:
+        missing = "--follow" if not options.follow else "--run-id"
+        raise ConfigError(
+            ConfigProblem(
+                missing,
+                f"{options.target} is a file: a run's config is served by following the run "
+                "(--follow --run-id ID); otherwise give a run folder, an exported model or a model folder",
+            )
+        )
+    cfg = await asyncio.to_thread(load_run_config, options.target, options.run_id)
+    cache = options.cache_dir or default_cache(options.run_id)
+    async with RunMirror(cfg, run_id=options.run_id, cache=cache) as mirror:
+        local = replace(options, target=cache)
+        engine = await asyncio.to_thread(open_engine, local)
+        await _serve(engine, local, mirror)
+
+
+async def _serve(engine: Engine, options: ServeOptions, mirror: RunMirror | None = None) -> None:
     import uvicorn
 
     from unitedllm.serving.api import create_app
@@ -90,6 +133,11 @@ async def _serve(engine: Engine, options: ServeOptions) -> None:
             follower = RunFollower(
                 engine, engine.registry.run, on_refused=lambda *_: app.state.metrics.refused.inc()
             )
+        mirroring: asyncio.Task[None] | None = None
+        if mirror is not None:
+            mirror.on_refused = lambda *_: app.state.metrics.refused.inc()
+            mirroring = asyncio.create_task(mirror.run(), name="mirror-run")
+            mirroring.add_done_callback(lambda task: _stop_when_failed(task, server))
         async with follower:
             names = ", ".join(engine.registry.names())
             log.info(
@@ -99,4 +147,10 @@ async def _serve(engine: Engine, options: ServeOptions) -> None:
                 options.port,
                 names,
             )
-            await server.serve()
+            try:
+                await server.serve()
+            finally:
+                if mirroring is not None:
+                    mirroring.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await mirroring
