@@ -94,6 +94,26 @@ def test_final_adapter_loads_with_peft_onto_the_saved_base(quickstart_run: unite
     assert logits.shape[-1] == base.config.vocab_size and torch.isfinite(logits).all()
 
 
+def test_every_rank_records_where_its_rounds_went(quickstart_run: unitedllm.RunResult) -> None:
+    from unitedllm.phases import AGGREGATOR_PHASES, CLIENT_PHASES
+
+    lines = (quickstart_run.output_dir / "metrics.jsonl").read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    walls = {e["round"]: e["seconds"] for e in events if e["event"] == "round"}
+    assert sorted(walls) == [0, 1, 2, 3]
+    for e in events:
+        if e["event"] == "round":
+            assert set(e["phases"]) == set(AGGREGATOR_PHASES)
+        elif e["event"] == "train":
+            assert set(e["phases"]) == set(CLIENT_PHASES)
+            assert "wait_seconds" in e["metrics"]  # the clients take turns on one shared model
+        else:
+            continue
+        assert min(e["phases"].values()) >= 0 and sum(e["phases"].values()) <= walls[e["round"]], e
+    trained = sorted((e["round"], e["rank"]) for e in events if e["event"] == "train")
+    assert trained == [(r, c) for r in range(4) for c in (1, 2, 3)]
+
+
 def test_cli_run_prints_progress_and_writes_fedml_layout(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
     proc = subprocess.run(

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from unitedllm.attendance import Attendance
 from unitedllm.comm.base import BlobStore, Presence, Transport
-from unitedllm.comm.codecs.wire import fetch_update
+from unitedllm.comm.codecs.wire import DENSE, decode_update, run_codec
 from unitedllm.errors import RoundError, UnitedLLMError
 from unitedllm.instability import report_loss_rise
+from unitedllm.phases import AGGREGATOR_PHASES, PhaseClock, from_metrics
 from unitedllm.protocol.messages import (
     BlobRef,
     Error,
@@ -85,6 +86,7 @@ class Aggregator(Role):
         self.fingerprint: str | None = None
         self._open: OpenRound | None = None  # the round being collected, for clients that rejoin it
         self._taken: dict[int, Update] = {}  # the last collected round's updates, to know their repeats
+        self._phases = PhaseClock(AGGREGATOR_PHASES)  # the current round's
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -121,9 +123,13 @@ class Aggregator(Role):
                 cfg.train_args.client_num_per_round, timeout_s=cfg.comm_args.join_timeout_s
             )
             for round_idx in range(first_round, self.plan.comm_round):
+                self._phases = PhaseClock(AGGREGATOR_PHASES)
                 weights, state, summary = await self._run_round(round_idx, weights, encoded, state, optimizer)
-                encoded = await asyncio.to_thread(encode_tensors, weights)
-                await asyncio.to_thread(self._save_resume_point, encoded, state, round_idx)
+                with self._phases.phase("checkpoint"):
+                    encoded = await asyncio.to_thread(encode_tensors, weights)
+                    await asyncio.to_thread(self._save_resume_point, encoded, state, round_idx)
+                summary.seconds = self._phases.wall()  # the round is over once it is safe on disk
+                summary.phases = dict(self._phases.seconds)
                 # Logged once the round is safe on disk: a run killed after this line resumes after it.
                 self.metrics.log(
                     "round",
@@ -136,6 +142,7 @@ class Aggregator(Role):
                     eval_loss=summary.eval_loss,
                     seconds=summary.seconds,
                     aggregation_seconds=summary.aggregation_seconds,
+                    phases=summary.phases,
                 )
                 summaries.append(summary)
                 report_loss_rise(self.metrics, summaries, threshold=cfg.validation_args.loss_rise_warning)
@@ -201,17 +208,19 @@ class Aggregator(Role):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], RoundSummary]:
         """One round from ``weights`` (``encoded`` is their payload, sent to the selected clients)."""
         cfg = self.cfg
-        started = time.perf_counter()
+        phases = self._phases
         selected = sample_clients(
             round_idx,
             total=cfg.train_args.client_num_in_total,
             per_round=cfg.train_args.client_num_per_round,
             seed=cfg.common_args.random_seed,
         )
-        global_ref = await self.store.put(encoded)
+        with phases.phase("broadcast"):
+            global_ref = await self.store.put(encoded)
         sent = {"selected": selected, "global_bytes": global_ref.size}  # the global model's size as sent
         self.metrics.log("round_start", round_idx=round_idx, rank=SERVER_RANK, **sent)
-        extra_refs = await self._put_round_extras(optimizer, state)
+        with phases.phase("broadcast"):
+            extra_refs = await self._put_round_extras(optimizer, state)
         starts = {
             rank: RoundStart(
                 run_id=self.run_id,
@@ -229,8 +238,9 @@ class Aggregator(Role):
             for rank in selected
         }
         self._open = OpenRound(round_idx, starts, previous=self._taken)
-        for rank, start in starts.items():
-            await self.transport.send(rank, start)
+        with phases.phase("broadcast"):
+            for rank, start in starts.items():
+                await self.transport.send(rank, start)
         accumulator = optimizer.begin_round(weights, dict(state), round_idx=round_idx)
         fold = RoundFold(
             weights, accumulator, functools.partial(self._fold_update, round_idx), self._fetch_update
@@ -263,7 +273,8 @@ class Aggregator(Role):
         ]
         summary.train_loss = weighted_mean([(loss, n) for loss, n in losses if loss is not None])
         if cfg.validation_args.is_aggregator_test and self.plan.is_test_round(round_idx):
-            result = await asyncio.to_thread(self.trainer.evaluate, new_weights)
+            with phases.phase("evaluate"):
+                result = await asyncio.to_thread(self.trainer.evaluate, new_weights)
             summary.eval_loss = result.metrics.get("eval_loss")
             self.metrics.log(
                 "eval",
@@ -278,8 +289,8 @@ class Aggregator(Role):
             )
         if self.plan.should_save(round_idx):
             target = self.layout.round_dir(round_idx, rank=SERVER_RANK, stage="after_agg")
-            await asyncio.to_thread(self._save_checkpoint, new_weights, target, new_state, round_idx)
-        summary.seconds = time.perf_counter() - started
+            with phases.phase("checkpoint"):
+                await asyncio.to_thread(self._save_checkpoint, new_weights, target, new_state, round_idx)
         for ref in (global_ref, *extra_refs.values()):
             await self.store.delete(ref)
         return new_weights, new_state, summary
@@ -307,17 +318,21 @@ class Aggregator(Role):
         # Blobs are content-addressed: two clients with equal updates share one, so they go only now.
         used = {ref.digest: ref for m in arrived for ref in (m.delta_ref, *m.extras.values())}
         await self.store.delete_many(used.values())
-        return accepted, rejected, await asyncio.to_thread(fold.accumulator.finish)
+        with self._phases.phase("finish"):
+            return accepted, rejected, await asyncio.to_thread(fold.accumulator.finish)
 
     async def _fold_update(self, round_idx: int, fold: RoundFold, message: Update) -> None:
         """Check and fold one arrived update (fetched by :meth:`_fetch_update`) or reject it, with the reason."""
         try:  # the round's check_update checks everything, the sample count included
-            await asyncio.to_thread(fold.accumulator.add, await fold.fetched(message))
+            update = await fold.fetched(message)
+            with self._phases.phase("fold"):
+                await asyncio.to_thread(fold.accumulator.add, update)
         except UnitedLLMError as exc:
             fold.rejected[message.sender] = str(exc)
             self._reject(message.sender, round_idx, str(exc))
             return
         fold.accepted.append(message.sender)
+        client_phases, rest = from_metrics(message.metrics)
         self.metrics.log(
             "train",
             round_idx=round_idx,
@@ -328,7 +343,8 @@ class Aggregator(Role):
             seconds=message.metrics.get("train_seconds"),
             bytes_received=message.delta_ref.size,
             update_bytes=message.delta_ref.size,
-            metrics=message.metrics,
+            phases=client_phases or None,
+            metrics=rest,
         )
 
     async def _put_round_extras(
@@ -345,11 +361,21 @@ class Aggregator(Role):
         """An update's delta (decoded by the run's codec) and its extras as ``"<group>/<name>"`` (when used)."""
         from unitedllm.optimizers.base import ClientUpdate
 
-        delta = await fetch_update(self.store, message, fold.weights, self.cfg)
+        phases, ref = self._phases, message.delta_ref
+        with phases.phase("fetch"):
+            data = await self.store.get(ref)
+        codec = run_codec(self.cfg) if ref.codec != DENSE else None
+        with phases.phase("decode"):
+            delta = await asyncio.to_thread(
+                decode_update, ref.codec, data, fold.weights, codec, where=f"client {message.sender}: "
+            )
         extras: dict[str, torch.Tensor] = {}
         if message.extras and fold.accumulator.optimizer.required_extras(fold.weights):
-            for key, ref in sorted(message.extras.items()):
-                tensors = await asyncio.to_thread(decode_tensors, await self.store.get(ref))
+            for key, extra in sorted(message.extras.items()):
+                with phases.phase("fetch"):
+                    blob = await self.store.get(extra)
+                with phases.phase("decode"):
+                    tensors = await asyncio.to_thread(decode_tensors, blob)
                 extras.update({f"{key}/{name}": t for name, t in tensors.items()})
         return ClientUpdate(rank=message.sender, delta=delta, num_samples=message.num_samples, extras=extras)
 

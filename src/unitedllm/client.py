@@ -17,6 +17,7 @@ from unitedllm.client_journal import ClientJournal
 from unitedllm.comm.base import BlobStore, Presence, Transport
 from unitedllm.comm.codecs.wire import UpdateEncoding, run_codec
 from unitedllm.errors import BlobNotFound, CommError, RoundError, UnitedLLMError
+from unitedllm.phases import CLIENT_PHASES, PhaseClock, from_metrics, to_metrics
 from unitedllm.protocol.messages import Error, EvalReport, Finish, Hello, RoundStart, Update
 from unitedllm.protocol.payload import decode_tensors, encode_tensors
 from unitedllm.ranks import check_rank
@@ -207,10 +208,11 @@ class Client(Role):
         # start on every hello) gets the same update again, which the aggregator takes once.
         if await self._resend(start):
             return
-        comm_started = time.perf_counter()
+        clock = PhaseClock(CLIENT_PHASES)
         try:
-            weights = await self._fetch_weights(start.global_ref)
-            extras = {key: await self._fetch_weights(ref) for key, ref in start.extras.items()}
+            with clock.phase("fetch"):
+                blobs = {"": await self.store.get(start.global_ref)}
+                blobs.update({key: await self.store.get(ref) for key, ref in start.extras.items()})
         except BlobNotFound:
             # A message held while this client was offline can name a round that closed meanwhile.
             log.warning(
@@ -220,12 +222,19 @@ class Client(Role):
                 round_idx,
             )
             return
-        download_seconds = time.perf_counter() - comm_started
-        await asyncio.to_thread(self._save_received, weights, round_idx)
+        download_seconds = clock.seconds["fetch"]
+        with clock.phase("decode"):
+            decoded = await asyncio.to_thread(lambda: {key: decode_tensors(b) for key, b in blobs.items()})
+        weights = decoded.pop("")
+        extras = decoded
+        with clock.phase("checkpoint"):
+            await asyncio.to_thread(self._save_received, weights, round_idx)
         if start.spec.evaluate_global and round_idx >= 1:
-            await self._evaluate(weights, round_idx - 1, "global")
-        await asyncio.to_thread(self.journal.align, self.trainer, round_idx)
-        self.journal.forget_held_state()  # training moves it on; save_state records the result
+            with clock.phase("evaluate"):
+                await self._evaluate(weights, round_idx - 1, "global")
+        with clock.phase("setup"):
+            await asyncio.to_thread(self.journal.align, self.trainer, round_idx)
+            self.journal.forget_held_state()  # training moves it on; save_state records the result
         fit_started = time.perf_counter()
         try:
             result, update_extras = await asyncio.to_thread(self._fit, weights, extras, start)
@@ -234,32 +243,41 @@ class Client(Role):
                 SERVER_RANK, Error(run_id=self.run_id, round=round_idx, sender=self.rank, message=str(exc))
             )
             raise
-        # The state the next round starts from, on disk before the update leaves (see ClientJournal).
-        await asyncio.to_thread(self.journal.save_state, self.trainer, round_idx + 1)
-        if self.plan.should_save(round_idx):
-            await asyncio.to_thread(self._save, result.weights, self._checkpoint_dir(round_idx, "before_agg"))
+        fit_seconds = time.perf_counter() - fit_started
+        train_seconds = float(result.metrics.get("train_seconds", fit_seconds))
+        wait_seconds = float(result.metrics.get("wait_seconds", 0.0))
+        clock.add("train", min(train_seconds, fit_seconds))
+        clock.add("wait", min(wait_seconds, fit_seconds - clock.seconds["train"]))
+        clock.add("setup", fit_seconds - clock.seconds["train"] - clock.seconds["wait"])
+        with clock.phase("checkpoint"):
+            # The state the next round starts from, on disk before the update leaves (see ClientJournal).
+            await asyncio.to_thread(self.journal.save_state, self.trainer, round_idx + 1)
+            if self.plan.should_save(round_idx):
+                await asyncio.to_thread(
+                    self._save, result.weights, self._checkpoint_dir(round_idx, "before_agg")
+                )
         if start.spec.evaluate_local:
-            await self._evaluate(result.weights, round_idx, "local")
-        delta = await asyncio.to_thread(
-            _delta, result.weights, weights, wide=self._encoding.codec is not None
-        )
-        upload_started = time.perf_counter()
+            with clock.phase("evaluate"):
+                await self._evaluate(result.weights, round_idx, "local")
         try:  # fp16 refuses a value beyond its range: the aggregator hears why at once
-            data = await asyncio.to_thread(self._encode_update, delta, round_idx)
+            with clock.phase("encode"):
+                data = await asyncio.to_thread(self._encode_update, result.weights, weights, round_idx)
+                encoded_extras = {
+                    key: await asyncio.to_thread(encode_tensors, tensors)
+                    for key, tensors in update_extras.items()
+                }
         except UnitedLLMError as exc:
             await self.transport.send(
                 SERVER_RANK, Error(run_id=self.run_id, round=round_idx, sender=self.rank, message=str(exc))
             )
             raise
-        ref = await self.store.put(data, codec=self._encoding.name)
-        extra_refs = {
-            key: await self.store.put(await asyncio.to_thread(encode_tensors, tensors))
-            for key, tensors in update_extras.items()
-        }
+        with clock.phase("upload"):
+            ref = await self.store.put(data, codec=self._encoding.name)
+            extra_refs = {key: await self.store.put(blob) for key, blob in encoded_extras.items()}
         metrics = dict(result.metrics)
-        metrics.setdefault("train_seconds", time.perf_counter() - fit_started)
+        metrics.setdefault("train_seconds", train_seconds)
         metrics["download_seconds"] = download_seconds
-        metrics["upload_seconds"] = time.perf_counter() - upload_started
+        metrics["upload_seconds"] = clock.seconds["upload"]
         metrics["bytes_sent"] = float(ref.size + sum(r.size for r in extra_refs.values()))
         metrics["update_bytes"] = float(ref.size)
         metrics["bytes_received"] = float(start.global_ref.size + sum(r.size for r in start.extras.values()))
@@ -272,13 +290,19 @@ class Client(Role):
             metrics=metrics,
             extras=extra_refs,
         )
-        await asyncio.to_thread(self.journal.record, start, update)
+        with clock.phase("checkpoint"):
+            await asyncio.to_thread(self.journal.record, start, update)
+        # The phases travel with the update (the message itself is the one thing sent after them).
+        update.metrics.update(to_metrics(clock.seconds))
         await self.transport.send(SERVER_RANK, update)
         self.rounds_trained.append(round_idx)
         self._log_train(round_idx, result, metrics)
 
-    def _encode_update(self, delta: Mapping[str, torch.Tensor], round_idx: int) -> bytes:
-        """The update blob for ``delta``; with error feedback, the residual is on disk before it leaves."""
+    def _encode_update(
+        self, trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor], round_idx: int
+    ) -> bytes:
+        """The update blob for ``trained - received``; with error feedback, the residual is on disk before it leaves."""
+        delta = _delta(trained, received, wide=self._encoding.codec is not None)
         if not self._encoding.keeps_residual:
             return self._encoding.encode(delta)[0]
         data, residual = self._encoding.encode(delta, self.journal.residual(round_idx))
@@ -286,6 +310,7 @@ class Client(Role):
         return data
 
     def _log_train(self, round_idx: int, result: FitResult, metrics: Mapping[str, float]) -> None:
+        phases, rest = from_metrics(metrics)
         self.metrics.log(
             "train",
             round_idx=round_idx,
@@ -297,7 +322,8 @@ class Client(Role):
             bytes_sent=metrics.get("bytes_sent"),
             bytes_received=metrics.get("bytes_received"),
             update_bytes=metrics.get("update_bytes"),
-            metrics=dict(metrics),
+            phases=phases,
+            metrics=rest,
         )
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -111,6 +111,8 @@ class RoundSummary:
     seconds: float = 0.0
     rejected: dict[int, str] = field(default_factory=dict)
     aggregation_seconds: float = 0.0
+    #: The aggregator's seconds per phase of the round (:data:`unitedllm.phases.AGGREGATOR_PHASES`).
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

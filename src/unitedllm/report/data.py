@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from unitedllm.phases import CLIENT_PHASES
 from unitedllm.run_layout import RunLayout
 from unitedllm.tracking.errors import RunNotFound
 from unitedllm.tracking.events import (
@@ -31,7 +32,35 @@ from unitedllm.tracking.events import (
     decode_event,
 )
 
-__all__ = ["ClientRound", "EvalPoint", "RoundRow", "RunData", "load_run", "metrics_path"]
+__all__ = ["ClientRound", "EvalPoint", "RoundRow", "RunData", "load_run", "metrics_path", "stack_parts"]
+
+#: The parts a round's time is stacked from when its phases were recorded: the slowest client's
+#: phases (``client <phase>``), then the aggregator's own, then what no phase holds (``other``).
+#: The aggregator's fetch, decode and fold are one part; most of them overlap the clients' training.
+_AGGREGATOR_PARTS = {
+    "broadcast": ("broadcast",),
+    "fold": ("fetch", "decode", "fold"),
+    "finish": ("finish",),
+    "evaluate": ("evaluate",),
+    "checkpoint": ("checkpoint",),
+}
+
+
+def stack_parts() -> list[str]:
+    """The names of a round's stacked parts when phases were recorded, in stacking order."""
+    return [
+        *(f"client {p}" for p in CLIENT_PHASES),
+        *(f"aggregator {p}" for p in _AGGREGATOR_PARTS),
+        "other",
+    ]
+
+
+def _phases(value: Any) -> dict[str, float]:
+    """The recorded phases of an event (seconds by name), empty when there were none."""
+    if value is None:
+        return {}
+    recorded = msgspec.structs.asdict(value)
+    return {name: float(v) for name, v in recorded.items() if _num(v) is not None}
 
 
 def _num(value: Any) -> float | None:
@@ -53,6 +82,8 @@ class RoundRow:
     eval_loss: float | None = None
     seconds: float | None = None
     aggregation_seconds: float | None = None
+    #: The aggregator's seconds per phase (:data:`~unitedllm.phases.AGGREGATOR_PHASES`), if recorded.
+    phases: dict[str, float] = field(default_factory=dict)
     finished: bool = False
 
 
@@ -69,6 +100,8 @@ class ClientRound:
     bytes_sent: float | None = None
     bytes_received: float | None = None
     tokens_per_second: float | None = None
+    #: The client's seconds per phase (:data:`~unitedllm.phases.CLIENT_PHASES`), if recorded.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,6 +155,25 @@ class RunData:
 
     def client_rounds(self, round_idx: int) -> list[ClientRound]:
         return [c for (r, _), c in sorted(self.clients.items()) if r == round_idx]
+
+    def slowest_client(self, round_idx: int) -> ClientRound | None:
+        """The client whose recorded phases took longest in a round (None when none recorded phases)."""
+        timed = [c for c in self.client_rounds(round_idx) if c.phases]
+        return max(timed, key=lambda c: sum(c.phases.values()), default=None)
+
+    def phase_breakdown(self, row: RoundRow) -> dict[str, float] | None:
+        """A round's wall time as :func:`stack_parts`: the slowest client's phases, the aggregator's, the rest.
+
+        None when the run did not record phases (written by an older UnitedLLM).
+        """
+        slowest = self.slowest_client(row.round)
+        if slowest is None or not row.phases:
+            return None
+        parts = {f"client {p}": slowest.phases.get(p, 0.0) for p in CLIENT_PHASES}
+        for part, names in _AGGREGATOR_PARTS.items():
+            parts[f"aggregator {part}"] = sum(row.phases.get(n, 0.0) for n in names)
+        parts["other"] = max(0.0, (row.seconds or 0.0) - sum(parts.values()))
+        return parts
 
     def time_breakdown(self, row: RoundRow) -> dict[str, float]:
         """Seconds of a round on its critical path: the slowest client's train and comm, aggregation, rest."""
@@ -232,6 +284,7 @@ def _add(data: RunData, event: MetricEvent, line: bytes) -> None:
             row.eval_loss = _num(event.eval_loss)
             row.seconds = _num(event.seconds)
             row.aggregation_seconds = _num(event.aggregation_seconds)
+            row.phases = _phases(event.phases)
             row.finished = True
         case TrainEvent() if round_idx is not None:
             m = event.metrics
@@ -248,6 +301,7 @@ def _add(data: RunData, event: MetricEvent, line: bytes) -> None:
                 bytes_sent=_num(m.get("bytes_sent")),
                 bytes_received=_num(m.get("bytes_received")),
                 tokens_per_second=_num(m.get("tokens_per_second")),
+                phases=_phases(event.phases),
             )
         case EvalEvent() if round_idx is not None:
             data.evals.append(

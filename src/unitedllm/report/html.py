@@ -8,7 +8,7 @@ import time
 
 from unitedllm.report.data import RunData
 from unitedllm.report.plots import Plot
-from unitedllm.report.table import COLUMNS, round_rows, status_line
+from unitedllm.report.table import COLUMNS, PHASE_COLUMNS, phase_rows, round_rows, status_line
 
 __all__ = ["render_html"]
 
@@ -101,6 +101,15 @@ def render_html(run: RunData, plots: list[Plot]) -> str:
         _client_rows(run),
         left=(3,),
     )
+    phases = phase_rows(run)
+    phase_table = (
+        "<h2>Where each round's time went</h2><p>Seconds per phase of each round, per rank: the "
+        "aggregator's from sending the global model to the round's resume point on disk, each client's "
+        "from the round's start to its update sent (round s is the aggregator's wall time).</p>"
+        + _table(PHASE_COLUMNS, phases, left=(1,))
+        if phases
+        else ""
+    )
     title = f"UnitedLLM run {run.run_id}"
     generated = time.strftime("%Y-%m-%d %H:%M:%S")
     return (
@@ -108,7 +117,7 @@ def render_html(run: RunData, plots: list[Plot]) -> str:
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
         f'<h1>{html.escape(title)}</h1><p class="status">{html.escape(status_line(run))} · '
         f"report generated {generated}</p>{note_html}"
-        f"<h2>Rounds</h2>{round_table}<h2>Clients</h2>{client_table}"
+        f"<h2>Rounds</h2>{round_table}{phase_table}<h2>Clients</h2>{client_table}"
         f"<h2>Plots</h2>{''.join(_figure(p) for p in plots)}"
         "</body></html>\n"
     )

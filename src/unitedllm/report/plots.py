@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from unitedllm.errors import MissingDependency
-from unitedllm.report.data import RunData
+from unitedllm.report.data import RunData, stack_parts
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -125,24 +125,49 @@ def _train_loss(run: RunData) -> Plot:
     return Plot("train_loss", title, _figure(draw))
 
 
+def _phase_colours() -> dict[str, Any]:
+    """One colour per stacked phase (tab20's pairs), ``other`` grey as before."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"]
+    parts = [p for p in stack_parts() if p != "other"]
+    return {**{part: palette(i % 20) for i, part in enumerate(parts)}, "other": _STACK_COLOURS["other"]}
+
+
 def _round_time(run: RunData) -> Plot:
-    title = "Round time: slowest client's train and communication, aggregation, other"
     rows = run.finished_rounds()
+    phased = [run.phase_breakdown(row) for row in rows]
+    by_phase = bool(rows) and all(b is not None for b in phased)
+    title = (
+        "Round time by phase: the slowest client's, the aggregator's, other"
+        if by_phase
+        else "Round time: slowest client's train and communication, aggregation, other"
+    )
     if not rows:
         return Plot("round_time", title, None, "no round has finished yet")
 
     def draw(axes: Axes) -> None:
-        breakdowns = [run.time_breakdown(row) for row in rows]
+        if by_phase:
+            breakdowns = [b for b in phased if b is not None]
+            colours = _phase_colours()
+        else:  # a run written before phases were recorded
+            breakdowns = [run.time_breakdown(row) for row in rows]
+            colours = _STACK_COLOURS
         xs = [row.round for row in rows]
         bottom = [0.0] * len(rows)
-        for part, colour in _STACK_COLOURS.items():
+        for part, colour in colours.items():
             heights = [b[part] for b in breakdowns]
+            if not any(heights):
+                continue  # a phase this run never spent time in: no bar, no legend entry
             axes.bar(xs, heights, bottom=bottom, color=colour, label=part)
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
         axes.set_ylabel("seconds")
         axes.set_title(title, fontsize="medium")
         _rounds_axis(axes, xs)
-        axes.legend(fontsize="small")
+        if by_phase:  # up to fifteen parts: beside the bars, not over them
+            axes.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            axes.legend(fontsize="small")
 
     return Plot("round_time", title, _figure(draw))
 

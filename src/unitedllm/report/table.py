@@ -5,12 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from unitedllm.phases import AGGREGATOR_PHASES, CLIENT_PHASES
 from unitedllm.report.data import RunData
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-__all__ = ["COLUMNS", "round_rows", "status_line", "summary_table"]
+__all__ = ["COLUMNS", "PHASE_COLUMNS", "phase_rows", "round_rows", "status_line", "summary_table"]
+
+#: Every phase a client or the aggregator records, clients' first (:mod:`unitedllm.phases`).
+PHASES = (*CLIENT_PHASES, *(p for p in AGGREGATOR_PHASES if p not in CLIENT_PHASES))
+PHASE_COLUMNS = ("round", "rank", "round s", *(f"{p} s" for p in PHASES))
 
 COLUMNS = (
     "round",
@@ -61,6 +66,29 @@ def round_rows(run: RunData) -> list[tuple[str, ...]]:
                 _fmt(down / _MB, ".2f"),
             )
         )
+    return rows
+
+
+def phase_rows(run: RunData) -> list[tuple[str, ...]]:
+    """Seconds per phase of each finished round, per rank (cells as in :data:`PHASE_COLUMNS`).
+
+    The aggregator's row first (``0 (aggregator)``), then each client that recorded its phases; a
+    phase a rank does not have is ``-``. Empty for a run written before phases were recorded.
+    """
+    rows: list[tuple[str, ...]] = []
+    for row in run.finished_rounds():
+        timed = [c for c in run.client_rounds(row.round) if c.phases]
+        if not row.phases and not timed:
+            continue
+        wall = _fmt(row.seconds, ".2f")
+        if row.phases:
+            cells = (_fmt(row.phases.get(p), ".3f") for p in PHASES)
+            rows.append((str(row.round), "0 (aggregator)", wall, *cells))
+        slowest = run.slowest_client(row.round)
+        for client in timed:
+            who = f"{client.rank} (slowest)" if client is slowest and len(timed) > 1 else str(client.rank)
+            cells = (_fmt(client.phases.get(p), ".3f") for p in PHASES)
+            rows.append((str(row.round), who, wall, *cells))
     return rows
 
 

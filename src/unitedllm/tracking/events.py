@@ -22,6 +22,8 @@ from msgspec import Meta
 
 __all__ = [
     "EVENT_TYPES",
+    "AggregatorPhases",
+    "ClientPhases",
     "CheckpointEvent",
     "ClientErrorEvent",
     "ClientJoinedEvent",
@@ -44,6 +46,45 @@ __all__ = [
 Count = Annotated[int, Meta(ge=0)]
 Rank = Annotated[int, Meta(ge=0)]
 Value = float | None  # NaN and infinities are written as null
+
+
+def _seconds(what: str) -> Meta:
+    return Meta(ge=0, description=f"Seconds spent {what}.")
+
+
+class ClientPhases(msgspec.Struct, kw_only=True):
+    """Where a client's round went (:mod:`unitedllm.phases`): seconds per phase, from the round's start
+    message to its update sent. The phases do not overlap, so they sum to no more than the round's time.
+    """
+
+    fetch: Annotated[float, _seconds("downloading the global model (and the round's extras)")] = 0.0
+    decode: Annotated[float, _seconds("decoding the global model")] = 0.0
+    setup: Annotated[float, _seconds("setting up local training: loading weights, building the trainer")] = (
+        0.0
+    )
+    wait: Annotated[float, _seconds("waiting for a model shared with other ranks of this process")] = 0.0
+    train: Annotated[float, _seconds("in local training steps")] = 0.0
+    evaluate: Annotated[float, _seconds("evaluating the global model received and the local model")] = 0.0
+    encode: Annotated[float, _seconds("computing and encoding the update (comm_args.update_codec)")] = 0.0
+    upload: Annotated[float, _seconds("uploading the update")] = 0.0
+    checkpoint: Annotated[float, _seconds("saving checkpoints and the client's journal")] = 0.0
+
+
+class AggregatorPhases(msgspec.Struct, kw_only=True):
+    """Where the aggregator's round went (:mod:`unitedllm.phases`): seconds per phase, from sending the
+    global model to the round's resume point on disk. Fetching the next update overlaps folding the
+    current one; the rest do not overlap. Waiting for clients is in no phase.
+    """
+
+    broadcast: Annotated[float, _seconds("sending the global model to the selected clients")] = 0.0
+    fetch: Annotated[float, _seconds("downloading the clients' updates")] = 0.0
+    decode: Annotated[float, _seconds("decoding the clients' updates")] = 0.0
+    fold: Annotated[float, _seconds("checking and folding updates into the round's sum")] = 0.0
+    finish: Annotated[float, _seconds("finishing the round: the server optimizer's step")] = 0.0
+    evaluate: Annotated[float, _seconds("evaluating the new global model")] = 0.0
+    checkpoint: Annotated[
+        float, _seconds("saving the round's checkpoint, encoding the model, the resume point")
+    ] = 0.0
 
 
 class Event(msgspec.Struct, kw_only=True, tag_field="event"):
@@ -70,6 +111,8 @@ class TrainEvent(Event, tag="train"):
     bytes_received: Value = None
     #: The update's delta blob as sent, in bytes (after ``comm_args.update_codec``).
     update_bytes: Value = None
+    #: Where the client's round went (absent in runs written before phases were recorded).
+    phases: ClientPhases | None = None
     #: What the trainer reported (numbers, from a user's trainer possibly more).
     metrics: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -102,8 +145,11 @@ class RoundEvent(Event, tag="round"):
     rejected: dict[int, str] = msgspec.field(default_factory=dict)
     train_loss: Value = None
     eval_loss: Value = None
+    #: The round's wall time on the aggregator: from sending the global model to the resume point on disk.
     seconds: Value = None
     aggregation_seconds: Value = None
+    #: Where the aggregator's round went (absent in runs written before phases were recorded).
+    phases: AggregatorPhases | None = None
 
 
 class WarningEvent(Event, tag="warning"):

@@ -211,7 +211,9 @@ class HFLocalTrainer(LocalTrainer):
         train = self._require_train()
         shared = self._ready()
         steps = self.steps_per_round(max_steps)
+        waiting = time.perf_counter()
         with shared.lock:
+            waited = time.perf_counter() - waiting  # other ranks of this process using the shared model
             model = shared.model
             with self.execution.gathered(_trainable(model), modify=True):
                 load_trainable(model, weights)
@@ -256,6 +258,7 @@ class HFLocalTrainer(LocalTrainer):
                 "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
                 "train_samples": float(seen),
                 "learning_rate": self._rounds.last_lr(),
+                "wait_seconds": waited,
             },
         )
 
