@@ -199,3 +199,26 @@ def wait_for_state(
             timeout,
         )
     )
+
+
+def assert_loads_over_its_base(zip_path: Path, into: Path) -> Path:
+    """Unzip an exported model the platform handed out and load it with ``PeftModel.from_pretrained``
+    over the base its adapter config names, with its tokenizer and chat template; returns its folder."""
+    import zipfile
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with zipfile.ZipFile(zip_path) as archive:
+        archive.extractall(into)
+    (folder,) = into.iterdir()
+    assert folder.name == zip_path.name.removesuffix(".zip")
+    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(folder))
+    assert any("lora_" in name for name, _ in model.named_parameters())
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert "Hi" in prompt
+    for name in ("README.md", "unitedllm_export.json", "prompt_template.json", "generation_config.json"):
+        assert (folder / name).is_file(), name
+    return folder

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from platform_helpers import assert_loads_over_its_base
 from services import missing_service_binaries
 
 pytestmark = pytest.mark.services
@@ -55,6 +56,13 @@ def test_demo_runs_the_quickstart_to_finished_with_the_same_model_as_unitedllm_r
     assert local.returncode == 0, local.stderr
     ours, theirs = workdir / "out" / run_id / ADAPTER, tmp_path / "local" / run_id / ADAPTER
     assert ours.read_bytes() == theirs.read_bytes()
+
+    # The exported final model, downloaded from the platform, is that adapter and loads over the base.
+    zip_path = workdir / f"{run_id}-model.zip"
+    serve = f"unzip {zip_path.name} && unitedllm serve {run_id}-model"
+    assert f"{run_id}  exported model: {zip_path}; serve it with: {serve}" in demo.stdout
+    exported = assert_loads_over_its_base(zip_path, tmp_path / "unzipped")
+    assert (exported / "adapter_model.safetensors").read_bytes() == ours.read_bytes()
 
     # Everything the demo started has stopped: no process still runs from its folder.
     leftovers = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True)

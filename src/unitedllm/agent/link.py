@@ -53,15 +53,20 @@ class PlatformLink:
 
     def signed(self, path: str, body: dict[str, Any], *, timeout_s: float | None = None) -> httpx.Response:
         """POST ``body`` to ``path`` signed with the device key; raises PlatformError on refusal or drop."""
+        return self.signed_bytes(path, json.dumps(body).encode(), "application/json", timeout_s=timeout_s)
+
+    def signed_bytes(
+        self, path: str, data: bytes, content_type: str, *, timeout_s: float | None = None
+    ) -> httpx.Response:
+        """POST raw ``data`` to ``path`` signed with the device key (the signature covers its sha256)."""
         if self.device_id is None:
             raise PlatformError("this agent is not enrolled yet")
-        data = json.dumps(body).encode()
         stamp = f"{time.time():.3f}"
         request = self._http.build_request(
             "POST",
             path,
             content=data,
-            headers={"content-type": "application/json", "x-device-id": self.device_id, "x-timestamp": stamp},
+            headers={"content-type": content_type, "x-device-id": self.device_id, "x-timestamp": stamp},
             timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT,
         )
         request.headers["x-signature"] = self.keys.sign(

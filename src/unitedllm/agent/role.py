@@ -158,7 +158,11 @@ class RoleRunner:
         note = f"package {command['package']['digest'][:12]} authenticated by the platform's signature\n"
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         spec.log_path.write_text(note)
-        self.handle = self.launcher.start(spec)
+        try:
+            self.handle = self.launcher.start(spec)
+        except PlatformError as exc:  # e.g. kubectl apply or sbatch refused it
+            self._finish(FAILED, None, f"the {self.launcher.name} launcher could not start the role: {exc}")
+            return
         self.record = {
             "run_id": self.run_id,
             "rank": self.rank,
@@ -202,7 +206,37 @@ class RoleRunner:
                 self._ship_logs(final=True)
                 self._finish(KILLED, self.handle.poll(), "aborted" if self.stop_grace_s == 0 else "stopped")
                 return
-        self._finish(FINISHED if code == 0 else FAILED, code, f"exit code {code}")
+        detail = f"exit code {code}"
+        if code == 0 and self.rank == 0:
+            detail += self._upload_final_model()  # before FINISHED: a finished run offers its model
+        self._finish(FINISHED if code == 0 else FAILED, code, detail)
+
+    def _upload_final_model(self) -> str:
+        """Export the run's final model and upload it to the platform; a note for the state's detail."""
+        from unitedllm.agent.final_model import exported_model_zip
+
+        metrics = self.record.get("metrics") or self._find_metrics()
+        if not metrics:
+            return ""
+        try:
+            data = exported_model_zip(Path(metrics).parent, self.run_id)
+        except Exception as exc:  # the role has finished; a failed export must not hide that
+            log.warning("run %s: the final model could not be exported: %s", self.run_id, exc)
+            return f"; the final model could not be exported ({type(exc).__name__})"
+        if data is None:
+            return ""
+        path = f"/api/agent/runs/{self.run_id}/model"
+        for attempt in range(30):
+            try:
+                record = self.link.signed_bytes(path, data, "application/zip", timeout_s=600).json()
+                log.info("run %s: final model uploaded (%s)", self.run_id, record["digest"][:12])
+                return f"; final model uploaded ({record['digest'][:12]})"
+            except PlatformError as exc:
+                if (exc.status is not None and 400 <= exc.status < 500) or attempt == 29:
+                    log.warning("run %s: the final model upload failed: %s", self.run_id, exc)
+                    return "; the final model upload failed"
+                time.sleep(min(5.0, 0.5 * (attempt + 1)))
+        return ""
 
     def _ship_logs(self, *, final: bool) -> None:
         self._ship("log", Path(self.record.get("log", "")), final=final)

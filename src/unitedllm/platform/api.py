@@ -17,6 +17,7 @@ from unitedllm.platform.auth import ADMIN
 from unitedllm.platform.catalog import Catalog
 from unitedllm.platform.controller import Controller
 from unitedllm.platform.errors import PlatformError
+from unitedllm.platform.final_model import MAX_MODEL_BYTES, FinalModels
 from unitedllm.platform.runs import RunService
 
 __all__ = ["Notifier", "create_app", "launch_from"]
@@ -86,6 +87,7 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier, cat
     app.state.controller = controller
     app.state.runs = runs
     app.state.catalog = catalog
+    models = FinalModels(controller)
 
     @app.exception_handler(PlatformError)
     async def platform_error(_request: Request, exc: PlatformError) -> JSONResponse:
@@ -104,9 +106,8 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier, cat
             raise PlatformError("this needs an admin token (yours is read-only)", status=403)
         return role
 
-    async def device(request: Request) -> tuple[str, dict[str, Any]]:
-        """The signing device's id and the request's JSON body, after checking its signature."""
-        body = await request.body()
+    async def signer(request: Request, body: bytes) -> str:
+        """The id of the device that signed this request; PlatformError(401/403) otherwise."""
         device_id = request.headers.get("x-device-id", "")
         await asyncio.to_thread(
             controller.authenticate_device,
@@ -117,6 +118,12 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier, cat
             body=body,
             signature=request.headers.get("x-signature", ""),
         )
+        return device_id
+
+    async def device(request: Request) -> tuple[str, dict[str, Any]]:
+        """The signing device's id and the request's JSON body, after checking its signature."""
+        body = await request.body()
+        device_id = await signer(request, body)
         try:
             data = json.loads(body) if body else {}
         except json.JSONDecodeError:
@@ -239,6 +246,16 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier, cat
     ) -> list[dict[str, Any]]:
         return await call(runs.logs, run_id, device_id=device, after=after, stream=stream)  # type: ignore[no-any-return]
 
+    @app.get("/api/runs/{run_id}/model")
+    async def run_model(run_id: str, _: Read) -> Response:
+        """The run's final model as ``unitedllm export`` writes it, zipped (404 until uploaded)."""
+        filename, data = await call(models.download, run_id)
+        return Response(
+            data,
+            media_type="application/zip",
+            headers={"content-disposition": f'attachment; filename="{filename}"'},
+        )
+
     @app.get("/api/runs/{run_id}/rounds")
     async def run_rounds(run_id: str, _: Read) -> list[dict[str, Any]]:
         return await call(runs.rounds, run_id)  # type: ignore[no-any-return]
@@ -326,6 +343,15 @@ def create_app(controller: Controller, runs: RunService, notifier: Notifier, cat
             stream=str(body.get("stream", "log")),
         )
         return {"ok": True}
+
+    @app.post("/api/agent/runs/{run_id}/model")
+    async def upload_model(run_id: str, request: Request) -> dict[str, Any]:
+        """The exported final model from the run's aggregator (raw zip, signed like every request)."""
+        if int(request.headers.get("content-length") or 0) > MAX_MODEL_BYTES:
+            raise PlatformError(f"run {run_id}: the model is over the {MAX_MODEL_BYTES} byte cap", status=413)
+        data = await request.body()
+        device_id = await signer(request, data)
+        return await call(models.store, device_id, run_id, data)  # type: ignore[no-any-return]
 
     @app.post("/api/agent/package")
     async def package_content(signed: Signed) -> Response:

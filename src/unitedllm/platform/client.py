@@ -41,6 +41,9 @@ class PlatformClient:
         self._http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._send(method, path, **kwargs).json()
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -53,7 +56,7 @@ class PlatformClient:
             raise PlatformError(
                 f"{method} {path}: {message} (HTTP {response.status_code})", status=response.status_code
             )
-        return response.json()
+        return response
 
     def devices(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/devices"))
@@ -64,6 +67,14 @@ class PlatformClient:
     def device_metrics(self, ref: str, since: float = 0.0) -> list[dict[str, Any]]:
         """The device's kept heartbeat metrics, oldest first."""
         return list(self._call("GET", f"/api/devices/{ref}/metrics", params={"since": since}))
+
+    def download_model(self, run_id: str, directory: Path) -> Path:
+        """Save the run's exported final model (a zip) in ``directory``; returns its path."""
+        response = self._send("GET", f"/api/runs/{run_id}/model", timeout=600)
+        name = Path(response.headers.get("content-disposition", "").split('filename="')[-1].rstrip('"')).name
+        path = directory / (name or f"{run_id}-model.zip")
+        path.write_bytes(response.content)
+        return path
 
     def approve(self, ref: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/api/devices/{ref}/approve"))

@@ -24,6 +24,7 @@ from typing import IO, Any
 from unitedllm.platform.broker import BrokerAccess
 from unitedllm.platform.client import PlatformClient
 from unitedllm.platform.errors import PlatformError
+from unitedllm.platform.final_model import serve_command
 from unitedllm.platform.states import TERMINAL
 
 __all__ = ["run_demo"]
@@ -249,6 +250,13 @@ def run_demo(
                 file=stream,
             )
         if state == "FINISHED":
+            try:  # the page's download, as a file here
+                model = client.download_model(run_id, workdir)
+                print(
+                    f"{run_id}  exported model: {model}; serve it with: {serve_command(run_id)}", file=stream
+                )
+            except PlatformError as exc:
+                print(f"{run_id}  no exported model: {exc}", file=stream)
             print(f"{run_id} FINISHED; final model: {final}", file=stream, flush=True)
             return 0
         print(f"{run_id} ended {state}; logs in {workdir / 'logs'}", file=stream, flush=True)

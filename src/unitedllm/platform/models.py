@@ -162,6 +162,8 @@ class Run(Base):
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Where each device's whole log went in S3 once the run ended: {device_id: {"digest", "size"}}.
     log_archive: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The exported final model its aggregator's agent uploaded: {"digest", "size"} in S3 (models/).
+    model: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class RunMember(Base):

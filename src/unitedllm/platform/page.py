@@ -22,6 +22,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from unitedllm.platform.api import launch_from
 from unitedllm.platform.auth import ADMIN
 from unitedllm.platform.errors import PlatformError
+from unitedllm.platform.final_model import serve_command
 from unitedllm.platform.plot import line_plot, loss_plot
 from unitedllm.platform.states import TERMINAL
 
@@ -262,6 +263,7 @@ def add_page(app: FastAPI, platform: Platform) -> None:
             terminal=TERMINAL,
             final_dir=f"{final['output_dir']}/node_0/final" if final and final.get("output_dir") else None,
             output_dir=(final or {}).get("output_dir"),
+            serve_command=serve_command(run_id),
             refresh=None if run["state"] in TERMINAL else 2,
         )
 

@@ -356,6 +356,7 @@ class RunService:
             "created_at": run.created_at,
             "finished_at": run.finished_at,
             "log_archive": run.log_archive,
+            "model": run.model,
             "members": [
                 {"rank": m.rank, "device_id": m.device_id, "state": m.state, "exit_code": m.exit_code}
                 for m in members
