@@ -3,7 +3,8 @@
 A launcher turns a :class:`RoleSpec` (command, environment, folder, log file) into a running
 :class:`RoleHandle`, and can find a role it started again after the agent restarts
 (:meth:`Launcher.attach` with the record the handle wrote). A Kubernetes Job or Slurm launcher
-is one more file implementing these two classes (see ``docs/platform.md``).
+is one more file implementing these two classes: :mod:`unitedllm.agent.kubernetes` and
+:mod:`unitedllm.agent.slurm` (see ``docs/platform.md``, "Beyond one machine").
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Launcher", "LocalProcessLauncher", "RoleHandle", "RoleSpec"]
+__all__ = ["Launcher", "LocalProcessLauncher", "RoleHandle", "RoleSpec", "job_name", "require_tool"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,22 @@ class Launcher(abc.ABC):
     @abc.abstractmethod
     def attach(self, record: dict[str, Any]) -> RoleHandle | None:
         """The role a record describes, or ``None`` when it is gone without a trace of how it ended."""
+
+
+def job_name(run_id: str, rank: int) -> str:
+    """A name for a role's job on a scheduler (DNS-1123: lower case, digits and dashes, <= 63 chars)."""
+    stem = re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")[:40]
+    return f"unitedllm-{stem}-rank-{rank}"
+
+
+def require_tool(tool: str, launcher: str) -> str:
+    """The path of a tool a launcher needs; one clear line (PlatformError) when it is not installed."""
+    from unitedllm.platform.errors import PlatformError
+
+    found = shutil.which(tool)
+    if found is None:
+        raise PlatformError(f"--launcher {launcher}: {tool} is not installed (not found on PATH)")
+    return found
 
 
 # -- local processes ---------------------------------------------------------------------------
