@@ -2,8 +2,10 @@
 
 Handlers :meth:`~BatchQueue.submit` jobs from the event loop; the worker takes the oldest job's
 adapter and every queued job for that adapter (up to ``max_batch``) as one batch, so adapters
-switch per batch and a waiting job never waits behind more than one batch of another adapter
-before its own turn comes. A full queue refuses new jobs (:class:`Overloaded`).
+switch per batch. While a batch decodes, jobs for its adapter that reach the head of the queue join
+it at a token boundary (:meth:`~BatchQueue.joining`); a job for another adapter at the head stops
+that, so it never waits behind more than one batch of another adapter before its own turn comes.
+A full queue refuses new jobs (:class:`Overloaded`).
 """
 
 from __future__ import annotations
@@ -99,6 +101,15 @@ class BatchQueue:
             taken = {id(job) for job in batch}
             self._jobs = deque(job for job in self._jobs if id(job) not in taken)
             return batch
+
+    def joining(self, adapter: str | None, limit: int) -> list[Job]:
+        """Without waiting: up to ``limit`` jobs for ``adapter`` from the head of the queue (FIFO order kept)."""
+        with self._ready:
+            self._drop_dead()
+            taken: list[Job] = []
+            while self._jobs and len(taken) < limit and self._jobs[0].adapter == adapter:
+                taken.append(self._jobs.popleft())
+            return taken
 
     def _drop_dead(self) -> None:
         alive: deque[Job] = deque()

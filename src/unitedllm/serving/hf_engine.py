@@ -1,10 +1,11 @@
-"""The transformers engine: one base model in memory, PEFT adapters switched per batch, dynamic batching.
+"""The transformers engine: one base model in memory, PEFT adapters switched per batch, continuous batching.
 
 A worker thread owns the model. It takes a batch of queued jobs that use the same adapter
-(:class:`~unitedllm.serving.batching.BatchQueue`), left-pads their prompts and decodes them together
-token by token with a KV cache; each row samples with its own settings and generator (greedy rows
-are deterministic, seeded rows reproducible). Between tokens it drops rows whose client went away,
-whose deadline passed or which finished, shrinking the cache, and stops when none is left.
+(:class:`~unitedllm.serving.batching.BatchQueue`) and decodes them together token by token with a
+KV cache (:class:`~unitedllm.serving.continuous.DecodingBatch`). Between tokens, rows whose client
+went away, whose deadline passed or which finished leave, and queued jobs for the same adapter join
+(prefilled, then stacked into the cache), so a short request arriving during a long generation
+starts at once and finishes first. The batch ends when no row is left.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import contextlib
 import hashlib
 import inspect
 import logging
-import random
 import threading
 import time
 from pathlib import Path
@@ -22,9 +22,8 @@ from typing import Any
 
 from unitedllm.serving.adapters import ModelEntry, ModelRegistry
 from unitedllm.serving.batching import BatchQueue, Job
-from unitedllm.serving.decoding import TextAssembler
 from unitedllm.serving.engine import BatchObserver, Chunk, Engine, Generation, SamplingParams
-from unitedllm.serving.errors import AdapterRefused, GenerationFailed, Overloaded, ServingError
+from unitedllm.serving.errors import AdapterRefused, GenerationFailed, ServingError
 from unitedllm.serving.layout import ADAPTER_WEIGHTS, is_model_dir
 
 __all__ = ["TransformersEngine"]
@@ -63,6 +62,8 @@ class TransformersEngine(Engine):
         self._closing = threading.Event()
         self._model_lock = threading.Lock()
         self._worker: threading.Thread | None = None
+        self._loads_waiting = 0  # adapter loads waiting for the model: batches stop taking newcomers
+        self._waiting_lock = threading.Lock()
         self._cache_kw = "past_key_values"
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -120,28 +121,36 @@ class TransformersEngine(Engine):
         await asyncio.to_thread(self._load_adapter, entry)
 
     def _load_adapter(self, entry: ModelEntry) -> None:
-        assert entry.path is not None
+        # A running batch stops taking newcomers while a load waits, so the load waits for it only.
+        with self._waiting_lock:
+            self._loads_waiting += 1
         with self._model_lock:
-            if entry.name in self._loaded:
-                return
-            digest = self._check(entry)
-            adapter = f"adapter_{len(self._loaded)}"
-            try:
-                if self._peft is None:
-                    from peft import PeftModel
+            with self._waiting_lock:
+                self._loads_waiting -= 1
+            self._load_adapter_locked(entry)
 
-                    self._peft = PeftModel.from_pretrained(self._model, str(entry.path), adapter_name=adapter)
-                    self._peft.eval()
-                else:
-                    self._peft.load_adapter(str(entry.path), adapter_name=adapter)
-            except (RuntimeError, ValueError, KeyError, OSError) as exc:
-                raise AdapterRefused(str(entry.path), f"it does not fit the base model: {exc}") from exc
-            if _digest(entry.path / ADAPTER_WEIGHTS) != digest:
-                self._peft.delete_adapter(adapter)
-                raise AdapterRefused(str(entry.path), "its weights changed while loading")
-            entry.digest = digest
-            self._loaded[entry.name] = adapter
-            log.info("loaded %s from %s (sha256 %s)", entry.name, entry.path, digest[:12])
+    def _load_adapter_locked(self, entry: ModelEntry) -> None:
+        assert entry.path is not None
+        if entry.name in self._loaded:
+            return
+        digest = self._check(entry)
+        adapter = f"adapter_{len(self._loaded)}"
+        try:
+            if self._peft is None:
+                from peft import PeftModel
+
+                self._peft = PeftModel.from_pretrained(self._model, str(entry.path), adapter_name=adapter)
+                self._peft.eval()
+            else:
+                self._peft.load_adapter(str(entry.path), adapter_name=adapter)
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
+            raise AdapterRefused(str(entry.path), f"it does not fit the base model: {exc}") from exc
+        if _digest(entry.path / ADAPTER_WEIGHTS) != digest:
+            self._peft.delete_adapter(adapter)
+            raise AdapterRefused(str(entry.path), "its weights changed while loading")
+        entry.digest = digest
+        self._loaded[entry.name] = adapter
+        log.info("loaded %s from %s (sha256 %s)", entry.name, entry.path, digest[:12])
 
     def _check(self, entry: ModelEntry) -> str:
         """Digest, shapes and finiteness of an adapter's tensors, before the model sees them."""
@@ -219,23 +228,32 @@ class TransformersEngine(Engine):
     # -- the worker --------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while (batch := self.queue.next_batch()) is not None:
+        while (jobs := self.queue.next_batch()) is not None:
             started = time.perf_counter()
+            served = list(jobs)
             try:
                 with self._model_lock:
-                    tokens = self._run(batch)
+                    tokens = self._run(served)
             except Exception as exc:  # the server must outlive one bad batch; the clients get the reason
                 log.exception("generation failed")
-                for job in batch:
+                for job in served:
                     job.emit(GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
                 continue
             if self.observer is not None:
-                self.observer(len(batch), tokens, time.perf_counter() - started)
+                self.observer(len(served), tokens, time.perf_counter() - started)
 
-    def _run(self, batch: list[Job]) -> int:
+    def _run(self, served: list[Job]) -> int:
+        """Decode ``served`` (one adapter) until every row is done, taking in newcomers as it goes.
+
+        Jobs for the same adapter that reach the head of the queue join at the next token (up to
+        ``max_batch`` rows); a job for another adapter at the head stops the joining, so it waits
+        for this batch only. ``served`` grows by the jobs that joined. Returns the tokens generated.
+        """
         import torch
 
-        adapter = batch[0].adapter
+        from unitedllm.serving.continuous import DecodingBatch
+
+        adapter = served[0].adapter
         switch: Any = contextlib.nullcontext()
         if self._peft is not None:
             if adapter is None:
@@ -243,116 +261,26 @@ class TransformersEngine(Engine):
             else:
                 self._peft.set_adapter(adapter)
         model = self._peft if self._peft is not None else self._model
+        batch = DecodingBatch(
+            model,
+            tokenizer=self._tokenizer,
+            device=str(self._device),
+            cache_kw=self._cache_kw,
+            timeout_s=self.timeout_s,
+            closing=self._closing,
+            on_cancelled=self.on_cancelled,
+        )
         with torch.inference_mode(), switch:
-            return self._decode(model, batch)
-
-    def _decode(self, model: Any, batch: list[Job]) -> int:
-        import torch
-
-        rows = [job for job in batch if not job.cancelled.is_set()]
-        if not rows:
-            return 0
-        tok = self._tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        width = max(len(job.prompt_ids) for job in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, job in enumerate(rows):
-            n = len(job.prompt_ids)
-            ids[i, width - n :] = torch.tensor(job.prompt_ids)
-            mask[i, width - n :] = 1
-            job.state = _RowState(job, tok)
-        ids, mask = ids.to(self._device), mask.to(self._device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache = getattr(out, self._cache_kw)
-        generated = 0
-        while True:
-            tokens = _choose(out.logits[:, -1, :].float(), rows)
-            keep: list[int] = []
-            if self._closing.is_set():
-                for job in rows:
-                    job.emit(Overloaded("the server is shutting down"))
-                return generated
-            for i, job in enumerate(rows):
-                if job.cancelled.is_set():
-                    if self.on_cancelled is not None:
-                        self.on_cancelled()
-                    continue
-                if job.fail_if_expired(self.timeout_s):
-                    continue
-                generated += 1
-                state: _RowState = job.state
-                delta = state.text.push(int(tokens[i]))
-                done = state.text.finish_reason is not None
-                if delta or done:
-                    job.emit(state.chunk(delta))
-                if not done:
-                    keep.append(i)
-            if not keep:
-                return generated
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=self._device)
-                cache.batch_select_indices(index)
-                tokens, mask, positions = tokens[index], mask[index], positions[index]
-                rows = [rows[i] for i in keep]
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            positions = positions[:, -1:] + 1
-            out = model(
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **{self._cache_kw: cache},
-            )
-
-
-class _RowState:
-    """A row's text so far and its random generator."""
-
-    def __init__(self, job: Job, tokenizer: Any):
-        import torch
-
-        params = job.params
-        self.job = job
-        self.text = TextAssembler(
-            lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
-            eos_token_id=tokenizer.eos_token_id,
-            stop=params.stop,
-            max_tokens=params.max_tokens,
-        )
-        self.generator: Any = None
-        if not params.greedy:
-            seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
-            self.generator = torch.Generator().manual_seed(seed)
-
-    def chunk(self, delta: str) -> Chunk:
-        return Chunk(
-            text=delta,
-            finish_reason=self.text.finish_reason,
-            prompt_tokens=len(self.job.prompt_ids),
-            completion_tokens=self.text.completion_tokens,
-            model=self.job.model,
-        )
-
-
-def _choose(logits: Any, rows: list[Job]) -> Any:
-    """The next token of every row: argmax for greedy rows, else temperature + top-p sampling."""
-    import torch
-
-    tokens = logits.argmax(dim=-1).cpu()
-    for i, job in enumerate(rows):
-        params = job.params
-        if params.greedy:
-            continue
-        probs = torch.softmax(logits[i].cpu() / params.temperature, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        tokens[i] = torch.multinomial(probs, 1, generator=job.state.generator)[0]
-    return tokens.to(logits.device)
+            batch.admit(served)
+            while batch.rows:
+                batch.step()
+                room = self.queue.max_batch - len(batch.rows)
+                if batch.rows and room > 0 and batch.can_join and not self._loads_waiting:
+                    joining = self.queue.joining(adapter, room)
+                    if joining:
+                        served.extend(joining)
+                        batch.admit(joining)
+        return batch.generated
 
 
 def _digest(path: Path) -> str:
