@@ -17,18 +17,26 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import msgspec
 import pytest
 import yaml
+from linear_trainer import LinearTrainer
 from openai import OpenAI
+from safetensors.torch import load_file
 from services import service_env
 from serving_support import QUICKSTART, ROOT, Server, child_env, serving
 
+from unitedllm.checkpoints import read_digests
 from unitedllm.comm.mqtt import to_topic
+from unitedllm.comm.s3 import S3BlobStore
 from unitedllm.comm.settings import MqttSettings, S3Settings
-from unitedllm.protocol.messages import BlobRef, RoundStart, TrainSpec
+from unitedllm.config.types import Config
+from unitedllm.protocol.messages import BlobRef, Finish, Message, RoundStart, TrainSpec
+from unitedllm.protocol.payload import encode_tensors
 from unitedllm.protocol.signing import seal
+from unitedllm.serving.network_follow import RunMirror
 
-pytestmark = [pytest.mark.services, pytest.mark.slow]
+pytestmark = [pytest.mark.services]
 
 DEADLINE_S = 300.0
 ROUNDS = 4
@@ -105,6 +113,7 @@ def plant(s3: S3Settings, run_id: str, digest: str, data: bytes) -> None:
     raw.put_object(Bucket=s3.bucket, Key=f"{s3.prefix.strip('/')}/{run_id}/{digest}", Body=data)
 
 
+@pytest.mark.slow
 def test_serve_follows_an_mqtt_s3_run_and_refuses_forged_announcements(
     tmp_path: Path, mqtt_settings: MqttSettings, s3_settings: S3Settings, run_id: str
 ) -> None:
@@ -167,3 +176,67 @@ def check_refusals(server: Server, api: OpenAI, mqtt: MqttSettings, s3: S3Settin
     assert global_round(api) == ROUNDS - 1
     ids = {m.id for m in api.models.list()}
     assert "global@10" not in ids and "global@20" not in ids
+
+
+def test_the_mirror_writes_signed_announcements_and_refuses_forged_and_corrupted_ones(
+    tmp_path: Path,
+    mqtt_settings: MqttSettings,
+    s3_settings: S3Settings,
+    run_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The network half alone (a plain PyTorch trainer, no model server): fast enough for every run."""
+    for name, value in service_env(mqtt_settings, s3_settings).items():
+        monkeypatch.setenv(name, value)
+    for rank, key in KEYS.items():
+        monkeypatch.setenv(f"UNITEDLLM_RANK_KEY_{rank}", key)
+    cfg = msgspec.convert(
+        {"train_args": {"client_num_in_total": 3}, "comm_args": {"backend": "MQTT_S3"}}, Config
+    )
+    cache = tmp_path / "mirror"
+    trainer = LinearTrainer(0)
+    refused: list[str] = []
+
+    async def scenario() -> None:
+        async with (
+            S3BlobStore(s3_settings, run_id=run_id) as store,
+            RunMirror(
+                cfg, run_id=run_id, cache=cache, trainer=trainer, on_refused=lambda _n, r: refused.append(r)
+            ) as mirror,
+        ):
+            following = asyncio.create_task(mirror.run())
+            weights = {k: v + 1 for k, v in trainer.initial_weights().items()}
+            ref = await store.put(encode_tensors(weights))
+            good, bad = b"announced bytes", b"different bytes"
+            corrupt = BlobRef(digest=hashlib.sha256(good).hexdigest(), size=len(good))
+            plant(s3_settings, run_id, corrupt.digest, bad)
+
+            async def say(message: Message, key: bytes, rank: int = 1) -> None:
+                async with aiomqtt.Client(
+                    mqtt_settings.host,
+                    mqtt_settings.port,
+                    username=mqtt_settings.username,
+                    password=mqtt_settings.password,
+                ) as client:
+                    await client.publish(to_topic(run_id, rank), seal(message, key), qos=1)
+
+            await say(round_start(run_id, 5, ref), b"forged")  # not the aggregator's key
+            await say(round_start(run_id, 7, corrupt), KEYS[1].encode())
+            await say(round_start(run_id, 2, ref), KEYS[1].encode())
+            await say(round_start(run_id, 2, ref), KEYS[2].encode(), rank=2)  # the same round to client 2
+            final = Finish(run_id=run_id, round=4, sender=0, seq=time.time_ns(), final_ref=ref)
+            await say(final, KEYS[3].encode(), rank=3)
+            deadline = time.monotonic() + 60
+            while not (cache / "node_0" / "round_3_after_agg").is_dir() or not refused:
+                assert time.monotonic() < deadline, "the announcements were not taken in"
+                await asyncio.sleep(0.1)
+            following.cancel()
+
+    asyncio.run(scenario())
+    rounds = sorted(p.name for p in (cache / "node_0").iterdir() if p.name.startswith("round_"))
+    assert rounds == ["round_1_after_agg", "round_3_after_agg"]  # round 4 (forged) and 6 (corrupt) are not
+    written = load_file(cache / "node_0" / "round_1_after_agg" / "model.safetensors")
+    assert all(bool((written[k] == v + 1).all()) for k, v in trainer.initial_weights().items())
+    recorded = read_digests(cache / "node_0" / "round_1_after_agg")
+    assert recorded is not None and "model.safetensors" in recorded
+    assert len(refused) == 1 and "round 6" in refused[0] and "digest mismatch" in refused[0]
