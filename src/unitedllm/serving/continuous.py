@@ -58,8 +58,10 @@ class DecodingBatch:
     @property
     def can_join(self) -> bool:
         """Whether rows can join mid-decode: the cache is one the batch can pad and stack (full attention)."""
-        from transformers.cache_utils import DynamicLayer
-
+        try:
+            from transformers.cache_utils import DynamicLayer
+        except ImportError:  # transformers before 4.56 keeps its cache in other shapes: no joining
+            return self._cache is None
         layers = getattr(self._cache, "layers", None)
         return self._cache is None or (
             isinstance(layers, list) and all(type(layer) is DynamicLayer for layer in layers)
