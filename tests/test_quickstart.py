@@ -106,7 +106,6 @@ def test_every_rank_records_where_its_rounds_went(quickstart_run: unitedllm.RunR
             assert set(e["phases"]) == set(AGGREGATOR_PHASES)
         elif e["event"] == "train":
             assert set(e["phases"]) == set(CLIENT_PHASES)
-            assert "wait_seconds" in e["metrics"]  # the clients take turns on one shared model
         else:
             continue
         assert min(e["phases"].values()) >= 0 and sum(e["phases"].values()) <= walls[e["round"]], e

@@ -24,7 +24,7 @@ from unitedllm.comm.base import BlobStore, Presence, Transport
 from unitedllm.comm.codecs.wire import DENSE, decode_update, run_codec
 from unitedllm.errors import RoundError, UnitedLLMError
 from unitedllm.instability import report_loss_rise
-from unitedllm.phases import AGGREGATOR_PHASES, PhaseClock, from_metrics
+from unitedllm.phases import AGGREGATOR_PHASES, PhaseClock, from_metrics, shared_model_wait
 from unitedllm.protocol.messages import (
     BlobRef,
     Error,
@@ -123,7 +123,7 @@ class Aggregator(Role):
                 cfg.train_args.client_num_per_round, timeout_s=cfg.comm_args.join_timeout_s
             )
             for round_idx in range(first_round, self.plan.comm_round):
-                self._phases = PhaseClock(AGGREGATOR_PHASES)
+                self._phases = PhaseClock(AGGREGATOR_PHASES, waited=shared_model_wait(self.trainer))
                 weights, state, summary = await self._run_round(round_idx, weights, encoded, state, optimizer)
                 with self._phases.phase("checkpoint"):
                     encoded = await asyncio.to_thread(encode_tensors, weights)

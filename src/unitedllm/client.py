@@ -17,7 +17,7 @@ from unitedllm.client_journal import ClientJournal
 from unitedllm.comm.base import BlobStore, Presence, Transport
 from unitedllm.comm.codecs.wire import UpdateEncoding, run_codec
 from unitedllm.errors import BlobNotFound, CommError, RoundError, UnitedLLMError
-from unitedllm.phases import CLIENT_PHASES, PhaseClock, from_metrics, to_metrics
+from unitedllm.phases import CLIENT_PHASES, PhaseClock, from_metrics, shared_model_wait, to_metrics
 from unitedllm.protocol.messages import Error, EvalReport, Finish, Hello, RoundStart, Update
 from unitedllm.protocol.payload import decode_tensors, encode_tensors
 from unitedllm.ranks import check_rank
@@ -208,7 +208,7 @@ class Client(Role):
         # start on every hello) gets the same update again, which the aggregator takes once.
         if await self._resend(start):
             return
-        clock = PhaseClock(CLIENT_PHASES)
+        clock = PhaseClock(CLIENT_PHASES, waited=shared_model_wait(self.trainer))
         try:
             with clock.phase("fetch"):
                 blobs = {"": await self.store.get(start.global_ref)}
@@ -235,7 +235,7 @@ class Client(Role):
         with clock.phase("setup"):
             await asyncio.to_thread(self.journal.align, self.trainer, round_idx)
             self.journal.forget_held_state()  # training moves it on; save_state records the result
-        fit_started = time.perf_counter()
+        fit_started, waited = time.perf_counter(), clock.waited()
         try:
             result, update_extras = await asyncio.to_thread(self._fit, weights, extras, start)
         except UnitedLLMError as exc:
@@ -244,11 +244,11 @@ class Client(Role):
             )
             raise
         fit_seconds = time.perf_counter() - fit_started
-        train_seconds = float(result.metrics.get("train_seconds", fit_seconds))
-        wait_seconds = float(result.metrics.get("wait_seconds", 0.0))
-        clock.add("train", min(train_seconds, fit_seconds))
-        clock.add("wait", min(wait_seconds, fit_seconds - clock.seconds["train"]))
-        clock.add("setup", fit_seconds - clock.seconds["train"] - clock.seconds["wait"])
+        wait_seconds = min(clock.waited() - waited, fit_seconds)
+        train_seconds = float(result.metrics.get("train_seconds", fit_seconds - wait_seconds))
+        clock.add("wait", wait_seconds)
+        clock.add("train", min(train_seconds, fit_seconds - wait_seconds))
+        clock.add("setup", fit_seconds - wait_seconds - min(train_seconds, fit_seconds - wait_seconds))
         with clock.phase("checkpoint"):
             # The state the next round starts from, on disk before the update leaves (see ClientJournal).
             await asyncio.to_thread(self.journal.save_state, self.trainer, round_idx + 1)

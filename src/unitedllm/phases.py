@@ -15,7 +15,7 @@ round, the aggregator waiting for updates) is in none.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 __all__ = [
@@ -24,12 +24,14 @@ __all__ = [
     "METRIC_PREFIX",
     "PhaseClock",
     "from_metrics",
+    "shared_model_wait",
     "to_metrics",
 ]
 
 #: A client's round: the global model's download, its decoding, the trainer's set-up (loading the
 #: weights, building the round's Trainer), waiting for a model shared with other ranks in this
-#: process, local training, evaluations, encoding the update, uploading it, and its checkpoints.
+#: process (before training, evaluating or saving), local training, evaluations, encoding the
+#: update, uploading it, and its checkpoints.
 CLIENT_PHASES = (
     "fetch",
     "decode",
@@ -42,29 +44,46 @@ CLIENT_PHASES = (
     "checkpoint",
 )
 #: The aggregator's round: sending the global model, fetching and decoding updates, folding them,
-#: finishing the round (the server step), evaluating the new global model, and its checkpoints
-#: (the round's model folder, the global model's encoding and the resume point).
-AGGREGATOR_PHASES = ("broadcast", "fetch", "decode", "fold", "finish", "evaluate", "checkpoint")
+#: finishing the round (the server step), waiting for a model shared with clients in this process,
+#: evaluating the new global model, and its checkpoints (the round's model folder, the global
+#: model's encoding and the resume point).
+AGGREGATOR_PHASES = ("broadcast", "fetch", "decode", "fold", "finish", "wait", "evaluate", "checkpoint")
 #: How a client's phases are named in its update's metrics: ``phase/fetch``, ...
 METRIC_PREFIX = "phase/"
 
 
 class PhaseClock:
-    """Seconds spent in each of ``names`` (summed when a phase recurs), and the wall time since it was made."""
+    """Seconds spent in each of ``names`` (summed when a phase recurs), and the wall time since it was made.
 
-    def __init__(self, names: tuple[str, ...]):
+    ``waited`` (when given) reads a running total of seconds spent waiting for a shared model
+    (:attr:`HFLocalTrainer.wait_seconds <unitedllm.training.hf.HFLocalTrainer.wait_seconds>`);
+    what it grows by inside a phase is counted as ``wait`` instead.
+    """
+
+    def __init__(self, names: tuple[str, ...], *, waited: Callable[[], float] | None = None):
         self.names = names
         self.seconds: dict[str, float] = dict.fromkeys(names, 0.0)
+        self._waited = waited
         self._started = time.perf_counter()
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time the block as ``name`` (also when it raises)."""
+        """Time the block as ``name`` (also when it raises), less any wait for a shared model in it."""
         started = time.perf_counter()
+        waited = self.waited()
         try:
             yield
         finally:
-            self.add(name, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            if self._waited is not None:
+                wait = min(max(0.0, self._waited() - waited), elapsed)
+                self.add("wait", wait)
+                elapsed -= wait
+            self.add(name, elapsed)
+
+    def waited(self) -> float:
+        """The running total of seconds waited for a shared model (0 without one)."""
+        return self._waited() if self._waited is not None else 0.0
 
     def add(self, name: str, seconds: float) -> None:
         """Count ``seconds`` (clamped at zero) to ``name``."""
@@ -75,6 +94,13 @@ class PhaseClock:
     def wall(self) -> float:
         """Seconds since this clock was made."""
         return time.perf_counter() - self._started
+
+
+def shared_model_wait(trainer: object) -> Callable[[], float] | None:
+    """What reads ``trainer``'s running total of seconds waited for a shared model, if it keeps one."""
+    if not isinstance(getattr(trainer, "wait_seconds", None), float):
+        return None
+    return lambda: float(getattr(trainer, "wait_seconds", 0.0))
 
 
 def to_metrics(seconds: Mapping[str, float]) -> dict[str, float]:

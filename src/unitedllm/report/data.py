@@ -41,6 +41,7 @@ _AGGREGATOR_PARTS = {
     "broadcast": ("broadcast",),
     "fold": ("fetch", "decode", "fold"),
     "finish": ("finish",),
+    "wait": ("wait",),
     "evaluate": ("evaluate",),
     "checkpoint": ("checkpoint",),
 }

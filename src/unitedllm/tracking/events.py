@@ -81,6 +81,7 @@ class AggregatorPhases(msgspec.Struct, kw_only=True):
     decode: Annotated[float, _seconds("decoding the clients' updates")] = 0.0
     fold: Annotated[float, _seconds("checking and folding updates into the round's sum")] = 0.0
     finish: Annotated[float, _seconds("finishing the round: the server optimizer's step")] = 0.0
+    wait: Annotated[float, _seconds("waiting for a model shared with clients of this process")] = 0.0
     evaluate: Annotated[float, _seconds("evaluating the new global model")] = 0.0
     checkpoint: Annotated[
         float, _seconds("saving the round's checkpoint, encoding the model, the resume point")

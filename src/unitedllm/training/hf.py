@@ -21,7 +21,8 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +87,7 @@ class HFLocalTrainer(LocalTrainer):
         self.execution = execution if execution is not None else Execution()
         self._rounds = self.execution.optimizer_rounds(self._new_optimizer, self._new_scheduler)
         self._scratch = Path(tempfile.mkdtemp(prefix="unitedllm-trainer-"))
+        self._waited = 0.0
 
     # -- setup (lazy: the constructor may run on an event loop) ---------------------------
 
@@ -163,6 +165,19 @@ class HFLocalTrainer(LocalTrainer):
         assert self._test is not None
         return self._test
 
+    @property
+    def wait_seconds(self) -> float:
+        """Seconds this trainer has waited, in all, for its turn on a model shared with other ranks."""
+        return self._waited
+
+    @contextmanager
+    def _turn(self, shared: SharedModel) -> Iterator[None]:
+        """Hold the shared model (counting the wait for it in :attr:`wait_seconds`)."""
+        waiting = time.perf_counter()
+        with shared.lock:
+            self._waited += time.perf_counter() - waiting
+            yield
+
     # -- LocalTrainer ----------------------------------------------------------------------
 
     def initial_weights(self) -> dict[str, torch.Tensor]:
@@ -211,9 +226,7 @@ class HFLocalTrainer(LocalTrainer):
         train = self._require_train()
         shared = self._ready()
         steps = self.steps_per_round(max_steps)
-        waiting = time.perf_counter()
-        with shared.lock:
-            waited = time.perf_counter() - waiting  # other ranks of this process using the shared model
+        with self._turn(shared):
             model = shared.model
             with self.execution.gathered(_trainable(model), modify=True):
                 load_trainable(model, weights)
@@ -258,7 +271,6 @@ class HFLocalTrainer(LocalTrainer):
                 "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
                 "train_samples": float(seen),
                 "learning_rate": self._rounds.last_lr(),
-                "wait_seconds": waited,
             },
         )
 
@@ -271,7 +283,7 @@ class HFLocalTrainer(LocalTrainer):
         if len(test) == 0:
             who = "the aggregator's global test set" if self.rank == 0 else f"client {self.rank}'s test split"
             raise TrainingError(f"{who} is empty: nothing to evaluate (check data_args.test_dataset_size)")
-        with shared.lock:
+        with self._turn(shared):
             self._to_eval_device(shared.model)
             with self.execution.gathered(_trainable(shared.model), modify=True):
                 load_trainable(shared.model, weights)
@@ -298,7 +310,7 @@ class HFLocalTrainer(LocalTrainer):
         shared = self._ready()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        with shared.lock, self.execution.gathered(shared.model.parameters(), modify=True):
+        with self._turn(shared), self.execution.gathered(shared.model.parameters(), modify=True):
             model = shared.model
             load_trainable(model, weights)
             if not self.execution.is_leader:
@@ -332,7 +344,7 @@ class HFLocalTrainer(LocalTrainer):
 
         shared = self._ready()
         directory = Path(directory)
-        with shared.lock, self.execution.gathered(shared.model.parameters(), modify=True):
+        with self._turn(shared), self.execution.gathered(shared.model.parameters(), modify=True):
             model = shared.model
             if not self.execution.is_leader:
                 return True  # the silo's other ranks only took part in gathering the weights
