@@ -37,6 +37,7 @@ def as_json(controller: Controller, *args: str) -> Any:
 
 
 def test_build_push_then_launch_watch_and_stop_from_the_command_line(
+    tmp_path: Path,
     controller: Controller,
     agents: dict[str, AgentProcess],
     sleeper_packages: dict[str, str],
@@ -84,6 +85,12 @@ def test_build_push_then_launch_watch_and_stop_from_the_command_line(
     assert as_json(controller, "runs", "show", run_id)["state"] == "KILLED"
     code, out = cli(controller, "runs", "logs", run_id, "--device", devices["c1"]["id"])
     assert code == 0 and "sleeper rank 1 started" in out and "sleeper rank 2" not in out
+    # A stopped run has no final model to download.
+    code, out = cli(controller, "runs", "model", run_id, "--out", str(tmp_path))
+    assert code == 2 and out.strip() == (
+        f"error: GET /api/runs/{run_id}/model: run {run_id} has no final model (yet) (HTTP 404)"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_command_line_mistakes_are_one_clear_line(controller: Controller) -> None:

@@ -66,6 +66,18 @@ async def test_the_finished_runs_model_downloads_from_the_api_and_the_page_and_l
     final = tmp_path / "out" / run_id / "node_0" / "final" / "adapter_model.safetensors"
     assert (folder / "adapter_model.safetensors").read_bytes() == final.read_bytes()
 
+    # The command line mirrors the page.
+    cli = subprocess.run(
+        [sys.executable, "-m", "unitedllm", "platform", "runs", "model", run_id, "--out", str(tmp_path),
+         "--platform", controller.url, "--token", controller.token],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.strip().endswith(
+        f"serve it with: unzip {run_id}-model.zip && unitedllm serve {run_id}-model"
+    )
+    assert (tmp_path / zip_path.name).read_bytes() == zip_path.read_bytes()
+
     # Login required; only the run's aggregator may upload its model.
     assert httpx.get(f"{controller.url}/api/runs/{run_id}/model").status_code == 401
     c1 = agents["c1"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,13 @@ class Agent:
             log.warning("could not acknowledge a command: %s", exc)
 
     def _start(self, payload: dict[str, Any]) -> None:
+        busy = self.role
+        if busy is not None and busy.run_id != payload["run_id"] and busy.stop_requested.is_set():
+            # The controller frees a device whose start it withdrew, and the next run's start may
+            # overtake the end of that role here: a stopping role ends in moments, so wait for it.
+            deadline = time.monotonic() + busy.stop_grace_s + 15
+            while self.role is busy and time.monotonic() < deadline:
+                time.sleep(0.1)
         with self._lock:
             busy = self.role
             if busy is not None and busy.run_id != payload["run_id"]:

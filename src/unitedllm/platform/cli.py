@@ -321,3 +321,25 @@ def runs_abort(run_id: str, url: UrlOpt = None, token: TokenOpt = None, as_json:
     """Kill every role of a run at once (no grace period); it ends KILLED."""
     with _errors(), _client(url, token) as client:
         _show(client.abort(run_id), as_json, _run_row)
+
+
+@runs_app.command("model")
+def runs_model(
+    run_id: str,
+    out: Annotated[Path, typer.Option("--out", help="Folder to save the zip in.")] = Path("."),
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download a finished run's final model, exported as `unitedllm export` writes it (a zip)."""
+    from unitedllm.platform.final_model import serve_command
+
+    if not out.is_dir():
+        typer.echo(f"error: --out {out}: not a folder", err=True)
+        raise typer.Exit(2)
+    with _errors(), _client(url, token) as client:
+        path = client.download_model(run_id, out)
+    if as_json:
+        typer.echo(json.dumps({"path": str(path), "serve": serve_command(run_id)}, indent=2))
+    else:
+        typer.echo(f"saved {path}; serve it with: {serve_command(run_id)}")
