@@ -222,3 +222,19 @@ def assert_loads_over_its_base(zip_path: Path, into: Path) -> Path:
     for name in ("README.md", "unitedllm_export.json", "prompt_template.json", "generation_config.json"):
         assert (folder / name).is_file(), name
     return folder
+
+
+def controller_core(path: Path, samples_kept: int = 720) -> Any:
+    """The controller's core (no HTTP, no store) on a SQLite file: for rules that need no process."""
+    from unitedllm.comm.settings import S3Settings
+    from unitedllm.platform import signing
+    from unitedllm.platform.controller import Controller as ControllerCore
+    from unitedllm.platform.db import Database
+    from unitedllm.platform.store import PackageStore
+
+    db = Database(f"sqlite:///{path}")
+    db.upgrade()
+    store = PackageStore(S3Settings("http://127.0.0.1:9", "unused", "unused", "unused"))
+    return ControllerCore(
+        db, keys=signing.KeyPair.generate(), master_secret=b"m" * 32, store=store, samples_kept=samples_kept
+    )

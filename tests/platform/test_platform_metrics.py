@@ -6,29 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from platform_helpers import AgentProcess, Controller, wait_until
+from platform_helpers import AgentProcess, Controller, controller_core, wait_until
 
-from unitedllm.comm.settings import S3Settings
 from unitedllm.platform import signing
-from unitedllm.platform.controller import Controller as ControllerCore
-from unitedllm.platform.db import Database
 from unitedllm.platform.errors import PlatformError
 from unitedllm.platform.page import _load_plot
-from unitedllm.platform.store import PackageStore
-
-
-def _core(path: Path, samples_kept: int) -> ControllerCore:
-    db = Database(f"sqlite:///{path}")
-    db.upgrade()
-    store = PackageStore(S3Settings("http://127.0.0.1:9", "unused", "unused", "unused"))
-    return ControllerCore(
-        db, keys=signing.KeyPair.generate(), master_secret=b"m" * 32, store=store, samples_kept=samples_kept
-    )
 
 
 def test_only_the_newest_samples_of_each_device_are_kept_and_the_load_plot_reads_them(tmp_path: Path) -> None:
     path = tmp_path / "platform.db"
-    core = _core(path, samples_kept=5)
+    core = controller_core(path, samples_kept=5)
     devices = []
     for name in ("edge-1", "edge-2"):
         token = core.create_enrol_token("client")
@@ -41,7 +28,7 @@ def test_only_the_newest_samples_of_each_device_are_kept_and_the_load_plot_reads
             core.heartbeat(device_id, {"cpu_percent": float(beat), "memory_percent": 50.0}, None)
     core.db.close()
 
-    restarted = _core(path, samples_kept=5)  # a new controller on the same database
+    restarted = controller_core(path, samples_kept=5)  # a new controller on the same database
     for device_id in devices:
         kept = restarted.device_samples(device_id)
         assert [s["metrics"]["cpu_percent"] for s in kept] == [3.0, 4.0, 5.0, 6.0, 7.0]

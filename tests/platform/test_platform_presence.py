@@ -9,19 +9,20 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import pytest
-from platform_helpers import AgentProcess, Controller, wait_until
+from platform_helpers import AgentProcess, Controller, controller_core, wait_until
 from services import skip_without_services
 
 from unitedllm.agent.identity import AgentState
 from unitedllm.agent.link import PlatformLink
 from unitedllm.platform.demo import _ManagedMosquitto
-from unitedllm.platform.presence import presence_payload, presence_topic
-
-pytestmark = pytest.mark.services
+from unitedllm.platform.errors import PlatformError
+from unitedllm.platform.presence import open_presence, presence_payload, presence_topic
+from unitedllm.platform.signing import KeyPair
 
 HEARTBEAT_WINDOW_ARGS = ("--heartbeat-s", "60")  # offline by heartbeats only after 180 s
 
@@ -88,6 +89,7 @@ def _identity(agent: AgentProcess) -> dict[str, str]:
         return {k: str(v) for k, v in link.post("/api/agent/broker", {}).items()}
 
 
+@pytest.mark.services
 def test_a_killed_agent_is_shown_offline_from_its_last_will_and_online_again_when_restarted(
     presence_platform: tuple[Controller, dict[str, AgentProcess], dict[str, str]],
 ) -> None:
@@ -107,6 +109,7 @@ def test_a_killed_agent_is_shown_offline_from_its_last_will_and_online_again_whe
     assert device["state"] == "IDLE" and device["online"] is True
 
 
+@pytest.mark.services
 async def test_a_device_cannot_publish_presence_for_another_and_forged_presence_is_refused(
     presence_platform: tuple[Controller, dict[str, AgentProcess], dict[str, str]], broker: Any
 ) -> None:
@@ -145,3 +148,44 @@ async def test_a_device_cannot_publish_presence_for_another_and_forged_presence_
             lambda: f"the signature is not device {b.device_id!r}'s" in ctl.log.read_text(),
         )
     assert _devices(ctl)["pb"]["presence"] == "online" and _devices(ctl)["pb"]["state"] == "IDLE"
+
+
+def test_presence_applies_in_connection_order_and_only_from_its_device(tmp_path: Path) -> None:
+    core = controller_core(tmp_path / "platform.db", samples_kept=5)
+    keys = {name: KeyPair.generate() for name in ("a", "b")}
+    ids = {
+        name: core.enrol(
+            token=core.create_enrol_token("client"),
+            name=name,
+            role="client",
+            public_key=k.public_text,
+            hardware={},
+        )["device_id"]
+        for name, k in keys.items()
+    }
+
+    def send(
+        name: str, status: str, since: float, *, signer: str | None = None, topic_of: str | None = None
+    ) -> bool:
+        payload = presence_payload(keys[signer or name], ids[name], status, since)
+        presence = open_presence(presence_topic(ids[topic_of or name]), payload, core.public_key_of)
+        return bool(core.apply_presence(presence))
+
+    def shown(name: str) -> tuple[str, str]:
+        device = core.device(name)
+        return device["presence"], device["state"]
+
+    core.heartbeat(ids["a"], {}, None)
+    assert send("a", "online", 100.0) and shown("a") == ("online", "IDLE")
+    assert send("a", "offline", 100.0) and shown("a") == ("offline", "OFFLINE")  # its will
+    assert send("a", "online", 200.0) and shown("a") == ("online", "IDLE")  # restarted
+    assert not send("a", "offline", 100.0) and shown("a") == ("online", "IDLE")  # a late, older will
+    assert not send("a", "online", 150.0)
+    with pytest.raises(PlatformError, match="signature is not device"):
+        send("a", "offline", 300.0, signer="b")  # signed by another device's key
+    with pytest.raises(PlatformError, match="speaks for device"):
+        send("a", "offline", 300.0, topic_of="b")  # a's statement on b's topic
+    with pytest.raises(PlatformError, match="not a signed presence message"):
+        open_presence(presence_topic(ids["a"]), b"offline", core.public_key_of)
+    assert shown("a") == ("online", "IDLE") and shown("b") == (None, "IDLE")  # nothing reached b
+    core.db.close()
