@@ -228,6 +228,39 @@ def test_saved_adapter_loads_with_peft_on_the_saved_base(tmp_path: Path) -> None
     torch.testing.assert_close(got, expected)
 
 
+def test_later_saves_write_the_bytes_of_a_first_save_without_rendering_the_card_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import ModelCard
+
+    rendered: list[object] = []
+    render = ModelCard.from_template.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[ModelCard], *args: Any, **kwargs: Any) -> ModelCard:
+        rendered.append(args)
+        return render(cls, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(ModelCard, "from_template", classmethod(counted))  # counts, changes nothing
+    cfg = make_cfg(tmp_path)
+    trainer, fresh = HFLocalTrainer(cfg, 1), HFLocalTrainer(cfg, 1)
+    weights = trainer.initial_weights()
+    trained = trainer.fit(weights, round_idx=0, max_steps=1).weights
+    trainer.save_model(weights, tmp_path / "first")
+    trainer.save_model(trained, tmp_path / "second")
+    trainer.save_model(trained, tmp_path / "third")
+    assert len(rendered) == 1  # the template is rendered once per trainer, not at every save
+    fresh.save_model(trained, tmp_path / "fresh")
+    assert len(rendered) == 2
+    card = (tmp_path / "fresh" / "README.md").read_bytes()  # rendered from the template
+    assert b"library_name: peft" in card
+    for folder in ("first", "second", "third"):
+        assert (tmp_path / folder / "README.md").read_bytes() == card, folder
+    files = sorted(p.name for p in (tmp_path / "second").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "third").iterdir())
+    for name in files:  # the same weights saved twice: the same bytes
+        assert (tmp_path / "third" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
+
+
 def test_full_finetuning_trains_and_saves_every_parameter(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 

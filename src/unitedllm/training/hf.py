@@ -88,6 +88,8 @@ class HFLocalTrainer(LocalTrainer):
         self._rounds = self.execution.optimizer_rounds(self._new_optimizer, self._new_scheduler)
         self._scratch = Path(tempfile.mkdtemp(prefix="unitedllm-trainer-"))
         self._waited = 0.0
+        # The model card PEFT wrote at the first save: later saves start from it (see save_model).
+        self._card: str | None = None
 
     # -- setup (lazy: the constructor may run on an event loop) ---------------------------
 
@@ -325,10 +327,17 @@ class HFLocalTrainer(LocalTrainer):
                 # Adapted embeddings / output head are saved in full so the adapter stands alone.
                 targets = set(peft_config.target_modules or ())
                 heads = {"lm_head", "embed_out", "embed_in", "embed_tokens", "wte"}
+                card = directory / "README.md"
+                if self._card is not None and not card.exists():
+                    # PEFT updates a card it finds instead of rendering its template again (most of a
+                    # small adapter's save); it sets every field it writes, so the bytes are the same.
+                    card.write_text(self._card, encoding="utf-8")
                 try:
                     model.save_pretrained(str(directory), save_embedding_layers=bool(targets & heads))
                 finally:
                     peft_config.base_model_name_or_path = saved_base
+                if self._card is None and card.is_file():
+                    self._card = card.read_text(encoding="utf-8")
                 model.get_base_model().config.save_pretrained(str(directory))
             else:
                 model.save_pretrained(str(directory))
