@@ -207,16 +207,21 @@ async def measure(
     if aggregator.returncode != 0:
         raise SystemExit(f"aggregator for N={n} exited {aggregator.returncode}")
     usage = json.loads(out.strip().splitlines()[-1])
-    round_seconds = [
-        e["seconds"]
+    round_events = [
+        e
         for e in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())
         if e.get("event") == "round" and "seconds" in e
     ]
+    round_seconds = [e["seconds"] for e in round_events]
     return {
         "clients": n,
         "rounds": rounds,
         "wall_s": round(wall, 2),
         "round_s": [round(s, 3) for s in round_seconds],
+        # Where each round's time went, as the aggregator measured it (when it records phases).
+        "round_phases_s": [
+            {k: round(v, 3) for k, v in e["phases"].items()} for e in round_events if e.get("phases")
+        ],
         "aggregator_cpu_s": usage["cpu_s"],
         "aggregator_peak_rss_mib": usage["peak_rss_mib"],
         "aggregator_peak_open_files": usage["peak_open_files"],

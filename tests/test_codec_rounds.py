@@ -236,7 +236,8 @@ def test_the_next_update_is_fetched_while_the_current_one_folds_two_at_most() ->
         return Update(run_id="r", round=0, sender=rank, delta_ref=ref, num_samples=1)
 
     async def main() -> list[int]:
-        fold = RoundFold({}, None, fold_one, fetch)
+        large = {"w": torch.empty(RoundFold.prefetch_bytes // 4, device="meta")}  # two do not fit together
+        fold = RoundFold(large, None, fold_one, fetch)
 
         async def collect() -> list[Update]:
             for rank in (1, 2, 3, 4):

@@ -123,3 +123,45 @@ def test_sixty_clients_finish_their_rounds_hearing_only_the_aggregator_over_one_
     )
     left = raw.list_objects_v2(Bucket=s3_settings.bucket, Prefix=f"{s3_settings.prefix.strip('/')}")
     assert len([o["Key"] for o in left.get("Contents", []) if run_id in o["Key"]]) == 1
+
+
+def test_tiny_updates_are_fetched_many_at_a_time_and_folded_in_arrival_order() -> None:
+    """Five hundred clients' tiny updates fetched one round trip after another made a round's tail
+    seconds long; a small model's updates are fetched up to ``prefetch_max`` at once (a large
+    model's two at most, as ``test_codec_rounds`` checks)."""
+    import torch
+
+    from unitedllm.protocol.messages import BlobRef, Update
+    from unitedllm.round_collection import RoundFold
+
+    held: set[int] = set()
+    most = 0
+    folded: list[int] = []
+
+    async def fetch(_fold: RoundFold, message: Update) -> int:
+        nonlocal most
+        held.add(message.sender)
+        most = max(most, len(held))
+        await asyncio.sleep(0.02)  # a round trip to the store
+        return message.sender
+
+    async def fold_one(fold: RoundFold, message: Update) -> None:
+        got = await fold.fetched(message)
+        held.discard(got)
+        folded.append(got)
+
+    async def main() -> None:
+        fold = RoundFold({"w": torch.zeros(65)}, None, fold_one, fetch)
+
+        async def collect() -> list[Update]:
+            for rank in range(1, 41):
+                ref = BlobRef(digest=f"{rank:064x}", size=300)
+                fold.submit(Update(run_id="r", round=0, sender=rank, delta_ref=ref, num_samples=1))
+            return []
+
+        await fold.alongside(collect())
+        await fold.drained()
+
+    asyncio.run(main())
+    assert folded == list(range(1, 41))
+    assert most == RoundFold.prefetch_max

@@ -11,6 +11,7 @@ clients still train, fetching the next arrived update meanwhile.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
@@ -137,12 +138,19 @@ class RoundFold:
     ``fold_one`` checks and folds one update into ``accumulator`` (or rejects it), recording the
     outcome here; it gets the update's tensors from :meth:`fetched`, which runs ``fetch``. When an
     update waits behind the one being folded, its fetch (download and decode) starts at once, so
-    the tail of a round overlaps transfer with folding while holding at most two updates in memory.
+    the tail of a round overlaps transfer with folding while holding at most two updates in memory:
+    or, for a model so small that more decoded updates fit in ``prefetch_bytes`` together, up to
+    ``prefetch_max`` of them (hundreds of clients' tiny updates are fetched many at a time instead
+    of one round trip after another).
     """
 
     #: Fetch the next waiting update while folding the current one. Only the benches turn it off,
     #: to measure what the overlap saves (``bench/slow_link.py``).
     overlap = True
+    #: Memory the updates fetched ahead may take together (each counted at the weights' size, as
+    #: decoded), and the most fetched at once however small; never fewer than two.
+    prefetch_bytes = 64 * 2**20
+    prefetch_max = 16
 
     def __init__(
         self,
@@ -152,6 +160,8 @@ class RoundFold:
         fetch: Callable[[RoundFold, Update], Awaitable[Any]] | None = None,
     ):
         self.weights = weights
+        decoded = sum(t.numel() * t.element_size() for t in weights.values())
+        self.window = max(2, min(self.prefetch_max, self.prefetch_bytes // max(decoded, 1)))
         self.accumulator = accumulator
         self.accepted: list[int] = []
         self.rejected: dict[int, str] = {}
@@ -187,10 +197,12 @@ class RoundFold:
     async def _run(self) -> None:
         try:
             while (message := await self._next()) is not None:
-                following = self._pending[0] if self._pending else None
-                if following is not None and self._fetch is not None and self.overlap:
+                if self._pending and self._fetch is not None and self.overlap:
                     self._prefetch(message)
-                    self._prefetch(following)  # fetched while this one folds: two updates in memory at most
+                    # Fetched while this one folds: ``window`` updates in memory at most, this one included.
+                    for following in itertools.islice(self._pending, self.window - 1):
+                        if following is not None:
+                            self._prefetch(following)
                 await self._fold_one(self, message)
         finally:
             for task in self._fetching.values():
