@@ -1,8 +1,9 @@
 """Tensor payloads in an S3 bucket (the blob half of ``comm_args.backend: MQTT_S3``).
 
-Objects are content-addressed: key ``<prefix>/<run_id>/<sha256>``. A put of a digest that is
-already there is skipped only once the stored bytes were read back and match the digest (anyone
-with the S3 login can plant an object at a predictable key; a mismatch is uploaded again); large payloads go up as parallel multipart uploads and come down as
+Objects are content-addressed: key ``<prefix>/<run_id>/<sha256>``. A put of a large blob whose digest
+is already there is skipped only once the stored bytes were read back and match the digest (anyone
+with the S3 login can plant an object at a predictable key; a mismatch is uploaded again); a small
+one (up to 4 MiB) is simply uploaded again, which costs less than reading it back; large payloads go up as parallel multipart uploads and come down as
 parallel ranged reads; every download is checked against its digest before anyone decodes it.
 
 Every operation is retried: botocore's ``standard`` retry mode takes care of single failed requests,
@@ -42,6 +43,9 @@ _MIN_PART = 5 * MiB  # S3's smallest allowed multipart part
 _MAX_PARTS = 10_000
 # Hashing a few MB blocks the loop for milliseconds; above this, hash in a worker thread.
 _THREAD_HASH_BYTES = 4 * MiB
+# Up to this size a put uploads without first checking for the same blob: reading it back to verify
+# costs as much as sending it, and one request less per update matters with hundreds of clients.
+_CHECK_BEFORE_PUT_BYTES = 4 * MiB
 _DENIED = {"403", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken"}
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _RETRYABLE = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
@@ -244,7 +248,7 @@ class S3BlobStore(BlobStore):
         digest = await self._hash([data]) if len(data) > _THREAD_HASH_BYTES else _digest([data])
         ref = BlobRef(digest=digest, size=len(data), codec=codec)
         key = self.key_for(digest)
-        if await self._retrying(lambda: self._holds(ref)):
+        if ref.size > _CHECK_BEFORE_PUT_BYTES and await self._retrying(lambda: self._holds(ref)):
             return ref  # content-addressed, and the stored bytes were checked: nothing to upload
 
         async def upload() -> None:
