@@ -5,7 +5,8 @@ selected clients answered or the deadline passed (:mod:`unitedllm.round_collecti
 client that restarts while its round is open is sent the round's start again when it says hello,
 so it rejoins the round it lost instead of the round waiting out its deadline. Each update is fetched,
 checked and folded into the server optimizer's round as soon as it arrives, while the other clients
-still train (the next arrived one is fetched meanwhile: two updates in memory at most); once
+still train (the next arrived ones are fetched meanwhile: two updates in memory at most, more
+of a small model's); once
 collecting ends and the quorum is met, the round is finished, evaluated and checkpointed.
 """
 
