@@ -171,8 +171,7 @@ def test_topk_with_a_robust_rule_is_refused_naming_both(tmp_path: Path, rule: st
     ("comm", "needle"),
     [
         ({"update_codec": "zip"}, "unknown codec 'zip'"),
-        ({"global_codec": "int8"}, "comm_args.global_codec"),
-        ({"global_codec": "bf16"}, "comm_args.global_codec"),
+        ({"global_codec": "topk"}, "comm_args.global_codec"),
         ({"update_codec_block_size": 4}, "comm_args.update_codec_block_size"),
         ({"update_codec_topk_fraction": 0}, "comm_args.update_codec_topk_fraction"),
     ],

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from unitedllm.attendance import Attendance
 from unitedllm.comm.base import BlobStore, Presence, Transport
+from unitedllm.comm.codecs.global_copy import GLOBAL_DELTA, ClientsCopy, global_codec
 from unitedllm.comm.codecs.wire import DENSE, decode_update, run_codec
 from unitedllm.errors import RoundError, UnitedLLMError
 from unitedllm.instability import report_loss_rise
@@ -116,8 +117,16 @@ class Aggregator(Role):
             num_clients=cfg.train_args.client_num_in_total,
         )
         first_round, weights, state = await self._starting_point(optimizer)
+        codec = global_codec(cfg)
+        copy = ClientsCopy(codec) if codec is not None else None
+        held = ClientsCopy.take(state)  # a resumed run: the clients' copy as the last round left it
         # The global weights are encoded once per round: the same bytes go to S3 and to the resume point.
         encoded = await asyncio.to_thread(encode_tensors, weights)
+        if copy is not None and held:
+            copy.copy = held
+            sent: tuple[bytes | None, bytes] = (None, await asyncio.to_thread(encode_tensors, held))
+        else:
+            sent = await asyncio.to_thread(_clients_payload, copy, weights, encoded)
         summaries: list[RoundSummary] = []
         try:
             await self.attendance.wait_for(
@@ -125,10 +134,12 @@ class Aggregator(Role):
             )
             for round_idx in range(first_round, self.plan.comm_round):
                 self._phases = PhaseClock(AGGREGATOR_PHASES, waited=shared_model_wait(self.trainer))
-                weights, state, summary = await self._run_round(round_idx, weights, encoded, state, optimizer)
+                weights, state, summary = await self._run_round(round_idx, weights, sent, state, optimizer)
                 with self._phases.phase("checkpoint"):
                     encoded = await asyncio.to_thread(encode_tensors, weights)
-                    await asyncio.to_thread(self._save_resume_point, encoded, state, round_idx)
+                    sent = await asyncio.to_thread(_clients_payload, copy, weights, encoded)
+                    saved = state if copy is None else {**state, **copy.state()}
+                    await asyncio.to_thread(self._save_resume_point, encoded, saved, round_idx)
                 summary.seconds = self._phases.wall()  # the round is over once it is safe on disk
                 summary.phases = dict(self._phases.seconds)
                 # Logged once the round is safe on disk: a run killed after this line resumes after it.
@@ -203,11 +214,12 @@ class Aggregator(Role):
         self,
         round_idx: int,
         weights: dict[str, torch.Tensor],
-        encoded: bytes,
+        sent: tuple[bytes | None, bytes],
         state: dict[str, torch.Tensor],
         optimizer: Any,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], RoundSummary]:
-        """One round from ``weights`` (``encoded`` is their payload, sent to the selected clients)."""
+        """One round from ``weights``; ``sent`` is what the clients get: (the change of their copy, or None;
+        the copy's payload), the copy being the exact ``weights`` without a global codec."""
         cfg = self.cfg
         phases = self._phases
         selected = sample_clients(
@@ -216,12 +228,19 @@ class Aggregator(Role):
             per_round=cfg.train_args.client_num_per_round,
             seed=cfg.common_args.random_seed,
         )
+        change, payload = sent
         with phases.phase("broadcast"):
-            global_ref = await self.store.put(encoded)
-        sent = {"selected": selected, "global_bytes": global_ref.size}  # the global model's size as sent
-        self.metrics.log("round_start", round_idx=round_idx, rank=SERVER_RANK, **sent)
+            global_ref = await self.store.put(payload)
+            change_ref = None if change is None else await self.store.put(change, codec=_change_codec(cfg))
+        # The global model's size as sent to a client that follows the run (its copy's change, if encoded).
+        size = global_ref.size if change_ref is None else change_ref.size
+        self.metrics.log(
+            "round_start", round_idx=round_idx, rank=SERVER_RANK, selected=selected, global_bytes=size
+        )
         with phases.phase("broadcast"):
             extra_refs = await self._put_round_extras(optimizer, state)
+            if change_ref is not None:
+                extra_refs[GLOBAL_DELTA] = change_ref
         starts = {
             rank: RoundStart(
                 run_id=self.run_id,
@@ -508,6 +527,19 @@ class Aggregator(Role):
         from unitedllm.checkpoints import save_server_checkpoint
 
         save_server_checkpoint(self.trainer, weights, target, state, round_idx=round_idx, run_id=self.run_id)
+
+
+def _clients_payload(
+    copy: ClientsCopy | None, weights: Mapping[str, torch.Tensor], encoded: bytes
+) -> tuple[bytes | None, bytes]:
+    """What the next round sends: the exact ``encoded`` weights, or (with a global codec) the clients' copy moved."""
+    return (None, encoded) if copy is None else copy.advance(weights)
+
+
+def _change_codec(cfg: Config) -> str:
+    from unitedllm.comm.codecs.wire import blob_codec
+
+    return blob_codec(global_codec(cfg))
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:

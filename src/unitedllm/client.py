@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from unitedllm.client_journal import ClientJournal
 from unitedllm.comm.base import BlobStore, Presence, Transport
+from unitedllm.comm.codecs.global_copy import GLOBAL_DELTA, apply_change, global_codec
 from unitedllm.comm.codecs.wire import UpdateEncoding, run_codec
 from unitedllm.errors import BlobNotFound, CommError, RoundError, UnitedLLMError
 from unitedllm.phases import CLIENT_PHASES, PhaseClock, from_metrics, shared_model_wait, to_metrics
 from unitedllm.protocol.messages import Error, EvalReport, Finish, Hello, RoundStart, Update
-from unitedllm.protocol.payload import decode_tensors, encode_tensors
+from unitedllm.protocol.payload import decode_tensors, digest_of, encode_tensors
 from unitedllm.ranks import check_rank
 from unitedllm.role import SERVER_RANK, Role
 from unitedllm.rounds import RoundPlan
@@ -75,6 +76,9 @@ class Client(Role):
         self.evaluations: list[tuple[int, str, dict[str, float]]] = []
         self._algorithm: ClientAlgorithm | None = None
         self._encoding = UpdateEncoding(run_codec(cfg))
+        self._codec = global_codec(cfg)  # how the global model's change travels, if encoded
+        self._held: dict[str, torch.Tensor] | None = None  # the global model last received (with a codec)
+        self._bytes_in = 0
 
     async def _start(self) -> None:
         if self._metrics is None:
@@ -209,10 +213,15 @@ class Client(Role):
         if await self._resend(start):
             return
         clock = PhaseClock(CLIENT_PHASES, waited=shared_model_wait(self.trainer))
+        extra_refs_in = {k: ref for k, ref in start.extras.items() if k != GLOBAL_DELTA}
         try:
+            weights = await self._received_copy(start, clock)
             with clock.phase("fetch"):
-                blobs = {"": await self.store.get(start.global_ref)}
-                blobs.update({key: await self.store.get(ref) for key, ref in start.extras.items()})
+                if weights is None:
+                    blobs = {"": await self.store.get(start.global_ref)}
+                else:
+                    blobs = {}
+                blobs.update({key: await self.store.get(ref) for key, ref in extra_refs_in.items()})
         except BlobNotFound:
             # A message held while this client was offline can name a round that closed meanwhile.
             log.warning(
@@ -225,8 +234,10 @@ class Client(Role):
         download_seconds = clock.seconds["fetch"]
         with clock.phase("decode"):
             decoded = await asyncio.to_thread(lambda: {key: decode_tensors(b) for key, b in blobs.items()})
-        weights = decoded.pop("")
+        weights = decoded.pop("") if weights is None else weights
         extras = decoded
+        if self._codec is not None:
+            self._held = weights  # the next round's change applies to it
         with clock.phase("checkpoint"):
             await asyncio.to_thread(self._save_received, weights, round_idx)
         if start.spec.evaluate_global and round_idx >= 1:
@@ -280,7 +291,7 @@ class Client(Role):
         metrics["upload_seconds"] = clock.seconds["upload"]
         metrics["bytes_sent"] = float(ref.size + sum(r.size for r in extra_refs.values()))
         metrics["update_bytes"] = float(ref.size)
-        metrics["bytes_received"] = float(start.global_ref.size + sum(r.size for r in start.extras.values()))
+        metrics["bytes_received"] = float(self._bytes_in + sum(r.size for r in extra_refs_in.values()))
         update = Update(
             run_id=self.run_id,
             round=round_idx,
@@ -297,6 +308,37 @@ class Client(Role):
         await self.transport.send(SERVER_RANK, update)
         self.rounds_trained.append(round_idx)
         self._log_train(round_idx, result, metrics)
+
+    async def _received_copy(self, start: RoundStart, clock: PhaseClock) -> dict[str, torch.Tensor] | None:
+        """The round's global model from the copy held and its encoded change (``comm_args.global_codec``).
+
+        None when the start has no change, this client holds no copy, or the result is not the model
+        the start names (this client missed a round): then the dense copy is fetched.
+        """
+        change_ref = start.extras.get(GLOBAL_DELTA)
+        self._bytes_in = start.global_ref.size
+        if change_ref is None or self._held is None or self._codec is None:
+            return None
+        with clock.phase("fetch"):
+            data = await self.store.get(change_ref)
+        with clock.phase("decode"):
+            weights, payload = await asyncio.to_thread(self._apply_change, data)
+        if digest_of(payload) != start.global_ref.digest:
+            log.info(
+                "client %d: round %d: the global model's change does not apply to the copy held; "
+                "fetching the whole model",
+                self.rank,
+                start.round,
+            )
+            self._bytes_in = change_ref.size + start.global_ref.size
+            return None
+        self._bytes_in = change_ref.size
+        return weights
+
+    def _apply_change(self, data: bytes | bytearray) -> tuple[dict[str, torch.Tensor], bytes]:
+        assert self._held is not None and self._codec is not None
+        weights = apply_change(self._held, data, self._codec, where="the global model's change: ")
+        return weights, encode_tensors(weights)
 
     def _encode_update(
         self, trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor], round_idx: int

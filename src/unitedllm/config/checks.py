@@ -225,6 +225,7 @@ _ROBUST_RULES: Final = frozenset({"fedmedian", "trimmedmean", "krum", "multikrum
 @_check("comm_args", "train_args")
 def _codecs(cfg: Config) -> Iterator[ConfigProblem]:
     from unitedllm.comm.codecs import codec_for
+    from unitedllm.comm.codecs.global_copy import GLOBAL_CODECS
     from unitedllm.errors import ConfigError
 
     c = cfg.comm_args
@@ -239,9 +240,13 @@ def _codecs(cfg: Config) -> Iterator[ConfigProblem]:
             f"topk sends sparse updates, and {cfg.server_optimizer_name} compares updates coordinate by "
             "coordinate: the combination would discard most of what clients send; use int8, bf16 or fp16",
         )
-    if c.global_codec != "none":
+    if c.global_codec not in ("none", *GLOBAL_CODECS):
         yield ConfigProblem(
             "comm_args.global_codec",
-            f"{c.global_codec!r}: the global weights travel exactly ('none'), so every client trains from "
-            "the model the aggregator steps; use comm_args.update_codec to shrink the updates",
+            f"unknown global codec {c.global_codec!r}; choose one of none, {', '.join(GLOBAL_CODECS)}"
+            + (
+                " (topk would hold back most of each round's change from the clients)"
+                if c.global_codec == "topk"
+                else ""
+            ),
         )

@@ -314,8 +314,17 @@ class CommArgs(Section):
     ] = 0.01
     global_codec: Annotated[
         str,
-        Meta(description="How the global weights travel to clients: none (exact; lossy codecs are refused)"),
+        Meta(
+            description="How the global weights travel to clients: none (exact), or bf16, fp16, int8: the "
+            "change of the clients' copy, the aggregator keeping what encoding lost (error feedback)"
+        ),
     ] = "none"
+    global_codec_block_size: Annotated[
+        int,
+        Meta(
+            ge=8, le=1 << 20, description="int8 global codec: values per quantisation block (one scale each)"
+        ),
+    ] = 256
 
 
 class TrackingArgs(Section):
