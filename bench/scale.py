@@ -309,10 +309,33 @@ async def bench(clients: list[int], rounds: int) -> dict[str, Any]:
     }
 
 
+def client_counts(text: str) -> list[int]:
+    """``--clients``: comma-separated positive counts (argparse turns the error into one usage line)."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of counts") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every client count must be at least 1")
+    return counts
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", default="10,100,500", help="comma-separated client counts")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--clients", type=client_counts, default="10,100,500", help="comma-separated client counts"
+    )
+    parser.add_argument("--rounds", type=positive, default=3)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--role", choices=["bench", "aggregator"], default="bench", help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
@@ -321,7 +344,7 @@ def main() -> None:
     if args.role == "aggregator":
         aggregator_main(args.config, args.run_id)
         return
-    result = asyncio.run(bench([int(n) for n in args.clients.split(",")], args.rounds))
+    result = asyncio.run(bench(args.clients, args.rounds))
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

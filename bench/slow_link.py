@@ -293,13 +293,45 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def codec_list(text: str) -> str:
+    """``--codecs``: comma-separated names of registered update codecs."""
+    from unitedllm.comm.codecs import available
+
+    unknown = [name for name in text.split(",") if name not in available()]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown codec(s) {unknown} in {text!r} (known: {available()})")
+    return text
+
+
+def params(text: str) -> int:
+    try:
+        value = int(float(text))
+    except (ValueError, OverflowError):
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of parameters")
+    return value
+
+
+def megabits(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive link speed in Mbit/s")
+    return value
+
+
 def main() -> None:
+    from scale import positive
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--codecs", default="none,bf16,int8,topk")
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--params", type=lambda v: int(float(v)), default=4_000_000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--mbit", type=float, default=100.0, help="each rank's link to S3, each way")
+    parser.add_argument("--codecs", type=codec_list, default="none,bf16,int8,topk")
+    parser.add_argument("--clients", type=positive, default=4)
+    parser.add_argument("--params", type=params, default=4_000_000)
+    parser.add_argument("--rounds", type=positive, default=3)
+    parser.add_argument("--mbit", type=megabits, default=100.0, help="each rank's link to S3, each way")
     parser.add_argument("--out", type=Path)
     parser.add_argument(
         "--role", choices=["bench", "aggregator", "proxy"], default="bench", help=argparse.SUPPRESS
