@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from unitedllm.attendance import Attendance
 from unitedllm.comm.base import BlobStore, Presence, Transport
-from unitedllm.comm.codecs.global_copy import GLOBAL_DELTA, ClientsCopy, global_codec
+from unitedllm.comm.codecs.global_copy import GLOBAL_DELTA, ClientsCopy, change_codec, round_payload
 from unitedllm.comm.codecs.wire import DENSE, decode_update, run_codec
 from unitedllm.errors import RoundError, UnitedLLMError
 from unitedllm.instability import report_loss_rise
@@ -117,16 +117,10 @@ class Aggregator(Role):
             num_clients=cfg.train_args.client_num_in_total,
         )
         first_round, weights, state = await self._starting_point(optimizer)
-        codec = global_codec(cfg)
-        copy = ClientsCopy(codec) if codec is not None else None
-        held = ClientsCopy.take(state)  # a resumed run: the clients' copy as the last round left it
+        copy = ClientsCopy.for_run(cfg, state)  # resumed: the clients' copy as the last round left it
         # The global weights are encoded once per round: the same bytes go to S3 and to the resume point.
         encoded = await asyncio.to_thread(encode_tensors, weights)
-        if copy is not None and held:
-            copy.copy = held
-            sent: tuple[bytes | None, bytes] = (None, await asyncio.to_thread(encode_tensors, held))
-        else:
-            sent = await asyncio.to_thread(_clients_payload, copy, weights, encoded)
+        sent = await asyncio.to_thread(round_payload, copy, weights, encoded)
         summaries: list[RoundSummary] = []
         try:
             await self.attendance.wait_for(
@@ -137,7 +131,7 @@ class Aggregator(Role):
                 weights, state, summary = await self._run_round(round_idx, weights, sent, state, optimizer)
                 with self._phases.phase("checkpoint"):
                     encoded = await asyncio.to_thread(encode_tensors, weights)
-                    sent = await asyncio.to_thread(_clients_payload, copy, weights, encoded)
+                    sent = await asyncio.to_thread(round_payload, copy, weights, encoded)
                     saved = state if copy is None else {**state, **copy.state()}
                     await asyncio.to_thread(self._save_resume_point, encoded, saved, round_idx)
                 summary.seconds = self._phases.wall()  # the round is over once it is safe on disk
@@ -231,7 +225,7 @@ class Aggregator(Role):
         change, payload = sent
         with phases.phase("broadcast"):
             global_ref = await self.store.put(payload)
-            change_ref = None if change is None else await self.store.put(change, codec=_change_codec(cfg))
+            change_ref = None if change is None else await self.store.put(change, codec=change_codec(cfg))
         # The global model's size as sent to a client that follows the run (its copy's change, if encoded).
         size = global_ref.size if change_ref is None else change_ref.size
         self.metrics.log(
@@ -527,19 +521,6 @@ class Aggregator(Role):
         from unitedllm.checkpoints import save_server_checkpoint
 
         save_server_checkpoint(self.trainer, weights, target, state, round_idx=round_idx, run_id=self.run_id)
-
-
-def _clients_payload(
-    copy: ClientsCopy | None, weights: Mapping[str, torch.Tensor], encoded: bytes
-) -> tuple[bytes | None, bytes]:
-    """What the next round sends: the exact ``encoded`` weights, or (with a global codec) the clients' copy moved."""
-    return (None, encoded) if copy is None else copy.advance(weights)
-
-
-def _change_codec(cfg: Config) -> str:
-    from unitedllm.comm.codecs.wire import blob_codec
-
-    return blob_codec(global_codec(cfg))
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:

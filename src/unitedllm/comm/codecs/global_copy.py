@@ -27,7 +27,16 @@ if TYPE_CHECKING:
 
     from unitedllm.config.types import Config
 
-__all__ = ["GLOBAL_CODECS", "GLOBAL_DELTA", "STATE_PREFIX", "ClientsCopy", "apply_change", "global_codec"]
+__all__ = [
+    "GLOBAL_CODECS",
+    "GLOBAL_DELTA",
+    "STATE_PREFIX",
+    "ClientsCopy",
+    "apply_change",
+    "change_codec",
+    "global_codec",
+    "round_payload",
+]
 
 #: The codecs ``comm_args.global_codec`` takes besides ``none``.
 GLOBAL_CODECS = ("bf16", "fp16", "int8")
@@ -47,6 +56,20 @@ def global_codec(cfg: Config) -> UpdateCodec | None:
     return codec_for(c.global_codec, where="comm_args.global_codec")
 
 
+def change_codec(cfg: Config) -> str:
+    """What the blob of the copy's change records as its codec (``int8+safetensors``, ...)."""
+    from unitedllm.comm.codecs.wire import blob_codec
+
+    return blob_codec(global_codec(cfg))
+
+
+def round_payload(
+    copy: ClientsCopy | None, exact: Mapping[str, torch.Tensor], encoded: bytes
+) -> tuple[bytes | None, bytes]:
+    """What a round sends: (None, the exact ``encoded`` weights) without a global codec, else the copy's."""
+    return (None, encoded) if copy is None else copy.payload(exact)
+
+
 def apply_change(
     copy: Mapping[str, torch.Tensor], data: bytes | bytearray, codec: UpdateCodec, *, where: str = ""
 ) -> dict[str, torch.Tensor]:
@@ -61,9 +84,28 @@ def apply_change(
 class ClientsCopy:
     """The aggregator's record of the clients' copy of the global model, and the payloads that move it."""
 
-    def __init__(self, codec: UpdateCodec):
+    def __init__(self, codec: UpdateCodec, copy: dict[str, torch.Tensor] | None = None):
         self.codec = codec
-        self.copy: dict[str, torch.Tensor] | None = None
+        self.copy = copy
+        self._restored = copy is not None  # the first payload is the restored copy as it is
+
+    @classmethod
+    def for_run(cls, cfg: Config, state: dict[str, torch.Tensor]) -> ClientsCopy | None:
+        """The run's record of the copy (None without a global codec), restored from a resumed ``state``.
+
+        The copy's keys are taken out of ``state`` either way, which leaves the optimizer's own.
+        """
+        names = [k for k in state if k.startswith(STATE_PREFIX)]
+        saved = {k.removeprefix(STATE_PREFIX): state.pop(k) for k in names}
+        codec = global_codec(cfg)
+        return None if codec is None else cls(codec, saved or None)
+
+    def payload(self, exact: Mapping[str, torch.Tensor]) -> tuple[bytes | None, bytes]:
+        """The next round's (change, copy payload): the copy moved toward ``exact``, or as restored."""
+        if self._restored and self.copy is not None:
+            self._restored = False
+            return None, encode_tensors(self.copy)
+        return self.advance(exact)
 
     def advance(self, exact: Mapping[str, torch.Tensor]) -> tuple[bytes | None, bytes]:
         """Move the copy toward ``exact``: (the encoded change, or None when there was no copy yet; the new copy's payload)."""
@@ -83,9 +125,3 @@ class ClientsCopy:
     def state(self) -> dict[str, torch.Tensor]:
         """The copy as saved state (empty before the first round)."""
         return {f"{STATE_PREFIX}{name}": t for name, t in (self.copy or {}).items()}
-
-    @staticmethod
-    def take(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The copy saved in ``state`` (empty when none was), its keys removed from ``state``."""
-        names = [k for k in state if k.startswith(STATE_PREFIX)]
-        return {k.removeprefix(STATE_PREFIX): state.pop(k) for k in names}

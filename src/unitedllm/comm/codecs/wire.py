@@ -19,11 +19,9 @@ from unitedllm.protocol.payload import decode_tensors, encode_tensors
 if TYPE_CHECKING:
     import torch
 
-    from unitedllm.comm.base import BlobStore
     from unitedllm.config.types import Config
-    from unitedllm.protocol.messages import Update
 
-__all__ = ["DENSE", "UpdateEncoding", "blob_codec", "decode_update", "fetch_update", "run_codec"]
+__all__ = ["DENSE", "UpdateEncoding", "blob_codec", "decode_update", "run_codec"]
 
 
 def run_codec(cfg: Config) -> UpdateCodec | None:
@@ -85,15 +83,3 @@ def decode_update(
         raise ProtocolError(f"{where}update is encoded as {codec_name!r}; this run takes {expected!r}")
     specs = {name: TensorSpec.of(tensor) for name, tensor in like.items()}
     return codec.decode(tensors, specs, where=where)
-
-
-async def fetch_update(
-    store: BlobStore, message: Update, weights: Mapping[str, torch.Tensor], cfg: Config
-) -> dict[str, torch.Tensor]:
-    """An arrived update's delta: fetched, and decoded (off the event loop) with the run's codec."""
-    import asyncio
-
-    data = await store.get(message.delta_ref)
-    where = f"client {message.sender}: "
-    codec = run_codec(cfg) if message.delta_ref.codec != DENSE else None
-    return await asyncio.to_thread(decode_update, message.delta_ref.codec, data, weights, codec, where=where)
