@@ -2,7 +2,7 @@
 upload, plus the aggregator's fold and finish".
 
     python bench/round_phases.py [--backend LOCAL,MQTT_S3,PROCESSES] [--runs 2] [--src DIR] [--label NAME]
-                                 [--out FILE]
+                                 [--set KEY=VALUE ...] [--out FILE]
 
 Runs ``examples/quickstart.yaml`` (4 rounds, 3 clients) ``--runs`` times per backend with the
 UnitedLLM sources in ``--src`` (default: this checkout's ``src``; give an unpacked older revision's
@@ -18,6 +18,10 @@ thread each) over MQTT_S3. MQTT_S3 and PROCESSES start their own mosquitto + Sea
   the target being <= 1.1;
 - ``train_sum_s``: all clients' train seconds added up (in one process they take turns on one model);
 - ``phases``: the aggregator's and each client's seconds per phase, where recorded.
+
+Per run also the global model's bytes per round as sent (``global_bytes``) and the aggregator's
+eval loss after the last round; ``--set`` passes config overrides to every rank (for example
+``comm_args.global_codec=int8``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
 
+OVERRIDES: list[str] = []  # --set KEY=VALUE, passed to every rank
+
+
 def run_quickstart(src: Path, backend: str, out: Path, env_extra: dict[str, str]) -> Path:
     """One quickstart run with the sources in ``src``; returns its output directory."""
     run_id = f"bench-{backend.lower()}-{int(time.time() * 1000)}"
@@ -56,6 +63,7 @@ def run_quickstart(src: Path, backend: str, out: Path, env_extra: dict[str, str]
         f"train_args.output_dir={out}/{{run_id}}",
         "--set",
         f"comm_args.backend={backend}",
+        *(x for o in OVERRIDES for x in ("--set", o)),
     ]
     subprocess.run(command, check=True, cwd=ROOT, env=env, capture_output=True, text=True)
     return out / run_id
@@ -66,7 +74,7 @@ def run_processes(src: Path, out: Path, env_extra: dict[str, str], clients: int 
     run_id = f"bench-processes-{int(time.time() * 1000)}"
     env = {**os.environ, **env_extra, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
     common = [str(QUICKSTART), "--run-id", run_id, "--set", f"train_args.output_dir={out}/{{run_id}}"]
-    common += ["--set", "comm_args.backend=MQTT_S3"]
+    common += ["--set", "comm_args.backend=MQTT_S3", *(x for o in OVERRIDES for x in ("--set", o))]
     roles = [["server"], *(["client", "--rank", str(rank)] for rank in range(1, clients + 1))]
     procs = [
         subprocess.Popen(
@@ -133,7 +141,13 @@ def summarise(run_dir: Path) -> dict[str, Any]:
                 },
             }
         )
-    return {"rounds": rows, "median_period_s": statistics.median(r["period_s"] for r in rows)}
+    evals = [e for e in events if e["event"] == "eval" and e["rank"] == 0 and e["loss"] is not None]
+    return {
+        "rounds": rows,
+        "median_period_s": statistics.median(r["period_s"] for r in rows),
+        "global_bytes": [e["global_bytes"] for e in events if e["event"] == "round_start"],
+        "final_eval_loss": evals[-1]["loss"] if evals else None,
+    }
 
 
 async def with_services(backend: str, runs: int, src: Path, out: Path) -> list[dict[str, Any]]:
@@ -156,8 +170,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--src", type=Path, default=ROOT / "src")
     parser.add_argument("--label", default="")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    OVERRIDES.extend(args.set)
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     for backend in backends:
         if backend not in ("LOCAL", "MQTT_S3", "PROCESSES"):
@@ -165,6 +181,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "bench": "round_phases",
         "label": args.label,
+        "overrides": args.set,
         "src": str(args.src),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
         "load_average_before": os.getloadavg(),
