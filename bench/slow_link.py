@@ -136,7 +136,9 @@ class StepTrainer(LocalTrainer):
         save_file(dict(weights), str(directory / "model.safetensors"))
 
 
-def config(clients: int, rounds: int, codec: str, output_dir: Path) -> dict[str, Any]:
+def config(
+    clients: int, rounds: int, codec: str, output_dir: Path, global_codec: str = "none"
+) -> dict[str, Any]:
     return {
         "common_args": {"random_seed": 0},
         "model_args": {"model_name_or_path": "slow-link-bench", "peft_type": "none"},
@@ -154,6 +156,7 @@ def config(clients: int, rounds: int, codec: str, output_dir: Path) -> dict[str,
             "join_timeout_s": 120,
             "update_codec": codec,
             "update_codec_topk_fraction": 0.01,
+            "global_codec": global_codec,
         },
     }
 
@@ -194,7 +197,7 @@ async def run_once(
 
     run_id = f"slow-{codec}-{'on' if overlap else 'off'}-{os.urandom(3).hex()}"
     output_dir = workdir / run_id
-    raw = config(args.clients, args.rounds, codec, output_dir)
+    raw = config(args.clients, args.rounds, codec, output_dir, args.global_codec)
     cfg = unitedllm.load_config(raw, run_id=run_id)
     keys = rank_keys(args.clients)
     s3 = services.s3.settings(bucket=services.bucket)
@@ -234,6 +237,7 @@ async def run_once(
     ]
     return {
         "codec": codec,
+        "global_codec": args.global_codec,
         "overlap": overlap,
         "round_s": [round(r["seconds"], 3) for r in rounds],
         "tail_s": tails,
@@ -268,7 +272,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 assert proxy.stdout is not None
                 ports = json.loads(await proxy.stdout.readline())
                 for codec in args.codecs.split(","):
-                    for overlap in (True, False):
+                    for overlap in args.overlap:
                         row = await run_once(
                             services, ports, codec=codec, overlap=overlap, args=args, workdir=Path(tmp)
                         )
@@ -283,6 +287,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "link": f"each rank its own {args.mbit:g} Mbit/s each way to S3 (token-bucket proxy on 127.0.0.1); MQTT not limited",
         "clients": args.clients,
         "params": args.params,
+        "global_codec": args.global_codec,
         "rounds": args.rounds,
         "machine": {
             "cpus": os.cpu_count(),
@@ -313,6 +318,24 @@ def params(text: str) -> int:
     return value
 
 
+def global_codec(text: str) -> str:
+    from unitedllm.comm.codecs.global_copy import GLOBAL_CODECS
+
+    if text not in ("none", *GLOBAL_CODECS):
+        raise argparse.ArgumentTypeError(
+            f"unknown global codec {text!r} (known: none, {', '.join(GLOBAL_CODECS)})"
+        )
+    return text
+
+
+def overlap_modes(text: str) -> list[bool]:
+    modes = {"on": True, "off": False}
+    parts = text.split(",")
+    if not parts or any(part not in modes for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give on, off or on,off")
+    return [modes[part] for part in parts]
+
+
 def megabits(text: str) -> float:
     try:
         value = float(text)
@@ -331,6 +354,12 @@ def main() -> None:
     parser.add_argument("--clients", type=positive, default=4)
     parser.add_argument("--params", type=params, default=4_000_000)
     parser.add_argument("--rounds", type=positive, default=3)
+    parser.add_argument(
+        "--global-codec", type=global_codec, default="none", help="comm_args.global_codec of every run"
+    )
+    parser.add_argument(
+        "--overlap", type=overlap_modes, default=[True, False], help="on, off or on,off (the default)"
+    )
     parser.add_argument("--mbit", type=megabits, default=100.0, help="each rank's link to S3, each way")
     parser.add_argument("--out", type=Path)
     parser.add_argument(
