@@ -242,9 +242,7 @@ async def run_once(
         "round_s": [round(r["seconds"], 3) for r in rounds],
         "tail_s": tails,
         "update_bytes": statistics.median(update_bytes) if update_bytes else None,
-        "global_bytes": next(
-            (e.get("global_bytes") for e in events if e.get("event") == "round_start"), None
-        ),
+        "global_bytes": [e.get("global_bytes") for e in events if e.get("event") == "round_start"],
         "phases_s": [r.get("phases") for r in rounds],
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
