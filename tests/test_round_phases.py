@@ -81,6 +81,15 @@ def test_phases_leave_the_trainers_metrics_and_match_the_clients_own_records(loc
             assert not any(key.startswith("phase/") for key in event["metrics"]), event["metrics"]
 
 
+def test_trackers_get_every_phase_as_a_scalar(local_run: Path) -> None:
+    from unitedllm.tracking.scalars import scalars_of
+
+    for kind, names in (("round", AGGREGATOR_PHASES), ("train", CLIENT_PHASES)):
+        for event in events(local_run / "metrics.jsonl", kind):
+            got = {s.tag: s.value for s in scalars_of(event) if s.tag.startswith("phase/")}
+            assert got == {f"phase/{n}_s": event["phases"][n] for n in names}, event
+
+
 def test_the_report_shows_each_ranks_phases(local_run: Path) -> None:
     from unitedllm.report import write_report
     from unitedllm.report.table import PHASE_COLUMNS

@@ -54,7 +54,14 @@ def _train(record: dict[str, Any]) -> dict[str, float | None]:
         # What the client sent is what the aggregator received (the update); the client received the global model.
         "comm/bytes_sent": _number(m.get("bytes_sent", record.get("bytes_received"))),
         "comm/bytes_received": _number(m.get("bytes_received")),
+        **_phases(record),
     }
+
+
+def _phases(record: dict[str, Any]) -> dict[str, float | None]:
+    """``phase/<name>_s``: where the writer's round went (``phases`` on ``train`` and ``round`` events)."""
+    phases = record.get("phases")
+    return {f"phase/{name}_s": _number(v) for name, v in phases.items()} if isinstance(phases, dict) else {}
 
 
 def _eval(record: dict[str, Any]) -> dict[str, float | None]:
@@ -78,6 +85,7 @@ def _round(record: dict[str, Any]) -> dict[str, float | None]:
         "round/rejected": float(len(record.get("rejected") or {})),
         "time/round_s": _number(record.get("seconds")),
         "time/aggregation_s": _number(record.get("aggregation_seconds")),
+        **_phases(record),
     }
 
 
