@@ -202,3 +202,26 @@ def test_bad_global_codec_settings_are_one_line_config_errors(
     with pytest.raises(ConfigError) as info:
         load_config({"train_args": {"output_dir": str(tmp_path)}, "comm_args": comm})
     assert needle in str(info.value)
+
+
+def test_scaffold_control_variates_travel_beside_the_global_models_change(tmp_path: Path) -> None:
+    from linear_trainer import CorrectingLinearTrainer
+
+    final, control = {}, 0.0
+    for codec in ("none", "int8"):
+        raw = msgspec.to_builtins(make_config(tmp_path / codec, codec))
+        raw["train_args"]["server_optimizer"] = "SCAFFOLD"
+        raw["comm_args"]["global_codec_block_size"] = 8  # the linear model's 8 weights: one block
+        cfg = msgspec.convert(raw, Config)
+        result = asyncio.run(
+            run_async(cfg, run_id=codec, trainer_factory=lambda _c, rank: CorrectingLinearTrainer(rank))
+        )
+        assert [r.aggregated for r in result.rounds] == [[1, 2, 3]] * ROUNDS
+        final[codec] = result.weights["linear.weight"]
+        starts = events(result.output_dir / "metrics.jsonl", "round_start")
+        own = events(result.output_dir / "node_1" / "metrics.jsonl", "train")
+        for e in own[1:]:  # the global model (its change) and the control variates, each once
+            if codec == "none":
+                control = e["bytes_received"] - starts[e["round"]]["global_bytes"]
+            assert control > 0 and e["bytes_received"] == starts[e["round"]]["global_bytes"] + control
+    assert float((final["int8"] - final["none"]).abs().max()) <= 0.05 * float(final["none"].abs().max())
