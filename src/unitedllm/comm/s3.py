@@ -12,7 +12,7 @@ and each whole operation (all of which are idempotent here) is retried with expo
 short S3 outage costs time, not the run. Refusals (403, 404) and digest mismatches are not retried.
 
 The stores of one process that log in alike (same endpoint, key, region) share one botocore client
-and its connection pool (:class:`_SharedClients`): a botocore client costs ~10 MiB and its own
+and its connection pool (:mod:`unitedllm.comm.s3_clients`): a botocore client costs ~10 MiB and its own
 connections, so hundreds of simulated clients in one process would otherwise cost gigabytes and
 thousands of sockets. Blobs up to the multipart threshold are read with one GET (no HEAD first).
 """
@@ -24,13 +24,12 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from unitedllm.comm.base import BlobStore
+from unitedllm.comm.s3_clients import SharedClient, boto_config, shared_clients
 from unitedllm.comm.settings import S3Settings
-from unitedllm.errors import BlobNotFound, CommError, IntegrityError, MissingDependency
+from unitedllm.errors import BlobNotFound, CommError, IntegrityError
 from unitedllm.protocol.messages import BlobRef
 from unitedllm.protocol.payload import CODEC
 
@@ -65,102 +64,11 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(cause, BotoCoreError | OSError | TimeoutError)
 
 
-def boto_config(max_pool_connections: int = 16) -> Any:
-    """The botocore client config UnitedLLM uses (path-style addressing, no extra checksums).
-
-    Request checksums are only computed where S3 requires them: every blob is verified by its
-    sha256 anyway, and the CRC would cost a second pass over multi-GB payloads.
-    """
-    from botocore.config import Config as BotoConfig
-
-    return BotoConfig(
-        s3={"addressing_style": "path"},
-        signature_version="s3v4",
-        retries={"max_attempts": 3, "mode": "standard"},
-        max_pool_connections=max_pool_connections,
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-        connect_timeout=10,
-        read_timeout=120,
-    )
-
-
 def _digest(chunks: list[bytes] | list[memoryview]) -> str:
     h = hashlib.sha256()
     for chunk in chunks:
         h.update(chunk)
     return h.hexdigest()
-
-
-@dataclass
-class _SharedClient:
-    """One botocore S3 client, the stores using it, and the buckets already checked through it."""
-
-    client: Any
-    stack: AsyncExitStack
-    users: int = 0
-    buckets: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-
-
-class _SharedClients:
-    """The S3 clients of this process: one per event loop, endpoint, login and pool size.
-
-    ``acquire`` opens one on first use (concurrent first users wait for the same opening);
-    ``release`` closes it when its last store closes.
-    """
-
-    def __init__(self) -> None:
-        self._clients: dict[tuple[Any, ...], asyncio.Task[_SharedClient]] = {}
-
-    def __len__(self) -> int:
-        return len(self._clients)
-
-    async def acquire(self, settings: S3Settings, pool: int) -> tuple[tuple[Any, ...], _SharedClient]:
-        key = (
-            asyncio.get_running_loop(),
-            settings.endpoint_url,
-            settings.access_key_id,
-            settings.secret_access_key,
-            settings.region,
-            pool,
-        )
-        opening = self._clients.get(key)
-        if opening is None:
-            opening = self._clients[key] = asyncio.ensure_future(_open_client(settings, pool))
-        try:
-            shared = await asyncio.shield(opening)
-        except BaseException:
-            if opening.done() and self._clients.get(key) is opening:
-                del self._clients[key]  # a failed opening is not kept: the next store tries again
-            raise
-        shared.users += 1
-        return key, shared
-
-    async def release(self, key: tuple[Any, ...], shared: _SharedClient) -> None:
-        shared.users -= 1
-        if shared.users == 0:
-            self._clients.pop(key, None)
-            await shared.stack.aclose()
-
-
-async def _open_client(settings: S3Settings, pool: int) -> _SharedClient:
-    try:
-        import aioboto3
-    except ImportError:
-        raise MissingDependency("aioboto3", "mqtt-s3", "the MQTT_S3 backend") from None
-    session = aioboto3.Session(
-        aws_access_key_id=settings.access_key_id,
-        aws_secret_access_key=settings.secret_access_key,
-        region_name=settings.region,
-    )
-    stack = AsyncExitStack()
-    client = await stack.enter_async_context(
-        session.client("s3", endpoint_url=settings.endpoint_url, config=boto_config(pool))
-    )
-    return _SharedClient(client, stack)
-
-
-_shared = _SharedClients()
 
 
 class S3BlobStore(BlobStore):
@@ -183,7 +91,7 @@ class S3BlobStore(BlobStore):
         self.threshold = settings.multipart_threshold_mb * MiB
         self.max_concurrency = max_concurrency
         self._client: Any = None
-        self._shared: tuple[tuple[Any, ...], _SharedClient] | None = None
+        self._shared: tuple[tuple[Any, ...], SharedClient] | None = None
 
     def key_for(self, digest: str) -> str:
         """The object key of a blob: ``<prefix>/<run_id>/<digest>``."""
@@ -196,7 +104,7 @@ class S3BlobStore(BlobStore):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def _open(self) -> None:
-        key, shared = await _shared.acquire(self.settings, 2 * self.max_concurrency)
+        key, shared = await shared_clients.acquire(self.settings, 2 * self.max_concurrency)
         self._shared, self._client = (key, shared), shared.client
         bucket = self.settings.bucket
         try:
@@ -211,7 +119,7 @@ class S3BlobStore(BlobStore):
     async def _close(self) -> None:
         if self._shared is not None:
             shared, self._shared, self._client = self._shared, None, None
-            await _shared.release(*shared)
+            await shared_clients.release(*shared)
 
     async def _ensure_bucket(self) -> None:
         from botocore.exceptions import ClientError
