@@ -232,3 +232,19 @@ def test_an_entry_point_without_logging_setup_still_masks_config_secrets(tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert f"frame signed with {MASK} refused" in proc.stderr and RUN_SECRET not in proc.stderr
     assert f"request signed with {MASK}" in proc.stderr and S3_SECRET not in proc.stderr
+
+
+def test_environment_secrets_set_changed_or_removed_later_are_followed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the process environment holds is looked up again when it changes (it is cached between changes)."""
+    line = "connecting with rotated-token-0001 and rotated-token-0002"
+    monkeypatch.setenv("UNITEDLLM_RANK_KEY_901", "rotated-token-0001")
+    assert scrub(line) == f"connecting with {MASK} and rotated-token-0002"
+    monkeypatch.setenv("UNITEDLLM_RANK_KEY_901", "rotated-token-0002")
+    assert scrub(line) == f"connecting with rotated-token-0001 and {MASK}"
+    monkeypatch.delenv("UNITEDLLM_RANK_KEY_901")
+    monkeypatch.setenv("UNITEDLLM_S3_SECRET_ACCESS_KEY", "rotated-token-0001")
+    assert scrub(line) == f"connecting with {MASK} and rotated-token-0002"
+    monkeypatch.delenv("UNITEDLLM_S3_SECRET_ACCESS_KEY")
+    assert scrub(line) == line

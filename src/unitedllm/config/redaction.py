@@ -234,26 +234,54 @@ def _scrub_record(record: logging.LogRecord) -> None:
         record.msg, record.args = cleaned, None
 
 
+@functools.lru_cache(maxsize=8192)
+def _is_secret_env_name(name: str) -> bool:
+    """Whether an environment variable of this name holds a secret (cached: every log record asks)."""
+    return bool(_ENV_SECRET_NAME.match(name)) and not _ENV_NOT_SECRET.search(name)
+
+
 def _environment_secrets(environ: Mapping[str, str]) -> set[str]:
-    return {
-        value
-        for name, value in environ.items()
-        if value and _ENV_SECRET_NAME.match(name) and not _ENV_NOT_SECRET.search(name)
-    }
+    return {value for name, value in environ.items() if value and _is_secret_env_name(name)}
+
+
+@functools.lru_cache(maxsize=16)
+def _longest_first(values: frozenset[str]) -> tuple[str, ...]:
+    """The secrets worth masking in free text, longest first (so one that contains another is masked whole)."""
+    return tuple(sorted((v for v in values if len(v) >= _MIN_SCRUB_LEN), key=len, reverse=True))
+
+
+_process_env_cache: tuple[dict[Any, Any], frozenset[str]] | None = None
+
+
+def _process_environment_secrets() -> frozenset[str]:
+    """The secrets in ``os.environ``, found again only when the environment changed.
+
+    Every log record and metrics line asks; decoding and matching every variable each time cost
+    milliseconds with one key variable per client rank. Comparing the raw environment with a copy
+    of it costs microseconds.
+    """
+    global _process_env_cache
+    raw = getattr(os.environ, "_data", None)  # CPython's encoded environment; elsewhere: no cache
+    cached = _process_env_cache
+    if isinstance(raw, dict) and cached is not None and cached[0] == raw:
+        return cached[1]
+    found = frozenset(_environment_secrets(os.environ))
+    if isinstance(raw, dict):
+        _process_env_cache = (dict(raw), found)
+    return found
 
 
 def known_secrets(environ: Mapping[str, str] | None = None) -> set[str]:
     """Every secret value this process knows of: remembered ones and those in the environment."""
     with _lock:
         found = set(_remembered)
-    return found | _environment_secrets(os.environ if environ is None else environ)
+    return found | (_process_environment_secrets() if environ is None else _environment_secrets(environ))
 
 
 def scrub(text: str, secrets: Iterable[str] | None = None) -> str:
     """``text`` with every known secret value (or each of ``secrets``) replaced by :data:`MASK`."""
-    values = known_secrets() if secrets is None else set(secrets)
-    # longest first, so a secret that contains another is masked whole
-    for value in sorted((v for v in values if len(v) >= _MIN_SCRUB_LEN), key=len, reverse=True):
+    values = frozenset(known_secrets() if secrets is None else secrets)
+    for value in _longest_first(values):
         if value in text:
             text = text.replace(value, MASK)
     return text
