@@ -509,6 +509,35 @@ async def test_transport_gives_up_after_the_retry_window(own_broker: Mosquitto, 
     await own_broker.start()
 
 
+async def test_reconnect_backoff_starts_again_after_a_successful_reconnect(
+    own_broker: Mosquitto, run_id: str
+) -> None:
+    """A broker that drops twice: the second outage's first pause is the initial one, not the last one's."""
+    client = transport(own_broker.settings(), 1, run_id, backoff=Backoff(initial=0.1, maximum=30.0))
+    pauses: list[float] = []
+    original = client._pause
+
+    async def recorded(seconds: float) -> None:
+        pauses.append(seconds)
+        await original(min(seconds, 0.2))  # the delays asked for are checked; the test need not sit them out
+
+    client._pause = recorded  # type: ignore[method-assign]
+    async with client:
+        await own_broker.stop()
+        while len(pauses) < 6:  # six failed attempts: the backoff has grown to 3.2 s
+            await asyncio.sleep(0.05)
+        assert pauses[:6] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2])
+        await own_broker.start()
+        while client.connections < 2:
+            await asyncio.sleep(0.05)
+        first_outage = len(pauses)
+        await own_broker.stop()
+        while len(pauses) < first_outage + 2:
+            await asyncio.sleep(0.05)
+        assert pauses[first_outage : first_outage + 2] == pytest.approx([0.1, 0.2])
+        await own_broker.start()
+
+
 async def test_a_short_s3_outage_costs_time_not_the_upload(s3_settings: S3Settings, run_id: str) -> None:
     import threading
     from urllib.parse import urlsplit

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -76,6 +75,10 @@ class Backoff:
 
     initial: float = 0.5
     maximum: float = 10.0
+
+    def delay(self, failures: int) -> float:
+        """The pause after the ``failures``-th failed attempt in a row (1: ``initial``)."""
+        return float(min(self.initial * 2 ** max(0, failures - 1), self.maximum))
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -133,6 +136,7 @@ class MqttTransport(Transport):
         self.retry_window_s = retry_window_s
         self.backoff = backoff
         self.connections = 0  # successful connects so far; > 1 means it reconnected
+        self._failures = 0  # failed connection attempts since the last successful connect
         self.repairs = 0  # times this rank put its presence back over something else
         self.delivered = 0  # messages the broker delivered to this rank (any topic)
         self._own_presence = b""  # the presence this rank last published
@@ -240,11 +244,6 @@ class MqttTransport(Transport):
         s = self.settings
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = _SESSION_EXPIRY_S
-        tls_context = None
-        if s.tls_ca_file is not None:
-            tls_context = ssl.create_default_context(cafile=s.tls_ca_file)
-            if s.tls_cert_file is not None:
-                tls_context.load_cert_chain(s.tls_cert_file, s.tls_key_file)
         self._epoch = max(time.time_ns(), self._epoch + 1)
         client = aiomqtt.Client(
             s.host,
@@ -258,7 +257,7 @@ class MqttTransport(Transport):
             properties=properties,
             keepalive=s.keepalive,
             timeout=max(10.0, float(s.keepalive)),
-            tls_context=tls_context,
+            tls_context=s.ssl_context(),
             will=aiomqtt.Will(
                 presence_topic(self.run_id, self.rank), self._presence(False), qos=1, retain=True
             ),
@@ -274,13 +273,12 @@ class MqttTransport(Transport):
         reach for ``retry_window_s`` after the first connection (before it, ``connect_timeout_s``
         decides); a refused login is not retried.
         """
-        from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+        from tenacity import AsyncRetrying, retry_if_exception_type
 
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_ConnectionDown),
-            wait=wait_exponential(
-                multiplier=self.backoff.initial, min=self.backoff.initial, max=self.backoff.maximum
-            ),
+            # counted from the last successful connect: a drop hours later starts at ``initial`` again
+            wait=lambda _state: self.backoff.delay(self._failures),
             stop=self._outage_outlasted_window,
             sleep=self._pause,
             reraise=True,
@@ -320,7 +318,7 @@ class MqttTransport(Transport):
         connected = False
         try:
             async with self._client() as client:
-                connected, self._down_since = True, None
+                connected, self._down_since, self._failures = True, None, 0
                 await self._serve(client)
         except Exception as raised:
             exc = _leaf(raised)
@@ -341,6 +339,7 @@ class MqttTransport(Transport):
             if self._connected.is_set():
                 log.warning("rank %d lost the MQTT connection (%s); reconnecting", self.rank, exc)
             self._reachable.clear()
+            self._failures += 1
             if self._down_since is None:
                 self._down_since = time.monotonic()
             raise _ConnectionDown from exc

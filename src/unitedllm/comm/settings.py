@@ -14,6 +14,7 @@ secret is a :class:`ConfigError` naming the key and every way to set it.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,15 @@ class MqttSettings:
     @property
     def address(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of a connection to this broker (its CA, and our certificate when given), or None."""
+        if self.tls_ca_file is None:
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca_file)
+        if self.tls_cert_file is not None:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        return context
 
 
 @dataclass(frozen=True)

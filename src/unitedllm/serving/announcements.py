@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -179,11 +178,6 @@ class RunAnnouncements:
         import aiomqtt
 
         s = self.settings
-        tls_context = None
-        if s.tls_ca_file is not None:
-            tls_context = ssl.create_default_context(cafile=s.tls_ca_file)
-            if s.tls_cert_file is not None:
-                tls_context.load_cert_chain(s.tls_cert_file, s.tls_key_file)
         return aiomqtt.Client(
             s.host,
             s.port,
@@ -193,7 +187,7 @@ class RunAnnouncements:
             protocol=aiomqtt.ProtocolVersion.V5,
             keepalive=s.keepalive,
             timeout=max(10.0, float(s.keepalive)),
-            tls_context=tls_context,
+            tls_context=s.ssl_context(),
         )
 
 
