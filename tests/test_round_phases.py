@@ -81,6 +81,27 @@ def test_phases_leave_the_trainers_metrics_and_match_the_clients_own_records(loc
             assert not any(key.startswith("phase/") for key in event["metrics"]), event["metrics"]
 
 
+def test_overlapping_blocks_of_one_phase_count_once() -> None:
+    """The aggregator fetches several updates at once: their phase is the time any of them ran, not the sum."""
+    from unitedllm.phases import PhaseClock
+
+    clock = PhaseClock(AGGREGATOR_PHASES)
+    go = asyncio.Event()
+
+    async def fetch() -> None:
+        with clock.phase("fetch"):
+            await go.wait()
+
+    async def main() -> None:
+        fetches = [asyncio.ensure_future(fetch()) for _ in range(8)]
+        await asyncio.sleep(0.05)
+        go.set()
+        await asyncio.gather(*fetches)
+
+    asyncio.run(main())
+    assert 0 < clock.seconds["fetch"] <= clock.wall()
+
+
 def test_trackers_get_every_phase_as_a_scalar(local_run: Path) -> None:
     from unitedllm.tracking.scalars import scalars_of
 

@@ -55,9 +55,12 @@ METRIC_PREFIX = "phase/"
 class PhaseClock:
     """Seconds spent in each of ``names`` (summed when a phase recurs), and the wall time since it was made.
 
-    ``waited`` (when given) reads a running total of seconds spent waiting for a shared model
-    (:attr:`HFLocalTrainer.wait_seconds <unitedllm.training.hf.HFLocalTrainer.wait_seconds>`);
-    what it grows by inside a phase is counted as ``wait`` instead.
+    Blocks of the same phase that overlap (the aggregator fetching several updates at once, each in
+    its own task on the event loop) count once: a phase's seconds are the wall time during which at
+    least one of its blocks ran. ``waited`` (when given) reads a running total of seconds spent
+    waiting for a shared model (:attr:`HFLocalTrainer.wait_seconds
+    <unitedllm.training.hf.HFLocalTrainer.wait_seconds>`); what it grows by inside a phase is
+    counted as ``wait`` instead.
     """
 
     def __init__(self, names: tuple[str, ...], *, waited: Callable[[], float] | None = None):
@@ -65,21 +68,26 @@ class PhaseClock:
         self.seconds: dict[str, float] = dict.fromkeys(names, 0.0)
         self._waited = waited
         self._started = time.perf_counter()
+        self._open: dict[str, tuple[int, float, float]] = {}  # name -> (blocks running, since, waited then)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Time the block as ``name`` (also when it raises), less any wait for a shared model in it."""
-        started = time.perf_counter()
-        waited = self.waited()
+        running, since, waited = self._open.get(name, (0, time.perf_counter(), self.waited()))
+        self._open[name] = (running + 1, since, waited)
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - started
-            if self._waited is not None:
-                wait = min(max(0.0, self._waited() - waited), elapsed)
-                self.add("wait", wait)
-                elapsed -= wait
-            self.add(name, elapsed)
+            running, since, waited = self._open.pop(name)
+            if running > 1:
+                self._open[name] = (running - 1, since, waited)
+            else:
+                elapsed = time.perf_counter() - since
+                if self._waited is not None:
+                    wait = min(max(0.0, self._waited() - waited), elapsed)
+                    self.add("wait", wait)
+                    elapsed -= wait
+                self.add(name, elapsed)
 
     def waited(self) -> float:
         """The running total of seconds waited for a shared model (0 without one)."""

@@ -72,8 +72,9 @@ class ClientPhases(msgspec.Struct, kw_only=True):
 
 class AggregatorPhases(msgspec.Struct, kw_only=True):
     """Where the aggregator's round went (:mod:`unitedllm.phases`): seconds per phase, from sending the
-    global model to the round's resume point on disk. Fetching the next update overlaps folding the
-    current one; the rest do not overlap. Waiting for clients is in no phase.
+    global model to the round's resume point on disk. Fetching and decoding updates overlap folding
+    them (updates fetched at once count once); the rest do not overlap. Waiting for clients is in no
+    phase.
     """
 
     broadcast: Annotated[float, _seconds("sending the global model to the selected clients")] = 0.0
