@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unitedllm.attendance import Attendance
+from unitedllm.client_evals import ClientEvals
 from unitedllm.comm.base import BlobStore, Presence, Transport
 from unitedllm.comm.codecs.global_copy import GLOBAL_DELTA, ClientsCopy, change_codec, round_payload
 from unitedllm.comm.codecs.wire import DENSE, decode_update, run_codec
@@ -54,8 +55,6 @@ if TYPE_CHECKING:
 __all__ = ["Aggregator", "RoundSummary", "RunResult"]
 
 log = logging.getLogger(__name__)
-# How long the aggregator waits for clients' evaluations of the final model.
-FINAL_EVAL_GRACE_S = 600.0
 
 
 class Aggregator(Role):
@@ -82,8 +81,7 @@ class Aggregator(Role):
         self._metrics = metrics
         self._on_round = on_round
         self._inbox: asyncio.Queue[Update] = asyncio.Queue()
-        self._eval_reports: list[EvalReport] = []
-        self._eval_arrived = asyncio.Event()
+        self.evals = ClientEvals()
         self.attendance = Attendance()
         self.fingerprint: str | None = None
         self._open: OpenRound | None = None  # the round being collected, for clients that rejoin it
@@ -165,7 +163,12 @@ class Aggregator(Role):
         evaluate_final = self.plan.clients_evaluate_global(self.plan.comm_round)
         await self._finish_clients(final_ref, reason="completed", evaluate_final=evaluate_final)
         if evaluate_final:
-            await self._await_final_evals()
+            testing = self.plan.test_ranks & self.attendance.online
+            await self.evals.await_final(
+                lambda: testing & self.attendance.online,  # not a client that went offline meanwhile
+                last_round=self.plan.comm_round - 1,
+                timeout_s=self.cfg.comm_args.round_timeout_s,
+            )
         self.metrics.log(
             "run_end", round_idx=self.plan.comm_round - 1, rank=SERVER_RANK, output_dir=str(self.output_dir)
         )
@@ -412,7 +415,7 @@ class Aggregator(Role):
                 case Update():
                     await self._inbox.put(item)
                 case EvalReport():
-                    self._record_eval(item)
+                    self.evals.record(item, self.metrics)
                 case Error(sender=rank, message=text):
                     log.error("client %d reported an error: %s", rank, text)
                     self.metrics.log("client_error", round_idx=item.round, rank=rank, message=text)
@@ -440,20 +443,6 @@ class Aggregator(Role):
             self.metrics.log("round_start_resent", round_idx=start.round, rank=rank)
             await self.transport.send(rank, start)
 
-    def _record_eval(self, report: EvalReport) -> None:
-        self._eval_reports.append(report)
-        self._eval_arrived.set()
-        self.metrics.log(
-            "eval",
-            round_idx=report.round,
-            rank=report.sender,
-            split="test",
-            model=report.model,
-            loss=report.metrics.get("eval_loss"),
-            samples=report.num_samples,
-            metrics=report.metrics,
-        )
-
     async def _finish_clients(
         self, final_ref: BlobRef | None, *, reason: str, evaluate_final: bool = False
     ) -> None:
@@ -475,28 +464,6 @@ class Aggregator(Role):
                 )
             except UnitedLLMError as exc:  # a dead link must not stop the others from being told
                 log.warning("could not tell client %d the run is over: %s", rank, exc)
-
-    async def _await_final_evals(self) -> None:
-        """Wait (bounded) for the final-model evaluations of the online test clients."""
-        expected = self.plan.test_ranks & self.attendance.online
-        last = self.plan.comm_round - 1
-        deadline = time.monotonic() + min(FINAL_EVAL_GRACE_S, self.cfg.comm_args.round_timeout_s)
-        while True:
-            got = {r.sender for r in self._eval_reports if r.round == last and r.model == "global"}
-            missing = (
-                expected & self.attendance.online
-            ) - got  # a client that went offline meanwhile is not waited for
-            if not missing:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                log.warning("final evaluations missing from clients %s", sorted(missing))
-                return
-            self._eval_arrived.clear()
-            try:
-                await asyncio.wait_for(self._eval_arrived.wait(), timeout=min(remaining, 1.0))
-            except TimeoutError:
-                pass
 
     # -- checkpoints ------------------------------------------------------------------------------
 
