@@ -63,6 +63,8 @@ def test_a_full_queue_gets_429_and_the_rest_finish(trained_run: Path, tmp_path: 
         refused = [r for r in results if isinstance(r, openai.RateLimitError)]
         answered = [r for r in results if isinstance(r, str)]
         assert len(refused) + len(answered) == len(results), results  # nothing else went wrong
-        assert refused and len(answered) >= 3  # one generating and two queued at the peak
-        assert "queue" in str(refused[0])
+        # At least the two the queue holds are answered (a third when the worker took one off the queue
+        # before the burst filled it: that depends on timing); the rest are refused at the limit.
+        assert refused and len(answered) >= 2, results
+        assert "2 requests are already waiting (the server's queue limit)" in str(refused[0])
         assert httpx.get(f"{server.url}/health").json()["queue_depth"] == 0
