@@ -16,13 +16,12 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import time
 from typing import Any
 
 import yaml
 
-from unitedllm.agent.launcher import Launcher, RoleHandle, RoleSpec, job_name, require_tool
+from unitedllm.agent.launcher import Launcher, RoleHandle, RoleSpec, job_name, require_tool, run_tool
 from unitedllm.platform.errors import PlatformError
 
 __all__ = ["KubernetesLauncher", "role_command"]
@@ -128,16 +127,7 @@ class KubernetesLauncher(Launcher):
 
 
 def _kubectl(kubectl: str, args: list[str], *, stdin: str | None = None, check: bool = True) -> str:
-    try:
-        result = subprocess.run(
-            [kubectl, *args], input=stdin, capture_output=True, text=True, timeout=120, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise PlatformError(f"kubectl {args[0]} failed: {exc}") from None
-    if check and result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
-        raise PlatformError(f"kubectl {args[0]} failed: {last}")
-    return result.stdout if result.returncode == 0 else ""
+    return run_tool([kubectl, *args], what=f"kubectl {args[0]}", stdin=stdin, check=check)
 
 
 class KubernetesJob(RoleHandle):

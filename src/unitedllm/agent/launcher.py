@@ -82,6 +82,34 @@ def require_tool(tool: str, launcher: str) -> str:
     return found
 
 
+def run_tool(
+    args: list[str],
+    *,
+    what: str | None = None,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> str:
+    """Run a cluster tool (kubectl, sbatch, ...) and give its output; "" when it failed and ``check`` is off.
+
+    A failure to start it, a timeout, or (with ``check``) a non-zero exit is one PlatformError line
+    naming ``what`` (default: the tool's name) and the tool's last line of error output.
+    """
+    from unitedllm.platform.errors import PlatformError
+
+    what = what or os.path.basename(args[0])
+    try:
+        result = subprocess.run(
+            args, input=stdin, capture_output=True, text=True, timeout=120, env=env, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PlatformError(f"{what} failed: {exc}") from None
+    if check and result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise PlatformError(f"{what} failed: {last}")
+    return result.stdout if result.returncode == 0 else ""
+
+
 # -- local processes ---------------------------------------------------------------------------
 
 

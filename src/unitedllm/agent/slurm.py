@@ -14,12 +14,11 @@ import contextlib
 import os
 import shlex
 import signal
-import subprocess
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from unitedllm.agent.launcher import Launcher, RoleHandle, RoleSpec, job_name, require_tool
+from unitedllm.agent.launcher import Launcher, RoleHandle, RoleSpec, job_name, require_tool, run_tool
 from unitedllm.platform.errors import PlatformError
 
 __all__ = ["SlurmLauncher"]
@@ -68,7 +67,7 @@ class SlurmLauncher(Launcher):
     def start(self, spec: RoleSpec) -> RoleHandle:
         spec.workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **spec.env}  # the role's keys reach the job through sbatch's environment
-        out = _run([self.sbatch, "--parsable"], stdin=self.script(spec), env=env)
+        out = run_tool([self.sbatch, "--parsable"], stdin=self.script(spec), env=env)
         job_id = out.strip().split(";")[0]
         if not job_id.isdigit():
             raise PlatformError(f"sbatch gave no job id (it printed {out.strip()[:80]!r})")
@@ -79,21 +78,6 @@ class SlurmLauncher(Launcher):
             return None
         job = SlurmJob(str(record["job_id"]))
         return job if job.state() is not None else None
-
-
-def _run(
-    args: list[str], *, stdin: str | None = None, env: dict[str, str] | None = None, check: bool = True
-) -> str:
-    try:
-        result = subprocess.run(
-            args, input=stdin, capture_output=True, text=True, timeout=120, env=env, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise PlatformError(f"{args[0]} failed: {exc}") from None
-    if check and result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
-        raise PlatformError(f"{os.path.basename(args[0])} failed: {last}")
-    return result.stdout if result.returncode == 0 else ""
 
 
 def exit_code(state: str, code: str) -> int:
@@ -117,10 +101,10 @@ class SlurmJob(RoleHandle):
 
     def state(self) -> tuple[str, str] | None:
         """(State, ExitCode) of the job, or ``None`` when Slurm does not know it."""
-        queued = _run(["squeue", "-h", "-j", self.job_id, "-o", "%T"], check=False).split()
+        queued = run_tool(["squeue", "-h", "-j", self.job_id, "-o", "%T"], check=False).split()
         if queued and queued[0] in ACTIVE:
             return queued[0], ""
-        out = _run(["sacct", "-j", self.job_id, "-n", "-P", "-X", "-o", "State,ExitCode"], check=False)
+        out = run_tool(["sacct", "-j", self.job_id, "-n", "-P", "-X", "-o", "State,ExitCode"], check=False)
         for line in out.splitlines():
             state, _, code = line.strip().partition("|")
             if state:
@@ -136,11 +120,11 @@ class SlurmJob(RoleHandle):
 
     def stop(self, grace_s: float = 20.0) -> None:
         if grace_s > 0:
-            _run(["scancel", "--full", "--signal=TERM", self.job_id], check=False)
+            run_tool(["scancel", "--full", "--signal=TERM", self.job_id], check=False)
             deadline = time.monotonic() + grace_s
             while self.poll() is None and time.monotonic() < deadline:
                 time.sleep(1.0)
-        _run(["scancel", self.job_id], check=False)
+        run_tool(["scancel", self.job_id], check=False)
 
     def record(self) -> dict[str, Any]:
         return {"launcher": "slurm", "job_id": self.job_id}
