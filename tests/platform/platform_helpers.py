@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -50,6 +51,18 @@ for tick in range(int(args.get("train_args.local_max_steps", "10"))):
     time.sleep(0.2)
 sys.exit(int(args.get("common_args.random_seed", "0")))
 """
+
+
+def build_quickstart_packages(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A project ``unitedllm-build init`` made in ``tmp_path``, and the server and client packages its
+    ``scripts/build.sh`` builds."""
+    project = tmp_path / "project"
+    bin_dir = Path(sys.executable).parent
+    subprocess.run([str(bin_dir / "unitedllm-build"), "init", str(project)], check=True, capture_output=True)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    subprocess.run(["bash", "scripts/build.sh"], cwd=project, check=True, capture_output=True, env=env)
+    dist = project / "build" / "dist-packages"
+    return project, dist / "server-package.zip", dist / "client-package.zip"
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float = 90.0) -> Any:

@@ -6,7 +6,6 @@ exact serve command; strangers and other ranks get nothing in or out (slow: it t
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 from browser import CHROMIUM, Browser
-from platform_helpers import AgentProcess, Controller, assert_loads_over_its_base, wait_for_state
+from platform_helpers import (
+    AgentProcess,
+    Controller,
+    assert_loads_over_its_base,
+    build_quickstart_packages,
+    wait_for_state,
+)
 from services import require
 
 from unitedllm.agent.identity import AgentState
@@ -24,27 +29,11 @@ from unitedllm.platform.errors import PlatformError
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
-def _quickstart_packages(tmp_path: Path) -> tuple[Path, Path]:
-    project = tmp_path / "project"
-    build = str(Path(sys.executable).parent / "unitedllm-build")
-    subprocess.run([build, "init", str(project)], check=True, capture_output=True)
-    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-    subprocess.run(
-        ["bash", "scripts/build.sh"],
-        cwd=project,
-        check=True,
-        capture_output=True,
-        env={**os.environ, "PATH": path},
-    )
-    dist = project / "build" / "dist-packages"
-    return dist / "server-package.zip", dist / "client-package.zip"
-
-
 async def test_the_finished_runs_model_downloads_from_the_api_and_the_page_and_loads_over_its_base(
     tmp_path: Path, controller: Controller, agents: dict[str, AgentProcess]
 ) -> None:
     require(None if CHROMIUM.exists() else f"no headless browser at {CHROMIUM} (scripts/test.sh installs it)")
-    server_zip, client_zip = _quickstart_packages(tmp_path)
+    _, server_zip, client_zip = build_quickstart_packages(tmp_path)
     with controller.client() as client:
         server, client_pkg = client.push(server_zip)["digest"], client.push(client_zip)["digest"]
         run_id = client.launch(

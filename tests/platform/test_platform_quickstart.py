@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from platform_helpers import AgentProcess, Controller, wait_for_state, wait_until
+from platform_helpers import AgentProcess, Controller, build_quickstart_packages, wait_for_state, wait_until
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -19,21 +19,10 @@ ADAPTER = Path("node_0") / "final" / "adapter_model.safetensors"
 def _quickstart_with(restart: Callable[[], None], tmp_path: Path, controller: Controller) -> None:
     """Run the quickstart (4 rounds) through the platform, ``restart`` something after round 0, and
     check the final adapter is byte-identical to ``unitedllm run``'s."""
-    project = tmp_path / "project"
-    build = str(Path(sys.executable).parent / "unitedllm-build")
-    subprocess.run([build, "init", str(project)], check=True, capture_output=True)
-    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-    subprocess.run(
-        ["bash", "scripts/build.sh"],
-        cwd=project,
-        check=True,
-        capture_output=True,
-        env={**os.environ, "PATH": path},
-    )
-    dist = project / "build" / "dist-packages"
+    project, server_zip, client_zip = build_quickstart_packages(tmp_path)
     rounds = ["train_args.comm_round=4", "train_args.local_max_steps=8"]
     with controller.client() as client:
-        server, client_pkg = (client.push(dist / f"{k}-package.zip")["digest"] for k in ("server", "client"))
+        server, client_pkg = (client.push(z)["digest"] for z in (server_zip, client_zip))
         run_id = client.launch(
             server_package=server,
             client_package=client_pkg,
