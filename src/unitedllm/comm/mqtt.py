@@ -88,11 +88,14 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def _reason_code(exc: BaseException) -> int | None:
-    """The MQTT reason code of an aiomqtt error (paho gives an int or a ReasonCode object)."""
+def refused_login(exc: BaseException) -> bool:
+    """Whether an aiomqtt error carries a CONNACK refusing the login (v3 codes 4/5, v5 134/135).
+
+    Only meaningful for a connection that never came up: paho's "not connected" is code 4 as well.
+    """
     rc = getattr(exc, "rc", None)
-    value = getattr(rc, "value", rc)
-    return value if isinstance(value, int) else None
+    value = getattr(rc, "value", rc)  # paho gives an int or a ReasonCode object
+    return isinstance(value, int) and value in _AUTH_FAILURES
 
 
 class _Closing(Exception):
@@ -328,7 +331,7 @@ class MqttTransport(Transport):
                 raise
             self._last_error = exc
             # Only a refused CONNECT is a login failure (paho's "not connected" is code 4 as well).
-            if not connected and _reason_code(exc) in _AUTH_FAILURES:
+            if not connected and refused_login(exc):
                 error = CommError(
                     f"the MQTT broker at {self.settings.address} refused the login of user "
                     f"{self.settings.username!r}: {exc} (check comm_args.mqtt.username/password or "

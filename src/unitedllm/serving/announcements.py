@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from unitedllm.comm.mqtt import to_topic
+from unitedllm.comm.mqtt import Backoff, refused_login, to_topic
 from unitedllm.comm.settings import MqttSettings
 from unitedllm.errors import CommError, MissingDependency
 from unitedllm.protocol.messages import BlobRef, Finish, RoundStart
@@ -35,7 +35,7 @@ __all__ = ["GlobalAnnouncement", "RunAnnouncements"]
 log = logging.getLogger(__name__)
 
 AGGREGATOR = 0
-_RECONNECT_MAX_S = 10.0
+_RECONNECT = Backoff(initial=0.5, maximum=10.0)  # the run's own transport's pauses
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class RunAnnouncements:
         """Keep one subscription up; a lost connection is made again with growing pauses."""
         import aiomqtt
 
-        pause = 0.5
+        failures = 0  # failed connections since the last good one: the pause grows with them
         while True:
             connected = False
             try:
@@ -152,7 +152,7 @@ class RunAnnouncements:
                     if self._connected.is_set():
                         log.info("following run %s again on %s", self.run_id, self.settings.address)
                     self._connected.set()
-                    pause = 0.5
+                    failures = 0
                     async for received in client.messages:
                         payload = received.payload
                         if not isinstance(payload, bytes | bytearray):
@@ -162,7 +162,7 @@ class RunAnnouncements:
                         if announced is not None:
                             self._queue.put_nowait(announced)
             except aiomqtt.MqttError as exc:
-                if not connected and not self._connected.is_set() and _refused_login(exc):
+                if not connected and not self._connected.is_set() and refused_login(exc):
                     self._queue.put_nowait(
                         CommError(
                             f"the MQTT broker at {self.settings.address} refused the login of user "
@@ -171,8 +171,8 @@ class RunAnnouncements:
                     )
                     return
                 log.warning("lost the MQTT broker at %s (%s); reconnecting", self.settings.address, exc)
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, _RECONNECT_MAX_S)
+            failures += 1
+            await asyncio.sleep(_RECONNECT.delay(failures))
 
     def _client(self) -> aiomqtt.Client:
         import aiomqtt
@@ -189,10 +189,3 @@ class RunAnnouncements:
             timeout=max(10.0, float(s.keepalive)),
             tls_context=s.ssl_context(),
         )
-
-
-def _refused_login(exc: BaseException) -> bool:
-    """A CONNACK that says the login was refused (v3 codes 4/5, v5 134/135)."""
-    rc = getattr(exc, "rc", None)
-    value = getattr(rc, "value", rc)
-    return value in (4, 5, 134, 135)
