@@ -214,6 +214,42 @@ def test_cli_logs_mask_config_and_environment_secrets(tmp_path: Path, setup: str
     assert not any(s in proc.stderr + proc.stdout for s in SECRETS)
 
 
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "from unitedllm.cli import _setup_logging; _setup_logging(False)",
+        "from unitedllm.silo.worker import _setup_logging; _setup_logging(False, 0)",
+        "from unitedllm.serving.cli import _serve_logging; _serve_logging(False)",
+        "from unitedllm.agent.cli import _setup_logging; _setup_logging()",
+        "from unitedllm.packaging.cli import _setup_logging; _setup_logging()",
+        "from unitedllm_build.cli import _setup_logging; _setup_logging()",
+    ],
+    ids=["cli", "silo-worker", "serve", "agent", "package-run", "build"],
+)
+def test_every_command_masks_environment_secrets_before_any_config_is_read(setup: str) -> None:
+    """The agent, the server and the packaging commands read no run config: the environment's secrets
+    (and a library's traceback carrying one) are masked by the one logging set-up all commands share."""
+    code = textwrap.dedent(f"""\
+        import logging
+        {setup}
+        logging.getLogger("unitedllm.test").warning("s3 key from the environment: {S3_SECRET}")
+        logging.getLogger("httpx").error("request with {RANK_KEY} failed")
+        try:
+            raise RuntimeError("token {S3_SECRET} refused")
+        except RuntimeError:
+            logging.getLogger("unitedllm.test").exception("the call failed")
+        """)
+    env = {**os.environ, "UNITEDLLM_S3_SECRET_ACCESS_KEY": S3_SECRET, "UNITEDLLM_RANK_KEY_2": RANK_KEY}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "s3 key from the environment: " + MASK in proc.stderr
+    assert f"request with {MASK} failed" in proc.stderr
+    assert f"token {MASK} refused" in proc.stderr
+    assert S3_SECRET not in proc.stderr + proc.stdout and RANK_KEY not in proc.stderr + proc.stdout
+
+
 def test_an_entry_point_without_logging_setup_still_masks_config_secrets(tmp_path: Path) -> None:
     """A package's own launch.py may never configure logging: Python's last-resort handler prints then."""
     config = tmp_path / "inline.yaml"

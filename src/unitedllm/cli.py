@@ -60,13 +60,11 @@ def _log_handler() -> logging.Handler:
     """Rich's columns on a terminal; one plain ``LEVEL message`` line per record in a pipe or a file."""
     from rich.logging import RichHandler
 
-    handler: logging.Handler
+    from unitedllm.log_setup import line_handler
+
     if console.is_terminal:
-        handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    return handler
+        return RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    return line_handler("%(levelname)s %(message)s")
 
 
 @contextmanager

@@ -1,17 +1,20 @@
 """How a UnitedLLM process logs: ``unitedllm``'s own records at INFO, libraries only when they fail.
 
-The ``unitedllm`` command (:mod:`unitedllm.cli`) and every process of a silo
-(:mod:`unitedllm.silo.worker`) call :func:`setup_logging`; they differ only in the handler (rich
-columns on a terminal, a ``[silo rank N]`` prefix in a silo) and in how much followers say.
+Every command calls :func:`setup_logging`: ``unitedllm`` (:mod:`unitedllm.cli`), every process of a
+silo (:mod:`unitedllm.silo.worker`), ``unitedllm serve``, ``unitedllm agent``, ``unitedllm package
+run`` and ``unitedllm-build``. They differ only in the handler (rich columns on a terminal, or
+:func:`line_handler` with the command's own line format) and in the level, so every one of them
+masks secrets the same way and quiets the same libraries.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
-__all__ = ["LIBRARY_LOGGERS", "quiet_deepspeed_cpu_notice", "setup_logging"]
+__all__ = ["LIBRARY_LOGGERS", "line_handler", "quiet_deepspeed_cpu_notice", "setup_logging"]
 
 # Libraries whose INFO and WARNING records would bury the run's own story; their errors still show.
 LIBRARY_LOGGERS = (
@@ -45,6 +48,13 @@ def quiet_deepspeed_cpu_notice() -> None:
     ds = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _DeepSpeedCpuNotice) for f in ds.filters):
         ds.addFilter(_DeepSpeedCpuNotice())
+
+
+def line_handler(fmt: str) -> logging.Handler:
+    """One plain line per record on standard error, in ``fmt`` (a :class:`logging.Formatter` format)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    return handler
 
 
 def setup_logging(verbose: bool, *, handler: logging.Handler, level: int = logging.INFO) -> None:

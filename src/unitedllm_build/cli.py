@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from unitedllm.config.redaction import install_secret_filter
 from unitedllm.errors import ConfigError, UnitedLLMError
+from unitedllm.log_setup import line_handler, setup_logging
 from unitedllm.packaging.manifest import SECRET_ENV, read_package_secret
 
 __all__ = ["app", "main"]
@@ -118,8 +118,7 @@ def build(
     from unitedllm_build.builder import BuildRequest, build_package
     from unitedllm_build.ignore import parse_ignore_option
 
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
-    install_secret_filter()
+    _setup_logging()
     try:
         secret = read_package_secret(secret_file)
         result = build_package(
@@ -217,3 +216,8 @@ def push(
 def main() -> None:
     """Entry point of the ``unitedllm-build`` script."""
     app()
+
+
+def _setup_logging() -> None:
+    """The build says only what needs a look (``warning: ...``); secrets masked."""
+    setup_logging(False, handler=line_handler("warning: %(message)s"), level=logging.WARNING)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -101,9 +100,7 @@ def agent_command(
 
     from unitedllm.agent.agent import Agent, default_state_dir, enrol
     from unitedllm.agent.identity import AgentState
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s", force=True)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    _setup_logging()
     if role not in ("client", "server"):
         typer.echo(f"error: --role {role!r}: expected client or server", err=True)
         raise typer.Exit(2)
@@ -146,3 +143,10 @@ def agent_command(
         agent.run()
     except KeyboardInterrupt:
         agent.shutdown()
+
+
+def _setup_logging() -> None:
+    """Timestamped ``agent`` lines (an agent runs for days); libraries quiet, secrets masked."""
+    from unitedllm.log_setup import line_handler, setup_logging
+
+    setup_logging(False, handler=line_handler("%(asctime)s agent %(levelname)s %(message)s"))

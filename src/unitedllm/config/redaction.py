@@ -224,7 +224,22 @@ def install_record_scrubber() -> None:
     logging.setLogRecordFactory(factory)
 
 
+_TRACEBACKS = logging.Formatter()
+
+
 def _scrub_record(record: logging.LogRecord) -> None:
+    """Mask secrets in the message, the traceback and the stack a record carries.
+
+    A handler's formatter renders ``exc_info`` into ``exc_text`` only after the filters ran, and
+    an exception's text often holds what was refused (a token, a signed URL): the traceback is
+    rendered here, masked, and the formatter then uses it as it is.
+    """
+    if record.exc_info and not record.exc_text:
+        record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = scrub(record.exc_text)
+    if record.stack_info:
+        record.stack_info = scrub(record.stack_info)
     try:
         message = record.getMessage()
     except (TypeError, ValueError):  # a malformed record: leave it to the handler to report
@@ -292,8 +307,6 @@ class SecretFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         _scrub_record(record)
-        if record.exc_text:
-            record.exc_text = scrub(record.exc_text)
         return True
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from unitedllm.config.redaction import install_secret_filter
 from unitedllm.errors import UnitedLLMError
+from unitedllm.log_setup import line_handler, setup_logging
 from unitedllm.packaging.archive import DEFAULT_MAX_BYTES
 from unitedllm.packaging.manifest import SECRET_ENV, read_package_secret
 
@@ -73,8 +72,7 @@ def run_command(
     """
     from unitedllm.packaging.runner import run_package  # keeps `unitedllm --help` light
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    install_secret_filter()
+    _setup_logging()
     try:
         code = run_package(
             package,
@@ -134,3 +132,8 @@ def verify_command(
             )
     except UnitedLLMError as exc:
         raise _fail(exc) from None
+
+
+def _setup_logging() -> None:
+    """``LEVEL logger: message`` lines for ``package run``; libraries quiet, secrets masked."""
+    setup_logging(False, handler=line_handler("%(levelname)s %(name)s: %(message)s"))

@@ -5,7 +5,6 @@ Only typer is imported here; torch, transformers and the web stack load when a c
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -59,7 +58,7 @@ def export_command(
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Export a run's model (global, or a client's) as a Hugging Face folder with a provenance card."""
-    _quiet_libraries()
+    _serve_logging(False)
     with _user_errors():
         from unitedllm.serving.export import export_model
 
@@ -175,26 +174,8 @@ def serve_command(
         )
 
 
-def _quiet_libraries() -> None:
-    """No progress bars or deprecation notices from the libraries: the commands print what matters."""
-    import os
-    import warnings
-
-    from unitedllm.log_setup import quiet_deepspeed_cpu_notice
-
-    quiet_deepspeed_cpu_notice()
-
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-
-
 def _serve_logging(verbose: bool) -> None:
-    _quiet_libraries()
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    logging.getLogger("unitedllm").setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("transformers", "peft", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    """Timestamped lines (a server's log is read later); libraries quiet, secrets masked."""
+    from unitedllm.log_setup import line_handler, setup_logging
+
+    setup_logging(verbose, handler=line_handler("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -40,10 +40,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _setup_logging(verbose: bool, silo_rank: int) -> None:
-    from unitedllm.log_setup import setup_logging
+    from unitedllm.log_setup import line_handler, setup_logging
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[silo rank {silo_rank}] %(message)s"))
+    handler = line_handler(f"[silo rank {silo_rank}] %(message)s")
     # The leader tells the story; followers speak up only when something is wrong.
     setup_logging(verbose, handler=handler, level=logging.INFO if silo_rank == 0 else logging.WARNING)
 
