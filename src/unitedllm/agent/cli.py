@@ -100,6 +100,7 @@ def agent_command(
 
     from unitedllm.agent.agent import Agent, default_state_dir, enrol
     from unitedllm.agent.identity import AgentState
+
     _setup_logging()
     if role not in ("client", "server"):
         typer.echo(f"error: --role {role!r}: expected client or server", err=True)
