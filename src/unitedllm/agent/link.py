@@ -9,19 +9,10 @@ from typing import Any
 import httpx
 
 from unitedllm.platform.errors import PlatformError
+from unitedllm.platform.http import send
 from unitedllm.platform.signing import KeyPair, request_message
 
 __all__ = ["PlatformLink"]
-
-
-def _error(response: httpx.Response) -> PlatformError:
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text[:200] or response.reason_phrase
-    return PlatformError(
-        f"{response.request.url.path}: {message} (HTTP {response.status_code})", status=response.status_code
-    )
 
 
 class PlatformLink:
@@ -43,12 +34,8 @@ class PlatformLink:
         self._http.close()
 
     def enrol(self, payload: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = self._http.post("/api/agent/enrol", json=payload)
-        except httpx.HTTPError as exc:
-            raise PlatformError(f"cannot reach the platform at {self.url}: {exc}") from None
-        if response.status_code != 200:
-            raise _error(response)
+        path = "/api/agent/enrol"
+        response = send(self.url, path, lambda: self._http.post(path, json=payload))
         return dict(response.json())
 
     def signed(self, path: str, body: dict[str, Any], *, timeout_s: float | None = None) -> httpx.Response:
@@ -72,13 +59,7 @@ class PlatformLink:
         request.headers["x-signature"] = self.keys.sign(
             request_message("POST", request.url.path, stamp, data)
         )
-        try:
-            response = self._http.send(request)
-        except httpx.HTTPError as exc:
-            raise PlatformError(f"cannot reach the platform at {self.url}: {exc}") from None
-        if response.status_code != 200:
-            raise _error(response)
-        return response
+        return send(self.url, request.url.path, lambda: self._http.send(request))
 
     def post(self, path: str, body: dict[str, Any], *, timeout_s: float | None = None) -> dict[str, Any]:
         return dict(self.signed(path, body, timeout_s=timeout_s).json())

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from unitedllm.platform.errors import PlatformError
+from unitedllm.platform.http import send
 
 __all__ = ["PlatformClient", "TOKEN_ENV", "URL_ENV"]
 
@@ -44,19 +45,7 @@ class PlatformClient:
         return self._send(method, path, **kwargs).json()
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise PlatformError(f"cannot reach the platform at {self.url}: {exc}") from None
-        if response.status_code != 200:
-            try:
-                message = response.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = response.text[:200] or response.reason_phrase
-            raise PlatformError(
-                f"{method} {path}: {message} (HTTP {response.status_code})", status=response.status_code
-            )
-        return response
+        return send(self.url, f"{method} {path}", lambda: self._http.request(method, path, **kwargs))
 
     def devices(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/devices"))
