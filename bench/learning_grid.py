@@ -173,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="with --summarize: write the summary JSON here")
     args, rest = parser.parse_known_args(argv)
     if args.summarize:
+        if not any(args.out_dir.glob("cell-*.json")):
+            print(
+                f"bench/learning_grid.py: --out-dir {args.out_dir}: no cell-*.json to summarise",
+                file=sys.stderr,
+            )
+            return 2
         doc = summarize(args.out_dir)
         if args.out:
             args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
@@ -183,8 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"bench/learning_grid.py: {exc}", file=sys.stderr)
         return 2
+    try:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"bench/learning_grid.py: --out-dir {args.out_dir}: {exc.strerror}", file=sys.stderr)
+        return 2
     learning = _learning()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     for k, r, seed in todo:
         path = cell_path(args.out_dir, k, r, seed)
         if path.is_file():

@@ -230,6 +230,21 @@ def test_grid_cells_flag_is_checked(tmp_path: Path) -> None:
     assert "--cells '4:4': expected K:R:SEED" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_grid_out_dir_that_is_a_file_or_holds_no_cells_is_a_one_line_error(tmp_path: Path) -> None:
+    a_file = tmp_path / "taken"
+    a_file.write_text("", encoding="utf-8")
+    grid = [sys.executable, str(REPO / "bench" / "learning_grid.py")]
+    cases = [
+        ([*grid, "--out-dir", str(a_file), "--cells", "4:4:1"], f"--out-dir {a_file}: File exists"),
+        ([*grid, "--out-dir", str(tmp_path / "none"), "--summarize"], "no cell-*.json to summarise"),
+    ]
+    for argv, message in cases:
+        proc = subprocess.run(argv, check=False, capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+
+
 def _gpu() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_learning_gpu", REPO / "bench" / "learning_gpu.py")
     assert spec is not None and spec.loader is not None
