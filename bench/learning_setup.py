@@ -8,6 +8,7 @@ checked config, all sharing ``base_overrides`` (data, model, tokenizer, eval set
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("rounds", "local_steps", "batch_size", "max_seq_length", "eval_examples", "threads"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.out is not None:
+        check_writable(args.out, "--out")
     return args
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse, before any run, a report path that could not be written at the end (hours of runs lost)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path}: not writable")
 
 
 def server_lrs(args: argparse.Namespace, optimizers: list[str]) -> dict[str, float]:

@@ -71,6 +71,11 @@ def test_missing_default_data_skips_with_a_reason(
         (["--optimizers", "FedAvg", "--server-lr", "DiLoCo=0.5"], "--server-lr 'DiLoCo=0.5'"),
         (["--server-lr", "FedAdam=fast"], "'fast' is not a number"),
         (["--rounds", "0"], "--rounds must be at least 1, got 0"),
+        (
+            ["--out", "/nonexistent-dir/learning.json"],
+            "--out /nonexistent-dir/learning.json: /nonexistent-dir is not a directory",
+        ),
+        (["--out", "/"], "--out /: is a directory"),
     ],
 )
 def test_bad_flags_are_one_line_errors(flags: list[str], message: str) -> None:
