@@ -78,6 +78,7 @@ class Client(Role):
         self._encoding = UpdateEncoding(run_codec(cfg))
         self._codec = global_codec(cfg)  # how the global model's change travels, if encoded
         self._held: dict[str, torch.Tensor] | None = None  # the global model last received (with a codec)
+        self._held_round: int | None = None  # the round it came with: a change applies only to the next one
         self._bytes_in = 0
 
     async def _start(self) -> None:
@@ -237,7 +238,7 @@ class Client(Role):
         weights = decoded.pop("") if weights is None else weights
         extras = decoded
         if self._codec is not None:
-            self._held = weights  # the next round's change applies to it
+            self._held, self._held_round = weights, round_idx  # the next round's change applies to it
         with clock.phase("checkpoint"):
             await asyncio.to_thread(self._save_received, weights, round_idx)
         if start.spec.evaluate_global and round_idx >= 1:
@@ -312,12 +313,15 @@ class Client(Role):
     async def _received_copy(self, start: RoundStart, clock: PhaseClock) -> dict[str, torch.Tensor] | None:
         """The round's global model from the copy held and its encoded change (``comm_args.global_codec``).
 
-        None when the start has no change, this client holds no copy, or the result is not the model
-        the start names (this client missed a round): then the dense copy is fetched.
+        None when the start has no change, this client holds no copy or an older one (it missed the
+        last round: the change is not fetched at all), or the result is not the model the start names:
+        then the dense copy is fetched.
         """
         change_ref = start.extras.get(GLOBAL_DELTA)
         self._bytes_in = start.global_ref.size
         if change_ref is None or self._held is None or self._codec is None:
+            return None
+        if self._held_round != start.round - 1:
             return None
         with clock.phase("fetch"):
             data = await self.store.get(change_ref)
