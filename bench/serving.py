@@ -87,8 +87,8 @@ def sequential_generate(
     entry = registry.resolve(model_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the engine uses
-    tokenizer = AutoTokenizer.from_pretrained(str(registry.base_dir))
-    model: Any = AutoModelForCausalLM.from_pretrained(str(registry.base_dir), dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(registry.base)
+    model: Any = AutoModelForCausalLM.from_pretrained(registry.base, dtype=dtype).to(device)
     if entry.path is not None:
         model = PeftModel.from_pretrained(model, str(entry.path))
     model.eval()

@@ -20,14 +20,16 @@ QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 START_DEADLINE_S = 180.0
 
 
-def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m unitedllm ARGS`` and return what it printed."""
+def cli(
+    *args: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m unitedllm ARGS`` (``env``: more environment variables) and return what it printed."""
     return subprocess.run(
         [sys.executable, "-m", "unitedllm", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=child_env(),
+        env={**child_env(), **(env or {})},
         cwd=ROOT,
     )
 

@@ -41,8 +41,8 @@ class ModelEntry:
 class ModelRegistry:
     """Names → entries, plus moving aliases; safe to read from the event loop and worker threads."""
 
-    def __init__(self, base_dir: Path, *, run: RunFolder | None = None):
-        self.base_dir = base_dir
+    def __init__(self, base: str, *, run: RunFolder | None = None):
+        self.base = base  # a local folder or a hub id (RunFolder.base_model)
         self.run = run
         self._entries: dict[str, ModelEntry] = {BASE: ModelEntry(BASE, None)}
         self._aliases: dict[str, str] = {}
@@ -141,7 +141,7 @@ def open_target(target: Path, adapters: list[str]) -> ModelRegistry:
     registry: ModelRegistry
     if RunFolder.looks_like(target):
         run = RunFolder(target)
-        registry = ModelRegistry(run.base_dir(), run=run)
+        registry = ModelRegistry(run.base_model(), run=run)
         _add_run(registry, run)
     elif is_adapter_dir(target):
         base = adapter_base(target)
@@ -155,7 +155,7 @@ def open_target(target: Path, adapters: list[str]) -> ModelRegistry:
         registry.add(ModelEntry(target.resolve().name, target))
         registry.alias(GLOBAL, target.resolve().name)
     elif is_model_dir(target):
-        registry = ModelRegistry(target)
+        registry = ModelRegistry(str(target.resolve()))
         registry.alias(target.resolve().name, BASE)
         if (target / "unitedllm_export.json").is_file():
             registry.alias(GLOBAL, BASE)  # a merged export is the global model itself

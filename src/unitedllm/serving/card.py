@@ -61,7 +61,7 @@ def provenance(
     rank: int,
     kind: str,
     merged: bool,
-    base: Path,
+    base: str,
     config: Path | None,
 ) -> Provenance:
     """Collect the provenance of one checkpoint of ``run``."""
@@ -74,7 +74,7 @@ def provenance(
         rank=rank,
         kind=kind,
         merged=merged,
-        base_model=str(base.resolve()),
+        base_model=base,
         adapter_sha256=file_digest(source / "adapter_model.safetensors"),
     )
     if config is not None:

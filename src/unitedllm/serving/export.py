@@ -106,7 +106,7 @@ def export_model(
         )
     if config is not None and not config.is_file():
         raise ConfigError(ConfigProblem("--config", f"{config} is not a file"))
-    base = run.base_dir()
+    base = run.base_model()
     record = provenance(
         run,
         source=checkpoint.path,
@@ -132,31 +132,37 @@ def export_model(
     return out
 
 
-def _save_tokenizer(adapter: Path, base: Path, directory: Path) -> Any:
+def _save_tokenizer(adapter: Path, base: str, directory: Path) -> Any:
     from transformers import AutoTokenizer
 
-    source = adapter if (adapter / "tokenizer_config.json").is_file() else base
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
+    tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(directory))
     return tokenizer
 
 
-def _save_adapter(adapter: Path, base: Path, directory: Path) -> None:
+def _save_adapter(adapter: Path, base: str, directory: Path) -> None:
+    """The adapter, recording ``base`` (a folder here, or a hub id that loads anywhere), and the base's config."""
+    from transformers import AutoConfig
+
     config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    config["base_model_name_or_path"] = str(base.resolve())
+    config["base_model_name_or_path"] = base
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     for weights in adapter.glob("adapter_model.*"):
         shutil.copy2(weights, directory / weights.name)
-    shutil.copy2(base / "config.json", directory / "config.json")
+    if (Path(base) / "config.json").is_file():
+        shutil.copy2(Path(base) / "config.json", directory / "config.json")
+    else:
+        AutoConfig.from_pretrained(base).save_pretrained(str(directory))
 
 
-def _save_merged(base: Path, adapter: Path, directory: Path) -> None:
+def _save_merged(base: str, adapter: Path, directory: Path) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     merged.save_pretrained(str(directory), safe_serialization=True)
 

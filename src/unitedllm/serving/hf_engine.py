@@ -24,7 +24,7 @@ from unitedllm.serving.adapters import ModelEntry, ModelRegistry
 from unitedllm.serving.batching import BatchQueue, Job
 from unitedllm.serving.engine import BatchObserver, Chunk, Engine, Generation, SamplingParams
 from unitedllm.serving.errors import AdapterRefused, GenerationFailed, ServingError
-from unitedllm.serving.layout import ADAPTER_WEIGHTS, is_model_dir
+from unitedllm.serving.layout import ADAPTER_WEIGHTS, is_hub_id, is_model_dir
 
 __all__ = ["TransformersEngine"]
 
@@ -88,18 +88,18 @@ class TransformersEngine(Engine):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        base = self.registry.base_dir
-        if not is_model_dir(base):
+        base = self.registry.base
+        if not is_hub_id(base) and not is_model_dir(Path(base)):
             raise ServingError(f"{base} holds no model yet (no config.json with weights)")
         device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         default = self.registry.default().path
         tokenizer_dir = (
-            default if default is not None and (default / "tokenizer_config.json").is_file() else base
+            str(default) if default is not None and (default / "tokenizer_config.json").is_file() else base
         )
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-            model: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+            self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         except (OSError, ValueError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ServingError(f"cannot load the base model from {base}: {first_line}") from exc

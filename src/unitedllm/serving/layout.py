@@ -11,6 +11,7 @@ hold the sha256 of each of their files (``SHA256SUMS``, :mod:`unitedllm.checkpoi
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -20,10 +21,12 @@ from unitedllm.checkpoints import SERVER_STATE_FILE as SERVER_STATE
 from unitedllm.run_layout import AGGREGATOR_RANK, RunLayout, Stage
 from unitedllm.serving.errors import AdapterRefused
 
-__all__ = ["RunFolder", "adapter_base", "is_adapter_dir", "is_model_dir"]
+__all__ = ["RunFolder", "adapter_base", "is_adapter_dir", "is_hub_id", "is_model_dir"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: A model id on the Hugging Face hub, as ``from_pretrained`` takes it: ``name`` or ``owner/name``.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -142,22 +145,38 @@ class RunFolder:
         """Ranks (1..N) with a folder in the run."""
         return [r for r in self.layout.ranks() if r != AGGREGATOR_RANK]
 
-    def base_dir(self) -> Path:
-        """The base model the adapters were trained on: ``node_0/init`` when it holds weights."""
+    def base_model(self) -> str:
+        """The base model the adapters were trained on, as ``from_pretrained`` takes it.
+
+        ``node_0/init`` (absolute) when it holds weights (a randomly initialised base is saved
+        there), else what the adapters record: a local folder, or the hub id of a pretrained base.
+        """
         if is_model_dir(self.init):
-            return self.init
+            return str(self.init.resolve())
         for adapter in [self.final, *self.rounds().values()]:
             base = adapter_base(adapter)
             if base is not None:
                 return base
-        return self.init
+        return str(self.init.resolve())
 
 
-def adapter_base(adapter: Path) -> Path | None:
-    """The base model path an adapter folder records, when it is a local folder."""
+def is_hub_id(base: str) -> bool:
+    """Whether ``base`` names a model on the hub (``owner/name``) rather than a folder on this machine."""
+    return not Path(base).exists() and ".." not in base and _HUB_ID.fullmatch(base) is not None
+
+
+def adapter_base(adapter: Path) -> str | None:
+    """The base model an adapter folder records: a folder on this machine (absolute), or a hub id.
+
+    None when its config is unreadable or names a path that is not here.
+    """
     try:
         config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     base = config.get("base_model_name_or_path")
-    return Path(base) if isinstance(base, str) and Path(base).is_dir() else None
+    if not isinstance(base, str) or not base:
+        return None
+    if Path(base).is_dir():
+        return str(Path(base).resolve())
+    return base if is_hub_id(base) else None

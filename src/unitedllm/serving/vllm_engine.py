@@ -60,7 +60,7 @@ class VLLMEngine(Engine):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
         args = AsyncEngineArgs(
-            model=str(self.registry.base_dir),
+            model=self.registry.base,
             enable_lora=True,
             max_lora_rank=self.max_lora_rank,
             max_loras=8,
