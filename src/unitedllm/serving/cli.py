@@ -97,7 +97,7 @@ def serve_command(
         typer.Option("--adapter", help="Serve a PEFT adapter as model NAME: NAME=PATH (repeatable)."),
     ] = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port to bind.")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to bind.")] = 8000,
     api_key: Annotated[
         list[str] | None,
         typer.Option(
@@ -148,7 +148,13 @@ def serve_command(
         from unitedllm.errors import ConfigError, ConfigProblem
         from unitedllm.serving.server import ServeOptions, serve
 
-        keys = [k for k in (api_key or []) if k]
+        keys = list(api_key or [])
+        if any(not k.strip() for k in keys):
+            raise ConfigError(
+                ConfigProblem(
+                    "--api-key", "a key is empty (is UNITEDLLM_API_KEY set?): give a key or leave it out"
+                )
+            )
         if host not in LOOPBACK and not keys:
             raise ConfigError(
                 ConfigProblem(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,14 +83,34 @@ def serve(options: ServeOptions) -> None:
         import torch
 
         torch.set_num_threads(options.threads)
-    if options.target.is_file():
-        asyncio.run(_serve_network_run(options))
-        return
-    engine = open_engine(options)
-    asyncio.run(_serve(engine, options))
+    with _listen(options.host, options.port) as listener:
+        if options.target.is_file():
+            asyncio.run(_serve_network_run(options, listener))
+            return
+        engine = open_engine(options)
+        asyncio.run(_serve(engine, options, listener))
 
 
-async def _serve_network_run(options: ServeOptions) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before any model loads: a taken or forbidden port is one line at once."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise ConfigError(ConfigProblem("--host", f"{host}:{port}: {reason}")) from None
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(
+            ConfigProblem("--port", f"cannot listen on {host}:{port}: {exc.strerror}")
+        ) from None
+    return listener
+
+
+async def _serve_network_run(options: ServeOptions, listener: socket.socket) -> None:
     """Follow the MQTT_S3 run whose config is ``options.target``: mirror its models, serve the mirror."""
     from unitedllm.serving.network_follow import RunMirror, default_cache, load_run_config
 
@@ -107,10 +128,12 @@ async def _serve_network_run(options: ServeOptions) -> None:
     async with RunMirror(cfg, run_id=options.run_id, cache=cache) as mirror:
         local = replace(options, target=cache)
         engine = await asyncio.to_thread(open_engine, local)
-        await _serve(engine, local, mirror)
+        await _serve(engine, local, listener, mirror)
 
 
-async def _serve(engine: Engine, options: ServeOptions, mirror: RunMirror | None = None) -> None:
+async def _serve(
+    engine: Engine, options: ServeOptions, listener: socket.socket, mirror: RunMirror | None = None
+) -> None:
     import uvicorn
 
     from unitedllm.serving.api import create_app
@@ -148,7 +171,7 @@ async def _serve(engine: Engine, options: ServeOptions, mirror: RunMirror | None
                 names,
             )
             try:
-                await server.serve()
+                await server.serve(sockets=[listener])
             finally:
                 if mirroring is not None:
                     mirroring.cancel()
