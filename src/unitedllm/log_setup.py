@@ -21,6 +21,7 @@ LIBRARY_LOGGERS = (
     "transformers",
     "datasets",
     "peft",
+    "huggingface_hub",  # its retry warnings while offline; the load's own error still says what failed
     "httpx",
     "botocore",
     "aiobotocore",
@@ -68,6 +69,9 @@ def setup_logging(verbose: bool, *, handler: logging.Handler, level: int = loggi
     if not verbose:
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # Both libraries set their loggers' level again when first imported (after this runs).
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
     handler.addFilter(SecretFilter())
