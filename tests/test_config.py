@@ -162,6 +162,14 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
             "train_args.client_num_per_round: 3 is more than client_num_in_total (2)",
         ),
         (
+            {"train_args": {"local_optimizer_state": "fresh"}},
+            "train_args.local_optimizer_state: 'fresh' is not one of 'keep', 'reset'",
+        ),
+        (
+            {"train_args": {"local_optimizer_state": "reset", "deepspeed": "ds.json"}},
+            "train_args.local_optimizer_state: reset is not supported with train_args.deepspeed",
+        ),
+        (
             {"validation_args": {"test_on_client_ranks": [0]}},
             (
                 "validation_args.test_on_client_ranks[0]: rank 0 is not a client rank; "

@@ -181,6 +181,25 @@ def test_a_client_left_out_of_a_round_trains_at_the_runs_point_in_the_schedule(t
     assert trainer.state_dict()["scheduler"]["last_epoch"] == 18
 
 
+@pytest.mark.parametrize("state", ["keep", "reset"])
+def test_the_local_optimizer_state_is_kept_or_reset_between_rounds_and_the_schedule_goes_on(
+    tmp_path: Path, state: str
+) -> None:
+    """``keep`` carries AdamW's moments into the next round (DiLoCo); ``reset`` starts them at zero."""
+    cfg = make_cfg(tmp_path, train_args={"local_optimizer_state": state})
+    trainer = HFLocalTrainer(cfg, 1)
+    first = trainer.fit(trainer.initial_weights(), round_idx=0, max_steps=4).weights
+    second = trainer.fit(first, round_idx=1, max_steps=4).weights
+    saved = trainer.state_dict()
+    steps = {int(s["step"]) for s in saved["optimizer"]["state"].values()}
+    assert steps == ({8} if state == "keep" else {4})  # AdamW's per-tensor step count
+    assert saved["scheduler"]["last_epoch"] == 8  # the schedule spans the run either way
+    fresh = HFLocalTrainer(cfg, 1)  # a client that never trained: zero moments, at the round's lr
+    alone = fresh.fit(first, round_idx=1, max_steps=4).weights
+    same = all(torch.equal(second[k], alone[k]) for k in second)
+    assert same == (state == "reset")
+
+
 def test_trainers_share_one_model_but_keep_their_own_optimizer(tmp_path: Path) -> None:
     cache = ModelCache()
     cfg = make_cfg(tmp_path)

@@ -193,6 +193,16 @@ def _credential_pairs(cfg: Config) -> Iterator[ConfigProblem]:
 
 
 @_check("train_args")
+def _local_optimizer_state(cfg: Config) -> Iterator[ConfigProblem]:
+    t = cfg.train_args
+    if t.local_optimizer_state == "reset" and t.deepspeed:
+        yield ConfigProblem(
+            "train_args.local_optimizer_state",
+            "reset is not supported with train_args.deepspeed (ZeRO carries its optimizer shards); use keep",
+        )
+
+
+@_check("train_args")
 def _output_dir(cfg: Config) -> Iterator[ConfigProblem]:
     unknown = [p for p in placeholders(cfg.train_args.output_dir) if p not in OUTPUT_DIR_PLACEHOLDERS]
     if unknown:

@@ -223,6 +223,13 @@ class TrainArgs(Section):
     model_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
     local_num_train_epochs: Annotated[float, Meta(gt=0, le=1e6)] = 1.0
     local_max_steps: Annotated[int, Meta(ge=-1, le=_MANY, description="Steps per round; -1: epochs")] = -1
+    local_optimizer_state: Annotated[
+        Literal["keep", "reset"],
+        Meta(
+            description="keep: a client's optimizer moments carry into its next round (DiLoCo's inner "
+            "optimizer); reset: they start from zero every round. The schedule continues either way"
+        ),
+    ] = "keep"
 
 
 class ValidationArgs(Section):

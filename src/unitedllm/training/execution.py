@@ -48,6 +48,10 @@ class OptimizerRounds(abc.ABC):
     def finish_round(self, trainer: Any) -> None:  # noqa: B027 - nothing to keep by default
         """Keep what the next round continues from (called after ``train()``)."""
 
+    def reset_moments(self) -> None:
+        """Start the round's optimizer moments from zero (``train_args.local_optimizer_state: reset``)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps its optimizer state across rounds")
+
     @abc.abstractmethod
     def last_lr(self) -> float:
         """The learning rate of the last step taken."""
@@ -89,6 +93,10 @@ class KeptOptimizer(OptimizerRounds):
         from transformers import Trainer
 
         return Trainer(**kwargs, optimizers=(self._optimizer, self._scheduler))
+
+    def reset_moments(self) -> None:
+        if self._optimizer is not None:
+            self._optimizer.state.clear()  # AdamW starts each tensor again at step 0, zero moments
 
     def last_lr(self) -> float:
         return float(self._scheduler.get_last_lr()[0])

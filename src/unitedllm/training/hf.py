@@ -235,6 +235,8 @@ class HFLocalTrainer(LocalTrainer):
             model.zero_grad(set_to_none=True)
             args = self._training_args(steps, round_seed(self.cfg.train_args.seed, self.rank, round_idx))
             self._rounds.begin_round(model, args, steps, round_idx=round_idx)
+            if self.cfg.train_args.local_optimizer_state == "reset":
+                self._rounds.reset_moments()
             trainer = self._hf_trainer(model, args, train, round_idx, steps, on_step)
             if correction is not None:
                 from unitedllm.training.callbacks import CorrectionCallback
