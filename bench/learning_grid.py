@@ -119,7 +119,8 @@ def summarize(out_dir: Path) -> dict[str, Any]:
     """Every cell JSON under ``out_dir`` as one document: the cells' rows, and the cells themselves.
 
     Files of the same cell (``cell-k<K>-r<R>-s<seed>*.json``, e.g. a rule run on its own later,
-    with ``--optimizers RULE --centralized none``) are merged: their methods form one cell.
+    with ``--optimizers RULE --centralized none``) are merged: their methods form one cell. A file
+    run with ``--set`` overrides names them after its rules (``FedAvg + train_args.x=y``).
     """
     merged: dict[tuple[int, int, int], dict[str, Any]] = {}
     for path in sorted(out_dir.glob("cell-*.json")):
@@ -128,6 +129,9 @@ def summarize(out_dir: Path) -> dict[str, Any]:
             continue
         s = report["settings"]
         key = (s["local_steps"], s["rounds"], s.get("seed") or 0)
+        if s.get("overrides"):  # e.g. --set train_args.local_optimizer_state=reset: the rule's name says so
+            for m in report["methods"]:
+                m["name"] = f"{m['name']} + {', '.join(s['overrides'])}"
         if key in merged:
             merged[key]["methods"].extend(report["methods"])
             merged[key].setdefault("files", []).append(path.name)

@@ -321,3 +321,16 @@ def test_grid_merges_files_of_one_cell_run_at_different_times(tmp_path: Path) ->
     (row,) = grid.summarize(tmp_path)["rows"]
     assert row["rule"] == "DiLoCo[max_step_ratio=2]" and row["data_parallel"] == 8.0
     assert row["gap_percent"] == pytest.approx(0.5) and row["meets_target"]
+
+
+def test_grid_names_a_rule_run_with_overrides_after_them(tmp_path: Path) -> None:
+    """The same rule with and without ``--set train_args.local_optimizer_state=reset`` are two rows."""
+    grid = _grid()
+    keep = _cell(25, 4, 1234, {"FedAvg": 7.73, "centralized 8x batch": 7.42}, {})
+    reset = _cell(25, 4, 1234, {"FedAvg": 7.50}, {})
+    reset["settings"]["overrides"] = ["train_args.local_optimizer_state=reset"]  # type: ignore[index]
+    (tmp_path / "cell-k25-r4-s1234.json").write_text(json.dumps(keep))
+    (tmp_path / "cell-k25-r4-s1234-reset.json").write_text(json.dumps(reset))
+    rows = {row["rule"]: row for row in grid.summarize(tmp_path)["rows"]}
+    assert set(rows) == {"FedAvg", "FedAvg + train_args.local_optimizer_state=reset"}
+    assert rows["FedAvg + train_args.local_optimizer_state=reset"]["data_parallel"] == 7.42
