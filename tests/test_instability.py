@@ -22,7 +22,7 @@ from test_federation import events, make_config
 
 from unitedllm.config.types import Config
 from unitedllm.errors import ConfigError
-from unitedllm.instability import DEFAULT_LOSS_RISE_NATS, loss_rise
+from unitedllm.instability import DEFAULT_LOSS_RISE_NATS, loss_rise, overshoot_advice
 from unitedllm.launch import tracked
 from unitedllm.progress import RunProgress
 from unitedllm.report.data import load_run
@@ -101,6 +101,22 @@ def test_a_loss_that_turns_non_finite_is_a_rise() -> None:
     assert loss_rise([(0, 2.0), (1, math.nan)], threshold=0.1) is not None
 
 
+def test_the_advice_names_the_rules_own_setting() -> None:
+    from unitedllm.optimizers import create
+
+    def advice(rule: str, **args: object) -> str:
+        return overshoot_advice(rule, create(rule, args).params)
+
+    assert "DiLoCo's outer momentum 0.9" in advice("DiLoCo")
+    assert advice("DiLoCo", server_momentum=0.5) == advice("FedAvg")  # nothing of its own to blame
+    assert "server_learning_rate=1.0" in advice("FedAvg", server_learning_rate=1.4)
+    assert "README" in advice("FedAvg") and "README" in advice("Krum")
+    rise = loss_rise([(0, 2.0), (1, 2.5)], threshold=0.1, advice=advice("DiLoCo"))
+    assert rise is not None and rise.message.endswith(
+        "try train_args.server_optimizer_args.server_momentum=0.5"
+    )
+
+
 def test_threshold_none_turns_the_check_off() -> None:
     assert loss_rise([(0, 1.0), (1, 9.0)], threshold=None) is None
 
@@ -140,6 +156,10 @@ def test_overshooting_server_momentum_is_reported_in_metrics_progress_and_report
     assert first["kind"] == "loss_rise" and first["threshold"] == 0.1
     assert first["previous_round"] == rising[0] - 1
     assert math.isclose(first["loss"], losses[rising[0]])  # type: ignore[arg-type]
+
+    # It names the rule's own knob: FedAvgM's momentum 0.9 (the setting that overshoots here).
+    assert "FedAvgM's outer momentum 0.9" in first["message"]
+    assert "try train_args.server_optimizer_args.server_momentum=0.5" in first["message"]
 
     # The progress display: a warning line under the round's line, and a column in the summary table.
     assert f"warning: round {rising[0]}: global eval loss rose" in printed

@@ -26,7 +26,7 @@ from unitedllm.comm.base import BlobStore, Presence, Transport
 from unitedllm.comm.codecs.global_copy import GLOBAL_DELTA, ClientsCopy, change_codec, round_payload
 from unitedllm.comm.codecs.wire import DENSE, decode_update, run_codec
 from unitedllm.errors import RoundError, UnitedLLMError
-from unitedllm.instability import report_loss_rise
+from unitedllm.instability import overshoot_advice, report_loss_rise
 from unitedllm.phases import AGGREGATOR_PHASES, PhaseClock, from_metrics, shared_model_wait
 from unitedllm.protocol.messages import (
     BlobRef,
@@ -114,6 +114,8 @@ class Aggregator(Role):
             cfg.train_args.server_optimizer_args,
             num_clients=cfg.train_args.client_num_in_total,
         )
+        rise_warning = cfg.validation_args.loss_rise_warning
+        advice = overshoot_advice(cfg.server_optimizer_name, optimizer.params)
         first_round, weights, state = await self._starting_point(optimizer)
         copy = ClientsCopy.for_run(cfg, state)  # resumed: the clients' copy as the last round left it
         # The global weights are encoded once per round: the same bytes go to S3 and to the resume point.
@@ -149,7 +151,7 @@ class Aggregator(Role):
                     phases=summary.phases,
                 )
                 summaries.append(summary)
-                report_loss_rise(self.metrics, summaries, threshold=cfg.validation_args.loss_rise_warning)
+                report_loss_rise(self.metrics, summaries, threshold=rise_warning, advice=advice)
                 if self._on_round is not None:
                     self._on_round(summary)
         except BaseException as exc:
