@@ -132,7 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_writable(path: Path, flag: str) -> None:
     """Refuse, before any run, a report path that could not be written at the end (hours of runs lost)."""
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent  # Path("x").parent is Path(".")
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a directory")
     if not parent.is_dir():

@@ -24,6 +24,8 @@ __all__ = ["DEFAULT_LOSS_RISE_NATS", "LossRise", "loss_rise", "overshoot_advice"
 
 #: The default threshold: a rise of the global eval loss, in nats per token, between two evaluated rounds.
 DEFAULT_LOSS_RISE_NATS = 0.1
+#: What a warning says when the rule has no setting of its own to blame.
+README_ADVICE = "see the server-optimizer section of the README for safeguards"
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class LossRise:
     previous_loss: float
     loss: float
     threshold: float
-    advice: str = "see the server-optimizer section of the README for safeguards"
+    advice: str = README_ADVICE
 
     @property
     def rise(self) -> float:
@@ -66,11 +68,11 @@ def overshoot_advice(rule: str, params: object) -> str:
         )
     if isinstance(lr, float) and lr > 1.0:
         return f"{rule}'s server learning rate {lr:g} amplifies every round's move: try {key}.server_learning_rate=1.0"
-    return "see the server-optimizer section of the README for safeguards"
+    return README_ADVICE
 
 
 def loss_rise(
-    losses: Sequence[tuple[int, float | None]], *, threshold: float | None, advice: str | None = None
+    losses: Sequence[tuple[int, float | None]], *, threshold: float | None, advice: str = README_ADVICE
 ) -> LossRise | None:
     """The rise of the last entry's loss over the previous evaluated round's, when above ``threshold``.
 
@@ -90,8 +92,6 @@ def loss_rise(
     rise = loss - previous[1] if math.isfinite(loss) else math.inf
     if not rise > threshold:
         return None
-    if advice is None:
-        return LossRise(round_idx, previous[0], previous[1], loss, threshold)
     return LossRise(round_idx, previous[0], previous[1], loss, threshold, advice)
 
 
@@ -101,7 +101,7 @@ def report_loss_rise(
     *,
     threshold: float | None,
     rank: int = 0,
-    advice: str | None = None,
+    advice: str = README_ADVICE,
 ) -> LossRise | None:
     """Check the last of ``rounds`` and, on a sharp rise, log a ``warning`` event (``kind: loss_rise``)."""
     found = loss_rise([(s.round_idx, s.eval_loss) for s in rounds], threshold=threshold, advice=advice)
