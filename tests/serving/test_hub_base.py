@@ -9,12 +9,14 @@ model. Before, both pointed at ``node_0/init``, which holds only the initial ada
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from serving_support import cli, quickstart_args, serving
+from serving_support import child_env, cli, quickstart_args, serving
 
 from unitedllm.training.synthetic import generate_records
 from unitedllm.training.tokenizer import EOS_TOKEN, train_tokenizer
@@ -84,11 +86,6 @@ def test_the_export_of_a_hub_based_run_records_the_hub_id_and_loads(
         f"model = AutoPeftModelForCausalLM.from_pretrained({str(out)!r})\n"
         "print(model.peft_config['default'].base_model_name_or_path)\n"
     )
-    import subprocess
-    import sys
-
-    from serving_support import child_env
-
     loaded = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
